@@ -1,0 +1,134 @@
+//! `check`: can Tidemark reach the database and use the store?
+//!
+//! The database check opens a session exactly as a backup would (same TLS, same pinned
+//! settings) and asks the server its version and whether the session is encrypted. The
+//! store check round-trips a probe object and proves that the store honours conditional
+//! creates, which the run lease depends on.
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use serde::Serialize;
+
+use crate::db::{self, DbError, DbSettings, ServerInfo};
+use crate::store::{sha256_hex, StoreError, WriteCondition, WriteStore};
+
+/// Result of the database check.
+#[derive(Debug, Clone, Serialize)]
+pub struct DatabaseCheck {
+    /// `user@host:port/dbname`.
+    pub target: String,
+    pub sslmode: String,
+    #[serde(flatten)]
+    pub server: ServerInfo,
+}
+
+/// Result of the store check.
+#[derive(Debug, Clone, Serialize)]
+pub struct StoreCheck {
+    pub location: String,
+    pub probe_bytes: usize,
+    pub conditional_writes: bool,
+    pub requests: u32,
+    pub millis: u64,
+}
+
+/// Connects and asks the server who it is.
+///
+/// # Errors
+/// Whatever [`db::connect`] or [`db::probe`] report.
+pub async fn check_database(settings: &DbSettings) -> Result<DatabaseCheck, DbError> {
+    let client = db::connect(settings).await?;
+    let server = db::probe(&client, settings).await?;
+    Ok(DatabaseCheck {
+        target: settings.to_string(),
+        sslmode: settings.sslmode.to_string(),
+        server,
+    })
+}
+
+const PROBE_BYTES: usize = 4096;
+
+/// Writes a probe object (create-if-absent), proves a second create is refused, reads it
+/// back byte for byte, deletes it and confirms it is gone.
+///
+/// # Errors
+/// The first store operation that failed, or [`StoreError::ChecksumMismatch`] /
+/// [`StoreError::PreconditionFailed`] when the store does not behave as promised.
+pub async fn check_store(store: &dyn WriteStore) -> Result<StoreCheck, StoreError> {
+    let started = Instant::now();
+    let key = format!("probes/check-{}", uuid::Uuid::new_v4());
+    let payload = probe_payload(&key);
+    let mut requests = 0;
+    let result = async {
+        let receipt = store
+            .put(&key, payload.clone(), WriteCondition::IfAbsent)
+            .await?;
+        requests += 1;
+        let conditional_writes = matches!(
+            store
+                .put(
+                    &key,
+                    Bytes::from_static(b"second"),
+                    WriteCondition::IfAbsent
+                )
+                .await,
+            Err(StoreError::PreconditionFailed { .. })
+        );
+        requests += 1;
+        let read = store.read(&key).await?;
+        requests += 1;
+        let Some(read) = read else {
+            return Err(StoreError::NotFound { key: key.clone() });
+        };
+        let actual = sha256_hex(&read.bytes);
+        if actual != receipt.sha256 {
+            return Err(StoreError::ChecksumMismatch {
+                key: key.clone(),
+                expected: receipt.sha256,
+                actual,
+            });
+        }
+        Ok(conditional_writes)
+    }
+    .await;
+    // Always try to clean up, even after a failure half-way.
+    let deleted = store.delete(&key).await;
+    requests += 1;
+    let conditional_writes = result?;
+    deleted?;
+    if store.head(&key).await?.is_some() {
+        return Err(StoreError::S3 {
+            operation: "DeleteObject",
+            location: format!("{}/{key}", store.location()),
+            message: "the probe is still there after a delete".into(),
+            retryable: false,
+            source: None,
+        });
+    }
+    requests += 1;
+    if !conditional_writes {
+        return Err(StoreError::PreconditionFailed { key: format!(
+            "{key} (the store accepted a second create-if-absent: it ignores If-None-Match, so runs could not exclude each other)"
+        ) });
+    }
+    Ok(StoreCheck {
+        location: store.location(),
+        probe_bytes: payload.len(),
+        conditional_writes,
+        requests,
+        millis: started.elapsed().as_millis() as u64,
+    })
+}
+
+/// Deterministic, incompressible-looking bytes derived from the key.
+fn probe_payload(key: &str) -> Bytes {
+    let mut out = Vec::with_capacity(PROBE_BYTES);
+    let mut block = sha256_hex(key.as_bytes());
+    while out.len() < PROBE_BYTES {
+        out.extend_from_slice(block.as_bytes());
+        block = sha256_hex(block.as_bytes());
+    }
+    out.truncate(PROBE_BYTES);
+    Bytes::from(out)
+}

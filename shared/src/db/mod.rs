@@ -1,0 +1,327 @@
+//! Database access: where the settings come from, TLS, and opening a session.
+//!
+//! Settings come from a `postgres://` URL (`--database-url` / `DATABASE_URL`) or from a
+//! Secrets Manager secret in the RDS format (`--secret-id` / `TIDEMARK_SECRET_ID`), see
+//! [`DatabaseSource`]. TLS goes through `native-tls` with libpq's `sslmode` meanings and an
+//! optional CA bundle (the RDS global bundle is the common one). Every session pins the
+//! settings that change how values are written as text, so a chunk means the same thing on
+//! any server.
+
+mod settings;
+
+use std::path::{Path, PathBuf};
+
+use secrecy::{ExposeSecret, SecretString};
+use tokio_postgres::config::SslMode as PgSslMode;
+use tokio_postgres::{Client, NoTls};
+
+pub use self::settings::{DbSettings, SslMode};
+
+/// Settings every Tidemark session pins, as `pg_dump` does, so that COPY text is the same
+/// on every server and client.
+pub const SESSION_SETTINGS: &str = "SET DateStyle = 'ISO'; SET IntervalStyle = 'postgres'; \
+     SET TimeZone = 'UTC'; SET extra_float_digits = 3; SET bytea_output = 'hex'; \
+     SET client_encoding = 'UTF8'";
+
+/// Errors of database access. None of them ever holds a password or a full URL.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("no database configured: pass --database-url (or DATABASE_URL) or --secret-id (or TIDEMARK_SECRET_ID)")]
+    NotConfigured,
+    #[error("give either a database URL or a secret id, not both")]
+    Ambiguous,
+    #[error("{0}")]
+    InvalidSettings(String),
+    #[error("secret {secret_id}: {reason}")]
+    InvalidSecret { secret_id: String, reason: String },
+    #[error("cannot read secret {secret_id}: {message}")]
+    SecretUnavailable {
+        secret_id: String,
+        message: String,
+        retryable: bool,
+    },
+    #[error("CA file {path}: {reason}")]
+    CaFile { path: PathBuf, reason: String },
+    #[error("TLS setup failed: {0}")]
+    Tls(#[source] native_tls::Error),
+    #[error("cannot connect to PostgreSQL at {target}: {source}{hint}")]
+    Connect {
+        target: String,
+        hint: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("{what} on {target}: {source}")]
+    Query {
+        what: &'static str,
+        target: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+}
+
+impl DbError {
+    /// Whether the same attempt may succeed later (server unreachable, connection lost,
+    /// secret service hiccup); bad settings and refused credentials are not retryable.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            DbError::SecretUnavailable { retryable, .. } => *retryable,
+            DbError::Connect { source, .. } | DbError::Query { source, .. } => {
+                source.as_db_error().is_none_or(|db| {
+                    // Class 08 (connection), 53 (resources), 57P (shutdown/crash).
+                    let code = db.code().code();
+                    code.starts_with("08") || code.starts_with("53") || code.starts_with("57P")
+                })
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Where the database settings come from, as given on the command line or in the
+/// environment, before any lookup.
+#[derive(Debug, Clone, Default)]
+pub struct DatabaseSource {
+    /// A `postgres://` URL (kept secret: it may hold a password).
+    pub url: Option<SecretString>,
+    /// A Secrets Manager secret id or ARN in the RDS format.
+    pub secret_id: Option<String>,
+    /// A CA bundle that overrides the URL's or secret's `sslrootcert`.
+    pub ca_file: Option<PathBuf>,
+    /// An sslmode that overrides the URL's or secret's.
+    pub sslmode: Option<SslMode>,
+}
+
+impl DatabaseSource {
+    /// Turns the source into settings, fetching the secret if one is named.
+    ///
+    /// # Errors
+    /// [`DbError::NotConfigured`] / [`DbError::Ambiguous`] for zero or two sources; parse
+    /// errors; [`DbError::SecretUnavailable`] when Secrets Manager cannot give the secret.
+    pub async fn resolve(&self) -> Result<DbSettings, DbError> {
+        let mut settings = match (&self.url, &self.secret_id) {
+            (Some(_), Some(_)) => return Err(DbError::Ambiguous),
+            (None, None) => return Err(DbError::NotConfigured),
+            (Some(url), None) => DbSettings::from_url(url)?,
+            (None, Some(secret_id)) => {
+                let config = crate::aws::sdk_config().await;
+                let client = aws_sdk_secretsmanager::Client::new(&config);
+                fetch_secret(&client, secret_id).await?
+            }
+        };
+        if let Some(ca) = &self.ca_file {
+            settings.ca_file = Some(ca.clone());
+        }
+        if let Some(mode) = self.sslmode {
+            settings.sslmode = mode;
+        }
+        Ok(settings)
+    }
+}
+
+/// Reads an RDS-format secret from Secrets Manager.
+///
+/// # Errors
+/// [`DbError::SecretUnavailable`] (not found, denied, unreachable) or
+/// [`DbError::InvalidSecret`] (not the RDS format).
+pub async fn fetch_secret(
+    client: &aws_sdk_secretsmanager::Client,
+    secret_id: &str,
+) -> Result<DbSettings, DbError> {
+    use aws_sdk_secretsmanager::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+    let out = client
+        .get_secret_value()
+        .secret_id(secret_id)
+        .send()
+        .await
+        .map_err(|err| {
+            let retryable = matches!(
+                err,
+                SdkError::TimeoutError(_) | SdkError::DispatchFailure(_)
+            ) || matches!(
+                err.code(),
+                Some("InternalServiceError" | "ThrottlingException")
+            );
+            let message = match err.code() {
+                Some("ResourceNotFoundException") => "no such secret".to_owned(),
+                Some("AccessDeniedException") => "access denied".to_owned(),
+                Some(code) => format!("{code}: {}", err.message().unwrap_or_default()),
+                None => DisplayErrorContext(&err).to_string(),
+            };
+            DbError::SecretUnavailable {
+                secret_id: secret_id.to_owned(),
+                message,
+                retryable,
+            }
+        })?;
+    let json = out
+        .secret_string()
+        .map(|s| SecretString::from(s.to_owned()))
+        .ok_or_else(|| DbError::InvalidSecret {
+            secret_id: secret_id.to_owned(),
+            reason: "has no SecretString (binary secrets are not supported)".into(),
+        })?;
+    DbSettings::from_secret_json(secret_id, &json)
+}
+
+/// Loads every certificate of a PEM bundle.
+fn load_ca_bundle(path: &Path) -> Result<Vec<native_tls::Certificate>, DbError> {
+    let ca_err = |reason: String| DbError::CaFile {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let pem_text = std::fs::read(path).map_err(|e| ca_err(e.to_string()))?;
+    let blocks = pem::parse_many(&pem_text).map_err(|e| ca_err(format!("not PEM: {e}")))?;
+    let certs = blocks
+        .iter()
+        .filter(|b| b.tag() == "CERTIFICATE")
+        .map(|b| native_tls::Certificate::from_der(b.contents()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ca_err(format!("bad certificate: {e}")))?;
+    if certs.is_empty() {
+        return Err(ca_err("holds no CERTIFICATE block".into()));
+    }
+    Ok(certs)
+}
+
+fn tls_connector(settings: &DbSettings) -> Result<native_tls::TlsConnector, DbError> {
+    let mut builder = native_tls::TlsConnector::builder();
+    let ca = settings
+        .ca_file
+        .as_deref()
+        .map(load_ca_bundle)
+        .transpose()?;
+    if let Some(certs) = ca.as_ref() {
+        builder.disable_built_in_roots(true);
+        for cert in certs {
+            builder.add_root_certificate(cert.clone());
+        }
+    }
+    match settings.sslmode {
+        SslMode::Disable => {}
+        // libpq: prefer/require only encrypt, unless a root certificate is given.
+        SslMode::Prefer | SslMode::Require if ca.is_none() => {
+            builder.danger_accept_invalid_certs(true);
+            builder.danger_accept_invalid_hostnames(true);
+        }
+        SslMode::Prefer | SslMode::Require | SslMode::VerifyCa => {
+            builder.danger_accept_invalid_hostnames(true);
+        }
+        SslMode::VerifyFull => {}
+    }
+    builder.build().map_err(DbError::Tls)
+}
+
+/// Opens a session with pinned output settings. The connection's background task runs on
+/// the current tokio runtime and ends when the returned client is dropped.
+///
+/// # Errors
+/// [`DbError::Connect`] naming `user@host:port/db` and the reason (refused, timed out,
+/// TLS verification, authentication), never the password.
+pub async fn connect(settings: &DbSettings) -> Result<Client, DbError> {
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host(&settings.host)
+        .port(settings.port)
+        .user(&settings.user)
+        .dbname(&settings.dbname)
+        .application_name(&settings.application_name)
+        .connect_timeout(settings.connect_timeout)
+        .keepalives(true);
+    if let Some(password) = &settings.password {
+        config.password(password.expose_secret());
+    }
+    let target = settings.to_string();
+    let connect_err = |source: tokio_postgres::Error| DbError::Connect {
+        hint: connect_hint(settings, &source),
+        target: target.clone(),
+        source,
+    };
+    let client = if settings.sslmode == SslMode::Disable {
+        config.ssl_mode(PgSslMode::Disable);
+        let (client, connection) = config.connect(NoTls).await.map_err(connect_err)?;
+        spawn_connection(connection, target.clone());
+        client
+    } else {
+        config.ssl_mode(if settings.sslmode == SslMode::Prefer {
+            PgSslMode::Prefer
+        } else {
+            PgSslMode::Require
+        });
+        let tls = postgres_native_tls::MakeTlsConnector::new(tls_connector(settings)?);
+        let (client, connection) = config.connect(tls).await.map_err(connect_err)?;
+        spawn_connection(connection, target.clone());
+        client
+    };
+    client
+        .batch_execute(SESSION_SETTINGS)
+        .await
+        .map_err(|source| DbError::Query {
+            what: "pinning session settings",
+            target,
+            source,
+        })?;
+    Ok(client)
+}
+
+fn spawn_connection<S, T>(connection: tokio_postgres::Connection<S, T>, target: String)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::warn!(%target, %error, "database connection ended with an error");
+        }
+    });
+}
+
+/// A short suggestion for the failures people hit most.
+fn connect_hint(settings: &DbSettings, err: &tokio_postgres::Error) -> &'static str {
+    let text = err.to_string();
+    if text.contains("certificate verify failed") || text.contains("self-signed") {
+        if settings.ca_file.is_none() {
+            " (hint: pass --ca-file with the CA bundle that signed the server certificate)"
+        } else {
+            " (hint: the CA file does not vouch for this server's certificate)"
+        }
+    } else if text.contains("hostname mismatch") || text.contains("IP address mismatch") {
+        " (hint: the certificate does not name this host; connect by a name it has, or use sslmode=verify-ca)"
+    } else if text.contains("server does not support TLS") {
+        " (hint: the server has TLS off; use sslmode=disable or prefer only on a trusted network)"
+    } else {
+        ""
+    }
+}
+
+/// What [`probe`] learns about a server.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ServerInfo {
+    /// `server_version`, e.g. `15.18 (Debian 15.18-0+deb12u1)`.
+    pub server_version: String,
+    /// Whether this session is encrypted, as the server sees it (`pg_stat_ssl`).
+    pub tls: bool,
+}
+
+/// Asks the server its version and whether this session uses TLS.
+///
+/// # Errors
+/// [`DbError::Query`] when the query fails.
+pub async fn probe(client: &Client, settings: &DbSettings) -> Result<ServerInfo, DbError> {
+    let row = client
+        .query_one(
+            "SELECT current_setting('server_version'), \
+             coalesce((SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()), false)",
+            &[],
+        )
+        .await
+        .map_err(|source| DbError::Query {
+            what: "reading the server version",
+            target: settings.to_string(),
+            source,
+        })?;
+    Ok(ServerInfo {
+        server_version: row.get(0),
+        tls: row.get(1),
+    })
+}

@@ -1,0 +1,18 @@
+//! Tidemark core: incremental, verified, logical PostgreSQL backups into S3 or a directory.
+//!
+//! Everything worth testing lives here; the Lambda functions and the `tidemark` CLI are
+//! thin shells that decode input, build clients once and call into this crate.
+//!
+//! # Layout
+//! - [`store`]: the object store trait ([`store::ReadStore`], [`store::WriteStore`]) with
+//!   an S3 adapter and a local-directory adapter, and store URLs.
+//! - [`db`]: database settings (URL or RDS secret), TLS, sessions with pinned settings.
+//! - [`aws`]: the one AWS SDK configuration every client is built from.
+//! - [`check`]: reachability checks of the database and the store (`tidemark check`).
+//! - [`telemetry`]: logging, human or JSON.
+
+pub mod aws;
+pub mod check;
+pub mod db;
+pub mod store;
+pub mod telemetry;
