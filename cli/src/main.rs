@@ -1,1 +1,192 @@
-fn main() {}
+//! `tidemark`: the core operations on a laptop or a cron host, against S3 or a directory.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+use tidemark_core::check::{self, DatabaseCheck, StoreCheck};
+use tidemark_core::db::{DatabaseSource, SslMode};
+use tidemark_core::store::{self, StoreUrl};
+use tidemark_core::telemetry::{self, LogFormat};
+
+#[derive(Parser)]
+#[command(
+    name = "tidemark",
+    version,
+    about = "Incremental, verified, logical PostgreSQL backups into S3 or a directory"
+)]
+struct Cli {
+    #[command(flatten)]
+    global: GlobalArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Settings every subcommand shares; the Lambda functions read the same variables.
+#[derive(Args)]
+struct GlobalArgs {
+    /// Where backups live: s3://bucket/prefix, file:///abs/path or a directory path.
+    #[arg(long, env = "TIDEMARK_STORE", global = true, value_name = "URL")]
+    store: Option<String>,
+    /// PostgreSQL URL, postgres://user:password@host:port/db?sslmode=verify-full.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        global = true,
+        hide_env_values = true,
+        value_name = "URL"
+    )]
+    database_url: Option<String>,
+    /// Secrets Manager secret (id or ARN) in the RDS format, instead of a URL.
+    #[arg(long, env = "TIDEMARK_SECRET_ID", global = true, value_name = "ID")]
+    secret_id: Option<String>,
+    /// PEM bundle of CAs that sign the server certificate (e.g. the RDS global bundle).
+    #[arg(long, env = "TIDEMARK_CA_FILE", global = true, value_name = "PATH")]
+    ca_file: Option<PathBuf>,
+    /// TLS mode, overriding the URL's or secret's: disable, prefer, require, verify-ca, verify-full.
+    #[arg(long, env = "TIDEMARK_SSLMODE", global = true, value_name = "MODE", value_parser = parse_sslmode)]
+    sslmode: Option<SslMode>,
+    /// Print results as JSON on stdout.
+    #[arg(long, env = "TIDEMARK_JSON", global = true)]
+    json: bool,
+    /// More log detail on stderr (-v debug, -vv trace); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Connect to the database and round-trip a probe object in the store.
+    Check,
+}
+
+fn parse_sslmode(s: &str) -> Result<SslMode, String> {
+    s.parse()
+        .map_err(|e: tidemark_core::db::DbError| e.to_string())
+}
+
+impl GlobalArgs {
+    fn database(&self) -> DatabaseSource {
+        DatabaseSource {
+            url: self
+                .database_url
+                .clone()
+                .filter(|u| !u.trim().is_empty())
+                .map(Into::into),
+            secret_id: self.secret_id.clone().filter(|s| !s.trim().is_empty()),
+            ca_file: self.ca_file.clone(),
+            sslmode: self.sslmode,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init(LogFormat::from_env(), cli.global.verbose);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        match cli.command {
+            Command::Check => run_check(&cli.global).await,
+        }
+    })
+}
+
+async fn run_check(global: &GlobalArgs) -> ExitCode {
+    let database = async {
+        let settings = global.database().resolve().await?;
+        check::check_database(&settings).await
+    }
+    .await
+    .map_err(|e| error_chain(&e));
+    let store = async {
+        let raw = global.store.as_deref().ok_or_else(|| {
+            "no store configured: pass --store (or TIDEMARK_STORE) with s3://bucket/prefix or a directory".to_owned()
+        })?;
+        let url: StoreUrl = raw.parse().map_err(|e| error_chain(&e))?;
+        let store = store::open(&url).await.map_err(|e| error_chain(&e))?;
+        check::check_store(store.as_ref())
+            .await
+            .map_err(|e| error_chain(&e))
+    }
+    .await;
+
+    let ok = database.is_ok() && store.is_ok();
+    if global.json {
+        let report = json!({
+            "ok": ok,
+            "database": outcome_json(&database),
+            "store": outcome_json(&store),
+        });
+        println!("{report:#}");
+    } else {
+        println!("{}", database_line(&database));
+        println!("{}", store_line(&store));
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn outcome_json<T: serde::Serialize>(outcome: &Result<T, String>) -> serde_json::Value {
+    match outcome {
+        Ok(value) => {
+            let mut v = serde_json::to_value(value).unwrap_or_default();
+            if let Some(map) = v.as_object_mut() {
+                map.insert("ok".into(), true.into());
+            }
+            v
+        }
+        Err(error) => json!({ "ok": false, "error": error }),
+    }
+}
+
+fn database_line(outcome: &Result<DatabaseCheck, String>) -> String {
+    match outcome {
+        Ok(db) => format!(
+            "database  ok    PostgreSQL {} at {}, TLS {} (sslmode {})",
+            db.server.server_version,
+            db.target,
+            if db.server.tls { "on" } else { "off" },
+            db.sslmode
+        ),
+        Err(e) => format!("database  FAIL  {e}"),
+    }
+}
+
+fn store_line(outcome: &Result<StoreCheck, String>) -> String {
+    match outcome {
+        Ok(s) => format!(
+            "store     ok    {}: {}-byte probe created (second create refused), read back, deleted; {} requests in {} ms",
+            s.location, s.probe_bytes, s.requests, s.millis
+        ),
+        Err(e) => format!("store     FAIL  {e}"),
+    }
+}
+
+/// An error and its causes on one line, each cause once (many errors repeat their
+/// source's text in their own message).
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut line = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        source = cause.source();
+    }
+    line
+}

@@ -1,1 +1,179 @@
+//! Test harness: the throwaway PostgreSQL cluster and S3-protocol server that
+//! `scripts/test` starts, handed to each test in isolation (its own database, its own
+//! bucket and prefix), so tests run in parallel.
+//!
+//! Run the tests with `scripts/test`; plain `cargo test` without it fails with a message
+//! that says so.
 
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tidemark_core::db::{DbSettings, SslMode};
+use tidemark_core::store::{LocalStore, S3Store, S3StoreOptions, WriteStore};
+
+fn env(name: &str) -> String {
+    match std::env::var(name) {
+        Ok(v) if !v.is_empty() => v,
+        _ => panic!(
+            "{name} is not set: integration tests need the PostgreSQL cluster and S3 server \
+             that scripts/test starts; run `scripts/test`"
+        ),
+    }
+}
+
+/// The test cluster, as `scripts/test` exported it.
+#[derive(Debug, Clone)]
+pub struct TestCluster {
+    pub host: String,
+    /// Another loopback address of the same server, not named by its certificate.
+    pub alt_host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: String,
+    pub ca_file: PathBuf,
+    pub bin_dir: PathBuf,
+}
+
+impl TestCluster {
+    pub fn from_env() -> Self {
+        Self {
+            host: env("TIDEMARK_TEST_PG_HOST"),
+            alt_host: env("TIDEMARK_TEST_PG_ALT_HOST"),
+            port: env("TIDEMARK_TEST_PG_PORT")
+                .parse()
+                .expect("TIDEMARK_TEST_PG_PORT is a port number"),
+            user: env("TIDEMARK_TEST_PG_USER"),
+            password: env("TIDEMARK_TEST_PG_PASSWORD"),
+            ca_file: env("TIDEMARK_TEST_PG_CA").into(),
+            bin_dir: env("TIDEMARK_TEST_PG_BIN").into(),
+        }
+    }
+
+    /// `postgres://user:password@host:port/dbname?sslmode=...`.
+    pub fn url(&self, dbname: &str, sslmode: SslMode) -> String {
+        format!(
+            "postgres://{}:{}@{}:{}/{dbname}?sslmode={sslmode}",
+            self.user, self.password, self.host, self.port
+        )
+    }
+
+    /// Settings for `dbname`, verified TLS with the cluster's CA.
+    pub fn settings(&self, dbname: &str) -> DbSettings {
+        let mut s = DbSettings::from_url(&self.url(dbname, SslMode::VerifyFull).into())
+            .expect("test URL parses");
+        s.ca_file = Some(self.ca_file.clone());
+        s
+    }
+
+    /// A fresh database only this test uses; dropped when the guard is dropped.
+    pub async fn create_database(&self) -> TestDatabase {
+        let name = format!("t_{}", uuid::Uuid::new_v4().simple());
+        let admin = tidemark_core::db::connect(&self.settings("postgres"))
+            .await
+            .expect("connect to the test cluster");
+        admin
+            .batch_execute(&format!("CREATE DATABASE \"{name}\""))
+            .await
+            .expect("create test database");
+        TestDatabase {
+            cluster: self.clone(),
+            name,
+        }
+    }
+}
+
+/// A database that is dropped (with `FORCE`) when this guard goes out of scope.
+#[derive(Debug)]
+pub struct TestDatabase {
+    pub cluster: TestCluster,
+    pub name: String,
+}
+
+impl TestDatabase {
+    pub fn settings(&self) -> DbSettings {
+        self.cluster.settings(&self.name)
+    }
+
+    pub fn url(&self, sslmode: SslMode) -> String {
+        self.cluster.url(&self.name, sslmode)
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let settings = self.cluster.settings("postgres");
+        let sql = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name);
+        // Drop runs outside any async context we could borrow: use a private runtime on a
+        // plain thread, and wait for it so the database is gone when the test ends.
+        let handle = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            rt.block_on(async {
+                let client = tidemark_core::db::connect(&settings).await.ok()?;
+                client.batch_execute(&sql).await.ok()
+            })
+        });
+        let _ = handle.join();
+    }
+}
+
+/// The AWS SDK configuration that points at the test S3 server.
+pub async fn aws_config() -> aws_config::SdkConfig {
+    env("AWS_ENDPOINT_URL");
+    tidemark_core::aws::sdk_config().await
+}
+
+/// A bucket created for this test.
+pub async fn create_bucket() -> String {
+    let config = aws_config().await;
+    let s3 = aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&config)
+            .force_path_style(true)
+            .build(),
+    );
+    let bucket = format!("tidemark-test-{}", uuid::Uuid::new_v4().simple());
+    s3.create_bucket()
+        .bucket(&bucket)
+        .send()
+        .await
+        .expect("create test bucket");
+    bucket
+}
+
+/// An S3 store in a fresh bucket, under a prefix.
+pub async fn s3_store(options: S3StoreOptions) -> S3Store {
+    let bucket = create_bucket().await;
+    S3Store::new(&aws_config().await, &bucket, "db/prod", options)
+}
+
+/// A local store in a fresh temporary directory (kept alive by the returned guard).
+pub fn local_store() -> (tempfile::TempDir, LocalStore) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = LocalStore::open(&dir.path().join("store")).expect("open local store");
+    (dir, store)
+}
+
+/// Both adapters, boxed, for tests that do not care which.
+pub async fn each_store() -> Vec<(Option<tempfile::TempDir>, Arc<dyn WriteStore>)> {
+    let (dir, local) = local_store();
+    vec![
+        (Some(dir), Arc::new(local)),
+        (None, Arc::new(s3_store(S3StoreOptions::default()).await)),
+    ]
+}
+
+/// Deterministic pseudo-random bytes (xorshift), incompressible enough for upload tests.
+pub fn pseudo_random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}

@@ -194,10 +194,15 @@ impl S3Store {
             WriteCondition::IfAbsent => request.if_none_match("*"),
             WriteCondition::IfMatch(etag) => request.if_match(&etag.0),
         };
-        let out = request
-            .send()
-            .await
-            .map_err(|e| self.error("PutObject", key, e))?;
+        let out = request.send().await.map_err(|e| {
+            match (self.error("PutObject", key, e), condition) {
+                // S3 answers 404 to If-Match on a missing key: the condition failed.
+                (StoreError::NotFound { key }, WriteCondition::IfMatch(_)) => {
+                    StoreError::PreconditionFailed { key }
+                }
+                (other, _) => other,
+            }
+        })?;
         tracing::debug!(key, size, request_id = out.request_id(), "put object");
         Ok(PutReceipt {
             etag: ETag(out.e_tag().unwrap_or_default().to_owned()),

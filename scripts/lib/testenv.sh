@@ -1,0 +1,152 @@
+# shellcheck shell=bash
+# Throwaway PostgreSQL cluster (TLS on, password auth) and a local S3-protocol server
+# (moto), for tests, the demo and the benchmark. Source this file, then:
+#   testenv_start   # installs what is missing, starts both, exports connection variables
+#   testenv_stop    # stops both by pid and removes their files (safe to call twice)
+# Everything lives in a fresh temp directory; nothing is left running after testenv_stop.
+
+TIDEMARK_ROOT=${TIDEMARK_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
+TOOLS_DIR="$TIDEMARK_ROOT/.tools"
+MOTO_SPEC='moto[server]==5.2.5'
+
+_log() { printf 'testenv: %s\n' "$*" >&2; }
+
+_as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+# Runs a command as the postgres OS user (initdb refuses root).
+_as_pg() {
+  if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+_apt_install() {
+  _log "installing $* with apt-get"
+  _as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+  _as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+testenv_free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
+}
+
+testenv_ensure_tools() {
+  PG_BIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
+  if [ -z "$PG_BIN" ] || [ ! -x "$PG_BIN/initdb" ]; then
+    _apt_install postgresql
+    PG_BIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
+  fi
+  command -v openssl >/dev/null || _apt_install openssl
+  if ! id postgres >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    useradd --system --home-dir /var/lib/postgresql --shell /bin/bash postgres
+  fi
+  if [ ! -x "$TOOLS_DIR/venv/bin/moto_server" ]; then
+    _log "installing $MOTO_SPEC into $TOOLS_DIR/venv"
+    python3 -m venv "$TOOLS_DIR/venv"
+    "$TOOLS_DIR/venv/bin/pip" install -q --disable-pip-version-check "$MOTO_SPEC"
+  fi
+  export PG_BIN
+}
+
+_make_certs() {
+  local dir=$1
+  openssl req -x509 -newkey rsa:2048 -nodes -days 3 -subj "/CN=Tidemark Test CA" \
+    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+    -keyout "$dir/ca.key" -out "$dir/ca.crt" 2>/dev/null
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" \
+    -keyout "$dir/server.key" -out "$dir/server.csr" 2>/dev/null
+  printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n' >"$dir/server.ext"
+  openssl x509 -req -in "$dir/server.csr" -CA "$dir/ca.crt" -CAkey "$dir/ca.key" -CAcreateserial \
+    -days 3 -extfile "$dir/server.ext" -out "$dir/server.crt" 2>/dev/null
+  rm -f "$dir/server.csr" "$dir/server.ext" "$dir/ca.key"
+}
+
+testenv_start_pg() {
+  TESTENV_PG_DIR=$(mktemp -d /tmp/tidemark-pg.XXXXXX)
+  chmod 755 "$TESTENV_PG_DIR"
+  local port password
+  port=$(testenv_free_port)
+  password=$(python3 -c 'import secrets; print(secrets.token_hex(16))')
+  _make_certs "$TESTENV_PG_DIR"
+  printf '%s\n' "$password" >"$TESTENV_PG_DIR/pwfile"
+  if [ "$(id -u)" = 0 ]; then chown -R postgres: "$TESTENV_PG_DIR"; fi
+  chmod 600 "$TESTENV_PG_DIR/server.key" "$TESTENV_PG_DIR/pwfile"
+  chmod 644 "$TESTENV_PG_DIR/ca.crt"
+  _as_pg "$PG_BIN/initdb" -D "$TESTENV_PG_DIR/data" -U postgres --auth=scram-sha-256 \
+    --pwfile="$TESTENV_PG_DIR/pwfile" -E UTF8 --locale=C.UTF-8 >"$TESTENV_PG_DIR/initdb.log" 2>&1 \
+    || { cat "$TESTENV_PG_DIR/initdb.log" >&2; return 1; }
+  rm -f "$TESTENV_PG_DIR/pwfile"
+  cat >>"$TESTENV_PG_DIR/data/postgresql.conf" <<CONF
+listen_addresses = '127.0.0.1,127.0.0.2'
+port = $port
+unix_socket_directories = '$TESTENV_PG_DIR'
+ssl = on
+ssl_cert_file = '$TESTENV_PG_DIR/server.crt'
+ssl_key_file = '$TESTENV_PG_DIR/server.key'
+fsync = off
+synchronous_commit = off
+full_page_writes = off
+max_connections = 300
+shared_buffers = 256MB
+max_wal_size = 4GB
+CONF
+  _as_pg "$PG_BIN/pg_ctl" -D "$TESTENV_PG_DIR/data" -l "$TESTENV_PG_DIR/postgres.log" -w -t 60 start >/dev/null \
+    || { cat "$TESTENV_PG_DIR/postgres.log" >&2; return 1; }
+  TESTENV_PG_PID=$(head -n 1 "$TESTENV_PG_DIR/data/postmaster.pid")
+  export TIDEMARK_TEST_PG_HOST=127.0.0.1
+  export TIDEMARK_TEST_PG_ALT_HOST=127.0.0.2
+  export TIDEMARK_TEST_PG_PORT=$port
+  export TIDEMARK_TEST_PG_USER=postgres
+  export TIDEMARK_TEST_PG_PASSWORD=$password
+  export TIDEMARK_TEST_PG_CA="$TESTENV_PG_DIR/ca.crt"
+  export TIDEMARK_TEST_PG_BIN=$PG_BIN
+  _log "PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $3}') on 127.0.0.1:$port (pid $TESTENV_PG_PID, TLS on)"
+}
+
+testenv_start_moto() {
+  local port
+  port=$(testenv_free_port)
+  TESTENV_MOTO_LOG=$(mktemp /tmp/tidemark-moto.XXXXXX.log)
+  "$TOOLS_DIR/venv/bin/moto_server" -H 127.0.0.1 -p "$port" >"$TESTENV_MOTO_LOG" 2>&1 &
+  TESTENV_MOTO_PID=$!
+  local i
+  for i in $(seq 1 100); do
+    if curl -fsS -o /dev/null "http://127.0.0.1:$port/moto-api/" 2>/dev/null; then break; fi
+    if ! kill -0 "$TESTENV_MOTO_PID" 2>/dev/null; then cat "$TESTENV_MOTO_LOG" >&2; return 1; fi
+    sleep 0.2
+  done
+  [ "$i" -lt 100 ] || { _log "moto_server did not answer on port $port"; return 1; }
+  export AWS_ENDPOINT_URL="http://127.0.0.1:$port"
+  export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_REGION=us-east-1
+  export AWS_EC2_METADATA_DISABLED=true
+  unset AWS_PROFILE AWS_SESSION_TOKEN AWS_ENDPOINT_URL_S3 AWS_DEFAULT_REGION
+  _log "moto S3/Secrets Manager on $AWS_ENDPOINT_URL (pid $TESTENV_MOTO_PID)"
+}
+
+testenv_stop() {
+  if [ -n "${TESTENV_MOTO_PID:-}" ]; then
+    kill "$TESTENV_MOTO_PID" 2>/dev/null || true
+    wait "$TESTENV_MOTO_PID" 2>/dev/null || true
+    TESTENV_MOTO_PID=
+    rm -f "${TESTENV_MOTO_LOG:-}"
+  fi
+  if [ -n "${TESTENV_PG_PID:-}" ]; then
+    _as_pg "$PG_BIN/pg_ctl" -D "$TESTENV_PG_DIR/data" -m immediate -w -t 30 stop >/dev/null 2>&1 \
+      || kill -9 "$TESTENV_PG_PID" 2>/dev/null || true
+    TESTENV_PG_PID=
+  fi
+  if [ -n "${TESTENV_PG_DIR:-}" ] && [ -d "$TESTENV_PG_DIR" ]; then
+    rm -rf "$TESTENV_PG_DIR"
+    TESTENV_PG_DIR=
+  fi
+}
+
+testenv_start() {
+  # Settings from the caller's shell must not leak into what the tests configure.
+  unset DATABASE_URL TIDEMARK_STORE TIDEMARK_SECRET_ID TIDEMARK_CA_FILE TIDEMARK_SSLMODE TIDEMARK_JSON
+  testenv_ensure_tools
+  trap testenv_stop EXIT
+  trap 'exit 130' INT TERM
+  testenv_start_pg
+  testenv_start_moto
+}
