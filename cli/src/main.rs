@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 use tidemark_core::check::{self, DatabaseCheck, StoreCheck};
 use tidemark_core::db::{DatabaseSource, SslMode};
+use tidemark_core::error_chain;
 use tidemark_core::store::{self, StoreUrl};
 use tidemark_core::telemetry::{self, LogFormat};
 
@@ -173,20 +174,4 @@ fn store_line(outcome: &Result<StoreCheck, String>) -> String {
         ),
         Err(e) => format!("store     FAIL  {e}"),
     }
-}
-
-/// An error and its causes on one line, each cause once (many errors repeat their
-/// source's text in their own message).
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut line = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !line.contains(&text) {
-            line.push_str(": ");
-            line.push_str(&text);
-        }
-        source = cause.source();
-    }
-    line
 }

@@ -38,8 +38,10 @@ pub struct StoreCheck {
 /// # Errors
 /// Whatever [`db::connect`] or [`db::probe`] report.
 pub async fn check_database(settings: &DbSettings) -> Result<DatabaseCheck, DbError> {
+    tracing::debug!(target = %settings, sslmode = %settings.sslmode, "checking the database");
     let client = db::connect(settings).await?;
     let server = db::probe(&client, settings).await?;
+    tracing::info!(target = %settings, version = %server.server_version, tls = server.tls, "database reachable");
     Ok(DatabaseCheck {
         target: settings.to_string(),
         sslmode: settings.sslmode.to_string(),
@@ -58,6 +60,7 @@ const PROBE_BYTES: usize = 4096;
 pub async fn check_store(store: &dyn WriteStore) -> Result<StoreCheck, StoreError> {
     let started = Instant::now();
     let key = format!("probes/check-{}", uuid::Uuid::new_v4());
+    tracing::debug!(store = %store.location(), %key, "checking the store");
     let payload = probe_payload(&key);
     let mut requests = 0;
     let result = async {
@@ -112,6 +115,7 @@ pub async fn check_store(store: &dyn WriteStore) -> Result<StoreCheck, StoreErro
             "{key} (the store accepted a second create-if-absent: it ignores If-None-Match, so runs could not exclude each other)"
         ) });
     }
+    tracing::info!(store = %store.location(), requests, "store usable");
     Ok(StoreCheck {
         location: store.location(),
         probe_bytes: payload.len(),

@@ -16,3 +16,19 @@ pub mod check;
 pub mod db;
 pub mod store;
 pub mod telemetry;
+
+/// An error and its causes on one line, each cause once: many errors repeat their source's
+/// text in their own message, and some (tokio-postgres) show only the outermost part.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut line = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        source = cause.source();
+    }
+    line
+}

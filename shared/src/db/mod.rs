@@ -44,34 +44,59 @@ pub enum DbError {
     CaFile { path: PathBuf, reason: String },
     #[error("TLS setup failed: {0}")]
     Tls(#[source] native_tls::Error),
-    #[error("cannot connect to PostgreSQL at {target}: {source}{hint}")]
+    #[error("cannot connect to PostgreSQL at {target}: {detail}{hint}")]
     Connect {
         target: String,
+        /// The error with its causes, e.g. "error performing TLS handshake: ... certificate
+        /// verify failed" (tokio-postgres shows only the first part).
+        detail: String,
         hint: &'static str,
         #[source]
         source: tokio_postgres::Error,
     },
-    #[error("{what} on {target}: {source}")]
+    #[error("{what} on {target}: {detail}")]
     Query {
         what: &'static str,
         target: String,
+        detail: String,
         #[source]
         source: tokio_postgres::Error,
     },
 }
 
 impl DbError {
+    /// A failed statement on the server `settings` name.
+    pub fn query(what: &'static str, settings: &DbSettings, source: tokio_postgres::Error) -> Self {
+        DbError::Query {
+            what,
+            target: settings.to_string(),
+            detail: crate::error_chain(&source),
+            source,
+        }
+    }
+
     /// Whether the same attempt may succeed later (server unreachable, connection lost,
     /// secret service hiccup); bad settings and refused credentials are not retryable.
     pub fn is_retryable(&self) -> bool {
         match self {
             DbError::SecretUnavailable { retryable, .. } => *retryable,
-            DbError::Connect { source, .. } | DbError::Query { source, .. } => {
-                source.as_db_error().is_none_or(|db| {
+            DbError::Connect { source, detail, .. } | DbError::Query { source, detail, .. } => {
+                if let Some(db) = source.as_db_error() {
                     // Class 08 (connection), 53 (resources), 57P (shutdown/crash).
                     let code = db.code().code();
-                    code.starts_with("08") || code.starts_with("53") || code.starts_with("57P")
-                })
+                    return code.starts_with("08")
+                        || code.starts_with("53")
+                        || code.starts_with("57P");
+                }
+                // Network trouble is worth another try; a refused certificate is not.
+                let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(source);
+                while let Some(c) = cause {
+                    if c.is::<std::io::Error>() {
+                        return true;
+                    }
+                    cause = c.source();
+                }
+                detail.contains("timeout") || detail.contains("connection closed")
             }
             _ => false,
         }
@@ -232,10 +257,14 @@ pub async fn connect(settings: &DbSettings) -> Result<Client, DbError> {
         config.password(password.expose_secret());
     }
     let target = settings.to_string();
-    let connect_err = |source: tokio_postgres::Error| DbError::Connect {
-        hint: connect_hint(settings, &source),
-        target: target.clone(),
-        source,
+    let connect_err = |source: tokio_postgres::Error| {
+        let detail = crate::error_chain(&source);
+        DbError::Connect {
+            hint: connect_hint(settings, &detail),
+            target: target.clone(),
+            detail,
+            source,
+        }
     };
     let client = if settings.sslmode == SslMode::Disable {
         config.ssl_mode(PgSslMode::Disable);
@@ -256,11 +285,7 @@ pub async fn connect(settings: &DbSettings) -> Result<Client, DbError> {
     client
         .batch_execute(SESSION_SETTINGS)
         .await
-        .map_err(|source| DbError::Query {
-            what: "pinning session settings",
-            target,
-            source,
-        })?;
+        .map_err(|source| DbError::query("pinning session settings", settings, source))?;
     Ok(client)
 }
 
@@ -277,8 +302,7 @@ where
 }
 
 /// A short suggestion for the failures people hit most.
-fn connect_hint(settings: &DbSettings, err: &tokio_postgres::Error) -> &'static str {
-    let text = err.to_string();
+fn connect_hint(settings: &DbSettings, text: &str) -> &'static str {
     if text.contains("certificate verify failed") || text.contains("self-signed") {
         if settings.ca_file.is_none() {
             " (hint: pass --ca-file with the CA bundle that signed the server certificate)"
@@ -315,13 +339,10 @@ pub async fn probe(client: &Client, settings: &DbSettings) -> Result<ServerInfo,
             &[],
         )
         .await
-        .map_err(|source| DbError::Query {
-            what: "reading the server version",
-            target: settings.to_string(),
-            source,
-        })?;
+        .map_err(|source| DbError::query("reading the server version", settings, source))?;
+    let read = |source| DbError::query("reading the server version", settings, source);
     Ok(ServerInfo {
-        server_version: row.get(0),
-        tls: row.get(1),
+        server_version: row.try_get(0).map_err(read)?,
+        tls: row.try_get(1).map_err(read)?,
     })
 }
