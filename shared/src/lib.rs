@@ -10,10 +10,23 @@
 //! - [`aws`]: the one AWS SDK configuration every client is built from.
 //! - [`check`]: reachability checks of the database and the store (`tidemark check`).
 //! - [`telemetry`]: logging, human or JSON.
+//! - [`format`]: the stored JSON documents (lease, checkpoint, progress, manifest).
+//! - [`catalog`]: which tables a backup covers, their definitions and modes.
+//! - [`chunk`]: zstd COPY-text chunks streamed to the store.
+//! - [`lease`]: the run lease; [`run`]: run ids and lifecycle errors.
+//! - [`export`]: one time-boxed slice of a backup run.
+//! - [`manifest`]: sealing a run into a manifest, and listing backups.
 
 pub mod aws;
+pub mod catalog;
 pub mod check;
+pub mod chunk;
 pub mod db;
+pub mod export;
+pub mod format;
+pub mod lease;
+pub mod manifest;
+pub mod run;
 pub mod store;
 pub mod telemetry;
 

@@ -21,7 +21,7 @@ pub use self::settings::{DbSettings, SslMode};
 /// on every server and client.
 pub const SESSION_SETTINGS: &str = "SET DateStyle = 'ISO'; SET IntervalStyle = 'postgres'; \
      SET TimeZone = 'UTC'; SET extra_float_digits = 3; SET bytea_output = 'hex'; \
-     SET client_encoding = 'UTF8'";
+     SET client_encoding = 'UTF8'; SET standard_conforming_strings = on";
 
 /// Errors of database access. None of them ever holds a password or a full URL.
 #[derive(Debug, thiserror::Error)]

@@ -16,6 +16,7 @@
 //!   caller ([`PutReceipt::sha256`] returns it, so callers can record it);
 //! - [`WriteStore::upload`] streams with bounded memory, whatever the object size.
 
+mod counting;
 mod local;
 mod s3;
 mod url;
@@ -29,6 +30,7 @@ use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
+pub use self::counting::CountingStore;
 pub use self::local::LocalStore;
 pub use self::s3::{S3Store, S3StoreOptions};
 pub use self::url::StoreUrl;

@@ -1,0 +1,481 @@
+//! The catalog: which tables a backup covers, their definitions, keys and modes.
+//!
+//! Tables are every ordinary and partitioned table of the configured schemas (partitions
+//! are exported through their root, once), or an explicit list. Names follow `pg_dump
+//! -t`: an unquoted name is folded to lower case, a double-quoted one is taken as is.
+
+use std::collections::BTreeMap;
+
+use tokio_postgres::Client;
+
+use crate::db::{DbError, DbSettings};
+use crate::format::manifest::{
+    ColumnDef, ConstraintDef, IndexDef, PartitionDef, SequenceValue, TableSchema,
+};
+use crate::format::{TableMode, TableName};
+
+/// Which tables to back up, and mode overrides.
+#[derive(Debug, Clone, Default)]
+pub struct TableSelection {
+    /// Schemas whose tables are all included (default `public`).
+    pub schemas: Vec<String>,
+    /// An explicit list (`a`, `sch.b`, `"Mixed Case"."T"`); empty means all tables of
+    /// `schemas`.
+    pub tables: Vec<String>,
+    /// `name=mode` overrides.
+    pub modes: Vec<(String, TableMode)>,
+}
+
+/// Errors of table discovery.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("invalid table name {0:?}")]
+    InvalidName(String),
+    #[error("unknown table {0} (not found in schemas {1})")]
+    UnknownTable(String, String),
+    #[error("table name {0} is ambiguous: it exists in schemas {1}; qualify it")]
+    Ambiguous(String, String),
+    #[error("table {table}: {reason}")]
+    ModeNotPossible { table: TableName, reason: String },
+    #[error("no tables to back up in schemas {0}")]
+    NothingToBackUp(String),
+}
+
+/// A table as discovered, with what the export needs.
+#[derive(Debug, Clone)]
+pub struct CatalogTable {
+    pub name: TableName,
+    pub oid: u32,
+    pub mode: TableMode,
+    pub schema: TableSchema,
+    /// Exported columns (not generated), in table order.
+    pub columns: Vec<String>,
+    /// Primary key columns and their types.
+    pub key: Vec<(String, String)>,
+    /// Heap bytes and estimated rows (all partitions), for sizing chunks.
+    pub heap_bytes: i64,
+    pub est_rows: f64,
+}
+
+/// Parses `name`, `schema.name`, with `"quoted"` parts.
+///
+/// # Errors
+/// [`CatalogError::InvalidName`] for unbalanced quotes or too many parts.
+pub fn parse_table_name(raw: &str) -> Result<(Option<String>, String), CatalogError> {
+    let invalid = || CatalogError::InvalidName(raw.to_owned());
+    let mut parts = Vec::new();
+    let mut chars = raw.trim().chars().peekable();
+    loop {
+        let mut part = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            loop {
+                match chars.next() {
+                    Some('"') if chars.peek() == Some(&'"') => {
+                        chars.next();
+                        part.push('"');
+                    }
+                    Some('"') => break,
+                    Some(c) => part.push(c),
+                    None => return Err(invalid()),
+                }
+            }
+        } else {
+            while let Some(&c) = chars.peek() {
+                if c == '.' || c == '"' {
+                    break;
+                }
+                part.extend(c.to_lowercase());
+                chars.next();
+            }
+        }
+        if part.is_empty() {
+            return Err(invalid());
+        }
+        parts.push(part);
+        match chars.next() {
+            None => break,
+            Some('.') => continue,
+            Some(_) => return Err(invalid()),
+        }
+    }
+    match parts.len() {
+        1 => Ok((None, parts.remove(0))),
+        2 => {
+            let name = parts.remove(1);
+            Ok((Some(parts.remove(0)), name))
+        }
+        _ => Err(invalid()),
+    }
+}
+
+fn q<'a>(
+    settings: &'a DbSettings,
+    what: &'static str,
+) -> impl Fn(tokio_postgres::Error) -> CatalogError + 'a {
+    move |e| CatalogError::Db(DbError::query(what, settings, e))
+}
+
+/// Finds the selected tables and reads their definitions.
+///
+/// # Errors
+/// [`CatalogError::UnknownTable`] naming a listed table that does not exist (nothing has
+/// been written by then), mode errors, query errors.
+pub async fn discover(
+    client: &Client,
+    settings: &DbSettings,
+    selection: &TableSelection,
+) -> Result<Vec<CatalogTable>, CatalogError> {
+    let schemas = if selection.schemas.is_empty() {
+        vec!["public".to_owned()]
+    } else {
+        selection.schemas.clone()
+    };
+    let rows = client
+        .query(
+            "SELECT c.oid, n.nspname, c.relname, c.relkind::text \
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition AND c.relpersistence <> 't' \
+               AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
+               AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%' \
+             ORDER BY 2, 3",
+            &[],
+        )
+        .await
+        .map_err(q(settings, "listing tables"))?;
+    let mut all: BTreeMap<TableName, (u32, String)> = BTreeMap::new();
+    for row in rows {
+        let name = TableName::new(row.get::<_, String>(1), row.get::<_, String>(2));
+        all.insert(name, (row.get(0), row.get(3)));
+    }
+    let resolve = |raw: &str| -> Result<TableName, CatalogError> {
+        let (schema, name) = parse_table_name(raw)?;
+        match schema {
+            Some(schema) => {
+                let t = TableName::new(schema, name);
+                if all.contains_key(&t) {
+                    Ok(t)
+                } else {
+                    Err(CatalogError::UnknownTable(t.to_string(), t.schema.clone()))
+                }
+            }
+            None => {
+                let found: Vec<_> = schemas
+                    .iter()
+                    .map(|s| TableName::new(s.clone(), name.clone()))
+                    .filter(|t| all.contains_key(t))
+                    .collect();
+                match found.len() {
+                    1 => Ok(found
+                        .into_iter()
+                        .next()
+                        .unwrap_or_else(|| TableName::new("", ""))),
+                    0 => Err(CatalogError::UnknownTable(
+                        raw.to_owned(),
+                        schemas.join(", "),
+                    )),
+                    _ => Err(CatalogError::Ambiguous(
+                        raw.to_owned(),
+                        found
+                            .iter()
+                            .map(|t| t.schema.clone())
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    )),
+                }
+            }
+        }
+    };
+    let chosen: Vec<TableName> = if selection.tables.is_empty() {
+        all.keys()
+            .filter(|t| schemas.contains(&t.schema))
+            .cloned()
+            .collect()
+    } else {
+        let mut v = Vec::new();
+        for raw in &selection.tables {
+            let t = resolve(raw)?;
+            if !v.contains(&t) {
+                v.push(t);
+            }
+        }
+        v
+    };
+    let mut overrides = BTreeMap::new();
+    for (raw, mode) in &selection.modes {
+        overrides.insert(resolve(raw)?, *mode);
+    }
+    if chosen.is_empty() {
+        return Err(CatalogError::NothingToBackUp(schemas.join(", ")));
+    }
+    let mut out = Vec::with_capacity(chosen.len());
+    for name in chosen {
+        let Some((oid, relkind)) = all.get(&name).cloned() else {
+            continue;
+        };
+        let mut table = describe(client, settings, name, oid, &relkind).await?;
+        if let Some(mode) = overrides.get(&table.name) {
+            check_mode(&table, *mode)?;
+            table.mode = *mode;
+        }
+        out.push(table);
+    }
+    Ok(out)
+}
+
+fn check_mode(table: &CatalogTable, mode: TableMode) -> Result<(), CatalogError> {
+    let not_possible = |reason: &str| CatalogError::ModeNotPossible {
+        table: table.name.clone(),
+        reason: reason.to_owned(),
+    };
+    match mode {
+        TableMode::Snapshot => Ok(()),
+        TableMode::Changes if table.key.is_empty() => {
+            Err(not_possible("changes mode needs a primary key"))
+        }
+        TableMode::Changes => Ok(()),
+        TableMode::Append => match table.key.as_slice() {
+            [(_, ty)] if matches!(ty.as_str(), "smallint" | "integer" | "bigint") => Ok(()),
+            _ => Err(not_possible(
+                "append mode needs a single-column integer primary key (identity or serial)",
+            )),
+        },
+    }
+}
+
+async fn describe(
+    client: &Client,
+    settings: &DbSettings,
+    name: TableName,
+    oid: u32,
+    relkind: &str,
+) -> Result<CatalogTable, CatalogError> {
+    let columns: Vec<ColumnDef> = client
+        .query(
+            "SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull, \
+                    pg_get_expr(d.adbin, d.adrelid), a.attgenerated::text, a.attidentity::text \
+             FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum \
+             WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+            &[&oid],
+        )
+        .await
+        .map_err(q(settings, "reading columns"))?
+        .into_iter()
+        .map(|r| {
+            let expr: Option<String> = r.get(3);
+            let generated = r.get::<_, String>(4) == "s";
+            let identity = match r.get::<_, String>(5).as_str() {
+                "a" => Some("always".to_owned()),
+                "d" => Some("by default".to_owned()),
+                _ => None,
+            };
+            ColumnDef {
+                name: r.get(0),
+                type_name: r.get(1),
+                not_null: r.get(2),
+                default: if generated { None } else { expr.clone() },
+                generated: if generated { expr } else { None },
+                identity,
+            }
+        })
+        .collect();
+    let key: Vec<(String, String)> = client
+        .query(
+            "SELECT a.attname, format_type(a.atttypid, a.atttypmod) \
+             FROM pg_index i CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY k(attnum, ord) \
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+             WHERE i.indrelid = $1 AND i.indisprimary ORDER BY k.ord",
+            &[&oid],
+        )
+        .await
+        .map_err(q(settings, "reading the primary key"))?
+        .into_iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let indexes = client
+        .query(
+            "SELECT ic.relname, pg_get_indexdef(i.indexrelid), con.conname, pg_get_constraintdef(con.oid) \
+             FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid \
+             LEFT JOIN pg_constraint con ON con.conindid = i.indexrelid AND con.conrelid = i.indrelid \
+             WHERE i.indrelid = $1 ORDER BY ic.relname",
+            &[&oid],
+        )
+        .await
+        .map_err(q(settings, "reading indexes"))?
+        .into_iter()
+        .map(|r| IndexDef {
+            name: r.get(0),
+            definition: r.get(1),
+            constraint: r.get::<_, Option<String>>(2).map(|name| ConstraintDef {
+                name,
+                definition: r.get::<_, Option<String>>(3).unwrap_or_default(),
+            }),
+        })
+        .collect();
+    let checks = client
+        .query(
+            "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint \
+             WHERE conrelid = $1 AND contype = 'c' ORDER BY conname",
+            &[&oid],
+        )
+        .await
+        .map_err(q(settings, "reading check constraints"))?
+        .into_iter()
+        .map(|r| ConstraintDef {
+            name: r.get(0),
+            definition: r.get(1),
+        })
+        .collect();
+    let partitioned = relkind == "p";
+    let (partition_key, partitions) = if partitioned {
+        let key: Option<String> = client
+            .query_one("SELECT pg_get_partkeydef($1)", &[&oid])
+            .await
+            .map_err(q(settings, "reading the partition key"))?
+            .get(0);
+        let parts = client
+            .query(
+                "SELECT n.nspname, c.relname, pn.nspname, pc.relname, \
+                        pg_get_expr(c.relpartbound, c.oid), \
+                        CASE WHEN c.relkind = 'p' THEN pg_get_partkeydef(c.oid) END \
+                 FROM pg_partition_tree($1::oid::regclass) t \
+                 JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 JOIN pg_class pc ON pc.oid = t.parentrelid JOIN pg_namespace pn ON pn.oid = pc.relnamespace \
+                 WHERE t.level > 0 ORDER BY t.level, n.nspname, c.relname",
+                &[&oid],
+            )
+            .await
+            .map_err(q(settings, "reading partitions"))?
+            .into_iter()
+            .map(|r| PartitionDef {
+                name: TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)),
+                parent: TableName::new(r.get::<_, String>(2), r.get::<_, String>(3)),
+                bound: r.get(4),
+                partition_key: r.get(5),
+            })
+            .collect();
+        (key, parts)
+    } else {
+        (None, Vec::new())
+    };
+    let size = client
+        .query_one(
+            "SELECT coalesce(sum(pg_relation_size(t.relid)), 0)::int8, \
+                    coalesce(sum(greatest(c.reltuples, 0)), 0)::float8 \
+             FROM pg_partition_tree($1::oid::regclass) t JOIN pg_class c ON c.oid = t.relid",
+            &[&oid],
+        )
+        .await
+        .map_err(q(settings, "reading the table size"))?;
+    let mode = if key.is_empty() {
+        TableMode::Snapshot
+    } else {
+        TableMode::Changes
+    };
+    Ok(CatalogTable {
+        columns: columns
+            .iter()
+            .filter(|c| c.generated.is_none())
+            .map(|c| c.name.clone())
+            .collect(),
+        schema: TableSchema {
+            kind: if partitioned { "partitioned" } else { "table" }.to_owned(),
+            columns,
+            primary_key: key.iter().map(|(n, _)| n.clone()).collect(),
+            indexes,
+            checks,
+            partition_key,
+            partitions,
+        },
+        name,
+        oid,
+        mode,
+        key,
+        heap_bytes: size.get(0),
+        est_rows: size.get(1),
+    })
+}
+
+/// Every sequence of `schemas`, with its value now (sequences are not transactional).
+///
+/// # Errors
+/// Query errors.
+pub async fn sequences(
+    client: &Client,
+    settings: &DbSettings,
+    schemas: &[String],
+) -> Result<Vec<SequenceValue>, CatalogError> {
+    let schemas: Vec<String> = if schemas.is_empty() {
+        vec!["public".to_owned()]
+    } else {
+        schemas.to_vec()
+    };
+    let rows = client
+        .query(
+            "SELECT s.schemaname::text, s.sequencename::text, s.data_type::regtype::text, \
+                    s.start_value, s.increment_by, s.min_value, s.max_value, s.cycle, s.last_value, \
+                    o.nspname::text, o.relname::text, o.attname::text \
+             FROM pg_sequences s \
+             LEFT JOIN LATERAL ( \
+               SELECT tn.nspname, tc.relname, a.attname FROM pg_depend d \
+               JOIN pg_class tc ON tc.oid = d.refobjid \
+               JOIN pg_namespace tn ON tn.oid = tc.relnamespace \
+               JOIN pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid \
+               WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass \
+                 AND d.deptype IN ('a', 'i') \
+                 AND d.objid = (quote_ident(s.schemaname) || '.' || quote_ident(s.sequencename))::regclass \
+               LIMIT 1) o ON true \
+             WHERE s.schemaname = ANY($1) ORDER BY 1, 2",
+            &[&schemas],
+        )
+        .await
+        .map_err(q(settings, "reading sequences"))?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let last: Option<i64> = r.get(8);
+            let owner: Option<String> = r.get(9);
+            SequenceValue {
+                name: TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)),
+                data_type: r.get(2),
+                start_value: r.get(3),
+                increment_by: r.get(4),
+                min_value: r.get(5),
+                max_value: r.get(6),
+                cycle: r.get(7),
+                last_value: last.unwrap_or_else(|| r.get(3)),
+                is_called: last.is_some(),
+                owned_by: owner.map(|schema| {
+                    (
+                        TableName::new(schema, r.get::<_, String>(10)),
+                        r.get::<_, String>(11),
+                    )
+                }),
+            }
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_names_parse_like_pg_dump() {
+        let p = |s| parse_table_name(s).ok();
+        assert_eq!(p("Articles"), Some((None, "articles".into())));
+        assert_eq!(
+            p("sales.Orders"),
+            Some((Some("sales".into()), "orders".into()))
+        );
+        assert_eq!(
+            p("\"Mixed Case\".\"Order.Lines\"\"x\""),
+            Some((Some("Mixed Case".into()), "Order.Lines\"x".into()))
+        );
+        for bad in ["", "a.b.c", "\"open", "a.", ".b", "a\"b\""] {
+            assert!(parse_table_name(bad).is_err(), "{bad:?}");
+        }
+    }
+}

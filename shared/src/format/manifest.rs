@@ -1,0 +1,211 @@
+//! `manifests/{backup_id}.json`: a sealed backup. A backup exists iff its manifest does.
+//!
+//! Self-contained: the schema of every table, sequence values, and every chunk needed to
+//! restore this backup (its chain included), with checksums, so restoring or keeping
+//! one backup never needs another manifest.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::{BackupKind, ChunkRef, Fingerprint, PgSnapshot, TableMode, TableName};
+
+/// The manifest document.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub version: u32,
+    pub id: String,
+    pub kind: BackupKind,
+    #[serde(default)]
+    pub parent: Option<String>,
+    /// Backup ids whose chunks this backup uses, root (the full) first, this one last.
+    #[serde(default)]
+    pub chain: Vec<String>,
+    pub started_at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+    pub snapshot: PgSnapshot,
+    pub server_version: String,
+    pub database: String,
+    pub tables: Vec<TableEntry>,
+    #[serde(default)]
+    pub sequences: Vec<SequenceValue>,
+    /// What this run itself wrote.
+    pub totals: RunTotals,
+    /// Store requests the whole run made (all slices and the seal).
+    #[serde(default)]
+    pub store_requests: u64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
+
+impl Manifest {
+    /// Rows in the backup (sum of the tables' source row counts).
+    pub fn rows(&self) -> u64 {
+        self.tables.iter().map(|t| t.fingerprint.rows).sum()
+    }
+
+    /// Stored bytes of every chunk this backup needs (its chain included).
+    pub fn bytes(&self) -> u64 {
+        self.tables
+            .iter()
+            .flat_map(|t| t.chunks.iter().chain(&t.key_chunks))
+            .map(|c| c.bytes)
+            .sum()
+    }
+
+    /// Every chunk this backup needs.
+    pub fn all_chunks(&self) -> impl Iterator<Item = &ChunkRef> {
+        self.tables
+            .iter()
+            .flat_map(|t| t.chunks.iter().chain(&t.key_chunks))
+    }
+}
+
+/// What the run wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct RunTotals {
+    pub chunks: u64,
+    pub rows: u64,
+    pub bytes: u64,
+    pub raw_bytes: u64,
+    pub slices: u32,
+}
+
+/// One table of a backup.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TableEntry {
+    pub name: TableName,
+    pub mode: TableMode,
+    pub schema: TableSchema,
+    /// Exported columns, the column order of every rows chunk.
+    pub columns: Vec<String>,
+    /// Key columns, the column order of every keys chunk.
+    #[serde(default)]
+    pub key: Vec<String>,
+    /// Row count and content fingerprint of the source table at the backup's snapshot.
+    pub fingerprint: Fingerprint,
+    /// Rows chunks to apply in order; for `changes` tables a later version of a key
+    /// replaces an earlier one.
+    pub chunks: Vec<ChunkRef>,
+    /// The live key set (incremental `changes` tables): keys absent here are deleted.
+    /// Empty means the rows chunks need no filtering.
+    #[serde(default)]
+    pub key_chunks: Vec<ChunkRef>,
+    /// Rows this run exported for the table.
+    #[serde(default)]
+    pub exported_rows: u64,
+}
+
+/// A table's definition, enough to recreate it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct TableSchema {
+    /// `table` or `partitioned`.
+    pub kind: String,
+    pub columns: Vec<ColumnDef>,
+    #[serde(default)]
+    pub primary_key: Vec<String>,
+    /// Indexes and the constraints they back, as `pg_get_indexdef` / `pg_get_constraintdef`.
+    #[serde(default)]
+    pub indexes: Vec<IndexDef>,
+    /// CHECK constraints.
+    #[serde(default)]
+    pub checks: Vec<ConstraintDef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub partitions: Vec<PartitionDef>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ColumnDef {
+    pub name: String,
+    /// `format_type` text, e.g. `character varying(200)`.
+    pub type_name: String,
+    pub not_null: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default: Option<String>,
+    /// Expression of a `GENERATED ALWAYS AS (...) STORED` column (not exported).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generated: Option<String>,
+    /// `always` or `by default` for identity columns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexDef {
+    pub name: String,
+    /// `CREATE [UNIQUE] INDEX ...`.
+    pub definition: String,
+    /// If the index backs a constraint: its name and `pg_get_constraintdef`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub constraint: Option<ConstraintDef>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConstraintDef {
+    pub name: String,
+    pub definition: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionDef {
+    pub name: TableName,
+    pub parent: TableName,
+    /// `FOR VALUES ...` or `DEFAULT`.
+    pub bound: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition_key: Option<String>,
+}
+
+/// A sequence's state at the snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SequenceValue {
+    pub name: TableName,
+    pub data_type: String,
+    pub start_value: i64,
+    pub increment_by: i64,
+    pub min_value: i64,
+    pub max_value: i64,
+    pub cycle: bool,
+    /// `setval(name, last_value, is_called)` restores it.
+    pub last_value: i64,
+    pub is_called: bool,
+    /// `table.column` the sequence belongs to (serial or identity), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owned_by: Option<(TableName, String)>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A manifest as the first format version wrote it, with only required fields: newer
+    /// builds must keep reading it.
+    const V1_MINIMAL: &str = r#"{
+      "version": 1, "id": "20261122T120000Z-0a1b2c", "kind": "full",
+      "started_at": "2026-11-22T12:00:00Z", "created_at": "2026-11-22T12:00:05Z",
+      "snapshot": {"xmin": 750, "xmax": 752, "xip": [750]},
+      "server_version": "15.18", "database": "app",
+      "tables": [{
+        "name": {"schema": "public", "name": "articles"}, "mode": "append",
+        "schema": {"kind": "table", "columns": [
+          {"name": "id", "type_name": "bigint", "not_null": true}]},
+        "columns": ["id"],
+        "fingerprint": {"rows": 1, "sum": "00000000000000ff"},
+        "chunks": [{"key": "chunks/20261122T120000Z-0a1b2c/public.articles/000001.copy.zst",
+                    "kind": "rows", "run_id": "20261122T120000Z-0a1b2c", "rows": 1,
+                    "bytes": 20, "raw_bytes": 2, "sha256": "ab"}]
+      }],
+      "totals": {"chunks": 1, "rows": 1, "bytes": 20, "raw_bytes": 2, "slices": 1},
+      "some_future_field": {"ignored": true}
+    }"#;
+
+    #[test]
+    fn a_minimal_v1_manifest_still_reads() {
+        let m: Manifest = super::super::parse_doc("manifests/x.json", V1_MINIMAL.as_bytes())
+            .expect("v1 manifest parses");
+        assert_eq!(m.tables[0].fingerprint.sum, 0xff);
+        assert!(m.parent.is_none() && m.sequences.is_empty() && m.tables[0].key_chunks.is_empty());
+        assert_eq!((m.rows(), m.bytes()), (1, 20));
+    }
+}

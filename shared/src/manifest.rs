@@ -1,0 +1,257 @@
+//! Manifest: seal a finished run into `manifests/{id}.json`, the commit point.
+//!
+//! Only once the manifest exists does the backup exist. Then the checkpoint advances,
+//! the run's progress document goes, and the lease is released. Each step is
+//! idempotent: sealing a sealed run returns the same backup and finishes what a killed
+//! seal left undone.
+
+use serde::Serialize;
+
+use crate::export::table_shape;
+use crate::format::checkpoint::{Checkpoint, TableCheckpoint};
+use crate::format::manifest::{Manifest, RunTotals, TableEntry};
+use crate::format::progress::{ExportScope, RunProgress};
+use crate::format::{
+    manifest_key, progress_key, read_doc, write_doc, BackupKind, FormatError, TableMode,
+    CHECKPOINT_KEY, FORMAT_VERSION,
+};
+use crate::lease;
+use crate::run::RunError;
+use crate::store::{CountingStore, StoreError, WriteCondition, WriteStore};
+
+/// What sealing returned: the JSON the manifest Lambda returns.
+#[derive(Debug, Clone, Serialize)]
+pub struct SealReport {
+    pub backup_id: String,
+    pub kind: BackupKind,
+    pub parent: Option<String>,
+    /// `false` if the run was already sealed.
+    pub created: bool,
+    pub tables: usize,
+    pub rows: u64,
+    pub bytes: u64,
+    pub store_requests: u64,
+}
+
+impl SealReport {
+    fn of(manifest: &Manifest, created: bool) -> Self {
+        Self {
+            backup_id: manifest.id.clone(),
+            kind: manifest.kind,
+            parent: manifest.parent.clone(),
+            created,
+            tables: manifest.tables.len(),
+            rows: manifest.rows(),
+            bytes: manifest.bytes(),
+            store_requests: manifest.store_requests,
+        }
+    }
+}
+
+/// Seals run `run_id`.
+///
+/// # Errors
+/// [`RunError::NoSuchRun`], [`RunError::NotFinished`], [`RunError::Locked`] (another run
+/// holds the lease), store errors.
+pub async fn seal_run(
+    store: std::sync::Arc<dyn WriteStore>,
+    run_id: &str,
+    holder: &str,
+) -> Result<SealReport, RunError> {
+    let counting = CountingStore::new(store);
+    let store: &dyn WriteStore = &counting;
+    if let Some((manifest, _)) = read_doc::<Manifest>(store, &manifest_key(run_id)).await? {
+        finish_after_manifest(store, &manifest).await?;
+        return Ok(SealReport::of(&manifest, false));
+    }
+    let Some((progress, _)) = read_doc::<RunProgress>(store, &progress_key(run_id)).await? else {
+        return Err(RunError::NoSuchRun {
+            run_id: run_id.to_owned(),
+        });
+    };
+    let left = progress.tables.iter().filter(|t| !t.done).count();
+    if left > 0 {
+        return Err(RunError::NotFinished {
+            run_id: run_id.to_owned(),
+            left,
+        });
+    }
+    lease::acquire(
+        store,
+        run_id,
+        "backup",
+        holder,
+        std::time::Duration::from_secs(600),
+    )
+    .await?;
+    let mut manifest = build_manifest(&progress);
+    manifest.store_requests = progress.store_requests + counting.count() + 4;
+    match write_doc(
+        store,
+        &manifest_key(run_id),
+        &manifest,
+        WriteCondition::IfAbsent,
+    )
+    .await
+    {
+        Ok(_) => {}
+        // A concurrent seal won: use its manifest.
+        Err(FormatError::Store(StoreError::PreconditionFailed { .. })) => {
+            if let Some((existing, _)) = read_doc::<Manifest>(store, &manifest_key(run_id)).await? {
+                manifest = existing;
+            }
+        }
+        Err(e) => return Err(e.into()),
+    }
+    finish_after_manifest(store, &manifest).await?;
+    tracing::info!(backup_id = manifest.id, kind = %manifest.kind, rows = manifest.rows(), bytes = manifest.bytes(), "backup sealed");
+    Ok(SealReport::of(&manifest, true))
+}
+
+/// Advances the checkpoint (unless a newer backup already did), drops the progress
+/// document and releases the lease.
+async fn finish_after_manifest(
+    store: &dyn WriteStore,
+    manifest: &Manifest,
+) -> Result<(), RunError> {
+    let current = read_doc::<Checkpoint>(store, CHECKPOINT_KEY).await?;
+    let behind = current
+        .as_ref()
+        .is_none_or(|(c, _)| c.backup_id.as_str() < manifest.id.as_str());
+    if behind {
+        if let Some((progress, _)) =
+            read_doc::<RunProgress>(store, &progress_key(&manifest.id)).await?
+        {
+            write_doc(
+                store,
+                CHECKPOINT_KEY,
+                &build_checkpoint(&progress, manifest),
+                WriteCondition::Always,
+            )
+            .await?;
+        }
+    }
+    store.delete(&progress_key(&manifest.id)).await?;
+    lease::release(store, &manifest.id).await
+}
+
+fn build_manifest(progress: &RunProgress) -> Manifest {
+    let mut totals = RunTotals {
+        slices: progress.slices,
+        ..RunTotals::default()
+    };
+    let tables = progress
+        .tables
+        .iter()
+        .map(|t| {
+            for c in t.chunks.iter().chain(&t.key_chunks) {
+                totals.chunks += 1;
+                totals.bytes += c.bytes;
+                totals.raw_bytes += c.raw_bytes;
+            }
+            totals.rows += t.exported_rows;
+            let fingerprint = match t.scope {
+                ExportScope::Appended { .. } => t.inherited_fingerprint.combine(t.fingerprint),
+                _ => t.fingerprint,
+            };
+            TableEntry {
+                name: t.name.clone(),
+                mode: t.mode,
+                schema: t.schema.clone(),
+                columns: t.columns.clone(),
+                key: t.key.clone(),
+                fingerprint,
+                chunks: t.inherited.iter().chain(&t.chunks).cloned().collect(),
+                key_chunks: t.key_chunks.clone(),
+                exported_rows: t.exported_rows,
+            }
+        })
+        .collect();
+    let mut chain = progress.chain.clone();
+    chain.push(progress.run_id.clone());
+    Manifest {
+        version: FORMAT_VERSION,
+        id: progress.run_id.clone(),
+        kind: progress.kind,
+        parent: progress.parent.clone(),
+        chain,
+        started_at: progress.started_at,
+        created_at: chrono::Utc::now(),
+        snapshot: progress.snapshot.clone(),
+        server_version: progress.server_version.clone(),
+        database: progress.database.clone(),
+        tables,
+        sequences: progress.sequences.clone(),
+        totals,
+        store_requests: progress.store_requests,
+        warnings: progress.warnings.clone(),
+    }
+}
+
+fn build_checkpoint(progress: &RunProgress, manifest: &Manifest) -> Checkpoint {
+    Checkpoint {
+        version: FORMAT_VERSION,
+        backup_id: manifest.id.clone(),
+        kind: manifest.kind,
+        created_at: manifest.created_at,
+        snapshot: progress.snapshot.clone(),
+        tables: progress
+            .tables
+            .iter()
+            .map(|t| {
+                let append = t.mode == TableMode::Append;
+                TableCheckpoint {
+                    name: t.name.clone(),
+                    mode: t.mode,
+                    shape: table_shape(&t.columns, &t.schema),
+                    append_cursor: match (append, &t.scope) {
+                        (true, ExportScope::Appended { upto, .. }) => Some(*upto),
+                        _ => None,
+                    },
+                    gaps: if append { t.gaps.clone() } else { Vec::new() },
+                    fingerprint: append.then(|| t.inherited_fingerprint.combine(t.fingerprint)),
+                }
+            })
+            .collect(),
+    }
+}
+
+/// One line of `tidemark list`.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackupSummary {
+    pub id: String,
+    pub kind: BackupKind,
+    pub parent: Option<String>,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    pub tables: usize,
+    pub rows: u64,
+    pub bytes: u64,
+    pub chain_length: usize,
+}
+
+/// Every sealed backup, oldest first.
+///
+/// # Errors
+/// Store and format errors (naming the manifest).
+pub async fn list_backups(store: &dyn WriteStore) -> Result<Vec<BackupSummary>, RunError> {
+    let mut out = Vec::new();
+    for object in store.list("manifests/").await? {
+        if !object.key.ends_with(".json") {
+            continue;
+        }
+        if let Some((m, _)) = read_doc::<Manifest>(store, &object.key).await? {
+            out.push(BackupSummary {
+                rows: m.rows(),
+                bytes: m.bytes(),
+                tables: m.tables.len(),
+                chain_length: m.chain.len(),
+                id: m.id,
+                kind: m.kind,
+                parent: m.parent,
+                created_at: m.created_at,
+            });
+        }
+    }
+    out.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(out)
+}

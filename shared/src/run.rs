@@ -1,0 +1,68 @@
+//! The run lifecycle's shared vocabulary: run ids and the errors of export and seal.
+
+use chrono::{DateTime, Utc};
+
+use crate::catalog::CatalogError;
+use crate::db::DbError;
+use crate::format::{FormatError, TableName};
+use crate::store::StoreError;
+
+/// A new run id: sortable UTC time plus a random suffix, e.g. `20261122T211500Z-3f9a1c`.
+/// The backup a run seals has the same id.
+pub fn new_run_id(now: DateTime<Utc>) -> String {
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    format!("{}-{}", now.format("%Y%m%dT%H%M%SZ"), &suffix[..6])
+}
+
+/// Errors of the run lifecycle (export slices, sealing, the lease).
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("locked by run {run_id} since {since} (expires {expires})")]
+    Locked {
+        run_id: String,
+        since: DateTime<Utc>,
+        expires: DateTime<Utc>,
+    },
+    #[error("run {run_id} lost its lease to another run (it expired while this slice worked)")]
+    LeaseLost { run_id: String },
+    #[error("no run {run_id} in the store (no progress and no manifest)")]
+    NoSuchRun { run_id: String },
+    #[error("run {run_id} is not finished: {left} table(s) still to export; run export again")]
+    NotFinished { run_id: String, left: usize },
+    #[error("run {run_id} progress was changed by another writer; is a second slice of this run running?")]
+    Conflict { run_id: String },
+    #[error("exporting {table}: {detail}")]
+    Table {
+        table: TableName,
+        detail: String,
+        retryable: bool,
+    },
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Format(#[from] FormatError),
+}
+
+impl RunError {
+    /// Whether trying again later may succeed (network, throttling, a lost connection).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            RunError::Table { retryable, .. } => *retryable,
+            RunError::Db(e) | RunError::Catalog(CatalogError::Db(e)) => e.is_retryable(),
+            RunError::Store(e) | RunError::Format(FormatError::Store(e)) => e.is_retryable(),
+            _ => false,
+        }
+    }
+
+    pub(crate) fn table(table: &TableName, err: DbError) -> Self {
+        RunError::Table {
+            table: table.clone(),
+            retryable: err.is_retryable(),
+            detail: err.to_string(),
+        }
+    }
+}
