@@ -1,5 +1,7 @@
 //! `tidemark`: the core operations on a laptop or a cron host, against S3 or a directory.
 
+mod backup;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -60,6 +62,14 @@ struct GlobalArgs {
 enum Command {
     /// Connect to the database and round-trip a probe object in the store.
     Check,
+    /// Take a backup: export slices until done, then seal the manifest; prints the backup id.
+    Backup(backup::BackupArgs),
+    /// Run one export slice (what the export Lambda does); prints its JSON report.
+    Export(backup::ExportArgs),
+    /// Seal a finished run into a manifest (what the manifest Lambda does).
+    Manifest(backup::ManifestArgs),
+    /// List the backups in the store.
+    List,
 }
 
 fn parse_sslmode(s: &str) -> Result<SslMode, String> {
@@ -68,6 +78,15 @@ fn parse_sslmode(s: &str) -> Result<SslMode, String> {
 }
 
 impl GlobalArgs {
+    /// Opens the configured store.
+    async fn open_store(&self) -> Result<store::DynStore, String> {
+        let raw = self.store.as_deref().ok_or_else(|| {
+            "no store configured: pass --store (or TIDEMARK_STORE) with s3://bucket/prefix or a directory".to_owned()
+        })?;
+        let url: StoreUrl = raw.parse().map_err(|e| error_chain(&e))?;
+        store::open(&url).await.map_err(|e| error_chain(&e))
+    }
+
     fn database(&self) -> DatabaseSource {
         DatabaseSource {
             url: self
@@ -96,8 +115,19 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async {
-        match cli.command {
-            Command::Check => run_check(&cli.global).await,
+        let outcome = match &cli.command {
+            Command::Check => return run_check(&cli.global).await,
+            Command::Backup(args) => backup::backup(&cli.global, args).await,
+            Command::Export(args) => backup::export(&cli.global, args).await,
+            Command::Manifest(args) => backup::manifest(&cli.global, args).await,
+            Command::List => backup::list(&cli.global).await,
+        };
+        match outcome {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(message) => {
+                eprintln!("error: {message}");
+                ExitCode::FAILURE
+            }
         }
     })
 }
@@ -110,11 +140,7 @@ async fn run_check(global: &GlobalArgs) -> ExitCode {
     .await
     .map_err(|e| error_chain(&e));
     let store = async {
-        let raw = global.store.as_deref().ok_or_else(|| {
-            "no store configured: pass --store (or TIDEMARK_STORE) with s3://bucket/prefix or a directory".to_owned()
-        })?;
-        let url: StoreUrl = raw.parse().map_err(|e| error_chain(&e))?;
-        let store = store::open(&url).await.map_err(|e| error_chain(&e))?;
+        let store = global.open_store().await?;
         check::check_store(store.as_ref())
             .await
             .map_err(|e| error_chain(&e))

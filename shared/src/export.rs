@@ -155,6 +155,14 @@ pub async fn export_slice(
             lease::ensure_free_for(store.as_ref(), run_id).await?;
             match read_doc::<RunProgress>(store.as_ref(), &progress_key(run_id)).await? {
                 Some(found) => Some(found),
+                // A first slice that died between taking the lease and writing its
+                // progress: start the run afresh under the same id.
+                None if lease::current(store.as_ref())
+                    .await?
+                    .is_some_and(|(l, _)| &l.run_id == run_id) =>
+                {
+                    None
+                }
                 None => {
                     return Err(RunError::NoSuchRun {
                         run_id: run_id.clone(),
@@ -195,7 +203,7 @@ pub async fn export_slice(
             (progress, Some(etag))
         }
         None => (
-            plan_run(&mut coordinator, db, store.as_ref(), opts).await?,
+            plan_run(&mut coordinator, db, store.as_ref(), opts, opts.run_id.clone()).await?,
             None,
         ),
     };
@@ -360,6 +368,7 @@ async fn plan_run(
     db: &DbSettings,
     store: &dyn WriteStore,
     opts: &ExportOptions,
+    run_id: Option<String>,
 ) -> Result<RunProgress, RunError> {
     let now = Utc::now();
     let row = client
@@ -407,7 +416,7 @@ async fn plan_run(
     for table in tables {
         planned.push(plan_table(client, db, table, parent.as_ref(), opts).await?);
     }
-    let run_id = new_run_id(now);
+    let run_id = run_id.unwrap_or_else(|| new_run_id(now));
     Ok(RunProgress {
         version: FORMAT_VERSION,
         run_id: run_id.clone(),
@@ -807,7 +816,9 @@ async fn export_next_range(
         table
             .key
             .iter()
-            .map(|k| format!("{}::text", quote_ident(k)))
+            .enumerate()
+            // Aliased, so that ORDER BY names the key columns, not these text casts.
+            .map(|(i, k)| format!("{}::text AS tidemark_bound_{i}", quote_ident(k)))
             .collect::<Vec<_>>()
             .join(", "),
         table.rows_per_chunk.saturating_sub(1)

@@ -44,7 +44,8 @@ pub fn init(format: LogFormat, verbosity: u8) {
         .unwrap_or_else(|_| EnvFilter::new(default_filter(verbosity)));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let _already_set = match format {
         LogFormat::Human => builder.with_target(false).compact().try_init(),
         LogFormat::Json => builder

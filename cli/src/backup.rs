@@ -1,0 +1,300 @@
+//! `tidemark backup | export | manifest | list`.
+
+use std::io::IsTerminal;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use tidemark_core::catalog::TableSelection;
+use tidemark_core::error_chain;
+use tidemark_core::export::{self, ExportMeter, ExportOptions};
+use tidemark_core::format::TableMode;
+use tidemark_core::manifest;
+
+use crate::GlobalArgs;
+
+/// Which tables, and how.
+#[derive(Args, Debug, Clone)]
+pub struct SelectionArgs {
+    /// Schemas whose tables are backed up (comma-separated).
+    #[arg(long, env = "TIDEMARK_SCHEMAS", value_delimiter = ',', default_value = "public")]
+    schemas: Vec<String>,
+    /// Only these tables (a,b,sch.c; "Quoted"."Names" keep their case).
+    #[arg(long, env = "TIDEMARK_TABLES", value_delimiter = ',')]
+    tables: Vec<String>,
+    /// Override a table's mode: NAME=changes|append|snapshot (repeatable or comma-separated).
+    #[arg(long = "table-mode", env = "TIDEMARK_TABLE_MODES", value_delimiter = ',', value_name = "NAME=MODE", value_parser = parse_table_mode)]
+    table_modes: Vec<(String, TableMode)>,
+    /// Most rows in one chunk.
+    #[arg(long, env = "TIDEMARK_CHUNK_ROWS", default_value_t = 1_000_000)]
+    chunk_rows: u64,
+    /// Target size of one chunk before compression (e.g. 64MiB).
+    #[arg(long, env = "TIDEMARK_CHUNK_BYTES", default_value = "64MiB", value_parser = parse_size)]
+    chunk_bytes: u64,
+    /// Database connections exporting at once.
+    #[arg(long, env = "TIDEMARK_WORKERS", default_value_t = 2)]
+    workers: usize,
+    /// zstd level (1 fastest .. 19 smallest).
+    #[arg(long, env = "TIDEMARK_ZSTD_LEVEL", default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
+    zstd_level: i32,
+}
+
+#[derive(Args, Debug)]
+pub struct BackupArgs {
+    /// Start a new chain (export every table whole).
+    #[arg(long)]
+    full: bool,
+    #[command(flatten)]
+    selection: SelectionArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    /// Continue this run (default: the run in flight, or a new one).
+    #[arg(long = "run", value_name = "RUN_ID")]
+    run_id: Option<String>,
+    /// Start a new chain.
+    #[arg(long)]
+    full: bool,
+    /// Stop starting new work after this many seconds (a Lambda slice's budget).
+    #[arg(long, value_name = "SECONDS")]
+    max_seconds: Option<u64>,
+    #[command(flatten)]
+    selection: SelectionArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct ManifestArgs {
+    /// The run to seal.
+    #[arg(long = "run", value_name = "RUN_ID")]
+    run_id: String,
+}
+
+fn parse_table_mode(s: &str) -> Result<(String, TableMode), String> {
+    let (name, mode) = s
+        .rsplit_once('=')
+        .ok_or_else(|| format!("expected NAME=MODE, got {s:?}"))?;
+    Ok((name.to_owned(), mode.parse()?))
+}
+
+/// `123`, `64KiB`, `64MiB`, `1GiB` (also KB/MB/GB as powers of 1000).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("not a size: {s:?} (e.g. 64MiB)"))?;
+    let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        "kb" => 1000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        other => return Err(format!("unknown size unit {other:?} in {s:?}")),
+    };
+    n.checked_mul(factor)
+        .filter(|v| *v > 0)
+        .ok_or_else(|| format!("size out of range: {s:?}"))
+}
+
+fn options(sel: &SelectionArgs) -> ExportOptions {
+    ExportOptions {
+        selection: TableSelection {
+            schemas: sel.schemas.clone(),
+            tables: sel.tables.clone(),
+            modes: sel.table_modes.clone(),
+        },
+        chunk_rows: sel.chunk_rows,
+        chunk_bytes: sel.chunk_bytes,
+        zstd_level: sel.zstd_level,
+        workers: sel.workers.max(1),
+        ..ExportOptions::default()
+    }
+}
+
+fn json<T: serde::Serialize>(value: &T) -> Result<String, String> {
+    serde_json::to_string_pretty(value).map_err(|e| e.to_string())
+}
+
+pub async fn export(global: &GlobalArgs, args: &ExportArgs) -> Result<(), String> {
+    let store = global.open_store().await?;
+    let db = global.database().resolve().await.map_err(|e| error_chain(&e))?;
+    let mut opts = options(&args.selection);
+    opts.run_id = args.run_id.clone();
+    opts.full = args.full;
+    opts.deadline = args
+        .max_seconds
+        .map(|s| Instant::now() + Duration::from_secs(s));
+    let report = export::export_slice(store, &db, &opts)
+        .await
+        .map_err(|e| error_chain(&e))?;
+    println!("{}", json(&report)?);
+    Ok(())
+}
+
+pub async fn manifest(global: &GlobalArgs, args: &ManifestArgs) -> Result<(), String> {
+    let store = global.open_store().await?;
+    let holder = tidemark_core::lease::default_holder();
+    let report = manifest::seal_run(store, &args.run_id, &holder)
+        .await
+        .map_err(|e| error_chain(&e))?;
+    println!("{}", json(&report)?);
+    Ok(())
+}
+
+pub async fn backup(global: &GlobalArgs, args: &BackupArgs) -> Result<(), String> {
+    let store = global.open_store().await?;
+    let db = global.database().resolve().await.map_err(|e| error_chain(&e))?;
+    let meter = Arc::new(ExportMeter::default());
+    let mut opts = options(&args.selection);
+    opts.full = args.full;
+    opts.meter = Some(meter.clone());
+    let bar = progress_bar(meter.clone());
+    let result = async {
+        let mut run_id = None;
+        loop {
+            opts.run_id = run_id.clone();
+            let report = export::export_slice(store.clone(), &db, &opts)
+                .await
+                .map_err(|e| error_chain(&e))?;
+            run_id = Some(report.run_id.clone());
+            if report.done {
+                break;
+            }
+        }
+        let run_id = run_id.unwrap_or_default();
+        manifest::seal_run(store.clone(), &run_id, &opts.holder)
+            .await
+            .map_err(|e| error_chain(&e))
+    }
+    .await;
+    if let Some((bar, ticker)) = bar {
+        ticker.abort();
+        bar.finish_and_clear();
+    }
+    let report = result?;
+    if global.json {
+        println!("{}", json(&report)?);
+    } else {
+        eprintln!(
+            "{} backup {} sealed: {} tables, {} rows, {} stored{}",
+            report.kind,
+            report.backup_id,
+            report.tables,
+            report.rows,
+            human_bytes(report.bytes),
+            report
+                .parent
+                .as_ref()
+                .map(|p| format!(", parent {p}"))
+                .unwrap_or_default()
+        );
+        println!("{}", report.backup_id);
+    }
+    Ok(())
+}
+
+/// A spinner on a terminal (none otherwise), fed from the meter.
+fn progress_bar(meter: Arc<ExportMeter>) -> Option<(ProgressBar, tokio::task::JoinHandle<()>)> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = ProgressBar::new_spinner();
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    let shown = bar.clone();
+    let ticker = tokio::spawn(async move {
+        loop {
+            shown.set_message(format!(
+                "tables {}/{}  rows {}  read {}  stored {}",
+                meter.tables_done.load(Ordering::Relaxed),
+                meter.tables_total.load(Ordering::Relaxed),
+                meter.rows.load(Ordering::Relaxed),
+                human_bytes(meter.raw_bytes.load(Ordering::Relaxed)),
+                human_bytes(meter.bytes.load(Ordering::Relaxed)),
+            ));
+            shown.tick();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    Some((bar, ticker))
+}
+
+pub async fn list(global: &GlobalArgs) -> Result<(), String> {
+    let store = global.open_store().await?;
+    let backups = manifest::list_backups(store.as_ref())
+        .await
+        .map_err(|e| error_chain(&e))?;
+    if global.json {
+        println!("{}", json(&backups)?);
+        return Ok(());
+    }
+    if backups.is_empty() {
+        println!("no backups in {}", store.location());
+        return Ok(());
+    }
+    println!(
+        "{:<26} {:<11} {:<26} {:<20} {:>6} {:>12} {:>10}",
+        "ID", "KIND", "PARENT", "CREATED (UTC)", "TABLES", "ROWS", "BYTES"
+    );
+    for b in backups {
+        println!(
+            "{:<26} {:<11} {:<26} {:<20} {:>6} {:>12} {:>10}",
+            b.id,
+            b.kind.to_string(),
+            b.parent.as_deref().unwrap_or("-"),
+            b.created_at.format("%Y-%m-%d %H:%M:%S"),
+            b.tables,
+            b.rows,
+            human_bytes(b.bytes)
+        );
+    }
+    Ok(())
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("1000"), Ok(1000));
+        assert_eq!(parse_size("2 GB"), Ok(2_000_000_000));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("12 parsecs").is_err());
+        assert!(parse_size("MiB").is_err());
+    }
+
+    #[test]
+    fn table_modes_parse() {
+        assert_eq!(
+            parse_table_mode("public.articles=append"),
+            Ok(("public.articles".to_owned(), TableMode::Append))
+        );
+        assert!(parse_table_mode("articles").is_err());
+        assert!(parse_table_mode("articles=sometimes").is_err());
+    }
+}
