@@ -19,7 +19,12 @@ use crate::GlobalArgs;
 #[derive(Args, Debug, Clone)]
 pub struct SelectionArgs {
     /// Schemas whose tables are backed up (comma-separated).
-    #[arg(long, env = "TIDEMARK_SCHEMAS", value_delimiter = ',', default_value = "public")]
+    #[arg(
+        long,
+        env = "TIDEMARK_SCHEMAS",
+        value_delimiter = ',',
+        default_value = "public"
+    )]
     schemas: Vec<String>,
     /// Only these tables (a,b,sch.c; "Quoted"."Names" keep their case).
     #[arg(long, env = "TIDEMARK_TABLES", value_delimiter = ',')]
@@ -123,7 +128,11 @@ fn json<T: serde::Serialize>(value: &T) -> Result<String, String> {
 
 pub async fn export(global: &GlobalArgs, args: &ExportArgs) -> Result<(), String> {
     let store = global.open_store().await?;
-    let db = global.database().resolve().await.map_err(|e| error_chain(&e))?;
+    let db = global
+        .database()
+        .resolve()
+        .await
+        .map_err(|e| error_chain(&e))?;
     let mut opts = options(&args.selection);
     opts.run_id = args.run_id.clone();
     opts.full = args.full;
@@ -149,7 +158,11 @@ pub async fn manifest(global: &GlobalArgs, args: &ManifestArgs) -> Result<(), St
 
 pub async fn backup(global: &GlobalArgs, args: &BackupArgs) -> Result<(), String> {
     let store = global.open_store().await?;
-    let db = global.database().resolve().await.map_err(|e| error_chain(&e))?;
+    let db = global
+        .database()
+        .resolve()
+        .await
+        .map_err(|e| error_chain(&e))?;
     let meter = Arc::new(ExportMeter::default());
     let mut opts = options(&args.selection);
     opts.full = args.full;

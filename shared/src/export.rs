@@ -203,7 +203,14 @@ pub async fn export_slice(
             (progress, Some(etag))
         }
         None => (
-            plan_run(&mut coordinator, db, store.as_ref(), opts, opts.run_id.clone()).await?,
+            plan_run(
+                &mut coordinator,
+                db,
+                store.as_ref(),
+                opts,
+                opts.run_id.clone(),
+            )
+            .await?,
             None,
         ),
     };

@@ -181,7 +181,10 @@ pub fn pseudo_random_bytes(len: usize, seed: u64) -> Vec<u8> {
 /// Runs SQL (several statements allowed) on a fresh connection to `settings`.
 pub async fn exec(settings: &DbSettings, sql: &str) {
     let client = tidemark_core::db::connect(settings).await.expect("connect");
-    client.batch_execute(sql).await.unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    client
+        .batch_execute(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
 }
 
 /// `COPY (SELECT cols FROM table ORDER BY order_by) TO STDOUT`: the oracle every
@@ -202,12 +205,21 @@ pub async fn ordered_copy(client: &tokio_postgres::Client, select: &str) -> Vec<
 
 /// Reads and decompresses one chunk.
 pub async fn chunk_text(store: &dyn tidemark_core::store::ReadStore, key: &str) -> Vec<u8> {
-    let object = store.read(key).await.expect("read chunk").expect("chunk exists");
+    let object = store
+        .read(key)
+        .await
+        .expect("read chunk")
+        .expect("chunk exists");
     zstd::decode_all(object.bytes.as_ref()).expect("chunk is zstd")
 }
 
 /// Loads COPY text into `table (columns)` with plain `COPY ... FROM STDIN`.
-pub async fn copy_in(client: &tokio_postgres::Client, table: &str, columns: &[String], text: Vec<u8>) {
+pub async fn copy_in(
+    client: &tokio_postgres::Client,
+    table: &str,
+    columns: &[String],
+    text: Vec<u8>,
+) {
     use futures_util::SinkExt;
     let cols = columns
         .iter()
@@ -219,7 +231,9 @@ pub async fn copy_in(client: &tokio_postgres::Client, table: &str, columns: &[St
         .await
         .expect("start COPY FROM");
     futures_util::pin_mut!(sink);
-    sink.send(bytes::Bytes::from(text)).await.expect("send COPY data");
+    sink.send(bytes::Bytes::from(text))
+        .await
+        .expect("send COPY data");
     sink.close().await.expect("finish COPY FROM");
 }
 
@@ -236,11 +250,22 @@ pub async fn replay_table(
     let keyed = !entry.key.is_empty() && entry.mode == tidemark_core::format::TableMode::Changes;
     if !keyed {
         for chunk in &entry.chunks {
-            copy_in(client, target, &entry.columns, chunk_text(store, &chunk.key).await).await;
+            copy_in(
+                client,
+                target,
+                &entry.columns,
+                chunk_text(store, &chunk.key).await,
+            )
+            .await;
         }
         return;
     }
-    let keys = entry.key.iter().map(|k| quote_ident(k)).collect::<Vec<_>>().join(", ");
+    let keys = entry
+        .key
+        .iter()
+        .map(|k| quote_ident(k))
+        .collect::<Vec<_>>()
+        .join(", ");
     client
         .batch_execute(&format!(
             "DROP TABLE IF EXISTS pg_temp.stage; CREATE TEMP TABLE stage AS SELECT * FROM {target} WITH NO DATA"
@@ -248,7 +273,13 @@ pub async fn replay_table(
         .await
         .expect("stage table");
     for chunk in &entry.chunks {
-        copy_in(client, "pg_temp.stage", &entry.columns, chunk_text(store, &chunk.key).await).await;
+        copy_in(
+            client,
+            "pg_temp.stage",
+            &entry.columns,
+            chunk_text(store, &chunk.key).await,
+        )
+        .await;
         client
             .batch_execute(&format!(
                 "DELETE FROM {target} t USING pg_temp.stage s WHERE ({}) = ({}); \
@@ -268,7 +299,13 @@ pub async fn replay_table(
             .await
             .expect("live key table");
         for chunk in &entry.key_chunks {
-            copy_in(client, "pg_temp.live", &entry.key, chunk_text(store, &chunk.key).await).await;
+            copy_in(
+                client,
+                "pg_temp.live",
+                &entry.key,
+                chunk_text(store, &chunk.key).await,
+            )
+            .await;
         }
         client
             .batch_execute(&format!(

@@ -12,7 +12,9 @@ use tidemark_core::format::{manifest_key, read_doc, BackupKind, TableMode};
 use tidemark_core::manifest::{list_backups, seal_run, SealReport};
 use tidemark_core::run::RunError;
 use tidemark_core::store::{S3StoreOptions, WriteStore};
-use tidemark_tests::{exec, local_store, ordered_copy, replay_table, s3_store, TestCluster, TestDatabase};
+use tidemark_tests::{
+    exec, local_store, ordered_copy, replay_table, s3_store, TestCluster, TestDatabase,
+};
 
 type Store = Arc<dyn WriteStore>;
 
@@ -75,7 +77,11 @@ fn options(chunk_rows: u64) -> ExportOptions {
 }
 
 /// Slices until done, then seals.
-async fn backup(store: &Store, db: &TestDatabase, opts: &ExportOptions) -> (SealReport, Vec<SliceReport>) {
+async fn backup(
+    store: &Store,
+    db: &TestDatabase,
+    opts: &ExportOptions,
+) -> (SealReport, Vec<SliceReport>) {
     let mut slices = Vec::new();
     let mut opts = opts.clone();
     loop {
@@ -90,7 +96,9 @@ async fn backup(store: &Store, db: &TestDatabase, opts: &ExportOptions) -> (Seal
         }
     }
     let run_id = opts.run_id.clone().expect("a run");
-    let sealed = seal_run(store.clone(), &run_id, "test").await.expect("seal");
+    let sealed = seal_run(store.clone(), &run_id, "test")
+        .await
+        .expect("seal");
     (sealed, slices)
 }
 
@@ -103,15 +111,25 @@ async fn manifest(store: &Store, id: &str) -> Manifest {
 }
 
 /// Replays backup `id` into a fresh database made with `ddl` and compares every table.
-async fn assert_restores_to_source(store: &Store, id: &str, source: &TestDatabase, ddl: &str, tables: &[(&str, &str)]) {
+async fn assert_restores_to_source(
+    store: &Store,
+    id: &str,
+    source: &TestDatabase,
+    ddl: &str,
+    tables: &[(&str, &str)],
+) {
     let m = manifest(store, id).await;
     let target = source.cluster.create_database().await;
     exec(&target.settings(), ddl).await;
-    let client = tidemark_core::db::connect(&target.settings()).await.expect("connect target");
+    let client = tidemark_core::db::connect(&target.settings())
+        .await
+        .expect("connect target");
     for entry in &m.tables {
         replay_table(store.as_ref(), entry, &client, &entry.name.quoted()).await;
     }
-    let src = tidemark_core::db::connect(&source.settings()).await.expect("connect source");
+    let src = tidemark_core::db::connect(&source.settings())
+        .await
+        .expect("connect source");
     for (table, order) in tables {
         let select = format!("SELECT * FROM {table} ORDER BY {order}");
         let expected = ordered_copy(&src, &select).await;
@@ -142,19 +160,46 @@ async fn type_matrix_round_trip(store: Store) {
     assert_eq!(sealed.kind, BackupKind::Full);
     assert_eq!(slices.len(), 1);
     let m = manifest(&store, &sealed.backup_id).await;
-    let matrix = m.tables.iter().find(|t| t.name.name == "matrix").expect("matrix");
+    let matrix = m
+        .tables
+        .iter()
+        .find(|t| t.name.name == "matrix")
+        .expect("matrix");
     assert_eq!(matrix.mode, TableMode::Changes);
     assert!(
         matrix.chunks.len() >= 5,
         "2507 rows in ranges of 500: {:?}",
-        matrix.chunks.iter().map(|c| (c.rows, c.range.clone())).collect::<Vec<_>>()
+        matrix
+            .chunks
+            .iter()
+            .map(|c| (c.rows, c.range.clone()))
+            .collect::<Vec<_>>()
     );
-    assert!(!matrix.columns.contains(&"g".to_owned()), "generated columns are not exported");
-    assert!(matrix.chunks.iter().all(|c| c.range.is_some() && c.sha256.len() == 64));
-    let nokey = m.tables.iter().find(|t| t.name.name == "nokey").expect("nokey");
+    assert!(
+        !matrix.columns.contains(&"g".to_owned()),
+        "generated columns are not exported"
+    );
+    assert!(matrix
+        .chunks
+        .iter()
+        .all(|c| c.range.is_some() && c.sha256.len() == 64));
+    let nokey = m
+        .tables
+        .iter()
+        .find(|t| t.name.name == "nokey")
+        .expect("nokey");
     assert_eq!(nokey.mode, TableMode::Snapshot);
-    assert!(m.tables.iter().all(|t| t.name.name != "parted_eu"), "partitions export through their root");
-    assert_eq!(m.tables.iter().find(|t| t.name.name == "parted").map(|t| t.schema.partitions.len()), Some(2));
+    assert!(
+        m.tables.iter().all(|t| t.name.name != "parted_eu"),
+        "partitions export through their root"
+    );
+    assert_eq!(
+        m.tables
+            .iter()
+            .find(|t| t.name.name == "parted")
+            .map(|t| t.schema.partitions.len()),
+        Some(2)
+    );
     assert_restores_to_source(&store, &sealed.backup_id, &db, MATRIX_DDL, MATRIX_TABLES).await;
 }
 
@@ -218,17 +263,30 @@ async fn incrementals_capture_inserts_updates_and_deletes() {
     )
     .await;
     let (inc1, _) = backup(&store, &db, &opts).await;
-    assert_eq!((inc1.kind, inc1.parent.as_deref()), (BackupKind::Incremental, Some(full.backup_id.as_str())));
+    assert_eq!(
+        (inc1.kind, inc1.parent.as_deref()),
+        (BackupKind::Incremental, Some(full.backup_id.as_str()))
+    );
     assert_restores_to_source(&store, &inc1.backup_id, &db, CHAIN_DDL, CHAIN_TABLES).await;
     let m1 = manifest(&store, &inc1.backup_id).await;
-    let accounts = m1.tables.iter().find(|t| t.name.name == "accounts").expect("accounts");
+    let accounts = m1
+        .tables
+        .iter()
+        .find(|t| t.name.name == "accounts")
+        .expect("accounts");
     assert!(
         accounts.exported_rows < 400,
         "an incremental exports the changes, not the table: {} rows",
         accounts.exported_rows
     );
-    assert!(!accounts.key_chunks.is_empty(), "the live key set is recorded");
-    assert_eq!(m1.chain, vec![full.backup_id.clone(), inc1.backup_id.clone()]);
+    assert!(
+        !accounts.key_chunks.is_empty(),
+        "the live key set is recorded"
+    );
+    assert_eq!(
+        m1.chain,
+        vec![full.backup_id.clone(), inc1.backup_id.clone()]
+    );
 
     exec(
         &db.settings(),
@@ -242,11 +300,21 @@ async fn incrementals_capture_inserts_updates_and_deletes() {
     assert_restores_to_source(&store, &inc2.backup_id, &db, CHAIN_DDL, CHAIN_TABLES).await;
     // Each backup still restores to what it was: the full backup is unchanged by later runs.
     let m0 = manifest(&store, &full.backup_id).await;
-    assert_eq!(m0.tables.iter().map(|t| t.fingerprint.rows).sum::<u64>(), 1000 + 2000 + 10);
+    assert_eq!(
+        m0.tables.iter().map(|t| t.fingerprint.rows).sum::<u64>(),
+        1000 + 2000 + 10
+    );
 
     let listed = list_backups(store.as_ref()).await.expect("list");
     let ids: Vec<_> = listed.iter().map(|b| b.id.as_str()).collect();
-    assert_eq!(ids, vec![full.backup_id.as_str(), inc1.backup_id.as_str(), inc2.backup_id.as_str()]);
+    assert_eq!(
+        ids,
+        vec![
+            full.backup_id.as_str(),
+            inc1.backup_id.as_str(),
+            inc2.backup_id.as_str()
+        ]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -261,25 +329,46 @@ async fn a_late_commit_reaches_the_next_backup() {
 
     // A takes key 2001 and an update of account 5, but commits only after B's row
     // (key 2002) is committed and a backup has passed both.
-    let a = tidemark_core::db::connect(&db.settings()).await.expect("connect");
+    let a = tidemark_core::db::connect(&db.settings())
+        .await
+        .expect("connect");
     a.batch_execute(
         "BEGIN; INSERT INTO events (payload) VALUES ('late'); UPDATE accounts SET note = 'late update' WHERE id = 5",
     )
     .await
     .expect("session A");
-    exec(&db.settings(), "INSERT INTO events (payload) VALUES ('early')").await;
+    exec(
+        &db.settings(),
+        "INSERT INTO events (payload) VALUES ('early')",
+    )
+    .await;
     let (passed, _) = backup(&store, &db, &opts).await;
     let m = manifest(&store, &passed.backup_id).await;
-    let events = m.tables.iter().find(|t| t.name.name == "events").expect("events");
-    assert_eq!(events.fingerprint.rows, 2001, "the late row is not visible yet");
+    let events = m
+        .tables
+        .iter()
+        .find(|t| t.name.name == "events")
+        .expect("events");
+    assert_eq!(
+        events.fingerprint.rows, 2001,
+        "the late row is not visible yet"
+    );
     a.batch_execute("COMMIT").await.expect("commit A");
 
     let (next, _) = backup(&store, &db, &opts).await;
     assert_restores_to_source(&store, &next.backup_id, &db, CHAIN_DDL, CHAIN_TABLES).await;
     let m = manifest(&store, &next.backup_id).await;
-    let events = m.tables.iter().find(|t| t.name.name == "events").expect("events");
+    let events = m
+        .tables
+        .iter()
+        .find(|t| t.name.name == "events")
+        .expect("events");
     assert_eq!(events.fingerprint.rows, 2002);
-    assert!(m.warnings.is_empty(), "found by the gap probe, not by a whole re-export: {:?}", m.warnings);
+    assert!(
+        m.warnings.is_empty(),
+        "found by the gap probe, not by a whole re-export: {:?}",
+        m.warnings
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -296,7 +385,11 @@ async fn an_append_row_past_its_gap_ttl_forces_a_whole_export() {
     exec(&db.settings(), "DELETE FROM events WHERE id = 10").await;
     let (inc, _) = backup(&store, &db, &opts).await;
     let m = manifest(&store, &inc.backup_id).await;
-    assert!(m.warnings.iter().any(|w| w.contains("exporting it whole")), "{:?}", m.warnings);
+    assert!(
+        m.warnings.iter().any(|w| w.contains("exporting it whole")),
+        "{:?}",
+        m.warnings
+    );
     assert_restores_to_source(&store, &inc.backup_id, &db, CHAIN_DDL, CHAIN_TABLES).await;
 }
 
@@ -305,7 +398,11 @@ async fn a_run_killed_at_any_point_resumes_without_loss_or_duplicates() {
     let cluster = TestCluster::from_env();
     let db = cluster.create_database().await;
     chain_fixture(&db).await;
-    exec(&db.settings(), "INSERT INTO settings SELECT 'bulk' || g, 'v' FROM generate_series(1, 500) g").await;
+    exec(
+        &db.settings(),
+        "INSERT INTO settings SELECT 'bulk' || g, 'v' FROM generate_series(1, 500) g",
+    )
+    .await;
     let opts = chain_options();
 
     // How long an uninterrupted full backup takes here.
@@ -320,7 +417,11 @@ async fn a_run_killed_at_any_point_resumes_without_loss_or_duplicates() {
         let (_dir, local) = local_store();
         let store: Store = Arc::new(local);
         let kill_after = whole * i / (points + 1);
-        let killed = tokio::time::timeout(kill_after, export_slice(store.clone(), &db.settings(), &opts)).await;
+        let killed = tokio::time::timeout(
+            kill_after,
+            export_slice(store.clone(), &db.settings(), &opts),
+        )
+        .await;
         if let Ok(result) = killed {
             result.expect("an unkilled slice succeeds");
         }
@@ -363,12 +464,17 @@ async fn a_second_concurrent_run_fails_fast_naming_the_holder() {
     }
     let message = loser.to_string();
     assert!(
-        message.starts_with(&format!("locked by run {} since ", winner.run_id)) && message.contains("(expires "),
+        message.starts_with(&format!("locked by run {} since ", winner.run_id))
+            && message.contains("(expires "),
         "{message}"
     );
     // Sealing releases the lease: the next run proceeds.
-    seal_run(store.clone(), &winner.run_id, "test").await.expect("seal");
-    export_slice(store.clone(), &db.settings(), &opts).await.expect("next run after release");
+    seal_run(store.clone(), &winner.run_id, "test")
+        .await
+        .expect("seal");
+    export_slice(store.clone(), &db.settings(), &opts)
+        .await
+        .expect("next run after release");
 }
 
 #[tokio::test]
@@ -383,16 +489,28 @@ async fn an_unknown_table_is_named_and_nothing_is_written() {
     let err = export_slice(store.clone(), &db.settings(), &opts)
         .await
         .expect_err("unknown table");
-    assert!(err.to_string().contains("unknown table no_such_table"), "{err}");
-    assert!(store.list("").await.expect("list").is_empty(), "nothing written");
+    assert!(
+        err.to_string().contains("unknown table no_such_table"),
+        "{err}"
+    );
+    assert!(
+        store.list("").await.expect("list").is_empty(),
+        "nothing written"
+    );
 
     opts.selection.tables = vec![];
     opts.selection.modes = vec![("settings".into(), TableMode::Append)];
     let err = export_slice(store.clone(), &db.settings(), &opts)
         .await
         .expect_err("append needs an integer key");
-    assert!(err.to_string().contains("settings") && err.to_string().contains("append mode needs"), "{err}");
-    assert!(store.list("").await.expect("list").is_empty(), "nothing written");
+    assert!(
+        err.to_string().contains("settings") && err.to_string().contains("append mode needs"),
+        "{err}"
+    );
+    assert!(
+        store.list("").await.expect("list").is_empty(),
+        "nothing written"
+    );
 }
 
 #[tokio::test]
@@ -411,6 +529,12 @@ async fn an_unchanged_incremental_costs_the_same_whatever_the_history() {
     }
     // The first incremental may over-export rows written while other tests' transactions
     // held the cluster's snapshot xmin back; from then on nothing changes.
-    assert!(costs[1..].windows(2).all(|w| w[0] == w[1]), "requests per run: {costs:?}");
-    assert!(costs.iter().all(|&c| c < 60), "requests per unchanged incremental: {costs:?}");
+    assert!(
+        costs[1..].windows(2).all(|w| w[0] == w[1]),
+        "requests per run: {costs:?}"
+    );
+    assert!(
+        costs.iter().all(|&c| c < 60),
+        "requests per unchanged incremental: {costs:?}"
+    );
 }

@@ -1,0 +1,264 @@
+//! `tidemark backup | export | manifest | list` through the real binary.
+
+use std::process::{Command, Output};
+
+use tidemark_core::db::SslMode;
+use tidemark_core::store::{LocalStore, ReadStore};
+use tidemark_tests::{exec, TestCluster};
+
+fn tidemark(args: &[&str], envs: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tidemark"));
+    cmd.args(args);
+    for var in [
+        "DATABASE_URL",
+        "TIDEMARK_STORE",
+        "TIDEMARK_SECRET_ID",
+        "TIDEMARK_CA_FILE",
+        "RUST_LOG",
+    ] {
+        cmd.env_remove(var);
+    }
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run tidemark")
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+const FIXTURE: &str = "CREATE TABLE articles (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, title text NOT NULL, body text);
+     INSERT INTO articles (title, body) SELECT 'title ' || g, repeat('x', g % 50) FROM generate_series(1, 3000) g;
+     CREATE TABLE tags (name text, n int); INSERT INTO tags SELECT 'tag' || g, g FROM generate_series(1, 20) g;";
+
+#[tokio::test]
+async fn backup_then_incremental_then_list() {
+    let cluster = TestCluster::from_env();
+    let db = cluster.create_database().await;
+    exec(&db.settings(), FIXTURE).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let store_arg = store.to_str().expect("utf8");
+    let url = db.url(SslMode::Require);
+    let env = [
+        ("DATABASE_URL", url.as_str()),
+        ("TIDEMARK_STORE", store_arg),
+    ];
+
+    let full = tidemark(
+        &[
+            "backup",
+            "--table-mode",
+            "articles=append",
+            "--chunk-rows",
+            "1000",
+        ],
+        &env,
+    );
+    assert!(full.status.success(), "{}", stderr(&full));
+    let full_id = stdout(&full).trim().to_owned();
+    assert!(
+        full_id.len() > 20 && !full_id.contains(' '),
+        "prints the backup id: {full_id:?}"
+    );
+    assert!(stderr(&full).contains("full backup"), "{}", stderr(&full));
+
+    exec(
+        &db.settings(),
+        "INSERT INTO articles (title) VALUES ('new one')",
+    )
+    .await;
+    let inc = tidemark(
+        &["--json", "backup", "--table-mode", "articles=append"],
+        &env,
+    );
+    assert!(inc.status.success(), "{}", stderr(&inc));
+    let report: serde_json::Value = serde_json::from_str(&stdout(&inc)).expect("JSON report");
+    assert_eq!(report["kind"], "incremental");
+    assert_eq!(report["parent"], full_id.as_str());
+
+    let list = tidemark(&["list", "--json"], &env);
+    assert!(list.status.success(), "{}", stderr(&list));
+    let listed: Vec<serde_json::Value> = serde_json::from_str(&stdout(&list)).expect("JSON array");
+    assert_eq!(listed.len(), 2);
+    for field in [
+        "id",
+        "kind",
+        "parent",
+        "created_at",
+        "tables",
+        "rows",
+        "bytes",
+    ] {
+        assert!(listed[1].get(field).is_some(), "list --json has {field}");
+    }
+    assert_eq!(listed[0]["id"], full_id.as_str());
+    assert_eq!(listed[1]["parent"], full_id.as_str());
+    assert_eq!(listed[1]["rows"], 3021);
+
+    let table = tidemark(&["list"], &env);
+    assert!(
+        stdout(&table).contains(&full_id) && stdout(&table).contains("incremental"),
+        "{}",
+        stdout(&table)
+    );
+}
+
+#[tokio::test]
+async fn export_slices_and_manifest_seal_like_the_lambdas() {
+    let cluster = TestCluster::from_env();
+    let db = cluster.create_database().await;
+    exec(&db.settings(), FIXTURE).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store_arg = dir.path().to_str().expect("utf8").to_owned();
+    let url = db.url(SslMode::Require);
+    let env = [
+        ("DATABASE_URL", url.as_str()),
+        ("TIDEMARK_STORE", store_arg.as_str()),
+    ];
+
+    // A zero-second budget exports nothing and says so.
+    let first = tidemark(
+        &["export", "--max-seconds", "0", "--chunk-rows", "500"],
+        &env,
+    );
+    assert!(first.status.success(), "{}", stderr(&first));
+    let report: serde_json::Value = serde_json::from_str(&stdout(&first)).expect("JSON");
+    assert_eq!(report["done"], false);
+    let run_id = report["run_id"].as_str().expect("run_id").to_owned();
+
+    // While the run holds the lease, a new run is refused; sealing too early is refused.
+    let second = tidemark(&["backup"], &env);
+    assert_eq!(second.status.code(), Some(1));
+    assert!(
+        stderr(&second).contains(&format!("error: locked by run {run_id} since"))
+            && stderr(&second).contains("expires"),
+        "{}",
+        stderr(&second)
+    );
+    let early = tidemark(&["manifest", "--run", &run_id], &env);
+    assert_eq!(early.status.code(), Some(1));
+    assert!(
+        stderr(&early).contains("is not finished"),
+        "{}",
+        stderr(&early)
+    );
+
+    let rest = tidemark(&["export", "--run", &run_id], &env);
+    assert!(rest.status.success(), "{}", stderr(&rest));
+    let report: serde_json::Value = serde_json::from_str(&stdout(&rest)).expect("JSON");
+    assert_eq!(
+        (report["done"].as_bool(), report["run_id"].as_str()),
+        (Some(true), Some(run_id.as_str()))
+    );
+    assert_eq!(report["rows"], 3020);
+
+    let sealed = tidemark(&["manifest", "--run", &run_id], &env);
+    assert!(sealed.status.success(), "{}", stderr(&sealed));
+    let report: serde_json::Value = serde_json::from_str(&stdout(&sealed)).expect("JSON");
+    assert_eq!(
+        (report["backup_id"].as_str(), report["created"].as_bool()),
+        (Some(run_id.as_str()), Some(true))
+    );
+    // Sealing again is harmless.
+    let again = tidemark(&["manifest", "--run", &run_id], &env);
+    assert!(again.status.success());
+    assert!(stdout(&again).contains("\"created\": false"));
+}
+
+#[tokio::test]
+async fn bad_input_fails_clearly_and_writes_nothing() {
+    let cluster = TestCluster::from_env();
+    let db = cluster.create_database().await;
+    exec(&db.settings(), FIXTURE).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store_dir = dir.path().join("store");
+    std::fs::create_dir(&store_dir).expect("mkdir");
+    let store_arg = store_dir.to_str().expect("utf8");
+    let store = LocalStore::open(&store_dir).expect("open");
+
+    let url = db.url(SslMode::Require);
+    let unknown = tidemark(
+        &["backup", "--tables", "articles,nope"],
+        &[("DATABASE_URL", &url), ("TIDEMARK_STORE", store_arg)],
+    );
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(
+        stderr(&unknown).contains("unknown table nope"),
+        "{}",
+        stderr(&unknown)
+    );
+
+    let wrong = format!(
+        "postgres://{}:Not-The-Password-42@{}:{}/{}?sslmode=require",
+        cluster.user, cluster.host, cluster.port, db.name
+    );
+    let denied = tidemark(
+        &["backup"],
+        &[("DATABASE_URL", &wrong), ("TIDEMARK_STORE", store_arg)],
+    );
+    assert_eq!(denied.status.code(), Some(1));
+    assert!(
+        stderr(&denied).contains("password authentication failed"),
+        "{}",
+        stderr(&denied)
+    );
+    assert!(
+        !stderr(&denied).contains("Not-The-Password-42")
+            && !stdout(&denied).contains("Not-The-Password-42")
+    );
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let nowhere = format!("postgres://u:p@127.0.0.1:{port}/db?sslmode=disable&connect_timeout=2");
+    let unreachable = tidemark(
+        &["backup"],
+        &[("DATABASE_URL", &nowhere), ("TIDEMARK_STORE", store_arg)],
+    );
+    assert_eq!(unreachable.status.code(), Some(1));
+    assert!(
+        stderr(&unreachable).contains("cannot connect to PostgreSQL"),
+        "{}",
+        stderr(&unreachable)
+    );
+
+    assert!(
+        store.list("").await.expect("list").is_empty(),
+        "nothing was written"
+    );
+
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"x").expect("write");
+    let not_dir = tidemark(
+        &["backup"],
+        &[
+            ("DATABASE_URL", &url),
+            ("TIDEMARK_STORE", file.to_str().expect("utf8")),
+        ],
+    );
+    assert_eq!(not_dir.status.code(), Some(1));
+    assert!(
+        stderr(&not_dir).contains("is not a directory"),
+        "{}",
+        stderr(&not_dir)
+    );
+    assert_eq!(std::fs::read(&file).expect("read"), b"x");
+
+    let bad_mode = tidemark(
+        &["backup", "--table-mode", "articles=sometimes"],
+        &[("DATABASE_URL", &url), ("TIDEMARK_STORE", store_arg)],
+    );
+    assert_eq!(bad_mode.status.code(), Some(2));
+    assert!(
+        stderr(&bad_mode).contains("unknown table mode \"sometimes\""),
+        "{}",
+        stderr(&bad_mode)
+    );
+}
