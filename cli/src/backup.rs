@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use tidemark_core::catalog::TableSelection;
+use tidemark_core::config::{parse_size, parse_table_mode};
 use tidemark_core::error_chain;
 use tidemark_core::export::{self, ExportMeter, ExportOptions};
 use tidemark_core::format::TableMode;
@@ -75,36 +76,6 @@ pub struct ManifestArgs {
     /// The run to seal.
     #[arg(long = "run", value_name = "RUN_ID")]
     run_id: String,
-}
-
-fn parse_table_mode(s: &str) -> Result<(String, TableMode), String> {
-    let (name, mode) = s
-        .rsplit_once('=')
-        .ok_or_else(|| format!("expected NAME=MODE, got {s:?}"))?;
-    Ok((name.to_owned(), mode.parse()?))
-}
-
-/// `123`, `64KiB`, `64MiB`, `1GiB` (also KB/MB/GB as powers of 1000).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (digits, unit) = t.split_at(split);
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("not a size: {s:?} (e.g. 64MiB)"))?;
-    let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kib" => 1 << 10,
-        "m" | "mib" => 1 << 20,
-        "g" | "gib" => 1 << 30,
-        "kb" => 1000,
-        "mb" => 1_000_000,
-        "gb" => 1_000_000_000,
-        other => return Err(format!("unknown size unit {other:?} in {s:?}")),
-    };
-    n.checked_mul(factor)
-        .filter(|v| *v > 0)
-        .ok_or_else(|| format!("size out of range: {s:?}"))
 }
 
 fn options(sel: &SelectionArgs) -> ExportOptions {
@@ -284,30 +255,5 @@ fn human_bytes(n: u64) -> String {
         format!("{n} B")
     } else {
         format!("{value:.1} {}", UNITS[unit])
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes_parse() {
-        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
-        assert_eq!(parse_size("1000"), Ok(1000));
-        assert_eq!(parse_size("2 GB"), Ok(2_000_000_000));
-        assert!(parse_size("0").is_err());
-        assert!(parse_size("12 parsecs").is_err());
-        assert!(parse_size("MiB").is_err());
-    }
-
-    #[test]
-    fn table_modes_parse() {
-        assert_eq!(
-            parse_table_mode("public.articles=append"),
-            Ok(("public.articles".to_owned(), TableMode::Append))
-        );
-        assert!(parse_table_mode("articles").is_err());
-        assert!(parse_table_mode("articles=sometimes").is_err());
     }
 }

@@ -16,12 +16,16 @@
 //! - [`lease`]: the run lease; [`run`]: run ids and lifecycle errors.
 //! - [`export`]: one time-boxed slice of a backup run.
 //! - [`manifest`]: sealing a run into a manifest, and listing backups.
+//! - [`config`]: settings shared by CLI flags and Lambda environment variables.
+//! - [`events`]: the payloads the Lambda functions accept.
 
 pub mod aws;
 pub mod catalog;
 pub mod check;
 pub mod chunk;
+pub mod config;
 pub mod db;
+pub mod events;
 pub mod export;
 pub mod format;
 pub mod lease;

@@ -315,3 +315,36 @@ pub async fn replay_table(
             .expect("apply live key set");
     }
 }
+
+/// The sample payloads in `events/` whose file names start with `prefix`.
+pub fn sample_events(prefix: &str) -> Vec<(String, serde_json::Value)> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../events");
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(&dir).expect("events/ exists") {
+        let path = entry.expect("dir entry").path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_owned();
+        if name.starts_with(prefix) && name.ends_with(".json") {
+            let text = std::fs::read_to_string(&path).expect("read event");
+            let value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{name}: {e}"));
+            out.push((name, value));
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    assert!(!out.is_empty(), "no events/{prefix}*.json");
+    out
+}
+
+/// A Lambda context whose deadline is `seconds` from now.
+pub fn lambda_context(seconds: u64) -> lambda_runtime::Context {
+    let mut context = lambda_runtime::Context::default();
+    context.request_id = uuid::Uuid::new_v4().to_string();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970");
+    context.deadline = (now.as_millis() as u64) + seconds * 1000;
+    context
+}

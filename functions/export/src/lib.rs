@@ -1,0 +1,55 @@
+//! The export function: one time-boxed slice of a backup run.
+//!
+//! Input: `{"run_id"?, "mode"?: "full" | "incremental"}`, `{}`, or a Scheduled Event.
+//! Output: the slice report, `{"run_id", "done", ...counts}`; Step Functions loops while
+//! `done` is false.
+
+use std::sync::Arc;
+
+use lambda_runtime::LambdaEvent;
+use serde_json::Value;
+use tidemark_core::db::DbSettings;
+use tidemark_core::events::{self, RunMode};
+use tidemark_core::export::{self, ExportOptions};
+use tidemark_core::store::WriteStore;
+use tidemark_lambda::FunctionError;
+
+/// Clients and settings built once per cold start.
+#[derive(Debug, Clone)]
+pub struct Deps {
+    pub store: Arc<dyn WriteStore>,
+    pub db: DbSettings,
+    pub options: ExportOptions,
+    pub margin: std::time::Duration,
+}
+
+impl Deps {
+    /// Reads the environment (`TIDEMARK_STORE`, `DATABASE_URL` or `TIDEMARK_SECRET_ID`,
+    /// `TIDEMARK_SCHEMAS`, `TIDEMARK_TABLE_MODES`, ...).
+    ///
+    /// # Errors
+    /// A message naming the variable that is missing or malformed.
+    pub async fn from_env() -> Result<Self, String> {
+        Ok(Self {
+            store: tidemark_lambda::store_from_env().await?,
+            db: tidemark_lambda::database_from_env().await?,
+            options: tidemark_core::config::export_options_from_env(&|n| std::env::var(n).ok())?,
+            margin: tidemark_lambda::slice_margin(),
+        })
+    }
+}
+
+/// Runs one slice.
+///
+/// # Errors
+/// [`FunctionError`] typed retryable, fatal or locked.
+pub async fn handle(event: LambdaEvent<Value>, deps: &Deps) -> Result<Value, FunctionError> {
+    let request = events::export_event(event.payload)?;
+    let mut options = deps.options.clone();
+    options.run_id = request.run_id;
+    options.full = request.mode == Some(RunMode::Full);
+    options.deadline = Some(tidemark_lambda::work_deadline(&event.context, deps.margin));
+    options.holder = tidemark_lambda::holder(&event.context);
+    let report = export::export_slice(deps.store.clone(), &deps.db, &options).await?;
+    serde_json::to_value(report).map_err(|e| FunctionError::fatal(e.to_string()))
+}

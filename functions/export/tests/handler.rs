@@ -1,0 +1,164 @@
+//! The export and manifest handlers fed the real `events/*.json` samples, against the
+//! test cluster and the S3-protocol server.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lambda_runtime::LambdaEvent;
+use serde_json::{json, Value};
+use tidemark_core::store::{S3StoreOptions, WriteStore};
+use tidemark_export::{handle, Deps};
+use tidemark_tests::{exec, lambda_context, s3_store, sample_events, TestCluster, TestDatabase};
+
+async fn deps(db: &TestDatabase) -> Deps {
+    exec(
+        &db.settings(),
+        "CREATE TABLE articles (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, title text);
+         INSERT INTO articles (title) SELECT 't' || g FROM generate_series(1, 500) g;",
+    )
+    .await;
+    let env = |name: &str| (name == "TIDEMARK_TABLE_MODES").then(|| "articles=append".to_owned());
+    Deps {
+        store: Arc::new(s3_store(S3StoreOptions::default()).await) as Arc<dyn WriteStore>,
+        db: db.settings(),
+        options: tidemark_core::config::export_options_from_env(&env).expect("options"),
+        margin: Duration::from_secs(60),
+    }
+}
+
+async fn seal(store: &Arc<dyn WriteStore>, run_id: &str) -> Value {
+    let deps = tidemark_manifest::Deps {
+        store: store.clone(),
+    };
+    let (_, mut event) = sample_events("manifest.step-functions").remove(0);
+    event["run_id"] = json!(run_id);
+    tidemark_manifest::handle(LambdaEvent::new(event, lambda_context(900)), &deps)
+        .await
+        .expect("seal")
+}
+
+#[test]
+fn every_sample_event_parses() {
+    for (name, event) in sample_events("export.") {
+        tidemark_core::events::export_event(event).unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    for (name, event) in sample_events("manifest.") {
+        tidemark_core::events::manifest_event(event).unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_event_runs_a_slice_and_the_manifest_seals_it() {
+    let cluster = TestCluster::from_env();
+    let db = cluster.create_database().await;
+    let deps = deps(&db).await;
+    let (_, console) = sample_events("export.console").remove(0);
+    let out = handle(LambdaEvent::new(console, lambda_context(900)), &deps)
+        .await
+        .expect("slice");
+    assert_eq!(
+        (out["done"].as_bool(), out["kind"].as_str()),
+        (Some(true), Some("full"))
+    );
+    let run_id = out["run_id"].as_str().expect("run_id").to_owned();
+    let sealed = seal(&deps.store, &run_id).await;
+    assert_eq!(sealed["backup_id"].as_str(), Some(run_id.as_str()));
+    assert_eq!(sealed["rows"], 500);
+
+    // The Step Functions payload (the previous output) continues a run: here the next
+    // incremental, started from the console sample, then fed back as its own payload.
+    exec(
+        &db.settings(),
+        "INSERT INTO articles (title) VALUES ('one more')",
+    )
+    .await;
+    let (_, console) = sample_events("export.console").remove(0);
+    let first = handle(LambdaEvent::new(console, lambda_context(900)), &deps)
+        .await
+        .expect("slice");
+    let (_, mut step) = sample_events("export.step-functions").remove(0);
+    step["run_id"] = first["run_id"].clone();
+    let again = handle(LambdaEvent::new(step, lambda_context(900)), &deps)
+        .await
+        .expect("slice");
+    assert_eq!(again["run_id"], first["run_id"]);
+    assert_eq!(again["done"], true);
+    let sealed = seal(&deps.store, first["run_id"].as_str().expect("id")).await;
+    assert_eq!(
+        (sealed["kind"].as_str(), sealed["rows"].as_u64()),
+        (Some("incremental"), Some(501))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scheduled_event_starts_a_full_run_and_a_short_deadline_stops_early() {
+    let cluster = TestCluster::from_env();
+    let db = cluster.create_database().await;
+    let deps = deps(&db).await;
+    let (_, scheduled) = sample_events("export.scheduled-event").remove(0);
+    // 30 s left with a 60 s margin: no time for any range.
+    let out = handle(LambdaEvent::new(scheduled, lambda_context(30)), &deps)
+        .await
+        .expect("slice");
+    assert_eq!(
+        (out["done"].as_bool(), out["kind"].as_str()),
+        (Some(false), Some("full"))
+    );
+    let run_id = out["run_id"].clone();
+
+    // A second run while this one holds the lease: typed Locked, not retryable.
+    let err = handle(LambdaEvent::new(json!({}), lambda_context(900)), &deps)
+        .await
+        .expect_err("locked");
+    assert_eq!(err.error_type, tidemark_lambda::LOCKED);
+    assert!(
+        err.message.contains(run_id.as_str().unwrap_or_default()),
+        "{}",
+        err.message
+    );
+
+    let out = handle(
+        LambdaEvent::new(json!({"run_id": run_id}), lambda_context(900)),
+        &deps,
+    )
+    .await
+    .expect("resume");
+    assert_eq!(out["done"], true);
+}
+
+#[tokio::test]
+async fn malformed_events_and_unknown_runs_are_fatal() {
+    let cluster = TestCluster::from_env();
+    let db = cluster.create_database().await;
+    let deps = deps(&db).await;
+    for event in [
+        json!({"mode": "weekly"}),
+        json!("full"),
+        json!({"run_id": 42}),
+    ] {
+        let err = handle(LambdaEvent::new(event.clone(), lambda_context(900)), &deps)
+            .await
+            .expect_err("malformed");
+        assert_eq!(err.error_type, tidemark_lambda::FATAL, "{event}");
+        assert!(err.message.starts_with("invalid event"), "{}", err.message);
+    }
+    let err = handle(
+        LambdaEvent::new(
+            json!({"run_id": "20990101T000000Z-ffffff"}),
+            lambda_context(900),
+        ),
+        &deps,
+    )
+    .await
+    .expect_err("no such run");
+    assert_eq!(err.error_type, tidemark_lambda::FATAL);
+    assert!(
+        err.message.contains("no run 20990101T000000Z-ffffff"),
+        "{}",
+        err.message
+    );
+    assert!(
+        deps.store.list("").await.expect("list").is_empty(),
+        "nothing written"
+    );
+}

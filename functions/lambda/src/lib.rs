@@ -1,0 +1,146 @@
+//! What every Tidemark Lambda function shares: configuration read once at cold start
+//! from the same variables the CLI reads, the error type Step Functions retries on, and
+//! the time budget of one invocation.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use lambda_runtime::{Context, Diagnostic};
+use secrecy::SecretString;
+use tidemark_core::db::{DatabaseSource, DbSettings};
+use tidemark_core::events::EventError;
+use tidemark_core::run::RunError;
+use tidemark_core::store::{self, DynStore, StoreUrl};
+use tidemark_core::telemetry::{self, LogFormat};
+
+/// `error_type` of failures worth retrying (Step Functions `Retry` matches it).
+pub const RETRYABLE: &str = "Tidemark.Retryable";
+/// `error_type` of failures that retrying will not fix (bad input, bad configuration).
+pub const FATAL: &str = "Tidemark.Fatal";
+/// `error_type` when another run holds the lease.
+pub const LOCKED: &str = "Tidemark.Locked";
+
+/// A failed invocation, typed for Step Functions.
+#[derive(Debug)]
+pub struct FunctionError {
+    pub error_type: &'static str,
+    pub message: String,
+}
+
+impl FunctionError {
+    pub fn fatal(message: impl Into<String>) -> Self {
+        Self {
+            error_type: FATAL,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for FunctionError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.error_type, self.message)
+    }
+}
+
+impl From<FunctionError> for Diagnostic {
+    fn from(e: FunctionError) -> Self {
+        Diagnostic {
+            error_type: e.error_type.to_owned(),
+            error_message: e.message,
+        }
+    }
+}
+
+impl From<RunError> for FunctionError {
+    fn from(e: RunError) -> Self {
+        let error_type = match &e {
+            RunError::Locked { .. } => LOCKED,
+            e if e.is_retryable() => RETRYABLE,
+            _ => FATAL,
+        };
+        let message = tidemark_core::error_chain(&e);
+        tracing::error!(error_type, %message, "invocation failed");
+        Self {
+            error_type,
+            message,
+        }
+    }
+}
+
+impl From<EventError> for FunctionError {
+    fn from(e: EventError) -> Self {
+        tracing::error!(error = %e, "rejected event");
+        Self::fatal(e.to_string())
+    }
+}
+
+/// Starts JSON logging (Lambda sets `AWS_LAMBDA_LOG_FORMAT`; JSON is the default here).
+pub fn init_tracing() {
+    let format = match std::env::var("AWS_LAMBDA_LOG_FORMAT") {
+        Ok(v) if v.eq_ignore_ascii_case("text") => LogFormat::Human,
+        _ => LogFormat::Json,
+    };
+    telemetry::init(format, 0);
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+/// The store `TIDEMARK_STORE` names.
+///
+/// # Errors
+/// A message naming the variable, for a missing or malformed store URL.
+pub async fn store_from_env() -> Result<DynStore, String> {
+    let raw = env("TIDEMARK_STORE").ok_or("TIDEMARK_STORE is not set (s3://bucket/prefix)")?;
+    let url: StoreUrl = raw.parse().map_err(|e| format!("TIDEMARK_STORE: {e}"))?;
+    store::open(&url)
+        .await
+        .map_err(|e| format!("TIDEMARK_STORE: {e}"))
+}
+
+/// Database settings from `DATABASE_URL` or `TIDEMARK_SECRET_ID` (fetched once, at cold
+/// start), with `TIDEMARK_CA_FILE` and `TIDEMARK_SSLMODE`.
+///
+/// # Errors
+/// The settings error, without any secret.
+pub async fn database_from_env() -> Result<DbSettings, String> {
+    let sslmode = env("TIDEMARK_SSLMODE")
+        .map(|m| m.parse().map_err(|e| format!("TIDEMARK_SSLMODE: {e}")))
+        .transpose()?;
+    let source = DatabaseSource {
+        url: env("DATABASE_URL").map(SecretString::from),
+        secret_id: env("TIDEMARK_SECRET_ID"),
+        ca_file: env("TIDEMARK_CA_FILE").map(Into::into),
+        sslmode,
+    };
+    source
+        .resolve()
+        .await
+        .map_err(|e| tidemark_core::error_chain(&e))
+}
+
+/// Safety margin before the invocation deadline (`TIDEMARK_SLICE_MARGIN_SECS`, default 60).
+pub fn slice_margin() -> Duration {
+    Duration::from_secs(
+        env("TIDEMARK_SLICE_MARGIN_SECS")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(60),
+    )
+}
+
+/// The instant by which new work must stop: the invocation deadline less `margin`.
+pub fn work_deadline(context: &Context, margin: Duration) -> Instant {
+    let remaining = context
+        .deadline()
+        .duration_since(SystemTime::now())
+        .unwrap_or_default();
+    Instant::now() + remaining.saturating_sub(margin)
+}
+
+/// Who holds the lease: the function name and request id.
+pub fn holder(context: &Context) -> String {
+    format!(
+        "lambda:{}:{}",
+        context.env_config.function_name, context.request_id
+    )
+}

@@ -1,0 +1,52 @@
+//! The manifest function: seal a finished run into `manifests/{id}.json`.
+//!
+//! Input: `{"run_id"}` (the export output), `{}` or a Scheduled Event (seal the run that
+//! holds the lease). Output: `{"backup_id", "kind", "parent", "created", ...}`.
+
+use std::sync::Arc;
+
+use lambda_runtime::LambdaEvent;
+use serde_json::Value;
+use tidemark_core::events;
+use tidemark_core::store::WriteStore;
+use tidemark_lambda::FunctionError;
+
+/// Clients built once per cold start.
+#[derive(Debug, Clone)]
+pub struct Deps {
+    pub store: Arc<dyn WriteStore>,
+}
+
+impl Deps {
+    /// Reads `TIDEMARK_STORE`.
+    ///
+    /// # Errors
+    /// A message naming the variable that is missing or malformed.
+    pub async fn from_env() -> Result<Self, String> {
+        Ok(Self {
+            store: tidemark_lambda::store_from_env().await?,
+        })
+    }
+}
+
+/// Seals the run.
+///
+/// # Errors
+/// [`FunctionError`] typed retryable, fatal or locked.
+pub async fn handle(event: LambdaEvent<Value>, deps: &Deps) -> Result<Value, FunctionError> {
+    let request = events::manifest_event(event.payload)?;
+    let run_id = match request.run_id {
+        Some(id) => id,
+        None => match tidemark_core::lease::current(deps.store.as_ref()).await? {
+            Some((lease, _)) if lease.operation == "backup" => lease.run_id,
+            _ => {
+                return Err(FunctionError::fatal(
+                    "no run_id given and no backup run holds the lease",
+                ))
+            }
+        },
+    };
+    let holder = tidemark_lambda::holder(&event.context);
+    let report = tidemark_core::manifest::seal_run(deps.store.clone(), &run_id, &holder).await?;
+    serde_json::to_value(report).map_err(|e| FunctionError::fatal(e.to_string()))
+}

@@ -1,0 +1,154 @@
+//! Settings shared by the CLI flags and the Lambda environment: the same names, parsed
+//! the same way (`TIDEMARK_SCHEMAS`, `TIDEMARK_TABLE_MODES`, `TIDEMARK_CHUNK_BYTES`, ...).
+
+use std::time::Duration;
+
+use crate::catalog::TableSelection;
+use crate::export::ExportOptions;
+use crate::format::TableMode;
+
+/// `123`, `64KiB`, `64MiB`, `1GiB` (also KB/MB/GB as powers of 1000).
+///
+/// # Errors
+/// A message naming the bad value.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("not a size: {s:?} (e.g. 64MiB)"))?;
+    let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        "kb" => 1000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        other => return Err(format!("unknown size unit {other:?} in {s:?}")),
+    };
+    n.checked_mul(factor)
+        .filter(|v| *v > 0)
+        .ok_or_else(|| format!("size out of range: {s:?}"))
+}
+
+/// `NAME=MODE`, e.g. `public.articles=append`.
+///
+/// # Errors
+/// A message naming the bad value.
+pub fn parse_table_mode(s: &str) -> Result<(String, TableMode), String> {
+    let (name, mode) = s
+        .rsplit_once('=')
+        .ok_or_else(|| format!("expected NAME=MODE, got {s:?}"))?;
+    Ok((name.trim().to_owned(), mode.trim().parse()?))
+}
+
+fn list(value: Option<String>) -> Vec<String> {
+    value
+        .map(|v| {
+            v.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Export options from environment variables (as the Lambda functions get them).
+/// `env` looks a variable up, so tests need not touch the process environment.
+///
+/// # Errors
+/// A message naming the variable and its bad value.
+pub fn export_options_from_env(
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<ExportOptions, String> {
+    let mut opts = ExportOptions::default();
+    let schemas = list(env("TIDEMARK_SCHEMAS"));
+    opts.selection = TableSelection {
+        schemas: if schemas.is_empty() {
+            vec!["public".to_owned()]
+        } else {
+            schemas
+        },
+        tables: list(env("TIDEMARK_TABLES")),
+        modes: list(env("TIDEMARK_TABLE_MODES"))
+            .iter()
+            .map(|m| parse_table_mode(m).map_err(|e| format!("TIDEMARK_TABLE_MODES: {e}")))
+            .collect::<Result<_, _>>()?,
+    };
+    let number = |name: &str| -> Result<Option<u64>, String> {
+        env(name)
+            .filter(|v| !v.trim().is_empty())
+            .map(|v| {
+                v.trim()
+                    .parse::<u64>()
+                    .map_err(|_| format!("{name}: not a whole number: {v:?}"))
+            })
+            .transpose()
+    };
+    if let Some(rows) = number("TIDEMARK_CHUNK_ROWS")? {
+        opts.chunk_rows = rows.max(1);
+    }
+    if let Some(bytes) = env("TIDEMARK_CHUNK_BYTES").filter(|v| !v.trim().is_empty()) {
+        opts.chunk_bytes = parse_size(&bytes).map_err(|e| format!("TIDEMARK_CHUNK_BYTES: {e}"))?;
+    }
+    if let Some(workers) = number("TIDEMARK_WORKERS")? {
+        opts.workers = workers.clamp(1, 64) as usize;
+    }
+    if let Some(level) = number("TIDEMARK_ZSTD_LEVEL")? {
+        opts.zstd_level = level.clamp(1, 19) as i32;
+    }
+    if let Some(ttl) = number("TIDEMARK_GAP_TTL_SECS")? {
+        opts.gap_ttl = Duration::from_secs(ttl);
+    }
+    Ok(opts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("1000"), Ok(1000));
+        assert_eq!(parse_size("2 GB"), Ok(2_000_000_000));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("12 parsecs").is_err());
+        assert!(parse_size("MiB").is_err());
+    }
+
+    #[test]
+    fn table_modes_parse() {
+        assert_eq!(
+            parse_table_mode("public.articles=append"),
+            Ok(("public.articles".to_owned(), TableMode::Append))
+        );
+        assert!(parse_table_mode("articles").is_err());
+        assert!(parse_table_mode("articles=sometimes").is_err());
+    }
+
+    #[test]
+    fn export_options_come_from_the_environment() {
+        let env = |name: &str| match name {
+            "TIDEMARK_SCHEMAS" => Some("public, sales".to_owned()),
+            "TIDEMARK_TABLE_MODES" => Some("articles=append,sales.t=snapshot".to_owned()),
+            "TIDEMARK_CHUNK_BYTES" => Some("8MiB".to_owned()),
+            "TIDEMARK_WORKERS" => Some("4".to_owned()),
+            _ => None,
+        };
+        let opts = export_options_from_env(&env).expect("parses");
+        assert_eq!(opts.selection.schemas, ["public", "sales"]);
+        assert_eq!(opts.selection.modes.len(), 2);
+        assert_eq!((opts.chunk_bytes, opts.workers), (8 << 20, 4));
+
+        let bad = |name: &str| (name == "TIDEMARK_WORKERS").then(|| "many".to_owned());
+        let err = export_options_from_env(&bad).expect_err("bad number");
+        assert!(
+            err.contains("TIDEMARK_WORKERS") && err.contains("many"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,141 @@
+//! The payloads the functions accept: their Step Functions payload, an empty `{}` (a
+//! console test: defaults), or the raw EventBridge "Scheduled Event" envelope (whose
+//! `detail` carries the payload, if any). Fields a function does not use are ignored,
+//! since Step Functions passes the previous step's whole output along.
+
+use serde::Deserialize;
+use serde_json::Value;
+
+/// A payload that is not what the function accepts.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid event: {0}")]
+pub struct EventError(pub String);
+
+/// Unwraps an EventBridge Scheduled Event (or any `aws.*` event) to its `detail`.
+fn unwrap_envelope(event: Value) -> Result<Value, EventError> {
+    match event {
+        Value::Null => Ok(Value::Object(Default::default())),
+        Value::Object(mut map) if map.contains_key("detail-type") && map.contains_key("source") => {
+            match map.remove("detail") {
+                None | Some(Value::Null) => Ok(Value::Object(Default::default())),
+                Some(detail @ Value::Object(_)) => Ok(detail),
+                Some(_) => Err(EventError("\"detail\" must be an object".into())),
+            }
+        }
+        object @ Value::Object(_) => Ok(object),
+        _ => Err(EventError("the payload must be a JSON object".into())),
+    }
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(event: Value) -> Result<T, EventError> {
+    serde_json::from_value(unwrap_envelope(event)?).map_err(|e| EventError(e.to_string()))
+}
+
+/// `full` or `incremental`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunMode {
+    Full,
+    Incremental,
+}
+
+/// What the export function is asked to do.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct ExportEvent {
+    /// Continue this run; absent: the run in flight, or a new one.
+    #[serde(default)]
+    pub run_id: Option<String>,
+    /// For a new run; default incremental (full when there is no parent).
+    #[serde(default)]
+    pub mode: Option<RunMode>,
+}
+
+/// What the manifest function is asked to seal.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct ManifestEvent {
+    /// The run to seal; absent: the run holding the lease.
+    #[serde(default)]
+    pub run_id: Option<String>,
+}
+
+/// Parses the export function's payload.
+///
+/// # Errors
+/// [`EventError`] naming what is wrong.
+pub fn export_event(event: Value) -> Result<ExportEvent, EventError> {
+    let parsed: ExportEvent = parse(event)?;
+    if parsed
+        .run_id
+        .as_deref()
+        .is_some_and(|id| id.is_empty() || id.contains('/'))
+    {
+        return Err(EventError(
+            "run_id must be a run id such as 20261122T120000Z-0a1b2c".into(),
+        ));
+    }
+    Ok(parsed)
+}
+
+/// Parses the manifest function's payload.
+///
+/// # Errors
+/// [`EventError`] naming what is wrong.
+pub fn manifest_event(event: Value) -> Result<ManifestEvent, EventError> {
+    let parsed: ManifestEvent = parse(event)?;
+    if parsed
+        .run_id
+        .as_deref()
+        .is_some_and(|id| id.is_empty() || id.contains('/'))
+    {
+        return Err(EventError(
+            "run_id must be a run id such as 20261122T120000Z-0a1b2c".into(),
+        ));
+    }
+    Ok(parsed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn the_three_shapes_parse() {
+        assert_eq!(export_event(json!({})).ok(), Some(ExportEvent::default()));
+        assert_eq!(
+            export_event(json!({"run_id": "r1", "done": false, "rows": 5})).ok(),
+            Some(ExportEvent {
+                run_id: Some("r1".into()),
+                mode: None
+            })
+        );
+        let scheduled = json!({
+            "version": "0", "id": "x", "detail-type": "Scheduled Event", "source": "aws.events",
+            "account": "1", "time": "2026-11-22T00:00:00Z", "region": "eu-west-1",
+            "resources": ["arn:aws:events:eu-west-1:1:rule/r"], "detail": {"mode": "full"}
+        });
+        assert_eq!(
+            export_event(scheduled).ok().and_then(|e| e.mode),
+            Some(RunMode::Full)
+        );
+        let bare =
+            json!({"detail-type": "Scheduled Event", "source": "aws.scheduler", "detail": {}});
+        assert_eq!(manifest_event(bare).ok(), Some(ManifestEvent::default()));
+    }
+
+    #[test]
+    fn malformed_payloads_are_named() {
+        for (event, needle) in [
+            (json!({"mode": "weekly"}), "weekly"),
+            (json!({"run_id": 5}), "invalid type"),
+            (json!([1, 2]), "JSON object"),
+            (json!({"run_id": "../../etc"}), "run_id"),
+        ] {
+            let err = export_event(event).expect_err("malformed").to_string();
+            assert!(
+                err.starts_with("invalid event") && err.contains(needle),
+                "{err}"
+            );
+        }
+    }
+}
