@@ -37,6 +37,8 @@ testenv_ensure_tools() {
     PG_BIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
   fi
   command -v openssl >/dev/null || _apt_install openssl
+  command -v zstd >/dev/null || _apt_install zstd
+  command -v psql >/dev/null || _apt_install postgresql-client
   if ! id postgres >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     useradd --system --home-dir /var/lib/postgresql --shell /bin/bash postgres
   fi

@@ -538,3 +538,59 @@ async fn an_unchanged_incremental_costs_the_same_whatever_the_history() {
         "requests per unchanged incremental: {costs:?}"
     );
 }
+
+#[tokio::test]
+async fn a_chunk_restores_by_hand_with_zstd_and_psql() {
+    let cluster = TestCluster::from_env();
+    let db = cluster.create_database().await;
+    exec(&db.settings(), &format!("{MATRIX_DDL}{MATRIX_DATA}")).await;
+    let (dir, local) = local_store();
+    let root = local.root().to_path_buf();
+    let store: Store = Arc::new(local);
+    let (sealed, _) = backup(&store, &db, &options(400)).await;
+    let m = manifest(&store, &sealed.backup_id).await;
+    let target = cluster.create_database().await;
+    exec(&target.settings(), MATRIX_DDL).await;
+    let url = target.url(tidemark_core::db::SslMode::Require);
+    for name in ["Order Lines", "nokey"] {
+        let entry = m
+            .tables
+            .iter()
+            .find(|t| t.name.name == name)
+            .expect("table");
+        for chunk in &entry.chunks {
+            let file = root.join(&chunk.key);
+            let script = format!(
+                "zstd -dc '{}' | psql '{url}' -v ON_ERROR_STOP=1 -q -c '\\copy {} FROM STDIN'",
+                file.display(),
+                entry.name.quoted().replace('\'', "'\\''")
+            );
+            let out = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(&script)
+                .output()
+                .expect("sh");
+            assert!(
+                out.status.success(),
+                "{script}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    let src = tidemark_core::db::connect(&db.settings())
+        .await
+        .expect("source");
+    let dst = tidemark_core::db::connect(&target.settings())
+        .await
+        .expect("target");
+    for select in [
+        "SELECT * FROM \"Sales\".\"Order Lines\" ORDER BY 1, 2",
+        "SELECT * FROM nokey ORDER BY 1, 2",
+    ] {
+        assert!(
+            ordered_copy(&src, select).await == ordered_copy(&dst, select).await,
+            "{select}"
+        );
+    }
+    drop(dir);
+}
