@@ -26,14 +26,21 @@ use crate::store::{PutReceipt, StoreError, WriteStore};
 /// Bytes gathered before they are handed to the compressor.
 const BATCH_BYTES: usize = 128 * 1024;
 
-/// Object key of a chunk: `chunks/{run}/{schema.table}/{seq}.copy.zst` (rows) or
-/// `.../{seq}.keys.copy.zst` (live key set).
-pub fn chunk_key(run_id: &str, table: &TableName, seq: u32, kind: ChunkKind) -> String {
+/// Object key of a chunk: `chunks/{run}/{schema.table}/{seq}-{slice}.copy.zst` (rows) or
+/// `.../{seq}-{slice}.keys.copy.zst` (live key set).
+///
+/// The same range redone by the same slice gets the same name. The slice number is in
+/// the name so that a write still in flight from a killed slice (a request S3 completes
+/// after its sender died) can never replace what the next slice wrote and recorded.
+pub fn chunk_key(run_id: &str, table: &TableName, seq: u32, slice: u32, kind: ChunkKind) -> String {
     let suffix = match kind {
         ChunkKind::Rows => "copy.zst",
         ChunkKind::Keys => "keys.copy.zst",
     };
-    format!("chunks/{run_id}/{}/{seq:06}.{suffix}", table.key_segment())
+    format!(
+        "chunks/{run_id}/{}/{seq:06}-{slice:03}.{suffix}",
+        table.key_segment()
+    )
 }
 
 enum Piece {
@@ -207,40 +214,21 @@ impl ChunkSink {
 }
 
 /// Splits a stream of byte blocks into lines. PostgreSQL sends one COPY row per message,
-/// so a block is usually exactly one line; partial lines are carried over all the same.
+/// so a block is usually exactly one line, handed on without a copy; partial lines are
+/// carried over all the same.
 #[derive(Debug, Default)]
 pub struct LineSplitter {
     carry: BytesMut,
 }
 
 impl LineSplitter {
-    /// Calls `each` for every complete line in `block` (after any carried-over part).
-    pub fn push<E>(
-        &mut self,
-        block: &[u8],
-        mut each: impl FnMut(&[u8]) -> Result<(), E>,
-    ) -> Result<(), E> {
-        let mut rest = block;
-        if !self.carry.is_empty() {
-            match memchr_newline(rest) {
-                Some(i) => {
-                    self.carry.extend_from_slice(&rest[..=i]);
-                    let line = self.carry.split();
-                    each(&line)?;
-                    rest = &rest[i + 1..];
-                }
-                None => {
-                    self.carry.extend_from_slice(rest);
-                    return Ok(());
-                }
-            }
+    /// The complete lines of `block` (after any carried-over part), each with its newline.
+    pub fn feed(&mut self, block: Bytes) -> Lines<'_> {
+        Lines {
+            splitter: self,
+            block,
+            pos: 0,
         }
-        while let Some(i) = memchr_newline(rest) {
-            each(&rest[..=i])?;
-            rest = &rest[i + 1..];
-        }
-        self.carry.extend_from_slice(rest);
-        Ok(())
     }
 
     /// Bytes of an unfinished last line (COPY output always ends with a newline, so a
@@ -250,8 +238,43 @@ impl LineSplitter {
     }
 }
 
-fn memchr_newline(bytes: &[u8]) -> Option<usize> {
-    bytes.iter().position(|&b| b == b'\n')
+/// Iterator over the lines of one block; see [`LineSplitter::feed`].
+#[derive(Debug)]
+pub struct Lines<'s> {
+    splitter: &'s mut LineSplitter,
+    block: Bytes,
+    pos: usize,
+}
+
+impl Iterator for Lines<'_> {
+    type Item = Bytes;
+
+    fn next(&mut self) -> Option<Bytes> {
+        let rest = self.block.get(self.pos..)?;
+        if rest.is_empty() {
+            return None;
+        }
+        match memchr::memchr(b'\n', rest) {
+            Some(i) => {
+                let end = self.pos + i + 1;
+                let line = if self.splitter.carry.is_empty() {
+                    self.block.slice(self.pos..end)
+                } else {
+                    self.splitter
+                        .carry
+                        .extend_from_slice(&self.block[self.pos..end]);
+                    self.splitter.carry.split().freeze()
+                };
+                self.pos = end;
+                Some(line)
+            }
+            None => {
+                self.splitter.carry.extend_from_slice(rest);
+                self.pos = self.block.len();
+                None
+            }
+        }
+    }
 }
 
 /// The `index`-th tab-separated field of a COPY text line (without the newline), still
@@ -268,25 +291,18 @@ mod tests {
     #[test]
     fn lines_split_across_blocks() {
         let mut splitter = LineSplitter::default();
-        let mut lines: Vec<Vec<u8>> = Vec::new();
+        let mut lines: Vec<Bytes> = Vec::new();
         for block in [&b"a\tb\nc"[..], b"d\te", b"f\n", b"g\nh\n"] {
-            splitter
-                .push::<()>(block, |l| {
-                    lines.push(l.to_vec());
-                    Ok(())
-                })
-                .ok();
+            lines.extend(splitter.feed(Bytes::copy_from_slice(block)));
         }
+        let expected: Vec<&[u8]> = vec![b"a\tb\n", b"cd\tef\n", b"g\n", b"h\n"];
         assert_eq!(
-            lines,
-            vec![
-                b"a\tb\n".to_vec(),
-                b"cd\tef\n".to_vec(),
-                b"g\n".to_vec(),
-                b"h\n".to_vec()
-            ]
+            lines.iter().map(|l| l.as_ref()).collect::<Vec<_>>(),
+            expected
         );
         assert_eq!(splitter.remainder(), 0);
+        assert_eq!(splitter.feed(Bytes::from_static(b"cut")).count(), 0);
+        assert_eq!(splitter.remainder(), 3);
     }
 
     #[test]
@@ -302,12 +318,12 @@ mod tests {
     fn chunk_keys_are_deterministic() {
         let t = TableName::new("public", "Order Lines");
         assert_eq!(
-            chunk_key("r1", &t, 7, ChunkKind::Rows),
-            "chunks/r1/public.Order%20Lines/000007.copy.zst"
+            chunk_key("r1", &t, 7, 2, ChunkKind::Rows),
+            "chunks/r1/public.Order%20Lines/000007-002.copy.zst"
         );
         assert_eq!(
-            chunk_key("r1", &t, 7, ChunkKind::Keys),
-            "chunks/r1/public.Order%20Lines/000007.keys.copy.zst"
+            chunk_key("r1", &t, 7, 2, ChunkKind::Keys),
+            "chunks/r1/public.Order%20Lines/000007-002.keys.copy.zst"
         );
     }
 }

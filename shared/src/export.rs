@@ -904,34 +904,29 @@ async fn export_next_range(
             .map_err(db_err(table, db, "starting COPY"))?;
         pin_mut!(stream);
         let mut splitter = LineSplitter::default();
-        let mut line_buf = Vec::new();
+        let mut stripped = Vec::new();
+        let mut key_line = Vec::with_capacity(64);
         while let Some(block) =
             stream
                 .try_next()
                 .await
                 .map_err(db_err(table, db, "reading COPY data"))?
         {
-            let mut pending: Vec<(Vec<u8>, bool)> = Vec::new();
-            splitter
-                .push::<()>(&block, |line| {
-                    pending.push(match changed_since {
-                        Some(_) => {
-                            // "...\tt\n" or "...\tf\n": strip the flag column.
-                            let changed = line.len() >= 3 && line[line.len() - 2] == b't';
-                            line_buf.clear();
-                            line_buf.extend_from_slice(&line[..line.len().saturating_sub(3)]);
-                            line_buf.push(b'\n');
-                            (line_buf.clone(), changed)
-                        }
-                        None => (line.to_vec(), true),
-                    });
-                    Ok(())
-                })
-                .ok();
-            for (line, export) in pending {
-                fingerprint.add_line(&line);
+            for raw in splitter.feed(block) {
+                let (line, export): (&[u8], bool) = match changed_since {
+                    Some(_) => {
+                        // "...\tt\n" or "...\tf\n": strip the flag column.
+                        let changed = raw.len() >= 3 && raw[raw.len() - 2] == b't';
+                        stripped.clear();
+                        stripped.extend_from_slice(&raw[..raw.len().saturating_sub(3)]);
+                        stripped.push(b'\n');
+                        (&stripped, changed)
+                    }
+                    None => (&raw, true),
+                };
+                fingerprint.add_line(line);
                 if collect_append {
-                    if let Some(k) = copy_field(&line, key_positions[0])
+                    if let Some(k) = copy_field(line, key_positions[0])
                         .and_then(|f| std::str::from_utf8(f).ok())
                         .and_then(|f| f.parse::<i64>().ok())
                     {
@@ -942,32 +937,32 @@ async fn export_next_range(
                     let sink = rows_sink.get_or_insert_with(|| {
                         ChunkSink::open(
                             shared.store.clone(),
-                            chunk_key(&run_id, &table.name, seq, ChunkKind::Rows),
+                            chunk_key(&run_id, &table.name, seq, shared.slice, ChunkKind::Rows),
                             ChunkKind::Rows,
                             &run_id,
                             level,
                         )
                     });
-                    sink.write_line(&line).await?;
+                    sink.write_line(line).await?;
                 }
                 if changed_since.is_some() {
+                    key_line.clear();
+                    for (i, pos) in key_positions.iter().enumerate() {
+                        if i > 0 {
+                            key_line.push(b'\t');
+                        }
+                        key_line.extend_from_slice(copy_field(line, *pos).unwrap_or_default());
+                    }
+                    key_line.push(b'\n');
                     let sink = keys_sink.get_or_insert_with(|| {
                         ChunkSink::open(
                             shared.store.clone(),
-                            chunk_key(&run_id, &table.name, seq, ChunkKind::Keys),
+                            chunk_key(&run_id, &table.name, seq, shared.slice, ChunkKind::Keys),
                             ChunkKind::Keys,
                             &run_id,
                             level,
                         )
                     });
-                    let mut key_line = Vec::with_capacity(32);
-                    for (i, pos) in key_positions.iter().enumerate() {
-                        if i > 0 {
-                            key_line.push(b'\t');
-                        }
-                        key_line.extend_from_slice(copy_field(&line, *pos).unwrap_or_default());
-                    }
-                    key_line.push(b'\n');
                     sink.write_line(&key_line).await?;
                 }
             }
@@ -1117,14 +1112,7 @@ async fn probe_gaps(
                 return Err(db_err(table, db, "probing append gaps")(e));
             }
         };
-        let mut lines = Vec::new();
-        splitter
-            .push::<()>(&block, |l| {
-                lines.push(l.to_vec());
-                Ok(())
-            })
-            .ok();
-        for line in lines {
+        for line in splitter.feed(block) {
             fingerprint.add_line(&line);
             if let Some(k) = copy_field(&line, key_pos)
                 .and_then(|f| std::str::from_utf8(f).ok())
@@ -1135,7 +1123,7 @@ async fn probe_gaps(
             let s = sink.get_or_insert_with(|| {
                 ChunkSink::open(
                     shared.store.clone(),
-                    chunk_key(&run_id, &table.name, seq, ChunkKind::Rows),
+                    chunk_key(&run_id, &table.name, seq, shared.slice, ChunkKind::Rows),
                     ChunkKind::Rows,
                     &run_id,
                     shared.opts.zstd_level,
@@ -1278,17 +1266,16 @@ async fn export_keyless(
                 return Err(db_err(table, db, "reading COPY data")(e));
             }
         };
-        let mut lines = Vec::new();
-        splitter
-            .push::<()>(&block, |l| {
-                lines.push(l.to_vec());
-                Ok(())
-            })
-            .ok();
-        for line in lines {
+        for line in splitter.feed(block) {
             table.fingerprint.add_line(&line);
             let s = sink.get_or_insert_with(|| {
-                let key = chunk_key(&run_id, &table.name, table.next_seq, ChunkKind::Rows);
+                let key = chunk_key(
+                    &run_id,
+                    &table.name,
+                    table.next_seq,
+                    shared.slice,
+                    ChunkKind::Rows,
+                );
                 ChunkSink::open(
                     shared.store.clone(),
                     key,

@@ -227,6 +227,10 @@ pub struct BackupSummary {
     pub rows: u64,
     pub bytes: u64,
     pub chain_length: usize,
+    /// Stored bytes this run wrote (the rest comes from its chain).
+    pub run_bytes: u64,
+    /// Store requests the run made.
+    pub store_requests: u64,
 }
 
 /// Every sealed backup, oldest first.
@@ -245,6 +249,8 @@ pub async fn list_backups(store: &dyn WriteStore) -> Result<Vec<BackupSummary>, 
                 bytes: m.bytes(),
                 tables: m.tables.len(),
                 chain_length: m.chain.len(),
+                store_requests: m.store_requests,
+                run_bytes: m.totals.bytes,
                 id: m.id,
                 kind: m.kind,
                 parent: m.parent,

@@ -52,6 +52,8 @@ impl RunError {
     pub fn is_retryable(&self) -> bool {
         match self {
             RunError::Table { retryable, .. } => *retryable,
+            // A write of a dead slice landed late; reading the progress again resolves it.
+            RunError::Conflict { .. } => true,
             RunError::Db(e) | RunError::Catalog(CatalogError::Db(e)) => e.is_retryable(),
             RunError::Store(e) | RunError::Format(FormatError::Store(e)) => e.is_retryable(),
             _ => false,
