@@ -42,8 +42,8 @@ pub struct SelectionArgs {
     /// Database connections exporting at once.
     #[arg(long, env = "TIDEMARK_WORKERS", default_value_t = 2)]
     workers: usize,
-    /// zstd level (1 fastest .. 19 smallest).
-    #[arg(long, env = "TIDEMARK_ZSTD_LEVEL", default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
+    /// zstd level (1 fastest .. 19 smallest); 1 keeps pace with COPY on small machines.
+    #[arg(long, env = "TIDEMARK_ZSTD_LEVEL", default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..=19))]
     zstd_level: i32,
 }
 

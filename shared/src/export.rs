@@ -86,7 +86,7 @@ impl Default for ExportOptions {
             selection: TableSelection::default(),
             chunk_rows: 1_000_000,
             chunk_bytes: 64 * 1024 * 1024,
-            zstd_level: 3,
+            zstd_level: 1,
             gap_ttl: Duration::from_secs(3600),
             workers: 2,
             deadline: None,
