@@ -115,9 +115,11 @@ async fn finish_after_manifest(
     manifest: &Manifest,
 ) -> Result<(), RunError> {
     let current = read_doc::<Checkpoint>(store, CHECKPOINT_KEY).await?;
+    // Never move the checkpoint back (sealing an older run again is harmless). Ids that
+    // share a second do not sort by time, so compare times.
     let behind = current
         .as_ref()
-        .is_none_or(|(c, _)| c.backup_id.as_str() < manifest.id.as_str());
+        .is_none_or(|(c, _)| c.backup_id != manifest.id && c.created_at < manifest.created_at);
     if behind {
         if let Some((progress, _)) =
             read_doc::<RunProgress>(store, &progress_key(&manifest.id)).await?
@@ -233,7 +235,7 @@ pub struct BackupSummary {
     pub store_requests: u64,
 }
 
-/// Every sealed backup, oldest first.
+/// Every sealed backup, oldest first (by creation time).
 ///
 /// # Errors
 /// Store and format errors (naming the manifest).
@@ -258,6 +260,6 @@ pub async fn list_backups(store: &dyn WriteStore) -> Result<Vec<BackupSummary>, 
             });
         }
     }
-    out.sort_by(|a, b| a.id.cmp(&b.id));
+    out.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
     Ok(out)
 }

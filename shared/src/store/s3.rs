@@ -45,7 +45,7 @@ pub struct S3StoreOptions {
 impl Default for S3StoreOptions {
     fn default() -> Self {
         Self {
-            part_size: 8 * 1024 * 1024,
+            part_size: 5 * 1024 * 1024,
             upload_concurrency: 2,
             list_page_size: 1000,
         }
