@@ -362,9 +362,12 @@ async fn describe(
     };
     let size = client
         .query_one(
-            "SELECT coalesce(sum(pg_relation_size(t.relid)), 0)::int8, \
+            // pg_partition_tree lists nothing for an ordinary table: count the table
+            // itself as well as any partitions.
+            "SELECT coalesce(sum(pg_relation_size(c.oid)), 0)::int8, \
                     coalesce(sum(greatest(c.reltuples, 0)), 0)::float8 \
-             FROM pg_partition_tree($1::oid::regclass) t JOIN pg_class c ON c.oid = t.relid",
+             FROM pg_class c \
+             WHERE c.oid = $1 OR c.oid IN (SELECT relid FROM pg_partition_tree($1::oid::regclass))",
             &[&oid],
         )
         .await

@@ -10,7 +10,8 @@
 //! Within one slice all workers share one exported snapshot, so a run that finishes in
 //! one slice is a single point in time. Ranges, not rows, are the unit of work:
 //! - tables with a primary key are cut into ranges of `rows_per_chunk` keys (bounds from
-//!   an index-only scan), one chunk per range;
+//!   an index-only scan), one chunk per range; a big table is first split into up to
+//!   `workers` lanes of about equal size, which connections export at once;
 //! - keyless tables are exported whole in one statement, cut into chunks as they stream,
 //!   and restarted if a slice ends in the middle.
 //!
@@ -36,7 +37,7 @@ use crate::chunk::{chunk_key, copy_field, ChunkSink, LineSplitter};
 use crate::db::{self, DbError, DbSettings};
 use crate::format::checkpoint::{Checkpoint, GapRange, TableCheckpoint};
 use crate::format::manifest::Manifest;
-use crate::format::progress::{ExportScope, ExportSettings, RunProgress, TableProgress};
+use crate::format::progress::{ExportScope, ExportSettings, Lane, RunProgress, TableProgress};
 use crate::format::{
     manifest_key, progress_key, quote_ident, quote_literal, read_doc, write_doc, BackupKind,
     ChunkKind, ChunkRef, Fingerprint, KeyRange, PgSnapshot, TableMode, CHECKPOINT_KEY,
@@ -239,20 +240,15 @@ pub async fn export_slice(
         .try_get(0)
         .map_err(|e| DbError::query("exporting the snapshot", db, e))?;
 
-    let pending: VecDeque<usize> = progress
-        .tables
-        .iter()
-        .enumerate()
-        .filter(|(_, t)| !t.done)
-        .map(|(i, _)| i)
-        .collect();
+    let pending = work_left(&progress);
     let meter = opts.meter.clone().unwrap_or_default();
     meter
         .tables_total
         .store(progress.tables.len(), Ordering::Relaxed);
-    meter
-        .tables_done
-        .store(progress.tables.len() - pending.len(), Ordering::Relaxed);
+    meter.tables_done.store(
+        progress.tables.iter().filter(|t| t.done).count(),
+        Ordering::Relaxed,
+    );
     let slice = progress.slices;
     let shared = Arc::new(Shared {
         store: store.clone(),
@@ -274,6 +270,7 @@ pub async fn export_slice(
         slice_chunks: AtomicU64::new(0),
         snapshot_id,
         slice,
+        run_id: run_id.clone(),
     });
 
     let mut workers = tokio::task::JoinSet::new();
@@ -508,7 +505,7 @@ async fn plan_table(
         gaps_to_probe: Vec::new(),
         gaps: Vec::new(),
         rows_per_chunk,
-        cursor: None,
+        lanes: Vec::new(),
         gaps_probed: true,
         done: false,
         chunks: Vec::new(),
@@ -566,7 +563,118 @@ async fn plan_table(
             }
         }
     }
+    progress.lanes = plan_lanes(client, db, &progress, table.est_rows, opts.workers).await?;
     Ok(progress)
+}
+
+/// One lane over the key range a table's scope covers, `(after, until]` with `None`
+/// open; `None` for an empty `append` range.
+fn scope_lane(table: &TableProgress) -> Option<Lane> {
+    let (after, until) = match table.scope {
+        ExportScope::Appended { after, upto } => {
+            if upto == i64::MIN || upto <= after {
+                return None;
+            }
+            let lower = (after != i64::MIN).then(|| vec![after.to_string()]);
+            (lower, Some(vec![upto.to_string()]))
+        }
+        _ => (None, None),
+    };
+    Some(Lane {
+        after,
+        until,
+        cursor: None,
+        done: false,
+    })
+}
+
+/// Splits a keyed table into up to `workers` lanes of about equal row counts (bounds from
+/// an index-only scan), so that several connections export one big table at once.
+async fn plan_lanes(
+    client: &Client,
+    db: &DbSettings,
+    table: &TableProgress,
+    est_rows: f64,
+    workers: usize,
+) -> Result<Vec<Lane>, RunError> {
+    let Some(whole) = scope_lane(table) else {
+        return Ok(Vec::new());
+    };
+    let (after, until) = (whole.after.clone(), whole.until.clone());
+    let wanted = if table.key.is_empty() {
+        1
+    } else {
+        ((est_rows / table.rows_per_chunk.max(1) as f64).ceil() as usize).clamp(1, workers.max(1))
+    };
+    if wanted == 1 {
+        return Ok(vec![whole]);
+    }
+    let mut lower = Vec::new();
+    if let Some(a) = &after {
+        lower.push(key_compare(table, ">", a));
+    }
+    if let Some(u) = &until {
+        lower.push(key_compare(table, "<=", u));
+    }
+    let condition = if lower.is_empty() {
+        "true".to_owned()
+    } else {
+        lower.join(" AND ")
+    };
+    let step = (est_rows / wanted as f64).max(1.0) as u64;
+    let mut bounds: Vec<Vec<String>> = Vec::new();
+    for i in 1..wanted {
+        let sql = format!(
+            "SELECT {} FROM {} WHERE {condition} ORDER BY {} OFFSET {} LIMIT 1",
+            bound_columns(table),
+            table.name.quoted(),
+            column_list(&table.key),
+            step * i as u64
+        );
+        let row = client.query_opt(&sql, &[]).await.map_err(db_err(
+            table,
+            db,
+            "splitting the table into lanes",
+        ))?;
+        let Some(row) = row else { break };
+        let bound: Vec<String> = (0..table.key.len())
+            .map(|i| row.try_get::<_, String>(i))
+            .collect::<Result<_, _>>()
+            .map_err(db_err(table, db, "reading a lane bound"))?;
+        if bounds.last() != Some(&bound) {
+            bounds.push(bound);
+        }
+    }
+    let mut lanes = Vec::with_capacity(bounds.len() + 1);
+    let mut previous = after;
+    for bound in bounds {
+        lanes.push(Lane {
+            after: previous.clone(),
+            until: Some(bound.clone()),
+            cursor: None,
+            done: false,
+        });
+        previous = Some(bound);
+    }
+    lanes.push(Lane {
+        after: previous,
+        until,
+        cursor: None,
+        done: false,
+    });
+    Ok(lanes)
+}
+
+/// `k1::text AS tidemark_bound_0, ...`: aliased, so that ORDER BY names the key columns,
+/// not these text casts.
+fn bound_columns(table: &TableProgress) -> String {
+    table
+        .key
+        .iter()
+        .enumerate()
+        .map(|(i, k)| format!("{}::text AS tidemark_bound_{i}", quote_ident(k)))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 struct ProgressState {
@@ -577,12 +685,76 @@ struct ProgressState {
     lease_renewed: Instant,
 }
 
+/// One unit of work of a slice.
+#[derive(Debug, Clone, Copy)]
+enum Work {
+    /// Probe an `append` table's earlier gaps for late commits.
+    Probe(usize),
+    /// Export the ranges of one lane of a keyed table.
+    Lane(usize, usize),
+    /// Export a keyless table whole.
+    Keyless(usize),
+    /// Every lane is done: check and mark the table done.
+    Finalize(usize),
+}
+
+/// The work left in a run, in table order.
+fn work_left(doc: &RunProgress) -> VecDeque<Work> {
+    let mut queue = VecDeque::new();
+    for (t, table) in doc.tables.iter().enumerate() {
+        if table.done {
+            continue;
+        }
+        if table.key.is_empty() {
+            queue.push_back(Work::Keyless(t));
+            continue;
+        }
+        if !table.gaps_probed {
+            queue.push_back(Work::Probe(t));
+        }
+        let open: Vec<usize> = (0..table.lanes.len())
+            .filter(|&l| !table.lanes[l].done)
+            .collect();
+        if open.is_empty() && table.gaps_probed {
+            queue.push_back(Work::Finalize(t));
+        }
+        queue.extend(open.into_iter().map(|l| Work::Lane(t, l)));
+    }
+    queue
+}
+
+/// What one piece of work adds to a table.
+#[derive(Debug, Default)]
+struct Delta {
+    chunks: Vec<ChunkRef>,
+    key_chunks: Vec<ChunkRef>,
+    fingerprint: Fingerprint,
+    gaps: Vec<GapRange>,
+}
+
+impl Delta {
+    fn apply(self, table: &mut TableProgress) {
+        for chunk in &self.chunks {
+            table.exported_rows += chunk.rows;
+        }
+        table.chunks.extend(self.chunks);
+        table.key_chunks.extend(self.key_chunks);
+        table.fingerprint = table.fingerprint.combine(self.fingerprint);
+        table.gaps.extend(self.gaps);
+        if table.gaps.len() > MAX_GAPS {
+            table.gaps.sort_by_key(|g| (g.seen_at, g.from));
+            let excess = table.gaps.len() - MAX_GAPS;
+            table.gaps.drain(..excess);
+        }
+    }
+}
+
 struct Shared {
     store: Arc<dyn WriteStore>,
     counting: Arc<CountingStore>,
     base_requests: u64,
     state: Mutex<ProgressState>,
-    queue: std::sync::Mutex<VecDeque<usize>>,
+    queue: std::sync::Mutex<VecDeque<Work>>,
     opts: ExportOptions,
     meter: Arc<ExportMeter>,
     slice_rows: AtomicU64,
@@ -591,6 +763,7 @@ struct Shared {
     slice_chunks: AtomicU64,
     snapshot_id: String,
     slice: u32,
+    run_id: String,
 }
 
 impl Shared {
@@ -598,8 +771,14 @@ impl Shared {
         self.opts.deadline.is_some_and(|d| Instant::now() >= d)
     }
 
-    fn next_table(&self) -> Option<usize> {
+    fn next_work(&self) -> Option<Work> {
         self.queue.lock().ok()?.pop_front()
+    }
+
+    fn push_work(&self, work: Work) {
+        if let Ok(mut queue) = self.queue.lock() {
+            queue.push_back(work);
+        }
     }
 
     fn count_chunk(&self, chunk: &ChunkRef) {
@@ -617,26 +796,65 @@ impl Shared {
         }
     }
 
-    fn table(&self, state: &ProgressState, index: usize) -> TableProgress {
-        state.doc.tables[index].clone()
+    /// The table as it stands, noting the slice its export started in.
+    async fn begin(&self, t: usize) -> TableProgress {
+        let mut state = self.state.lock().await;
+        let table = &mut state.doc.tables[t];
+        if table.started_in_slice == 0 {
+            table.started_in_slice = self.slice;
+        }
+        table.clone()
     }
 
-    /// Records a table's new state; writes the progress document when it is due.
+    /// A chunk sequence number of table `t`, unique within the run.
+    async fn next_seq(&self, t: usize) -> u32 {
+        let mut state = self.state.lock().await;
+        let table = &mut state.doc.tables[t];
+        let seq = table.next_seq;
+        table.next_seq += 1;
+        seq
+    }
+
+    /// Adds `delta` (and a lane's new state) to table `t`; writes the progress document
+    /// when due. Returns whether every piece of the table is now exported.
     async fn record(
         &self,
-        index: usize,
-        table: TableProgress,
-        force: bool,
-    ) -> Result<(), RunError> {
+        t: usize,
+        lane: Option<(usize, Lane)>,
+        delta: Delta,
+        probed: bool,
+    ) -> Result<bool, RunError> {
         let mut state = self.state.lock().await;
-        if table.done && !state.doc.tables[index].done {
-            self.meter.tables_done.fetch_add(1, Ordering::Relaxed);
+        let table = &mut state.doc.tables[t];
+        delta.apply(table);
+        if let Some((l, lane)) = lane {
+            table.lanes[l] = lane;
         }
-        state.doc.tables[index] = table;
-        if force || state.last_write.elapsed() >= self.opts.progress_interval {
+        if probed {
+            table.gaps_probed = true;
+            table.gaps_to_probe.clear();
+        }
+        let complete = !table.done && table.gaps_probed && table.lanes.iter().all(|l| l.done);
+        if state.last_write.elapsed() >= self.opts.progress_interval {
             self.flush(&mut state).await?;
         }
-        Ok(())
+        Ok(complete)
+    }
+
+    /// Replaces table `t` wholesale (a restart) and records it.
+    async fn replace(&self, t: usize, table: TableProgress) -> Result<(), RunError> {
+        let mut state = self.state.lock().await;
+        state.doc.tables[t] = table;
+        self.flush(&mut state).await
+    }
+
+    async fn mark_done(&self, t: usize) -> Result<(), RunError> {
+        let mut state = self.state.lock().await;
+        if !state.doc.tables[t].done {
+            state.doc.tables[t].done = true;
+            self.meter.tables_done.fetch_add(1, Ordering::Relaxed);
+        }
+        self.flush(&mut state).await
     }
 
     async fn warn(&self, message: String) {
@@ -664,12 +882,8 @@ impl Shared {
 async fn worker(shared: Arc<Shared>, db: DbSettings) -> Result<(), RunError> {
     let client = db::connect(&db).await?;
     while !shared.past_deadline() {
-        let Some(index) = shared.next_table() else {
+        let Some(work) = shared.next_work() else {
             break;
-        };
-        let table = {
-            let state = shared.state.lock().await;
-            shared.table(&state, index)
         };
         client
             .batch_execute(&format!(
@@ -677,70 +891,87 @@ async fn worker(shared: Arc<Shared>, db: DbSettings) -> Result<(), RunError> {
                 quote_literal(&shared.snapshot_id)
             ))
             .await
-            .map_err(|e| {
-                RunError::table(
-                    &table.name,
-                    DbError::query("importing the snapshot", &db, e),
-                )
-            })?;
-        let result = export_table(&shared, &client, &db, index, table).await;
+            .map_err(|e| DbError::query("importing the snapshot", &db, e))?;
+        let result = do_work(&shared, &client, &db, work).await;
         let _ = client.batch_execute("COMMIT").await;
         result?;
     }
     Ok(())
 }
 
-async fn export_table(
+async fn do_work(
     shared: &Shared,
     client: &Client,
     db: &DbSettings,
-    index: usize,
-    mut table: TableProgress,
+    work: Work,
 ) -> Result<(), RunError> {
-    if table.key.is_empty() {
-        // A keyless table has no cursor: it is exported whole within one slice.
-        restart(&mut table, shared.slice);
-    } else if table.started_in_slice == 0 {
-        table.started_in_slice = shared.slice;
-    }
-    if table.key.is_empty() {
-        export_keyless(shared, client, db, &mut table).await?;
-        table.done = true;
-        return shared.record(index, table, true).await;
-    }
-    if !table.gaps_probed {
-        probe_gaps(shared, client, db, &mut table).await?;
-        table.gaps_probed = true;
-        shared.record(index, table.clone(), false).await?;
-    }
-    loop {
-        if shared.past_deadline() {
-            return shared.record(index, table, true).await;
+    match work {
+        Work::Keyless(t) => {
+            // A keyless table has no cursor: it is exported whole within one slice.
+            let mut table = shared.begin(t).await;
+            reset(&mut table, shared.slice);
+            shared.replace(t, table.clone()).await?;
+            let delta = export_keyless(shared, client, db, &table, t).await?;
+            shared.record(t, None, delta, false).await?;
+            shared.mark_done(t).await
         }
-        let finished = export_next_range(shared, client, db, &mut table).await?;
-        if finished {
-            break;
+        Work::Probe(t) => {
+            let table = shared.begin(t).await;
+            let delta = probe_gaps(shared, client, db, &table, t).await?;
+            if shared.record(t, None, delta, true).await? {
+                finalize(shared, client, db, t).await?;
+            }
+            Ok(())
         }
-        shared.record(index, table.clone(), false).await?;
-    }
-    if let ExportScope::Appended { upto, .. } = table.scope {
-        if !check_append_count(shared, client, db, &mut table, upto).await? {
-            // Restarted whole: export it again in this slice.
-            return Box::pin(export_table(shared, client, db, index, table)).await;
+        Work::Lane(t, l) => {
+            let table = shared.begin(t).await;
+            let mut lane = table.lanes[l].clone();
+            while !lane.done {
+                if shared.past_deadline() {
+                    return Ok(());
+                }
+                let seq = shared.next_seq(t).await;
+                let (delta, next) = export_range(shared, client, db, &table, &lane, seq).await?;
+                lane = next;
+                if shared
+                    .record(t, Some((l, lane.clone())), delta, false)
+                    .await?
+                {
+                    finalize(shared, client, db, t).await?;
+                }
+            }
+            Ok(())
         }
+        Work::Finalize(t) => finalize(shared, client, db, t).await,
     }
-    table.done = true;
-    shared.record(index, table, true).await
 }
 
-fn restart(table: &mut TableProgress, slice: u32) {
-    table.cursor = None;
+/// Clears what a run exported of a table, to export it again.
+fn reset(table: &mut TableProgress, slice: u32) {
     table.chunks.clear();
     table.key_chunks.clear();
     table.fingerprint = Fingerprint::default();
     table.exported_rows = 0;
     table.gaps.clear();
     table.started_in_slice = slice;
+}
+
+/// All of a table is exported: check an `append` table's row count, then mark it done.
+async fn finalize(
+    shared: &Shared,
+    client: &Client,
+    db: &DbSettings,
+    t: usize,
+) -> Result<(), RunError> {
+    let table = shared.begin(t).await;
+    if let ExportScope::Appended { upto, .. } = table.scope {
+        if let Some(whole) = check_append_count(shared, client, db, &table, upto).await? {
+            shared.replace(t, whole).await?;
+            shared.push_work(Work::Lane(t, 0));
+            return Ok(());
+        }
+    }
+    shared.mark_done(t).await
 }
 
 fn db_err<'a>(
@@ -784,72 +1015,58 @@ fn key_compare(table: &TableProgress, op: &str, values: &[String]) -> String {
     format!("({}) {op} ({literals})", column_list(&table.key))
 }
 
-/// Exports the next key range; returns `true` when the table has no more ranges.
-async fn export_next_range(
+fn first_i64(values: Option<&Vec<String>>) -> Option<i64> {
+    values.and_then(|v| v.first()).and_then(|v| v.parse().ok())
+}
+
+/// Exports the next key range of `lane` as chunk `seq`; returns what it added and the
+/// lane's new state.
+async fn export_range(
     shared: &Shared,
     client: &Client,
     db: &DbSettings,
-    table: &mut TableProgress,
-) -> Result<bool, RunError> {
+    table: &TableProgress,
+    lane: &Lane,
+    seq: u32,
+) -> Result<(Delta, Lane), RunError> {
     let name = table.name.quoted();
     let keys = column_list(&table.key);
-    let mut lower = Vec::new();
-    if let Some(after) = &table.cursor {
-        lower.push(key_compare(table, ">", after));
+    let lower = lane.cursor.as_ref().or(lane.after.as_ref());
+    let mut conditions = Vec::new();
+    if let Some(after) = lower {
+        conditions.push(key_compare(table, ">", after));
     }
-    let mut last_range = false;
-    if let ExportScope::Appended { after, upto } = table.scope {
-        if table.cursor.is_none() && after != i64::MIN {
-            lower.push(format!("{keys} > {after}"));
-        }
-        lower.push(format!("{keys} <= {upto}"));
-        if table
-            .cursor
-            .as_ref()
-            .and_then(|c| c[0].parse::<i64>().ok())
-            .is_some_and(|c| c >= upto)
-            || upto == i64::MIN
-        {
-            return Ok(true);
-        }
+    let mut bound_conditions = conditions.clone();
+    if let Some(until) = &lane.until {
+        bound_conditions.push(key_compare(table, "<=", until));
     }
-    let where_lower = if lower.is_empty() {
+    let where_bound = if bound_conditions.is_empty() {
         "true".to_owned()
     } else {
-        lower.join(" AND ")
+        bound_conditions.join(" AND ")
     };
     let bound_sql = format!(
-        "SELECT {} FROM {name} WHERE {where_lower} ORDER BY {keys} OFFSET {} LIMIT 1",
-        table
-            .key
-            .iter()
-            .enumerate()
-            // Aliased, so that ORDER BY names the key columns, not these text casts.
-            .map(|(i, k)| format!("{}::text AS tidemark_bound_{i}", quote_ident(k)))
-            .collect::<Vec<_>>()
-            .join(", "),
+        "SELECT {} FROM {name} WHERE {where_bound} ORDER BY {keys} OFFSET {} LIMIT 1",
+        bound_columns(table),
         table.rows_per_chunk.saturating_sub(1)
     );
-    let bound = client.query_opt(&bound_sql, &[]).await.map_err(db_err(
-        table,
-        db,
-        "finding the next key range",
-    ))?;
-    let upto: Option<Vec<String>> = match bound {
+    let bound: Option<Vec<String>> = match client
+        .query_opt(&bound_sql, &[])
+        .await
+        .map_err(db_err(table, db, "finding the next key range"))?
+    {
         Some(row) => Some(
             (0..table.key.len())
                 .map(|i| row.try_get::<_, String>(i))
                 .collect::<Result<_, _>>()
                 .map_err(db_err(table, db, "reading a key bound"))?,
         ),
-        None => {
-            last_range = true;
-            None
-        }
+        None => None,
     };
-    let mut conditions = lower.clone();
-    if let Some(upto) = &upto {
-        conditions.push(key_compare(table, "<=", upto));
+    let last = bound.is_none() || bound == lane.until;
+    let upper = bound.or_else(|| lane.until.clone());
+    if let Some(u) = &upper {
+        conditions.push(key_compare(table, "<=", u));
     }
     let condition = if conditions.is_empty() {
         "true".to_owned()
@@ -857,8 +1074,8 @@ async fn export_next_range(
         conditions.join(" AND ")
     };
     let range = KeyRange {
-        after: table.cursor.clone(),
-        upto: upto.clone(),
+        after: lower.cloned(),
+        upto: upper.clone(),
     };
     let changed_since = match table.scope {
         ExportScope::Changed { since_xmin } => Some(since_xmin),
@@ -889,14 +1106,13 @@ async fn export_next_range(
             retryable: false,
         });
     }
-    let seq = table.next_seq;
-    let mut rows_sink: Option<ChunkSink> = None;
-    let mut keys_sink: Option<ChunkSink> = None;
-    let mut fingerprint = Fingerprint::default();
-    let mut append_keys: Vec<i64> = Vec::new();
     let collect_append = matches!(table.scope, ExportScope::Appended { .. });
     let level = shared.opts.zstd_level;
-    let run_id = shared.state.lock().await.doc.run_id.clone();
+    let run_id = &shared.run_id;
+    let mut rows_sink: Option<ChunkSink> = None;
+    let mut keys_sink: Option<ChunkSink> = None;
+    let mut delta = Delta::default();
+    let mut append_keys: Vec<i64> = Vec::new();
     let result: Result<(), RunError> = async {
         let stream = client
             .copy_out(&format!("COPY ({select}) TO STDOUT"))
@@ -924,7 +1140,7 @@ async fn export_next_range(
                     }
                     None => (&raw, true),
                 };
-                fingerprint.add_line(line);
+                delta.fingerprint.add_line(line);
                 if collect_append {
                     if let Some(k) = copy_field(line, key_positions[0])
                         .and_then(|f| std::str::from_utf8(f).ok())
@@ -937,9 +1153,9 @@ async fn export_next_range(
                     let sink = rows_sink.get_or_insert_with(|| {
                         ChunkSink::open(
                             shared.store.clone(),
-                            chunk_key(&run_id, &table.name, seq, shared.slice, ChunkKind::Rows),
+                            chunk_key(run_id, &table.name, seq, shared.slice, ChunkKind::Rows),
                             ChunkKind::Rows,
-                            &run_id,
+                            run_id,
                             level,
                         )
                     });
@@ -957,9 +1173,9 @@ async fn export_next_range(
                     let sink = keys_sink.get_or_insert_with(|| {
                         ChunkSink::open(
                             shared.store.clone(),
-                            chunk_key(&run_id, &table.name, seq, shared.slice, ChunkKind::Keys),
+                            chunk_key(run_id, &table.name, seq, shared.slice, ChunkKind::Keys),
                             ChunkKind::Keys,
-                            &run_id,
+                            run_id,
                             level,
                         )
                     });
@@ -986,54 +1202,38 @@ async fn export_next_range(
     if let Some(sink) = rows_sink {
         let chunk = sink.finish(Some(range.clone())).await?;
         shared.count_chunk(&chunk);
-        table.exported_rows += chunk.rows;
-        table.chunks.push(chunk);
+        delta.chunks.push(chunk);
     }
     if let Some(sink) = keys_sink {
         let chunk = sink.finish(Some(range.clone())).await?;
         shared.count_chunk(&chunk);
-        table.key_chunks.push(chunk);
+        delta.key_chunks.push(chunk);
     }
-    table.next_seq += 1;
-    table.fingerprint = table.fingerprint.combine(fingerprint);
     if collect_append {
-        let after = match (&table.cursor, table.scope.clone()) {
-            (Some(c), _) => c[0].parse::<i64>().ok(),
-            (None, ExportScope::Appended { after, .. }) if after != i64::MIN => Some(after),
-            _ => None,
-        };
-        let upto_key = match (&upto, table.scope.clone()) {
-            (Some(u), _) => u[0].parse::<i64>().ok(),
-            (None, ExportScope::Appended { upto, .. }) => Some(upto),
-            _ => None,
-        };
-        record_gaps(table, &mut append_keys, after, upto_key);
-        if let Some(u) = upto_key {
-            table.cursor = Some(vec![u.to_string()]);
-        }
-        if last_range {
-            return Ok(true);
-        }
-        return Ok(false);
+        delta.gaps = find_gaps(
+            &mut append_keys,
+            first_i64(lower),
+            first_i64(upper.as_ref()),
+        );
     }
-    match upto {
-        Some(u) => {
-            table.cursor = Some(u);
-            Ok(false)
-        }
-        None => Ok(true),
+    let mut next = lane.clone();
+    if upper.is_some() {
+        next.cursor = upper;
     }
+    next.done = last;
+    Ok((delta, next))
 }
 
-/// Adds the key ranges in `(after, upto]` that no visible row had.
-fn record_gaps(table: &mut TableProgress, keys: &mut [i64], after: Option<i64>, upto: Option<i64>) {
+/// The key ranges in `(after, upto]` that no visible row had.
+fn find_gaps(keys: &mut [i64], after: Option<i64>, upto: Option<i64>) -> Vec<GapRange> {
     keys.sort_unstable();
     let now = Utc::now();
+    let mut gaps = Vec::new();
     let mut expected = after.map(|a| a.saturating_add(1));
     for &k in keys.iter() {
         if let Some(e) = expected {
             if k > e {
-                table.gaps.push(GapRange {
+                gaps.push(GapRange {
                     from: e,
                     to: k - 1,
                     seen_at: now,
@@ -1044,17 +1244,14 @@ fn record_gaps(table: &mut TableProgress, keys: &mut [i64], after: Option<i64>, 
     }
     if let (Some(e), Some(u)) = (expected, upto) {
         if u >= e {
-            table.gaps.push(GapRange {
+            gaps.push(GapRange {
                 from: e,
                 to: u,
                 seen_at: now,
             });
         }
     }
-    if table.gaps.len() > MAX_GAPS {
-        let excess = table.gaps.len() - MAX_GAPS;
-        table.gaps.drain(..excess);
-    }
+    gaps
 }
 
 /// Looks again at earlier gaps of an `append` table: rows that committed late are
@@ -1063,11 +1260,13 @@ async fn probe_gaps(
     shared: &Shared,
     client: &Client,
     db: &DbSettings,
-    table: &mut TableProgress,
-) -> Result<(), RunError> {
-    let gaps = std::mem::take(&mut table.gaps_to_probe);
+    table: &TableProgress,
+    t: usize,
+) -> Result<Delta, RunError> {
+    let mut delta = Delta::default();
+    let gaps = &table.gaps_to_probe;
     if gaps.is_empty() {
-        return Ok(());
+        return Ok(delta);
     }
     let key = quote_ident(&table.key[0]);
     let values = gaps
@@ -1090,8 +1289,7 @@ async fn probe_gaps(
         .iter()
         .position(|c| c == &table.key[0])
         .unwrap_or(0);
-    let run_id = shared.state.lock().await.doc.run_id.clone();
-    let seq = table.next_seq;
+    let seq = shared.next_seq(t).await;
     let stream = client
         .copy_out(&format!("COPY ({select}) TO STDOUT"))
         .await
@@ -1099,53 +1297,55 @@ async fn probe_gaps(
     pin_mut!(stream);
     let mut sink: Option<ChunkSink> = None;
     let mut found: Vec<i64> = Vec::new();
-    let mut fingerprint = Fingerprint::default();
     let mut splitter = LineSplitter::default();
-    loop {
-        let block = match stream.try_next().await {
-            Ok(Some(block)) => block,
-            Ok(None) => break,
-            Err(e) => {
-                if let Some(s) = sink {
-                    s.abort().await;
+    let streamed: Result<(), RunError> = async {
+        while let Some(block) =
+            stream
+                .try_next()
+                .await
+                .map_err(db_err(table, db, "probing append gaps"))?
+        {
+            for line in splitter.feed(block) {
+                delta.fingerprint.add_line(&line);
+                if let Some(k) = copy_field(&line, key_pos)
+                    .and_then(|f| std::str::from_utf8(f).ok())
+                    .and_then(|f| f.parse::<i64>().ok())
+                {
+                    found.push(k);
                 }
-                return Err(db_err(table, db, "probing append gaps")(e));
-            }
-        };
-        for line in splitter.feed(block) {
-            fingerprint.add_line(&line);
-            if let Some(k) = copy_field(&line, key_pos)
-                .and_then(|f| std::str::from_utf8(f).ok())
-                .and_then(|f| f.parse::<i64>().ok())
-            {
-                found.push(k);
-            }
-            let s = sink.get_or_insert_with(|| {
-                ChunkSink::open(
-                    shared.store.clone(),
-                    chunk_key(&run_id, &table.name, seq, shared.slice, ChunkKind::Rows),
-                    ChunkKind::Rows,
-                    &run_id,
-                    shared.opts.zstd_level,
-                )
-            });
-            if let Err(e) = s.write_line(&line).await {
-                if let Some(s) = sink {
-                    s.abort().await;
-                }
-                return Err(e.into());
+                let s = sink.get_or_insert_with(|| {
+                    ChunkSink::open(
+                        shared.store.clone(),
+                        chunk_key(
+                            &shared.run_id,
+                            &table.name,
+                            seq,
+                            shared.slice,
+                            ChunkKind::Rows,
+                        ),
+                        ChunkKind::Rows,
+                        &shared.run_id,
+                        shared.opts.zstd_level,
+                    )
+                });
+                s.write_line(&line).await?;
             }
         }
+        Ok(())
+    }
+    .await;
+    if let Err(e) = streamed {
+        if let Some(s) = sink {
+            s.abort().await;
+        }
+        return Err(e);
     }
     if let Some(s) = sink {
         let chunk = s.finish(None).await?;
         shared.count_chunk(&chunk);
-        table.exported_rows += chunk.rows;
-        table.chunks.push(chunk);
+        delta.chunks.push(chunk);
         tracing::info!(table = %table.name, rows = found.len(), "late-committed rows found in earlier gaps");
     }
-    table.next_seq += 1;
-    table.fingerprint = table.fingerprint.combine(fingerprint);
     // What is still empty stays a gap, until its TTL.
     found.sort_unstable();
     let ttl = chrono::TimeDelta::seconds(shared.opts.gap_ttl.as_secs() as i64);
@@ -1157,7 +1357,7 @@ async fn probe_gaps(
         let mut start = gap.from;
         for &k in found.iter().filter(|&&k| k >= gap.from && k <= gap.to) {
             if k > start {
-                table.gaps.push(GapRange {
+                delta.gaps.push(GapRange {
                     from: start,
                     to: k - 1,
                     seen_at: gap.seen_at,
@@ -1166,27 +1366,39 @@ async fn probe_gaps(
             start = k.saturating_add(1);
         }
         if start <= gap.to {
-            table.gaps.push(GapRange {
+            delta.gaps.push(GapRange {
                 from: start,
                 to: gap.to,
                 seen_at: gap.seen_at,
             });
         }
     }
-    Ok(())
+    Ok(delta)
 }
 
-/// For `append` tables: every row at or below the mark must be in the chain. A mismatch
-/// (a late commit past its TTL, a delete) restarts the table whole; returns `false` then.
+/// For `append` tables: every row at or below the mark must be in the chain. On a
+/// mismatch (a late commit past its TTL, a delete) returns the table reset to export it
+/// whole.
 async fn check_append_count(
     shared: &Shared,
     client: &Client,
     db: &DbSettings,
-    table: &mut TableProgress,
+    table: &TableProgress,
     upto: i64,
-) -> Result<bool, RunError> {
+) -> Result<Option<TableProgress>, RunError> {
     if upto == i64::MIN || table.started_in_slice != shared.slice {
-        return Ok(true);
+        return Ok(None);
+    }
+    let is_whole = matches!(
+        table.scope,
+        ExportScope::Appended {
+            after: i64::MIN,
+            ..
+        }
+    ) && table.inherited.is_empty();
+    if is_whole {
+        // A whole export in one snapshot cannot disagree with itself.
+        return Ok(None);
     }
     let expected = table.inherited_fingerprint.rows + table.fingerprint.rows;
     let actual: i64 = client
@@ -1200,20 +1412,10 @@ async fn check_append_count(
         )
         .await
         .map_err(db_err(table, db, "counting append rows"))?
-        .get(0);
+        .try_get(0)
+        .map_err(db_err(table, db, "counting append rows"))?;
     if actual as u64 == expected {
-        return Ok(true);
-    }
-    let is_whole = matches!(
-        table.scope,
-        ExportScope::Appended {
-            after: i64::MIN,
-            ..
-        }
-    ) && table.inherited.is_empty();
-    if is_whole {
-        // A whole export in one snapshot cannot disagree with itself; keep what we have.
-        return Ok(true);
+        return Ok(None);
     }
     shared
         .warn(format!(
@@ -1222,16 +1424,23 @@ async fn check_append_count(
             table.name
         ))
         .await;
-    restart(table, shared.slice);
-    table.scope = ExportScope::Appended {
+    let mut whole = table.clone();
+    reset(&mut whole, shared.slice);
+    whole.scope = ExportScope::Appended {
         after: i64::MIN,
         upto,
     };
-    table.inherited.clear();
-    table.inherited_fingerprint = Fingerprint::default();
-    table.gaps_to_probe.clear();
-    table.gaps_probed = true;
-    Ok(false)
+    whole.inherited.clear();
+    whole.inherited_fingerprint = Fingerprint::default();
+    whole.gaps_to_probe.clear();
+    whole.gaps_probed = true;
+    whole.lanes = vec![Lane {
+        after: None,
+        until: Some(vec![upto.to_string()]),
+        cursor: None,
+        done: false,
+    }];
+    Ok(Some(whole))
 }
 
 /// Exports a keyless table in one statement, cutting chunks as the rows stream by.
@@ -1239,9 +1448,9 @@ async fn export_keyless(
     shared: &Shared,
     client: &Client,
     db: &DbSettings,
-    table: &mut TableProgress,
-) -> Result<(), RunError> {
-    let run_id = shared.state.lock().await.doc.run_id.clone();
+    table: &TableProgress,
+    t: usize,
+) -> Result<Delta, RunError> {
     let stream = client
         .copy_out(&format!(
             "COPY (SELECT {} FROM {}) TO STDOUT",
@@ -1253,60 +1462,60 @@ async fn export_keyless(
     pin_mut!(stream);
     let mut splitter = LineSplitter::default();
     let mut sink: Option<ChunkSink> = None;
+    let mut delta = Delta::default();
     let limit_rows = shared.opts.chunk_rows.max(1);
     let limit_bytes = shared.opts.chunk_bytes.max(1);
-    loop {
-        let block = match stream.try_next().await {
-            Ok(Some(block)) => block,
-            Ok(None) => break,
-            Err(e) => {
-                if let Some(s) = sink {
-                    s.abort().await;
+    let streamed: Result<(), RunError> = async {
+        while let Some(block) =
+            stream
+                .try_next()
+                .await
+                .map_err(db_err(table, db, "reading COPY data"))?
+        {
+            for line in splitter.feed(block) {
+                delta.fingerprint.add_line(&line);
+                if sink.is_none() {
+                    let seq = shared.next_seq(t).await;
+                    let key = chunk_key(
+                        &shared.run_id,
+                        &table.name,
+                        seq,
+                        shared.slice,
+                        ChunkKind::Rows,
+                    );
+                    sink = Some(ChunkSink::open(
+                        shared.store.clone(),
+                        key,
+                        ChunkKind::Rows,
+                        &shared.run_id,
+                        shared.opts.zstd_level,
+                    ));
                 }
-                return Err(db_err(table, db, "reading COPY data")(e));
-            }
-        };
-        for line in splitter.feed(block) {
-            table.fingerprint.add_line(&line);
-            let s = sink.get_or_insert_with(|| {
-                let key = chunk_key(
-                    &run_id,
-                    &table.name,
-                    table.next_seq,
-                    shared.slice,
-                    ChunkKind::Rows,
-                );
-                ChunkSink::open(
-                    shared.store.clone(),
-                    key,
-                    ChunkKind::Rows,
-                    &run_id,
-                    shared.opts.zstd_level,
-                )
-            });
-            if let Err(e) = s.write_line(&line).await {
-                if let Some(s) = sink {
-                    s.abort().await;
-                }
-                return Err(e.into());
-            }
-            if s.rows() >= limit_rows || s.raw_bytes() >= limit_bytes {
-                if let Some(full) = sink.take() {
-                    let chunk = full.finish(None).await?;
-                    shared.count_chunk(&chunk);
-                    table.exported_rows += chunk.rows;
-                    table.chunks.push(chunk);
-                    table.next_seq += 1;
+                if let Some(s) = sink.as_mut() {
+                    s.write_line(&line).await?;
+                    if s.rows() >= limit_rows || s.raw_bytes() >= limit_bytes {
+                        if let Some(full) = sink.take() {
+                            let chunk = full.finish(None).await?;
+                            shared.count_chunk(&chunk);
+                            delta.chunks.push(chunk);
+                        }
+                    }
                 }
             }
         }
+        Ok(())
+    }
+    .await;
+    if let Err(e) = streamed {
+        if let Some(s) = sink {
+            s.abort().await;
+        }
+        return Err(e);
     }
     if let Some(last) = sink {
         let chunk = last.finish(None).await?;
         shared.count_chunk(&chunk);
-        table.exported_rows += chunk.rows;
-        table.chunks.push(chunk);
-        table.next_seq += 1;
+        delta.chunks.push(chunk);
     }
-    Ok(())
+    Ok(delta)
 }

@@ -244,7 +244,8 @@ async fn chain_fixture(db: &TestDatabase) {
             "{CHAIN_DDL}
             INSERT INTO accounts SELECT g, g * 10, 'acct ' || g FROM generate_series(1, 1000) g;
             INSERT INTO events (payload) SELECT 'event ' || g FROM generate_series(1, 2000) g;
-            INSERT INTO settings SELECT 'k' || g, 'v' || g FROM generate_series(1, 10) g;"
+            INSERT INTO settings SELECT 'k' || g, 'v' || g FROM generate_series(1, 10) g;
+            ANALYZE;"
         ),
     )
     .await;
@@ -617,4 +618,43 @@ async fn a_chunk_restores_by_hand_with_zstd_and_psql() {
         );
     }
     drop(dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_big_table_is_split_into_lanes_that_export_at_once() {
+    let cluster = TestCluster::from_env();
+    let db = cluster.create_database().await;
+    chain_fixture(&db).await;
+    let (_dir, local) = local_store();
+    let store: Store = Arc::new(local);
+    let mut opts = chain_options();
+    opts.workers = 3;
+    opts.deadline = Some(Instant::now());
+    let first = export_slice(store.clone(), &db.settings(), &opts)
+        .await
+        .expect("slice");
+    assert!(!first.done);
+    let (progress, _) = read_doc::<tidemark_core::format::progress::RunProgress>(
+        store.as_ref(),
+        &tidemark_core::format::progress_key(&first.run_id),
+    )
+    .await
+    .expect("read progress")
+    .expect("progress exists");
+    for (name, lanes) in [("accounts", 3), ("events", 3), ("settings", 1)] {
+        let table = progress
+            .tables
+            .iter()
+            .find(|t| t.name.name == name)
+            .expect("table");
+        assert_eq!(table.lanes.len(), lanes, "{name}: {:?}", table.lanes);
+        // Lanes tile the key space: each starts where the previous one ends.
+        for pair in table.lanes.windows(2) {
+            assert_eq!(pair[0].until, pair[1].after, "{name}");
+        }
+    }
+    opts.deadline = None;
+    opts.run_id = Some(first.run_id.clone());
+    let (sealed, _) = backup(&store, &db, &opts).await;
+    assert_restores_to_source(&store, &sealed.backup_id, &db, CHAIN_DDL, CHAIN_TABLES).await;
 }

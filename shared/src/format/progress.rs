@@ -86,9 +86,10 @@ pub struct TableProgress {
     pub gaps: Vec<GapRange>,
     /// Rows per key-range chunk (from the table's average row width).
     pub rows_per_chunk: u64,
-    /// The last key range boundary exported (text forms of the key columns).
+    /// Disjoint key ranges that workers export at once, in key order (one for a small or
+    /// keyless table).
     #[serde(default)]
-    pub cursor: Option<Vec<String>>,
+    pub lanes: Vec<Lane>,
     pub gaps_probed: bool,
     pub done: bool,
     /// Chunks this run wrote, in apply order.
@@ -106,4 +107,19 @@ pub struct TableProgress {
     /// The slice in which this table's export started (a restart resets it).
     #[serde(default)]
     pub started_in_slice: u32,
+}
+
+/// One key range of a table that one worker exports, range after range.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Lane {
+    /// Exclusive lower bound (text forms of the key columns); `None` from the start.
+    #[serde(default)]
+    pub after: Option<Vec<String>>,
+    /// Inclusive upper bound; `None` to the end.
+    #[serde(default)]
+    pub until: Option<Vec<String>>,
+    /// The last key exported in this lane.
+    #[serde(default)]
+    pub cursor: Option<Vec<String>>,
+    pub done: bool,
 }
