@@ -9,10 +9,13 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use tidemark_core::catalog::TableSelection;
 use tidemark_core::config::{parse_size, parse_table_mode};
+use tidemark_core::db::DbSettings;
 use tidemark_core::error_chain;
 use tidemark_core::export::{self, ExportMeter, ExportOptions};
 use tidemark_core::format::TableMode;
 use tidemark_core::manifest;
+use tidemark_core::restore::{self, BackupSelector, RestoreMeter, RestoreOptions};
+use tidemark_core::verify::{self, VerifyOptions};
 
 use crate::GlobalArgs;
 
@@ -69,6 +72,56 @@ pub struct ExportArgs {
     max_seconds: Option<u64>,
     #[command(flatten)]
     selection: SelectionArgs,
+}
+
+#[derive(Args)]
+pub struct RestoreArgs {
+    /// Which backup: latest or an id.
+    #[arg(long, default_value = "latest", value_parser = parse_selector)]
+    backup: BackupSelector,
+    /// The database to restore into (postgres://...).
+    #[arg(
+        long,
+        env = "TIDEMARK_TARGET_URL",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
+    target_url: String,
+    /// Load into existing tables (schema from migrations) instead of creating them.
+    #[arg(long)]
+    data_only: bool,
+    /// With --data-only: empty the target tables first.
+    #[arg(long, requires = "data_only")]
+    clean: bool,
+    /// Only these tables (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    tables: Vec<String>,
+    /// Tables loaded at once.
+    #[arg(long, env = "TIDEMARK_WORKERS", default_value_t = 2)]
+    workers: usize,
+}
+
+#[derive(Args)]
+pub struct VerifyArgs {
+    /// Which backup: latest or an id (default: the newest not verified yet).
+    #[arg(long, value_parser = parse_selector)]
+    backup: Option<BackupSelector>,
+    /// The verification server (default: the source server); a scratch database is
+    /// created and dropped there.
+    #[arg(
+        long,
+        env = "TIDEMARK_SCRATCH_URL",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
+    scratch_url: Option<String>,
+    /// Tables loaded at once.
+    #[arg(long, env = "TIDEMARK_WORKERS", default_value_t = 2)]
+    workers: usize,
+}
+
+fn parse_selector(s: &str) -> Result<BackupSelector, String> {
+    s.parse()
 }
 
 #[derive(Args, Debug)]
@@ -138,7 +191,17 @@ pub async fn backup(global: &GlobalArgs, args: &BackupArgs) -> Result<(), String
     let mut opts = options(&args.selection);
     opts.full = args.full;
     opts.meter = Some(meter.clone());
-    let bar = progress_bar(meter.clone());
+    let shown = meter.clone();
+    let bar = spinner(move || {
+        format!(
+            "tables {}/{}  rows {}  read {}  stored {}",
+            shown.tables_done.load(Ordering::Relaxed),
+            shown.tables_total.load(Ordering::Relaxed),
+            shown.rows.load(Ordering::Relaxed),
+            human_bytes(shown.raw_bytes.load(Ordering::Relaxed)),
+            human_bytes(shown.bytes.load(Ordering::Relaxed)),
+        )
+    });
     let result = async {
         let mut run_id = None;
         loop {
@@ -157,10 +220,7 @@ pub async fn backup(global: &GlobalArgs, args: &BackupArgs) -> Result<(), String
             .map_err(|e| error_chain(&e))
     }
     .await;
-    if let Some((bar, ticker)) = bar {
-        ticker.abort();
-        bar.finish_and_clear();
-    }
+    finish_spinner(bar);
     let report = result?;
     if global.json {
         println!("{}", json(&report)?);
@@ -183,34 +243,6 @@ pub async fn backup(global: &GlobalArgs, args: &BackupArgs) -> Result<(), String
     Ok(())
 }
 
-/// A spinner on a terminal (none otherwise), fed from the meter.
-fn progress_bar(meter: Arc<ExportMeter>) -> Option<(ProgressBar, tokio::task::JoinHandle<()>)> {
-    if !std::io::stderr().is_terminal() {
-        return None;
-    }
-    let bar = ProgressBar::new_spinner();
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-    );
-    let shown = bar.clone();
-    let ticker = tokio::spawn(async move {
-        loop {
-            shown.set_message(format!(
-                "tables {}/{}  rows {}  read {}  stored {}",
-                meter.tables_done.load(Ordering::Relaxed),
-                meter.tables_total.load(Ordering::Relaxed),
-                meter.rows.load(Ordering::Relaxed),
-                human_bytes(meter.raw_bytes.load(Ordering::Relaxed)),
-                human_bytes(meter.bytes.load(Ordering::Relaxed)),
-            ));
-            shown.tick();
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    });
-    Some((bar, ticker))
-}
-
 pub async fn list(global: &GlobalArgs) -> Result<(), String> {
     let store = global.open_store().await?;
     let backups = manifest::list_backups(store.as_ref())
@@ -225,22 +257,156 @@ pub async fn list(global: &GlobalArgs) -> Result<(), String> {
         return Ok(());
     }
     println!(
-        "{:<26} {:<11} {:<26} {:<20} {:>6} {:>12} {:>10}",
-        "ID", "KIND", "PARENT", "CREATED (UTC)", "TABLES", "ROWS", "BYTES"
+        "{:<26} {:<11} {:<26} {:<20} {:>6} {:>12} {:>10} {:<8}",
+        "ID", "KIND", "PARENT", "CREATED (UTC)", "TABLES", "ROWS", "BYTES", "VERIFIED"
     );
     for b in backups {
         println!(
-            "{:<26} {:<11} {:<26} {:<20} {:>6} {:>12} {:>10}",
+            "{:<26} {:<11} {:<26} {:<20} {:>6} {:>12} {:>10} {:<8}",
             b.id,
             b.kind.to_string(),
             b.parent.as_deref().unwrap_or("-"),
             b.created_at.format("%Y-%m-%d %H:%M:%S"),
             b.tables,
             b.rows,
-            human_bytes(b.bytes)
+            human_bytes(b.bytes),
+            match b.verified {
+                Some(true) => "ok",
+                Some(false) => "FAILED",
+                None => "-",
+            }
         );
     }
     Ok(())
+}
+
+fn url_settings(url: &str, what: &str) -> Result<DbSettings, String> {
+    DbSettings::from_url(&url.to_owned().into()).map_err(|e| format!("{what}: {e}"))
+}
+
+pub async fn restore(global: &GlobalArgs, args: &RestoreArgs) -> Result<(), String> {
+    let store = global.open_store().await?;
+    let mut target = url_settings(&args.target_url, "--target-url")?;
+    if let Some(ca) = &global.ca_file {
+        target.ca_file = Some(ca.clone());
+    }
+    let manifest = restore::load_manifest(store.as_ref(), &args.backup)
+        .await
+        .map_err(|e| error_chain(&e))?;
+    let meter = Arc::new(RestoreMeter::default());
+    let opts = RestoreOptions {
+        tables: args.tables.clone(),
+        data_only: args.data_only,
+        clean: args.clean,
+        workers: args.workers.max(1),
+        meter: Some(meter.clone()),
+    };
+    let bar = spinner(move || {
+        format!(
+            "tables {}/{}  chunks {}  read {}",
+            meter.tables_done.load(Ordering::Relaxed),
+            meter.tables_total.load(Ordering::Relaxed),
+            meter.chunks_done.load(Ordering::Relaxed),
+            human_bytes(meter.bytes.load(Ordering::Relaxed)),
+        )
+    });
+    let result = restore::restore(store, &manifest, &target, &opts).await;
+    finish_spinner(bar);
+    let report = result.map_err(|e| error_chain(&e))?;
+    if global.json {
+        println!("{}", json(&report)?);
+    } else {
+        println!(
+            "restored backup {} into {}: {} tables, {} rows in {:.1} s",
+            report.backup_id, report.target, report.tables, report.rows, report.seconds
+        );
+    }
+    Ok(())
+}
+
+pub async fn verify(global: &GlobalArgs, args: &VerifyArgs) -> Result<(), String> {
+    let store = global.open_store().await?;
+    let mut server = match &args.scratch_url {
+        Some(url) => url_settings(url, "--scratch-url")?,
+        None => global
+            .database()
+            .resolve()
+            .await
+            .map_err(|e| error_chain(&e))?,
+    };
+    if let Some(ca) = &global.ca_file {
+        server.ca_file = Some(ca.clone());
+    }
+    let opts = VerifyOptions {
+        backup: args.backup.clone(),
+        workers: args.workers.max(1),
+        ..VerifyOptions::default()
+    };
+    let bar = spinner(|| "restoring into a scratch database".to_owned());
+    let result = verify::verify(store, &server, &opts).await;
+    finish_spinner(bar);
+    let record = result.map_err(|e| error_chain(&e))?;
+    if global.json {
+        println!("{}", json(&record)?);
+    } else {
+        println!(
+            "backup {}: verification {} (restore {:.1} s, {} rows, {})",
+            record.backup_id,
+            if record.ok { "ok" } else { "FAILED" },
+            record.restore_seconds,
+            record.rows,
+            human_bytes(record.bytes)
+        );
+        if let Some(error) = &record.error {
+            println!("  {error}");
+        }
+        for t in record.tables.iter().filter(|t| !t.ok) {
+            println!(
+                "  table {}: expected {} rows (fingerprint {:016x}), restored {}",
+                t.name,
+                t.expected.rows,
+                t.expected.sum,
+                t.actual
+                    .map(|a| format!("{} rows (fingerprint {:016x})", a.rows, a.sum))
+                    .unwrap_or_else(|| "nothing".into())
+            );
+        }
+    }
+    if record.ok {
+        Ok(())
+    } else {
+        Err(format!("backup {} failed verification", record.backup_id))
+    }
+}
+
+type Spinner = Option<(ProgressBar, tokio::task::JoinHandle<()>)>;
+
+/// A spinner line on a terminal (none otherwise) showing `message()`.
+fn spinner(message: impl Fn() -> String + Send + 'static) -> Spinner {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = ProgressBar::new_spinner();
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    let shown = bar.clone();
+    let ticker = tokio::spawn(async move {
+        loop {
+            shown.set_message(message());
+            shown.tick();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    Some((bar, ticker))
+}
+
+fn finish_spinner(spinner: Spinner) {
+    if let Some((bar, ticker)) = spinner {
+        ticker.abort();
+        bar.finish_and_clear();
+    }
 }
 
 fn human_bytes(n: u64) -> String {

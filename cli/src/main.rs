@@ -70,6 +70,10 @@ enum Command {
     Manifest(backup::ManifestArgs),
     /// List the backups in the store.
     List,
+    /// Restore a backup into a database.
+    Restore(backup::RestoreArgs),
+    /// Prove a backup restorable: restore it into a scratch database and compare.
+    Verify(backup::VerifyArgs),
 }
 
 fn parse_sslmode(s: &str) -> Result<SslMode, String> {
@@ -121,6 +125,8 @@ fn main() -> ExitCode {
             Command::Export(args) => backup::export(&cli.global, args).await,
             Command::Manifest(args) => backup::manifest(&cli.global, args).await,
             Command::List => backup::list(&cli.global).await,
+            Command::Restore(args) => backup::restore(&cli.global, args).await,
+            Command::Verify(args) => backup::verify(&cli.global, args).await,
         };
         match outcome {
             Ok(()) => ExitCode::SUCCESS,

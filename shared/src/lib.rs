@@ -16,6 +16,8 @@
 //! - [`lease`]: the run lease; [`run`]: run ids and lifecycle errors.
 //! - [`export`]: one time-boxed slice of a backup run.
 //! - [`manifest`]: sealing a run into a manifest, and listing backups.
+//! - [`restore`]: restoring a backup into a database (also the verification restore).
+//! - [`verify`]: verification restores into a scratch database, and their records.
 //! - [`config`]: settings shared by CLI flags and Lambda environment variables.
 //! - [`events`]: the payloads the Lambda functions accept.
 
@@ -30,9 +32,11 @@ pub mod export;
 pub mod format;
 pub mod lease;
 pub mod manifest;
+pub mod restore;
 pub mod run;
 pub mod store;
 pub mod telemetry;
+pub mod verify;
 
 /// An error and its causes on one line, each cause once: many errors repeat their source's
 /// text in their own message, and some (tokio-postgres) show only the outermost part.

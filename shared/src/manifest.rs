@@ -86,6 +86,8 @@ pub async fn seal_run(
     .await?;
     let mut manifest = build_manifest(&progress);
     manifest.store_requests = progress.store_requests + counting.count() + 4;
+    // Sealed last: the checksum covers everything above.
+    let mut manifest = manifest.seal();
     match write_doc(
         store,
         &manifest_key(run_id),
@@ -187,6 +189,7 @@ fn build_manifest(progress: &RunProgress) -> Manifest {
         totals,
         store_requests: progress.store_requests,
         warnings: progress.warnings.clone(),
+        checksum: None,
     }
 }
 
@@ -233,6 +236,8 @@ pub struct BackupSummary {
     pub run_bytes: u64,
     /// Store requests the run made.
     pub store_requests: u64,
+    /// The last verification's result; `None` if never verified.
+    pub verified: Option<bool>,
 }
 
 /// Every sealed backup, oldest first (by creation time).
@@ -240,6 +245,14 @@ pub struct BackupSummary {
 /// # Errors
 /// Store and format errors (naming the manifest).
 pub async fn list_backups(store: &dyn WriteStore) -> Result<Vec<BackupSummary>, RunError> {
+    let mut verified = std::collections::HashMap::new();
+    for object in store.list("verifications/").await? {
+        if let Some((record, _)) =
+            read_doc::<crate::verify::Verification>(store, &object.key).await?
+        {
+            verified.insert(record.backup_id, record.ok);
+        }
+    }
     let mut out = Vec::new();
     for object in store.list("manifests/").await? {
         if !object.key.ends_with(".json") {
@@ -253,6 +266,7 @@ pub async fn list_backups(store: &dyn WriteStore) -> Result<Vec<BackupSummary>, 
                 chain_length: m.chain.len(),
                 store_requests: m.store_requests,
                 run_bytes: m.totals.bytes,
+                verified: verified.get(&m.id).copied(),
                 id: m.id,
                 kind: m.kind,
                 parent: m.parent,

@@ -6,61 +6,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tidemark_core::catalog::TableSelection;
-use tidemark_core::export::{export_slice, ExportOptions, SliceReport};
-use tidemark_core::format::manifest::Manifest;
-use tidemark_core::format::{manifest_key, read_doc, BackupKind, TableMode};
-use tidemark_core::manifest::{list_backups, seal_run, SealReport};
+use tidemark_core::export::{export_slice, ExportOptions};
+use tidemark_core::format::{read_doc, BackupKind, TableMode};
+use tidemark_core::manifest::{list_backups, seal_run};
 use tidemark_core::run::RunError;
-use tidemark_core::store::{S3StoreOptions, WriteStore};
+use tidemark_core::store::S3StoreOptions;
+use tidemark_tests::fixtures::*;
 use tidemark_tests::{
     exec, local_store, ordered_copy, replay_table, s3_store, TestCluster, TestDatabase,
 };
-
-type Store = Arc<dyn WriteStore>;
-
-const MATRIX_DDL: &str = r#"
-CREATE SCHEMA "Sales";
-CREATE TABLE "Sales"."Order Lines" ("Order" int, "Line" int, "Note" text, PRIMARY KEY ("Order", "Line"));
-CREATE TABLE matrix (
-  id int PRIMARY KEY, t text, b bytea, n numeric, j jsonb, a int[], ta text[],
-  ts timestamptz, iv interval, u uuid, f float8, d date, flag boolean,
-  g int GENERATED ALWAYS AS (id * 10) STORED);
-CREATE TABLE nokey (x text, y int);
-CREATE TABLE parted (id int, region text, v text, PRIMARY KEY (id, region)) PARTITION BY LIST (region);
-CREATE TABLE parted_eu PARTITION OF parted FOR VALUES IN ('eu');
-CREATE TABLE parted_us PARTITION OF parted FOR VALUES IN ('us');
-"#;
-
-const MATRIX_DATA: &str = r#"
-INSERT INTO matrix (id, t, b, n, j, a, ta, ts, iv, u, f, d, flag) VALUES
- (1, E'tab\there', '\x00ff10'::bytea, 123456789.123456789, '{"a": [1, "x\ty"], "b": null}',
-  '{1,2,NULL}', '{"a b","c,d","\"q\"",NULL}', '2024-02-29 23:59:59.123456+05:30',
-  '1 year 2 mons 3 days 04:05:06.7', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', 1.0000000000000002, '0001-01-01', true),
- (2, E'new\nline and back\\slash', '', -0.000001, '"just a string"', '{}', '{}', 'infinity',
-  '-1 day', NULL, 'NaN', 'infinity', false),
- (3, '\N', NULL, 'NaN', 'null', NULL, '{"\\N"}', NULL, NULL, NULL, '-Infinity', NULL, NULL),
- (4, 'ünïcödé 🚀 日本語', '\x5c4e'::bytea, 0, '[]', '{-2147483648}', '{""}', '1970-01-01 00:00:00+00',
-  '00:00:00', '00000000-0000-0000-0000-000000000000', -0.0, '2000-01-01', NULL),
- (5, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL),
- (6, E'\\N', NULL, 1e-20, '{"nested": {"deep": [true, false]}}', '{{1,2},{3,4}}', NULL,
-  '2038-01-19 03:14:08+00', '1000 years', NULL, 1e308, NULL, NULL),
- (7, E'\r\n\t\\\b\f\v', E'\\x'::bytea, 99999999999999999999.5, '{"k": "\u00e9\"\\"}', NULL, '{"{}"}',
-  '-infinity', '-178000000 years', NULL, 5e-324, '-infinity', true);
-INSERT INTO matrix (id, t, n, ts) SELECT g, md5(g::text), g / 7.0, '2020-01-01'::timestamptz + g * interval '1 minute'
-  FROM generate_series(100, 2600) g;
-INSERT INTO "Sales"."Order Lines" SELECT o, l, 'note ' || o || '/' || l FROM generate_series(1, 40) o, generate_series(1, 25) l;
-INSERT INTO nokey VALUES ('same', 1), ('same', 1), (NULL, NULL), (E'a\tb', 2);
-INSERT INTO nokey SELECT 'row ' || g, g FROM generate_series(1, 700) g;
-INSERT INTO parted SELECT g, CASE WHEN g % 2 = 0 THEN 'eu' ELSE 'us' END, 'v' || g FROM generate_series(1, 900) g;
-"#;
-
-/// Every table of the fixtures, with a total order for the comparison.
-const MATRIX_TABLES: &[(&str, &str)] = &[
-    ("\"Sales\".\"Order Lines\"", "1, 2"),
-    ("matrix", "1"),
-    ("nokey", "1, 2"),
-    ("parted", "1, 2"),
-];
 
 fn options(chunk_rows: u64) -> ExportOptions {
     ExportOptions {
@@ -74,48 +28,6 @@ fn options(chunk_rows: u64) -> ExportOptions {
         },
         ..ExportOptions::default()
     }
-}
-
-/// Slices until done, then seals.
-async fn backup(
-    store: &Store,
-    db: &TestDatabase,
-    opts: &ExportOptions,
-) -> (SealReport, Vec<SliceReport>) {
-    let mut slices = Vec::new();
-    let mut opts = opts.clone();
-    let mut retries = 0;
-    loop {
-        // Like the state machine: retry what is retryable, a few times.
-        let report = match export_slice(store.clone(), &db.settings(), &opts).await {
-            Ok(report) => report,
-            Err(e) if e.is_retryable() && retries < 3 => {
-                retries += 1;
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            }
-            Err(e) => panic!("export slice: {e}"),
-        };
-        opts.run_id = Some(report.run_id.clone());
-        let done = report.done;
-        slices.push(report);
-        if done {
-            break;
-        }
-    }
-    let run_id = opts.run_id.clone().expect("a run");
-    let sealed = seal_run(store.clone(), &run_id, "test")
-        .await
-        .expect("seal");
-    (sealed, slices)
-}
-
-async fn manifest(store: &Store, id: &str) -> Manifest {
-    read_doc::<Manifest>(store.as_ref(), &manifest_key(id))
-        .await
-        .expect("read manifest")
-        .expect("manifest exists")
-        .0
 }
 
 /// Replays backup `id` into a fresh database made with `ddl` and compares every table.
@@ -222,33 +134,11 @@ async fn type_matrix_round_trips_through_plain_copy_s3() {
     type_matrix_round_trip(Arc::new(s3_store(S3StoreOptions::default()).await)).await;
 }
 
-const CHAIN_DDL: &str = r#"
-CREATE TABLE accounts (id int PRIMARY KEY, balance numeric NOT NULL, note text);
-CREATE TABLE events (id bigint GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY, payload text);
-CREATE TABLE settings (k text, v text);
-"#;
-
-const CHAIN_TABLES: &[(&str, &str)] = &[("accounts", "1"), ("events", "1"), ("settings", "1, 2")];
-
 fn chain_options() -> ExportOptions {
     let mut opts = options(100);
     opts.selection.schemas = vec!["public".into()];
     opts.selection.modes = vec![("events".into(), TableMode::Append)];
     opts
-}
-
-async fn chain_fixture(db: &TestDatabase) {
-    exec(
-        &db.settings(),
-        &format!(
-            "{CHAIN_DDL}
-            INSERT INTO accounts SELECT g, g * 10, 'acct ' || g FROM generate_series(1, 1000) g;
-            INSERT INTO events (payload) SELECT 'event ' || g FROM generate_series(1, 2000) g;
-            INSERT INTO settings SELECT 'k' || g, 'v' || g FROM generate_series(1, 10) g;
-            ANALYZE;"
-        ),
-    )
-    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

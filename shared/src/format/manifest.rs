@@ -35,9 +35,37 @@ pub struct Manifest {
     pub store_requests: u64,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// SHA-256 of this document as written with `checksum` absent: any later edit of
+    /// the manifest is detected and named by restore and verify.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checksum: Option<String>,
 }
 
 impl Manifest {
+    /// The checksum this manifest's content should carry.
+    pub fn compute_checksum(&self) -> String {
+        let unsealed = Manifest {
+            checksum: None,
+            ..self.clone()
+        };
+        let body = serde_json::to_vec_pretty(&unsealed).unwrap_or_default();
+        crate::store::sha256_hex(&body)
+    }
+
+    /// Sets [`Manifest::checksum`]; done once, just before the manifest is written.
+    pub fn seal(mut self) -> Self {
+        self.checksum = Some(self.compute_checksum());
+        self
+    }
+
+    /// Whether the content still matches its checksum (a manifest without one, from a
+    /// build that did not write it, passes).
+    pub fn is_intact(&self) -> bool {
+        self.checksum
+            .as_ref()
+            .is_none_or(|c| *c == self.compute_checksum())
+    }
+
     /// Rows in the backup (sum of the tables' source row counts).
     pub fn rows(&self) -> u64 {
         self.tables.iter().map(|t| t.fingerprint.rows).sum()
@@ -207,5 +235,23 @@ mod tests {
         assert_eq!(m.tables[0].fingerprint.sum, 0xff);
         assert!(m.parent.is_none() && m.sequences.is_empty() && m.tables[0].key_chunks.is_empty());
         assert_eq!((m.rows(), m.bytes()), (1, 20));
+        assert!(m.is_intact(), "no checksum: nothing to check");
+    }
+
+    #[test]
+    fn an_edit_breaks_the_checksum() {
+        let m: Manifest =
+            super::super::parse_doc("manifests/x.json", V1_MINIMAL.as_bytes()).expect("parses");
+        let sealed = m.seal();
+        assert!(sealed.is_intact());
+        let text = serde_json::to_string_pretty(&sealed).expect("json");
+        let back: Manifest = serde_json::from_str(&text).expect("parses");
+        assert!(
+            back.is_intact(),
+            "a written and re-read manifest stays intact"
+        );
+        let edited: Manifest =
+            serde_json::from_str(&text.replacen("\"rows\": 1", "\"rows\": 2", 1)).expect("parses");
+        assert!(!edited.is_intact());
     }
 }

@@ -1,0 +1,362 @@
+//! Verify: prove a backup restorable by restoring it into a scratch database and
+//! comparing every table with what the source held at the backup's snapshot.
+//!
+//! The comparison is against the manifest's per-table row count and content fingerprint,
+//! which the export computed from the source's own COPY output, never from the chunks.
+//! The scratch database is `tidemark_verify_<id>_<unix time>` on the verification server;
+//! it is dropped when the check ends, failure included, and scratch databases left by a
+//! crashed verification (older than a few hours) are swept first. The result goes to
+//! `verifications/{id}.json`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use futures_util::{pin_mut, TryStreamExt};
+use serde::{Deserialize, Serialize};
+
+use crate::chunk::LineSplitter;
+use crate::db::{self, DbError, DbSettings};
+use crate::format::manifest::Manifest;
+use crate::format::{
+    quote_ident, read_doc, write_doc, Fingerprint, FormatError, TableName, FORMAT_VERSION,
+};
+use crate::restore::{self, BackupSelector, RestoreError, RestoreOptions};
+use crate::store::{WriteCondition, WriteStore};
+
+/// Prefix of every scratch database name.
+pub const SCRATCH_PREFIX: &str = "tidemark_verify_";
+
+pub fn verification_key(backup_id: &str) -> String {
+    format!("verifications/{backup_id}.json")
+}
+
+/// `verifications/{id}.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Verification {
+    pub version: u32,
+    pub backup_id: String,
+    pub ok: bool,
+    pub verified_at: DateTime<Utc>,
+    /// The measured recovery time: restoring the whole backup into an empty database.
+    pub restore_seconds: f64,
+    /// Restore plus comparison.
+    pub seconds: f64,
+    /// Stored bytes the backup needs.
+    pub bytes: u64,
+    pub rows: u64,
+    pub tables: Vec<TableVerification>,
+    /// Why the verification failed before it could compare tables (a corrupt chunk, a
+    /// modified manifest), if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// One table's outcome.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TableVerification {
+    pub name: TableName,
+    pub ok: bool,
+    pub expected: Fingerprint,
+    pub actual: Option<Fingerprint>,
+}
+
+/// How to verify.
+#[derive(Debug, Clone)]
+pub struct VerifyOptions {
+    /// Which backup; `None`: the newest backup not verified yet (or the newest).
+    pub backup: Option<BackupSelector>,
+    /// Scratch databases older than this are left from a crash and dropped.
+    pub stale_after: Duration,
+    pub workers: usize,
+}
+
+impl Default for VerifyOptions {
+    fn default() -> Self {
+        Self {
+            backup: None,
+            stale_after: Duration::from_secs(3 * 3600),
+            workers: 2,
+        }
+    }
+}
+
+/// Errors that stop a verification from producing a result at all.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error(transparent)]
+    Restore(#[from] RestoreError),
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error(transparent)]
+    Format(#[from] FormatError),
+}
+
+impl VerifyError {
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            VerifyError::Restore(e) => e.is_retryable(),
+            VerifyError::Db(e) => e.is_retryable(),
+            VerifyError::Format(FormatError::Store(e)) => e.is_retryable(),
+            VerifyError::Format(_) => false,
+        }
+    }
+}
+
+/// Verifies a backup: restore into a scratch database, compare, record, drop.
+///
+/// `server` reaches the verification server (any database on it; the scratch database is
+/// created beside it). A backup that fails verification is an `Ok` with `ok: false`.
+///
+/// # Errors
+/// Unknown backup, unreachable server, store errors: no result could be produced.
+pub async fn verify(
+    store: Arc<dyn WriteStore>,
+    server: &DbSettings,
+    opts: &VerifyOptions,
+) -> Result<Verification, VerifyError> {
+    let started = Instant::now();
+    let selector = match &opts.backup {
+        Some(s) => s.clone(),
+        None => next_unverified(store.as_ref()).await?,
+    };
+    let backup_id = match &selector {
+        BackupSelector::Id(id) => id.clone(),
+        BackupSelector::Latest => String::new(),
+    };
+    let manifest = match restore::load_manifest(store.as_ref(), &selector).await {
+        Ok(m) => m,
+        // A modified manifest is a failed verification of that backup, recorded as such.
+        Err(e @ RestoreError::ManifestModified { .. }) if !backup_id.is_empty() => {
+            let record = failed(&backup_id, crate::error_chain(&e), started);
+            write_doc(
+                store.as_ref(),
+                &verification_key(&backup_id),
+                &record,
+                WriteCondition::Always,
+            )
+            .await?;
+            return Ok(record);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let admin = db::connect(server).await?;
+    sweep_stale(&admin, server, opts.stale_after).await?;
+    let scratch_name = format!(
+        "{SCRATCH_PREFIX}{}_{}",
+        manifest
+            .id
+            .to_lowercase()
+            .replace(|c: char| !c.is_ascii_alphanumeric(), "_"),
+        Utc::now().timestamp()
+    );
+    admin
+        .batch_execute(&format!("CREATE DATABASE {}", quote_ident(&scratch_name)))
+        .await
+        .map_err(|e| DbError::query("creating the scratch database", server, e))?;
+    tracing::info!(
+        backup_id = manifest.id,
+        scratch = scratch_name,
+        "verification restore started"
+    );
+    let scratch = server.with_dbname(&scratch_name);
+    let outcome = restore_and_compare(store.clone(), &manifest, &scratch, opts, started).await;
+    // Always drop the scratch database, whatever happened.
+    if let Err(e) = admin
+        .batch_execute(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            quote_ident(&scratch_name)
+        ))
+        .await
+    {
+        tracing::warn!(scratch = scratch_name, error = %e, "could not drop the scratch database; the next verification sweeps it");
+    }
+    let record = match outcome {
+        Ok(record) => record,
+        Err(e) if !e.is_retryable() => failed(&manifest.id, crate::error_chain(&e), started),
+        Err(e) => return Err(e.into()),
+    };
+    write_doc(
+        store.as_ref(),
+        &verification_key(&manifest.id),
+        &record,
+        WriteCondition::Always,
+    )
+    .await?;
+    tracing::info!(
+        backup_id = record.backup_id,
+        ok = record.ok,
+        restore_seconds = record.restore_seconds,
+        "verification finished"
+    );
+    Ok(record)
+}
+
+fn failed(backup_id: &str, error: String, started: Instant) -> Verification {
+    Verification {
+        version: FORMAT_VERSION,
+        backup_id: backup_id.to_owned(),
+        ok: false,
+        verified_at: Utc::now(),
+        restore_seconds: 0.0,
+        seconds: started.elapsed().as_secs_f64(),
+        bytes: 0,
+        rows: 0,
+        tables: Vec::new(),
+        error: Some(error),
+    }
+}
+
+async fn restore_and_compare(
+    store: Arc<dyn WriteStore>,
+    manifest: &Manifest,
+    scratch: &DbSettings,
+    opts: &VerifyOptions,
+    started: Instant,
+) -> Result<Verification, RestoreError> {
+    let restore_opts = RestoreOptions {
+        workers: opts.workers,
+        ..RestoreOptions::default()
+    };
+    let report = restore::restore(store, manifest, scratch, &restore_opts).await?;
+    let client = db::connect(scratch).await?;
+    let mut tables = Vec::with_capacity(manifest.tables.len());
+    for entry in &manifest.tables {
+        let actual = table_fingerprint(&client, scratch, &entry.name, &entry.columns).await?;
+        tables.push(TableVerification {
+            name: entry.name.clone(),
+            ok: actual == entry.fingerprint,
+            expected: entry.fingerprint,
+            actual: Some(actual),
+        });
+    }
+    Ok(Verification {
+        version: FORMAT_VERSION,
+        backup_id: manifest.id.clone(),
+        ok: tables.iter().all(|t| t.ok),
+        verified_at: Utc::now(),
+        restore_seconds: report.seconds,
+        seconds: started.elapsed().as_secs_f64(),
+        bytes: report.bytes,
+        rows: manifest.rows(),
+        tables,
+        error: None,
+    })
+}
+
+/// Row count and fingerprint of a table, computed exactly as the export computes them.
+///
+/// # Errors
+/// Query errors, naming the table.
+pub async fn table_fingerprint(
+    client: &tokio_postgres::Client,
+    settings: &DbSettings,
+    table: &TableName,
+    columns: &[String],
+) -> Result<Fingerprint, RestoreError> {
+    let cols = columns
+        .iter()
+        .map(|c| quote_ident(c))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let err = |e| RestoreError::Table {
+        table: table.clone(),
+        detail: DbError::query("computing the fingerprint", settings, e).to_string(),
+        retryable: false,
+    };
+    let stream = client
+        .copy_out(&format!(
+            "COPY (SELECT {cols} FROM {}) TO STDOUT",
+            table.quoted()
+        ))
+        .await
+        .map_err(err)?;
+    pin_mut!(stream);
+    let mut fingerprint = Fingerprint::default();
+    let mut splitter = LineSplitter::default();
+    while let Some(block) = stream.try_next().await.map_err(err)? {
+        for line in splitter.feed(block) {
+            fingerprint.add_line(&line);
+        }
+    }
+    Ok(fingerprint)
+}
+
+/// The newest backup without a verification record (the newest backup if all have one).
+async fn next_unverified(store: &dyn WriteStore) -> Result<BackupSelector, VerifyError> {
+    let backups = crate::manifest::list_backups(store).await.map_err(|e| {
+        VerifyError::Restore(RestoreError::Table {
+            table: TableName::new("", ""),
+            detail: e.to_string(),
+            retryable: e.is_retryable(),
+        })
+    })?;
+    let verified: std::collections::HashSet<String> = store
+        .list("verifications/")
+        .await
+        .map_err(|e| VerifyError::Restore(e.into()))?
+        .into_iter()
+        .filter_map(|o| {
+            o.key
+                .strip_prefix("verifications/")
+                .and_then(|k| k.strip_suffix(".json"))
+                .map(str::to_owned)
+        })
+        .collect();
+    match backups.iter().rev().find(|b| !verified.contains(&b.id)) {
+        Some(b) => Ok(BackupSelector::Id(b.id.clone())),
+        None => match backups.last() {
+            Some(b) => Ok(BackupSelector::Id(b.id.clone())),
+            None => Err(VerifyError::Restore(RestoreError::NoBackups)),
+        },
+    }
+}
+
+/// Drops scratch databases whose name says they are older than `stale_after`.
+async fn sweep_stale(
+    admin: &tokio_postgres::Client,
+    server: &DbSettings,
+    stale_after: Duration,
+) -> Result<(), DbError> {
+    let rows = admin
+        .query(
+            "SELECT datname::text FROM pg_database WHERE starts_with(datname, $1)",
+            &[&SCRATCH_PREFIX],
+        )
+        .await
+        .map_err(|e| DbError::query("listing scratch databases", server, e))?;
+    let now = Utc::now().timestamp();
+    for row in rows {
+        let name: String = row.get(0);
+        let created = name.rsplit('_').next().and_then(|t| t.parse::<i64>().ok());
+        if created.is_some_and(|t| now - t > stale_after.as_secs() as i64) {
+            tracing::warn!(
+                scratch = name,
+                "dropping a scratch database left by a crashed verification"
+            );
+            admin
+                .batch_execute(&format!(
+                    "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                    quote_ident(&name)
+                ))
+                .await
+                .map_err(|e| DbError::query("dropping a stale scratch database", server, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// The verification record of a backup, if any.
+///
+/// # Errors
+/// Store and format errors.
+pub async fn read_verification(
+    store: &dyn WriteStore,
+    backup_id: &str,
+) -> Result<Option<Verification>, FormatError> {
+    Ok(
+        read_doc::<Verification>(store, &verification_key(backup_id))
+            .await?
+            .map(|(v, _)| v),
+    )
+}

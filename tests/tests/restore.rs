@@ -1,0 +1,524 @@
+//! Restore and verification restore against the real cluster and both store adapters.
+//! The oracle is ordered COPY output of the source, which Tidemark does not write.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tidemark_core::catalog::TableSelection;
+use tidemark_core::db::DbSettings;
+use tidemark_core::export::{export_slice, ExportOptions};
+use tidemark_core::format::manifest::Manifest;
+use tidemark_core::format::{manifest_key, TableMode};
+use tidemark_core::restore::{self, BackupSelector, RestoreError, RestoreOptions};
+use tidemark_core::store::{S3StoreOptions, WriteCondition};
+use tidemark_core::verify::{self, VerifyOptions};
+use tidemark_tests::fixtures::*;
+use tidemark_tests::{exec, local_store, ordered_copy, s3_store, TestCluster, TestDatabase};
+
+fn options(chunk_rows: u64, schemas: &[&str]) -> ExportOptions {
+    ExportOptions {
+        chunk_rows,
+        chunk_bytes: 1 << 30,
+        workers: 2,
+        progress_interval: Duration::ZERO,
+        selection: TableSelection {
+            schemas: schemas.iter().map(|s| (*s).to_owned()).collect(),
+            ..TableSelection::default()
+        },
+        ..ExportOptions::default()
+    }
+}
+
+fn chain_options() -> ExportOptions {
+    let mut opts = options(100, &["public"]);
+    opts.selection.modes = vec![("events".into(), TableMode::Append)];
+    opts
+}
+
+/// Restores `backup` into a fresh empty database and returns it.
+async fn restore_fresh(store: &Store, cluster: &TestCluster, backup: &str) -> TestDatabase {
+    let target = cluster.create_database().await;
+    let manifest = restore::load_manifest(store.as_ref(), &BackupSelector::Id(backup.to_owned()))
+        .await
+        .expect("manifest");
+    restore::restore(
+        store.clone(),
+        &manifest,
+        &target.settings(),
+        &RestoreOptions::default(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("restore {backup}: {e}"));
+    target
+}
+
+async fn assert_same(source: &DbSettings, restored: &DbSettings, tables: &[(&str, &str)]) {
+    let src = tidemark_core::db::connect(source).await.expect("source");
+    let dst = tidemark_core::db::connect(restored).await.expect("target");
+    for (table, order) in tables {
+        let select = format!("SELECT * FROM {table} ORDER BY {order}");
+        let expected = ordered_copy(&src, &select).await;
+        let actual = ordered_copy(&dst, &select).await;
+        assert!(
+            expected == actual,
+            "{table} differs after restore: {} vs {} bytes\nsource:\n{}\nrestored:\n{}",
+            expected.len(),
+            actual.len(),
+            String::from_utf8_lossy(&expected[..expected.len().min(300)]),
+            String::from_utf8_lossy(&actual[..actual.len().min(300)])
+        );
+    }
+}
+
+/// Primary keys, indexes, checks and sequence positions as the catalog shows them.
+async fn schema_facts(settings: &DbSettings) -> Vec<String> {
+    let client = tidemark_core::db::connect(settings).await.expect("connect");
+    let rows = client
+        .query(
+            "SELECT conrelid::regclass::text || ' ' || conname || ' ' || pg_get_constraintdef(oid) FROM pg_constraint \
+               WHERE connamespace NOT IN ('pg_catalog'::regnamespace, 'information_schema'::regnamespace) \
+             UNION ALL SELECT indexdef FROM pg_indexes WHERE schemaname NOT IN ('pg_catalog', 'information_schema') \
+             UNION ALL SELECT schemaname || '.' || sequencename || ' ' || coalesce(last_value, -1) FROM pg_sequences \
+             ORDER BY 1",
+            &[],
+        )
+        .await
+        .expect("catalog");
+    rows.iter().map(|r| r.get::<_, String>(0)).collect()
+}
+
+async fn matrix_restores_equal_to_source(store: Store) {
+    let cluster = TestCluster::from_env();
+    let db = cluster.create_database().await;
+    exec(
+        &db.settings(),
+        &format!(
+            "{MATRIX_DDL}{MATRIX_DATA}
+             DELETE FROM nokey WHERE x = 'same';
+             CREATE INDEX matrix_ts ON matrix (ts DESC) WHERE flag;
+             CREATE UNIQUE INDEX nokey_y ON nokey (y, x);
+             ALTER TABLE matrix ADD CONSTRAINT matrix_n_sane CHECK (n IS NULL OR n > -1e30);
+             CREATE TABLE serials (id serial PRIMARY KEY, v text DEFAULT 'd');
+             INSERT INTO serials (v) SELECT 'v' || g FROM generate_series(1, 42) g;"
+        ),
+    )
+    .await;
+    let (sealed, _) = backup(&store, &db, &options(500, &["public", "Sales"])).await;
+    let target = restore_fresh(&store, &cluster, &sealed.backup_id).await;
+    let mut tables = MATRIX_TABLES.to_vec();
+    tables.push(("serials", "1"));
+    assert_same(&db.settings(), &target.settings(), &tables).await;
+    assert_eq!(
+        schema_facts(&db.settings()).await,
+        schema_facts(&target.settings()).await
+    );
+    // The restored sequence continues where the source's would.
+    exec(
+        &target.settings(),
+        "INSERT INTO serials (v) VALUES ('next')",
+    )
+    .await;
+    let client = tidemark_core::db::connect(&target.settings())
+        .await
+        .expect("connect");
+    let next: i32 = client
+        .query_one("SELECT max(id) FROM serials", &[])
+        .await
+        .expect("query")
+        .get(0);
+    assert_eq!(next, 43);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_type_matrix_restores_equal_to_the_source_local() {
+    let (_dir, store) = local_store();
+    matrix_restores_equal_to_source(Arc::new(store)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_type_matrix_restores_equal_to_the_source_s3() {
+    matrix_restores_equal_to_source(Arc::new(s3_store(S3StoreOptions::default()).await)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chains_with_updates_deletes_and_late_commits_restore_and_verify() {
+    let cluster = TestCluster::from_env();
+    let db = cluster.create_database().await;
+    chain_fixture(&db).await;
+    let store: Store = Arc::new(s3_store(S3StoreOptions::default()).await);
+    let opts = chain_options();
+    backup(&store, &db, &opts).await;
+
+    let late = tidemark_core::db::connect(&db.settings())
+        .await
+        .expect("connect");
+    late.batch_execute(
+        "BEGIN; INSERT INTO events (payload) VALUES ('late'); UPDATE accounts SET note = 'late' WHERE id = 3",
+    )
+    .await
+    .expect("open transaction");
+    exec(
+        &db.settings(),
+        "UPDATE accounts SET balance = balance * 2 WHERE id % 5 = 0;
+         DELETE FROM accounts WHERE id % 13 = 0;
+         INSERT INTO accounts SELECT g, g, 'new' FROM generate_series(2000, 2100) g;
+         INSERT INTO events (payload) SELECT 'more ' || g FROM generate_series(1, 250) g;
+         UPDATE settings SET v = 'x' WHERE k = 'k1';",
+    )
+    .await;
+    let (mid, _) = backup(&store, &db, &opts).await;
+    late.batch_execute("COMMIT").await.expect("commit late");
+    exec(&db.settings(), "DELETE FROM accounts WHERE id BETWEEN 100 AND 180; UPDATE accounts SET note = NULL WHERE id = 1").await;
+    let (last, _) = backup(&store, &db, &opts).await;
+
+    let target = restore_fresh(&store, &cluster, &last.backup_id).await;
+    assert_same(&db.settings(), &target.settings(), CHAIN_TABLES).await;
+
+    for id in [&mid.backup_id, &last.backup_id] {
+        let record = verify::verify(
+            store.clone(),
+            &cluster.settings("postgres"),
+            &VerifyOptions {
+                backup: Some(BackupSelector::Id(id.clone())),
+                ..VerifyOptions::default()
+            },
+        )
+        .await
+        .expect("verify");
+        assert!(record.ok, "{record:?}");
+        assert!(record.restore_seconds > 0.0 && record.tables.len() == 3);
+    }
+    let listed = tidemark_core::manifest::list_backups(store.as_ref())
+        .await
+        .expect("list");
+    assert_eq!(
+        listed.iter().map(|b| b.verified).collect::<Vec<_>>(),
+        vec![None, Some(true), Some(true)]
+    );
+    assert_no_scratch_left(&cluster).await;
+}
+
+async fn assert_no_scratch_left(cluster: &TestCluster) {
+    let admin = tidemark_core::db::connect(&cluster.settings("postgres"))
+        .await
+        .expect("connect");
+    let mine: Vec<String> = admin
+        .query(
+            "SELECT datname::text FROM pg_database WHERE datname LIKE 'tidemark_verify_%'",
+            &[],
+        )
+        .await
+        .expect("query")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    // Other tests verify in parallel; a scratch database must not outlive its verify call,
+    // so none may be older than a few seconds.
+    let now = chrono::Utc::now().timestamp();
+    for name in mine {
+        let created: i64 = name
+            .rsplit('_')
+            .next()
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(0);
+        assert!(
+            now - created < 120,
+            "scratch database {name} was left behind"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_and_resumed_export_still_restores_equal() {
+    let cluster = TestCluster::from_env();
+    let db = cluster.create_database().await;
+    chain_fixture(&db).await;
+    let opts = chain_options();
+    for kill_ms in [40, 150, 400] {
+        let (_dir, local) = local_store();
+        let store: Store = Arc::new(local);
+        let killed = tokio::time::timeout(
+            Duration::from_millis(kill_ms),
+            export_slice(store.clone(), &db.settings(), &opts),
+        )
+        .await;
+        if let Ok(result) = killed {
+            result.expect("slice");
+        }
+        let mut resume = opts.clone();
+        resume.run_id = tidemark_core::lease::current(store.as_ref())
+            .await
+            .expect("lease")
+            .map(|(l, _)| l.run_id);
+        let (sealed, _) = backup(&store, &db, &resume).await;
+        let target = restore_fresh(&store, &cluster, &sealed.backup_id).await;
+        assert_same(&db.settings(), &target.settings(), CHAIN_TABLES).await;
+    }
+}
+
+/// A backup in a local store, and the path of its store directory.
+async fn one_backup(db: &TestDatabase) -> (tempfile::TempDir, Store, std::path::PathBuf, Manifest) {
+    chain_fixture(db).await;
+    let (dir, local) = local_store();
+    let root = local.root().to_path_buf();
+    let store: Store = Arc::new(local);
+    let (sealed, _) = backup(&store, db, &chain_options()).await;
+    let m = manifest(&store, &sealed.backup_id).await;
+    (dir, store, root, m)
+}
+
+async fn verify_fails_naming(store: &Store, cluster: &TestCluster, id: &str, needle: &str) {
+    let record = verify::verify(
+        store.clone(),
+        &cluster.settings("postgres"),
+        &VerifyOptions {
+            backup: Some(BackupSelector::Id(id.to_owned())),
+            ..VerifyOptions::default()
+        },
+    )
+    .await
+    .expect("a verification result");
+    assert!(!record.ok, "must fail: {record:?}");
+    let error = record.error.clone().unwrap_or_else(|| format!("{record:?}"));
+    assert!(error.contains(needle), "{needle} not named in {error:?}");
+    assert!(verify::read_verification(store.as_ref(), id)
+        .await
+        .expect("read")
+        .is_some_and(|v| !v.ok));
+    assert_no_scratch_left(cluster).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_chunks_and_manifests_are_detected_and_named() {
+    let cluster = TestCluster::from_env();
+    let db = cluster.create_database().await;
+    let (_dir, store, root, m) = one_backup(&db).await;
+    let chunk = m
+        .tables
+        .iter()
+        .find(|t| t.name.name == "accounts")
+        .expect("accounts")
+        .chunks[1]
+        .key
+        .clone();
+    let path = root.join(&chunk);
+    let original = std::fs::read(&path).expect("read chunk");
+
+    // One flipped byte.
+    let mut flipped = original.clone();
+    let middle = flipped.len() / 2;
+    flipped[middle] ^= 0x40;
+    std::fs::write(&path, &flipped).expect("write");
+    verify_fails_naming(&store, &cluster, &m.id, &chunk).await;
+    let target = cluster.create_database().await;
+    let err = restore::restore(
+        store.clone(),
+        &m,
+        &target.settings(),
+        &RestoreOptions::default(),
+    )
+    .await
+    .expect_err("corrupt chunk");
+    assert!(
+        matches!(err, RestoreError::ChunkCorrupt { ref key, .. } if *key == chunk),
+        "{err}"
+    );
+
+    // Truncated.
+    std::fs::write(&path, &original[..original.len() / 2]).expect("write");
+    verify_fails_naming(&store, &cluster, &m.id, &chunk).await;
+
+    // Missing.
+    std::fs::remove_file(&path).expect("remove");
+    verify_fails_naming(&store, &cluster, &m.id, &chunk).await;
+    let target = cluster.create_database().await;
+    let err = restore::restore(
+        store.clone(),
+        &m,
+        &target.settings(),
+        &RestoreOptions::default(),
+    )
+    .await
+    .expect_err("missing chunk");
+    assert!(
+        err.to_string()
+            .contains(&format!("chunk {chunk} is missing")),
+        "{err}"
+    );
+    assert!(
+        schema_facts(&target.settings()).await.is_empty(),
+        "a missing chunk is found before anything is written"
+    );
+    std::fs::write(&path, &original).expect("restore the chunk");
+
+    // An edited manifest.
+    let key = manifest_key(&m.id);
+    let text = String::from_utf8(
+        store
+            .read(&key)
+            .await
+            .expect("read")
+            .expect("exists")
+            .bytes
+            .to_vec(),
+    )
+    .expect("utf8");
+    let edited = text.replacen("\"rows\": 1000", "\"rows\": 999", 1);
+    assert_ne!(edited, text, "the fixture has a 1000-row table");
+    store
+        .put(&key, Bytes::from(edited), WriteCondition::Always)
+        .await
+        .expect("edit manifest");
+    verify_fails_naming(&store, &cluster, &m.id, &key).await;
+    let err = restore::load_manifest(store.as_ref(), &BackupSelector::Id(m.id.clone()))
+        .await
+        .expect_err("edited");
+    assert!(
+        err.to_string()
+            .contains(&format!("manifest {key} was modified")),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn bad_restore_input_is_refused_and_the_target_left_untouched() {
+    let cluster = TestCluster::from_env();
+    let db = cluster.create_database().await;
+    let (_dir, store, _root, m) = one_backup(&db).await;
+
+    let err = restore::load_manifest(
+        store.as_ref(),
+        &BackupSelector::Id("20990101T000000Z-ffffff".into()),
+    )
+    .await
+    .expect_err("unknown backup");
+    assert!(
+        err.to_string()
+            .contains("unknown backup 20990101T000000Z-ffffff"),
+        "{err}"
+    );
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let nowhere = DbSettings::from_url(
+        &format!("postgres://u:Secret-Pw-1@127.0.0.1:{port}/x?sslmode=disable&connect_timeout=2")
+            .into(),
+    )
+    .expect("url");
+    let err = restore::restore(store.clone(), &m, &nowhere, &RestoreOptions::default())
+        .await
+        .expect_err("unreachable");
+    assert!(
+        err.to_string().contains("cannot connect") && !err.to_string().contains("Secret-Pw-1"),
+        "{err}"
+    );
+
+    // Data-only into a target that already holds rows: refused without --clean.
+    let target = cluster.create_database().await;
+    exec(
+        &target.settings(),
+        &format!("{CHAIN_DDL} INSERT INTO settings VALUES ('keep', 'me');"),
+    )
+    .await;
+    let data_only = RestoreOptions {
+        data_only: true,
+        ..RestoreOptions::default()
+    };
+    let err = restore::restore(store.clone(), &m, &target.settings(), &data_only)
+        .await
+        .expect_err("not empty");
+    assert!(
+        err.to_string()
+            .contains("target table public.settings already holds rows; pass --clean"),
+        "{err}"
+    );
+    let client = tidemark_core::db::connect(&target.settings())
+        .await
+        .expect("connect");
+    let counts: i64 = client
+        .query_one("SELECT (SELECT count(*) FROM accounts) + (SELECT count(*) FROM events) + (SELECT count(*) FROM settings)", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(counts, 1, "target untouched");
+
+    // Restoring into existing tables without --data-only is refused too.
+    let err = restore::restore(
+        store.clone(),
+        &m,
+        &target.settings(),
+        &RestoreOptions::default(),
+    )
+    .await
+    .expect_err("tables exist");
+    assert!(
+        err.to_string().contains("target already has table"),
+        "{err}"
+    );
+
+    // With --clean the data lands, schema from "migrations".
+    let clean = RestoreOptions {
+        data_only: true,
+        clean: true,
+        ..RestoreOptions::default()
+    };
+    restore::restore(store.clone(), &m, &target.settings(), &clean)
+        .await
+        .expect("clean restore");
+    assert_same(&db.settings(), &target.settings(), CHAIN_TABLES).await;
+
+    // A subset, and an unknown table in it.
+    let subset_target = cluster.create_database().await;
+    let subset = RestoreOptions {
+        tables: vec!["accounts".into()],
+        ..RestoreOptions::default()
+    };
+    let report = restore::restore(store.clone(), &m, &subset_target.settings(), &subset)
+        .await
+        .expect("subset");
+    assert_eq!((report.tables, report.rows), (1, 1000));
+    let unknown = RestoreOptions {
+        tables: vec!["accounts".into(), "nope".into()],
+        ..RestoreOptions::default()
+    };
+    let err = restore::restore(store.clone(), &m, &subset_target.settings(), &unknown)
+        .await
+        .expect_err("unknown table");
+    assert!(err.to_string().contains("has no table nope"), "{err}");
+}
+
+#[tokio::test]
+async fn verify_sweeps_stale_scratch_databases() {
+    let cluster = TestCluster::from_env();
+    let db = cluster.create_database().await;
+    let (_dir, store, _root, _m) = one_backup(&db).await;
+    let stale = format!(
+        "tidemark_verify_crashed_{}",
+        chrono::Utc::now().timestamp() - 10 * 3600
+    );
+    exec(
+        &cluster.settings("postgres"),
+        &format!("CREATE DATABASE \"{stale}\""),
+    )
+    .await;
+    let started = Instant::now();
+    let record = verify::verify(
+        store.clone(),
+        &cluster.settings("postgres"),
+        &VerifyOptions::default(),
+    )
+    .await
+    .expect("verify");
+    assert!(record.ok && started.elapsed() < Duration::from_secs(60));
+    let admin = tidemark_core::db::connect(&cluster.settings("postgres"))
+        .await
+        .expect("connect");
+    let left = admin
+        .query("SELECT 1 FROM pg_database WHERE datname = $1", &[&stale])
+        .await
+        .expect("query");
+    assert!(left.is_empty(), "the stale scratch database was swept");
+}
