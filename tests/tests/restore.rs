@@ -280,7 +280,10 @@ async fn verify_fails_naming(store: &Store, cluster: &TestCluster, id: &str, nee
     .await
     .expect("a verification result");
     assert!(!record.ok, "must fail: {record:?}");
-    let error = record.error.clone().unwrap_or_else(|| format!("{record:?}"));
+    let error = record
+        .error
+        .clone()
+        .unwrap_or_else(|| format!("{record:?}"));
     assert!(error.contains(needle), "{needle} not named in {error:?}");
     assert!(verify::read_verification(store.as_ref(), id)
         .await
