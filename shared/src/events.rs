@@ -58,6 +58,33 @@ pub struct ManifestEvent {
     pub run_id: Option<String>,
 }
 
+/// What the verify function is asked to check.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct VerifyEvent {
+    /// The backup to verify (the manifest step's output carries it); absent: the newest
+    /// backup not verified yet.
+    #[serde(default)]
+    pub backup_id: Option<String>,
+}
+
+/// Parses the verify function's payload.
+///
+/// # Errors
+/// [`EventError`] naming what is wrong.
+pub fn verify_event(event: Value) -> Result<VerifyEvent, EventError> {
+    let parsed: VerifyEvent = parse(event)?;
+    if parsed
+        .backup_id
+        .as_deref()
+        .is_some_and(|id| id.is_empty() || id.contains('/'))
+    {
+        return Err(EventError(
+            "backup_id must be a backup id such as 20261122T120000Z-0a1b2c".into(),
+        ));
+    }
+    Ok(parsed)
+}
+
 /// Parses the export function's payload.
 ///
 /// # Errors

@@ -1,0 +1,88 @@
+//! The verify function: restore a backup into a scratch database and compare it with
+//! what the source held at the backup's snapshot.
+//!
+//! Input: `{"backup_id"}` (the manifest step's output), `{}` or a Scheduled Event (the
+//! newest backup not verified yet). Output: the verification record, `{"backup_id",
+//! "ok", "done", "restore_seconds", "tables", ...}`; a backup that fails verification is
+//! `"ok": false`, not an error, so the state machine and the alarms can tell a bad
+//! backup from a failed invocation.
+
+use std::sync::Arc;
+
+use lambda_runtime::LambdaEvent;
+use secrecy::SecretString;
+use serde_json::Value;
+use tidemark_core::db::{DatabaseSource, DbSettings};
+use tidemark_core::events;
+use tidemark_core::restore::BackupSelector;
+use tidemark_core::store::WriteStore;
+use tidemark_core::verify::{self, VerifyError, VerifyOptions};
+use tidemark_lambda::{FunctionError, FATAL, RETRYABLE};
+
+/// Clients and settings built once per cold start.
+#[derive(Debug, Clone)]
+pub struct Deps {
+    pub store: Arc<dyn WriteStore>,
+    /// The verification server: `TIDEMARK_SCRATCH_URL` / `TIDEMARK_SCRATCH_SECRET_ID`, or
+    /// the source database's server.
+    pub server: DbSettings,
+    pub options: VerifyOptions,
+}
+
+impl Deps {
+    /// Reads the environment.
+    ///
+    /// # Errors
+    /// A message naming the variable that is missing or malformed.
+    pub async fn from_env() -> Result<Self, String> {
+        let env = |n: &str| std::env::var(n).ok().filter(|v| !v.trim().is_empty());
+        let server = if env("TIDEMARK_SCRATCH_URL").is_some()
+            || env("TIDEMARK_SCRATCH_SECRET_ID").is_some()
+        {
+            DatabaseSource {
+                url: env("TIDEMARK_SCRATCH_URL").map(SecretString::from),
+                secret_id: env("TIDEMARK_SCRATCH_SECRET_ID"),
+                ca_file: env("TIDEMARK_CA_FILE").map(Into::into),
+                sslmode: None,
+            }
+            .resolve()
+            .await
+            .map_err(|e| tidemark_core::error_chain(&e))?
+        } else {
+            tidemark_lambda::database_from_env().await?
+        };
+        let mut options = VerifyOptions::default();
+        if let Some(workers) = env("TIDEMARK_WORKERS") {
+            options.workers = workers
+                .parse()
+                .map_err(|_| format!("TIDEMARK_WORKERS: not a whole number: {workers:?}"))?;
+        }
+        Ok(Self {
+            store: tidemark_lambda::store_from_env().await?,
+            server,
+            options,
+        })
+    }
+}
+
+/// Verifies one backup.
+///
+/// # Errors
+/// [`FunctionError`] when no result could be produced (unknown backup, unreachable
+/// server); a failed verification is a normal result.
+pub async fn handle(event: LambdaEvent<Value>, deps: &Deps) -> Result<Value, FunctionError> {
+    let request = events::verify_event(event.payload)?;
+    let mut options = deps.options.clone();
+    options.backup = request.backup_id.map(BackupSelector::Id);
+    let record = verify::verify(deps.store.clone(), &deps.server, &options)
+        .await
+        .map_err(|e: VerifyError| FunctionError {
+            error_type: if e.is_retryable() { RETRYABLE } else { FATAL },
+            message: tidemark_core::error_chain(&e),
+        })?;
+    let mut out = serde_json::to_value(&record).map_err(|e| FunctionError::fatal(e.to_string()))?;
+    if let Some(map) = out.as_object_mut() {
+        map.insert("done".into(), true.into());
+    }
+    Ok(out)
+}
