@@ -31,6 +31,12 @@ testenv_free_port() {
 }
 
 testenv_ensure_tools() {
+  testenv_ensure_postgres
+  testenv_ensure_moto
+}
+
+# PostgreSQL server binaries, openssl, zstd and psql (from apt if missing).
+testenv_ensure_postgres() {
   PG_BIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
   if [ -z "$PG_BIN" ] || [ ! -x "$PG_BIN/initdb" ]; then
     _apt_install postgresql
@@ -42,12 +48,16 @@ testenv_ensure_tools() {
   if ! id postgres >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     useradd --system --home-dir /var/lib/postgresql --shell /bin/bash postgres
   fi
+  export PG_BIN
+}
+
+# moto (S3 and Secrets Manager) in a virtualenv under .tools/.
+testenv_ensure_moto() {
   if [ ! -x "$TOOLS_DIR/venv/bin/moto_server" ]; then
     _log "installing $MOTO_SPEC into $TOOLS_DIR/venv"
     python3 -m venv "$TOOLS_DIR/venv"
     "$TOOLS_DIR/venv/bin/pip" install -q --disable-pip-version-check "$MOTO_SPEC"
   fi
-  export PG_BIN
 }
 
 _make_certs() {

@@ -328,6 +328,20 @@ async fn describe(
             definition: r.get(1),
         })
         .collect();
+    let foreign_keys = client
+        .query(
+            "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint \
+             WHERE conrelid = $1 AND contype = 'f' AND conparentid = 0 ORDER BY conname",
+            &[&oid],
+        )
+        .await
+        .map_err(q(settings, "reading foreign keys"))?
+        .into_iter()
+        .map(|r| ConstraintDef {
+            name: r.get(0),
+            definition: r.get(1),
+        })
+        .collect();
     let partitioned = relkind == "p";
     let (partition_key, partitions) = if partitioned {
         let key: Option<String> = client
@@ -389,6 +403,7 @@ async fn describe(
             primary_key: key.iter().map(|(n, _)| n.clone()).collect(),
             indexes,
             checks,
+            foreign_keys,
             partition_key,
             partitions,
         },

@@ -277,6 +277,9 @@ pub async fn restore(
     if let Some(e) = first_error {
         return Err(e);
     }
+    if !opts.data_only {
+        add_foreign_keys(&admin, target, &tables).await?;
+    }
     set_sequences(&admin, target, manifest, &tables, opts.data_only).await?;
     let bytes = tables
         .iter()
@@ -766,6 +769,38 @@ async fn build_indexes(
         client.batch_execute(&statement).await.map_err(|e| {
             RestoreError::table(&entry.name, DbError::query("building indexes", target, e))
         })?;
+    }
+    Ok(())
+}
+
+/// Foreign keys last, once every table they may reference is loaded. A key that
+/// references a table this restore did not create (a `--tables` subset) is skipped.
+async fn add_foreign_keys(
+    client: &Client,
+    target: &DbSettings,
+    tables: &[TableEntry],
+) -> Result<(), RestoreError> {
+    for entry in tables {
+        for fk in &entry.schema.foreign_keys {
+            let sql = format!(
+                "ALTER TABLE {} ADD CONSTRAINT {} {}",
+                entry.name.quoted(),
+                quote_ident(&fk.name),
+                fk.definition
+            );
+            if let Err(e) = client.batch_execute(&sql).await {
+                let missing_table =
+                    e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE);
+                if missing_table && tables.len() > 1 {
+                    tracing::warn!(table = %entry.name, constraint = fk.name, "foreign key references a table not restored; skipped");
+                    continue;
+                }
+                return Err(RestoreError::table(
+                    &entry.name,
+                    DbError::query("adding foreign keys", target, e),
+                ));
+            }
+        }
     }
     Ok(())
 }

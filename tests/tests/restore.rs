@@ -99,8 +99,8 @@ async fn matrix_restores_equal_to_source(store: Store) {
              CREATE INDEX matrix_ts ON matrix (ts DESC) WHERE flag;
              CREATE UNIQUE INDEX nokey_y ON nokey (y, x);
              ALTER TABLE matrix ADD CONSTRAINT matrix_n_sane CHECK (n IS NULL OR n > -1e30);
-             CREATE TABLE serials (id serial PRIMARY KEY, v text DEFAULT 'd');
-             INSERT INTO serials (v) SELECT 'v' || g FROM generate_series(1, 42) g;"
+             CREATE TABLE serials (id serial PRIMARY KEY, v text DEFAULT 'd', m int REFERENCES matrix (id));
+             INSERT INTO serials (v, m) SELECT 'v' || g, CASE WHEN g < 5 THEN g END FROM generate_series(1, 42) g;"
         ),
     )
     .await;

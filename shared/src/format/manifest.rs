@@ -137,6 +137,9 @@ pub struct TableSchema {
     /// CHECK constraints.
     #[serde(default)]
     pub checks: Vec<ConstraintDef>,
+    /// FOREIGN KEY constraints (restored after every table is loaded).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub foreign_keys: Vec<ConstraintDef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partition_key: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
