@@ -262,3 +262,114 @@ async fn bad_input_fails_clearly_and_writes_nothing() {
         stderr(&bad_mode)
     );
 }
+
+#[tokio::test]
+async fn restore_and_verify_from_the_cli() {
+    let cluster = TestCluster::from_env();
+    let db = cluster.create_database().await;
+    exec(&db.settings(), FIXTURE).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store_arg = dir.path().to_str().expect("utf8").to_owned();
+    let url = db.url(SslMode::Require);
+    let env = [
+        ("DATABASE_URL", url.as_str()),
+        ("TIDEMARK_STORE", store_arg.as_str()),
+    ];
+    let full = tidemark(&["backup"], &env);
+    assert!(full.status.success(), "{}", stderr(&full));
+    let id = stdout(&full).trim().to_owned();
+
+    let verified = tidemark(&["--json", "verify"], &env);
+    assert!(verified.status.success(), "{}", stderr(&verified));
+    let record: serde_json::Value = serde_json::from_str(&stdout(&verified)).expect("JSON");
+    assert_eq!(
+        (record["backup_id"].as_str(), record["ok"].as_bool()),
+        (Some(id.as_str()), Some(true))
+    );
+    let listed = tidemark(&["--json", "list"], &env);
+    let listed: Vec<serde_json::Value> = serde_json::from_str(&stdout(&listed)).expect("JSON");
+    assert_eq!(listed[0]["verified"], true);
+
+    let target = cluster.create_database().await;
+    let target_url = target.url(SslMode::Require);
+    let restored = tidemark(
+        &["restore", "--backup", "latest", "--target-url", &target_url],
+        &env,
+    );
+    assert!(restored.status.success(), "{}", stderr(&restored));
+    assert!(
+        stdout(&restored).contains(&format!("restored backup {id}")),
+        "{}",
+        stdout(&restored)
+    );
+    let again = tidemark(&["restore", "--target-url", &target_url], &env);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(
+        stderr(&again).contains("target already has table"),
+        "{}",
+        stderr(&again)
+    );
+    let data_only = tidemark(
+        &["restore", "--target-url", &target_url, "--data-only"],
+        &env,
+    );
+    assert_eq!(data_only.status.code(), Some(1));
+    assert!(
+        stderr(&data_only).contains("already holds rows; pass --clean"),
+        "{}",
+        stderr(&data_only)
+    );
+    let clean = tidemark(
+        &[
+            "restore",
+            "--target-url",
+            &target_url,
+            "--data-only",
+            "--clean",
+        ],
+        &env,
+    );
+    assert!(clean.status.success(), "{}", stderr(&clean));
+    let unknown = tidemark(
+        &[
+            "restore",
+            "--backup",
+            "20990101T000000Z-ffffff",
+            "--target-url",
+            &target_url,
+        ],
+        &env,
+    );
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(
+        stderr(&unknown).contains("unknown backup 20990101T000000Z-ffffff"),
+        "{}",
+        stderr(&unknown)
+    );
+    assert!(
+        !stderr(&unknown).contains(&cluster.password),
+        "no password in errors"
+    );
+
+    // Corrupt a chunk: verify exits non-zero and names it.
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dir.path().join(format!("manifests/{id}.json"))).expect("manifest"),
+    )
+    .expect("JSON");
+    let chunk = manifest["tables"][0]["chunks"][0]["key"]
+        .as_str()
+        .expect("chunk key")
+        .to_owned();
+    let path = dir.path().join(&chunk);
+    let mut bytes = std::fs::read(&path).expect("chunk");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&path, bytes).expect("write");
+    let failed = tidemark(&["verify", "--backup", &id], &env);
+    assert_eq!(failed.status.code(), Some(1), "{}", stdout(&failed));
+    assert!(
+        stdout(&failed).contains("verification FAILED") && stdout(&failed).contains(&chunk),
+        "{}",
+        stdout(&failed)
+    );
+}

@@ -230,28 +230,71 @@ pub async fn restore(
 
     let meter = opts.meter.clone().unwrap_or_default();
     meter.tables_total.store(tables.len(), Ordering::Relaxed);
-    let queue = Arc::new(std::sync::Mutex::new(tables.clone()));
+    // Tables whose chunks are independent (a new table, no chain merge) load chunk by
+    // chunk on all connections at once; the rest load whole, in one transaction.
+    let tables = Arc::new(tables);
+    let mut jobs = std::collections::VecDeque::new();
+    let remaining: Arc<Vec<AtomicUsize>> = Arc::new(
+        tables
+            .iter()
+            .map(|t| AtomicUsize::new(t.chunks.len()))
+            .collect(),
+    );
+    for (t, entry) in tables.iter().enumerate() {
+        if opts.data_only || needs_merge(entry) || entry.chunks.is_empty() {
+            jobs.push_back(Job::Table(t));
+        } else {
+            jobs.extend((0..entry.chunks.len()).map(|c| Job::Chunk(t, c)));
+        }
+    }
+    let worker_count = opts.workers.max(1).min(jobs.len().max(1));
+    let queue = Arc::new(std::sync::Mutex::new(jobs));
     let rows = Arc::new(AtomicU64::new(0));
     let mut workers = tokio::task::JoinSet::new();
-    for _ in 0..opts.workers.max(1).min(tables.len().max(1)) {
-        let (queue, store, target, meter, rows) = (
+    for _ in 0..worker_count {
+        let (queue, store, target, meter, rows, tables, remaining) = (
             queue.clone(),
             store.clone(),
             target.clone(),
             meter.clone(),
             rows.clone(),
+            tables.clone(),
+            remaining.clone(),
         );
         let opts = opts.clone();
         workers.spawn(async move {
             let client = db::connect(&target).await?;
             loop {
-                let next = queue.lock().ok().and_then(|mut q| q.pop());
-                let Some(entry) = next else { break };
-                let loaded =
-                    load_table(store.as_ref(), &client, &target, &entry, &opts, &meter).await?;
-                rows.fetch_add(loaded, Ordering::Relaxed);
+                let next = queue.lock().ok().and_then(|mut q| q.pop_front());
+                let Some(job) = next else { break };
+                let t = match job {
+                    Job::Table(t) => {
+                        let loaded =
+                            load_table(store.as_ref(), &client, &target, &tables[t], &opts, &meter)
+                                .await?;
+                        rows.fetch_add(loaded, Ordering::Relaxed);
+                        t
+                    }
+                    Job::Chunk(t, c) => {
+                        let entry = &tables[t];
+                        let copy = format!(
+                            "COPY {} ({}) FROM STDIN",
+                            entry.name.quoted(),
+                            list(&entry.columns)
+                        );
+                        let loaded =
+                            copy_chunk(store.as_ref(), &client, &copy, &entry.chunks[c], &meter)
+                                .await
+                                .map_err(|e| with_table(&entry.name, e))?;
+                        rows.fetch_add(loaded, Ordering::Relaxed);
+                        if remaining[t].fetch_sub(1, Ordering::AcqRel) != 1 {
+                            continue;
+                        }
+                        t
+                    }
+                };
                 if !opts.data_only {
-                    build_indexes(&client, &target, &entry).await?;
+                    build_indexes(&client, &target, &tables[t]).await?;
                 }
                 meter.tables_done.fetch_add(1, Ordering::Relaxed);
             }
@@ -307,6 +350,38 @@ pub async fn restore(
         "restore finished"
     );
     Ok(report)
+}
+
+/// A unit of restore work.
+#[derive(Debug, Clone, Copy)]
+enum Job {
+    /// A whole table in one transaction.
+    Table(usize),
+    /// One chunk of a new table (its own transaction).
+    Chunk(usize, usize),
+}
+
+/// A `changes` chain needs the staging merge; everything else is plain COPY.
+fn needs_merge(entry: &TableEntry) -> bool {
+    let runs: std::collections::BTreeSet<&str> =
+        entry.chunks.iter().map(|c| c.run_id.as_str()).collect();
+    entry.mode == TableMode::Changes
+        && !entry.key.is_empty()
+        && (runs.len() > 1 || !entry.key_chunks.is_empty())
+}
+
+/// Names the table in an error that could not know it.
+fn with_table(table: &TableName, e: RestoreError) -> RestoreError {
+    match e {
+        RestoreError::Table {
+            detail, retryable, ..
+        } => RestoreError::Table {
+            table: table.clone(),
+            detail,
+            retryable,
+        },
+        other => other,
+    }
 }
 
 fn select_tables(manifest: &Manifest, wanted: &[String]) -> Result<Vec<TableEntry>, RestoreError> {
@@ -671,14 +746,9 @@ async fn load_table(
         if opts.data_only && opts.clean {
             client.batch_execute(&format!("TRUNCATE {name}")).await.map_err(q("emptying the table"))?;
         }
-        let runs: std::collections::BTreeSet<&str> = entry.chunks.iter().map(|c| c.run_id.as_str()).collect();
-        let merge = entry.mode == TableMode::Changes && !entry.key.is_empty() && (runs.len() > 1 || !entry.key_chunks.is_empty());
         let cols = list(&entry.columns);
-        let with_table = |e: RestoreError| match e {
-            RestoreError::Table { detail, retryable, .. } => RestoreError::Table { table: entry.name.clone(), detail, retryable },
-            other => other,
-        };
-        if !merge {
+        let with_table = |e: RestoreError| with_table(&entry.name, e);
+        if !needs_merge(entry) {
             let mut rows = 0;
             for chunk in &entry.chunks {
                 rows += copy_chunk(store, client, &format!("COPY {name} ({cols}) FROM STDIN"), chunk, meter).await.map_err(with_table)?;

@@ -4,9 +4,9 @@
 //!   way; multipart uploads carry one per part.
 //! - Conditional writes map to `If-None-Match: *` and `If-Match: <etag>`; S3 answers 412
 //!   (or 409 while a racing conditional write is in flight) when the condition fails.
-//! - [`WriteStore::upload`] reads one part ahead while up to
-//!   [`S3StoreOptions::upload_concurrency`] parts are in flight, so memory stays at a few
-//!   parts whatever the object size, and reading overlaps uploading.
+//! - [`WriteStore::upload`] reads the next part while up to
+//!   [`S3StoreOptions::upload_concurrency`] parts (default one) are in flight, so memory
+//!   stays at a few parts whatever the object size, and reading overlaps uploading.
 
 use std::time::SystemTime;
 
@@ -46,7 +46,7 @@ impl Default for S3StoreOptions {
     fn default() -> Self {
         Self {
             part_size: 5 * 1024 * 1024,
-            upload_concurrency: 2,
+            upload_concurrency: 1,
             list_page_size: 1000,
         }
     }
