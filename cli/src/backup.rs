@@ -300,6 +300,7 @@ pub async fn restore(global: &GlobalArgs, args: &RestoreArgs) -> Result<(), Stri
         clean: args.clean,
         workers: args.workers.max(1),
         meter: Some(meter.clone()),
+        ..RestoreOptions::default()
     };
     let bar = spinner(move || {
         format!(

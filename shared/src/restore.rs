@@ -68,11 +68,18 @@ pub struct RestoreOptions {
     pub workers: usize,
     /// Live counters for a progress display.
     pub meter: Option<Arc<RestoreMeter>>,
+    /// Continue a time-boxed restore: the tables given may exist half-loaded from an
+    /// earlier slice, so they are dropped and created again.
+    pub resume: bool,
+    /// Start no new table or chunk after this instant; the report says what completed.
+    pub deadline: Option<Instant>,
 }
 
 impl Default for RestoreOptions {
     fn default() -> Self {
         Self {
+            resume: false,
+            deadline: None,
             tables: Vec::new(),
             data_only: false,
             clean: false,
@@ -102,6 +109,10 @@ pub struct RestoreReport {
     pub bytes: u64,
     pub chunks: u64,
     pub seconds: f64,
+    /// Every selected table is loaded (false only when a deadline stopped the restore).
+    pub done: bool,
+    /// Tables completely loaded, keys and indexes included.
+    pub completed: Vec<TableName>,
 }
 
 /// Errors of restore; each names the backup, table or object concerned.
@@ -224,9 +235,22 @@ pub async fn restore(
     let tables = select_tables(manifest, &opts.tables)?;
     let admin = db::connect(target).await?;
     preflight(store.as_ref(), &admin, target, &tables, opts).await?;
+    if opts.resume && !opts.data_only {
+        let names: Vec<String> = tables.iter().map(|t| t.name.quoted()).collect();
+        if !names.is_empty() {
+            admin
+                .batch_execute(&format!(
+                    "DROP TABLE IF EXISTS {} CASCADE",
+                    names.join(", ")
+                ))
+                .await
+                .map_err(|e| DbError::query("dropping half-loaded tables", target, e))?;
+        }
+    }
     if !opts.data_only {
         create_schema(&admin, target, manifest, &tables).await?;
     }
+    let completed = Arc::new(std::sync::Mutex::new(Vec::new()));
 
     let meter = opts.meter.clone().unwrap_or_default();
     meter.tables_total.store(tables.len(), Ordering::Relaxed);
@@ -241,7 +265,12 @@ pub async fn restore(
             .collect(),
     );
     for (t, entry) in tables.iter().enumerate() {
-        if opts.data_only || needs_merge(entry) || entry.chunks.is_empty() {
+        // A time-boxed restore works table by table, so that each slice completes some.
+        if opts.data_only
+            || opts.deadline.is_some()
+            || needs_merge(entry)
+            || entry.chunks.is_empty()
+        {
             jobs.push_back(Job::Table(t));
         } else {
             jobs.extend((0..entry.chunks.len()).map(|c| Job::Chunk(t, c)));
@@ -252,6 +281,7 @@ pub async fn restore(
     let rows = Arc::new(AtomicU64::new(0));
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..worker_count {
+        let completed = completed.clone();
         let (queue, store, target, meter, rows, tables, remaining) = (
             queue.clone(),
             store.clone(),
@@ -264,7 +294,13 @@ pub async fn restore(
         let opts = opts.clone();
         workers.spawn(async move {
             let client = db::connect(&target).await?;
+            // Every connection finishes at least one job, so each slice makes progress.
+            let mut worked = false;
             loop {
+                if worked && opts.deadline.is_some_and(|d| Instant::now() >= d) {
+                    break;
+                }
+                worked = true;
                 let next = queue.lock().ok().and_then(|mut q| q.pop_front());
                 let Some(job) = next else { break };
                 let t = match job {
@@ -296,6 +332,9 @@ pub async fn restore(
                 if !opts.data_only {
                     build_indexes(&client, &target, &tables[t]).await?;
                 }
+                if let Ok(mut done) = completed.lock() {
+                    done.push(tables[t].name.clone());
+                }
                 meter.tables_done.fetch_add(1, Ordering::Relaxed);
             }
             Ok::<_, RestoreError>(())
@@ -320,10 +359,14 @@ pub async fn restore(
     if let Some(e) = first_error {
         return Err(e);
     }
-    if !opts.data_only {
-        add_foreign_keys(&admin, target, &tables).await?;
+    let completed: Vec<TableName> = completed.lock().map(|c| c.clone()).unwrap_or_default();
+    let done = completed.len() == tables.len();
+    if done {
+        if !opts.data_only {
+            add_foreign_keys(&admin, target, &tables).await?;
+        }
+        set_sequences(&admin, target, manifest, &tables, opts.data_only).await?;
     }
-    set_sequences(&admin, target, manifest, &tables, opts.data_only).await?;
     let bytes = tables
         .iter()
         .flat_map(|t| t.chunks.iter().chain(&t.key_chunks))
@@ -341,6 +384,8 @@ pub async fn restore(
         bytes,
         chunks,
         seconds: started.elapsed().as_secs_f64(),
+        done,
+        completed,
     };
     tracing::info!(
         backup_id = report.backup_id,
@@ -434,6 +479,7 @@ async fn preflight(
                 )
             })?;
         match (opts.data_only, exists) {
+            (false, true) if opts.resume => {}
             (false, true) => return Err(RestoreError::TargetTableExists(entry.name.clone())),
             (true, false) => return Err(RestoreError::TargetTableMissing(entry.name.clone())),
             (true, true) if !opts.clean => {

@@ -69,11 +69,15 @@ pub struct VerifyOptions {
     /// Scratch databases older than this are left from a crash and dropped.
     pub stale_after: Duration,
     pub workers: usize,
+    /// For [`verify_slice`]: start no new table after this instant; the next slice
+    /// continues in the same scratch database.
+    pub deadline: Option<Instant>,
 }
 
 impl Default for VerifyOptions {
     fn default() -> Self {
         Self {
+            deadline: None,
             backup: None,
             stale_after: Duration::from_secs(3 * 3600),
             workers: 2,
@@ -103,7 +107,33 @@ impl VerifyError {
     }
 }
 
-/// Verifies a backup: restore into a scratch database, compare, record, drop.
+/// Where a time-boxed verification keeps its place between slices.
+fn state_key(backup_id: &str) -> String {
+    format!("runs/verify-{backup_id}/state.json")
+}
+
+/// The in-flight state of a sliced verification.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct VerifyState {
+    version: u32,
+    backup_id: String,
+    scratch: String,
+    completed: Vec<TableName>,
+    restore_seconds: f64,
+}
+
+/// What one slice of a verification did.
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifySlice {
+    pub backup_id: String,
+    /// The verification is finished; `record` holds its result.
+    pub done: bool,
+    pub record: Option<Verification>,
+    pub tables: usize,
+    pub tables_done: usize,
+}
+
+/// Verifies a backup to the end: restore into a scratch database, compare, record, drop.
 ///
 /// `server` reaches the verification server (any database on it; the scratch database is
 /// created beside it). A backup that fails verification is an `Ok` with `ok: false`.
@@ -115,6 +145,27 @@ pub async fn verify(
     server: &DbSettings,
     opts: &VerifyOptions,
 ) -> Result<Verification, VerifyError> {
+    let whole = VerifyOptions {
+        deadline: None,
+        ..opts.clone()
+    };
+    loop {
+        if let Some(record) = verify_slice(store.clone(), server, &whole).await?.record {
+            return Ok(record);
+        }
+    }
+}
+
+/// One time-boxed slice of a verification: restores tables until `opts.deadline`, keeps
+/// its place in `runs/verify-{id}/state.json`, and compares once every table is loaded.
+///
+/// # Errors
+/// As [`verify`].
+pub async fn verify_slice(
+    store: Arc<dyn WriteStore>,
+    server: &DbSettings,
+    opts: &VerifyOptions,
+) -> Result<VerifySlice, VerifyError> {
     let started = Instant::now();
     let selector = match &opts.backup {
         Some(s) => s.clone(),
@@ -123,6 +174,13 @@ pub async fn verify(
     let backup_id = match &selector {
         BackupSelector::Id(id) => id.clone(),
         BackupSelector::Latest => String::new(),
+    };
+    let finished = |record: Verification| VerifySlice {
+        backup_id: record.backup_id.clone(),
+        done: true,
+        tables: record.tables.len(),
+        tables_done: record.tables.len(),
+        record: Some(record),
     };
     let manifest = match restore::load_manifest(store.as_ref(), &selector).await {
         Ok(m) => m,
@@ -136,45 +194,119 @@ pub async fn verify(
                 WriteCondition::Always,
             )
             .await?;
-            return Ok(record);
+            return Ok(finished(record));
         }
         Err(e) => return Err(e.into()),
     };
     let admin = db::connect(server).await?;
-    sweep_stale(&admin, server, opts.stale_after).await?;
-    let scratch_name = format!(
-        "{SCRATCH_PREFIX}{}_{}",
-        manifest
-            .id
-            .to_lowercase()
-            .replace(|c: char| !c.is_ascii_alphanumeric(), "_"),
-        Utc::now().timestamp()
-    );
-    admin
-        .batch_execute(&format!("CREATE DATABASE {}", quote_ident(&scratch_name)))
-        .await
-        .map_err(|e| DbError::query("creating the scratch database", server, e))?;
-    tracing::info!(
-        backup_id = manifest.id,
-        scratch = scratch_name,
-        "verification restore started"
-    );
-    let scratch = server.with_dbname(&scratch_name);
-    let outcome = restore_and_compare(store.clone(), &manifest, &scratch, opts, started).await;
-    // Always drop the scratch database, whatever happened.
+    let key = state_key(&manifest.id);
+    let previous = read_doc::<VerifyState>(store.as_ref(), &key)
+        .await?
+        .map(|(s, _)| s);
+    let resumable = match &previous {
+        Some(state) => admin
+            .query_opt(
+                "SELECT 1 FROM pg_database WHERE datname = $1",
+                &[&state.scratch],
+            )
+            .await
+            .map_err(|e| DbError::query("looking for the scratch database", server, e))?
+            .is_some(),
+        None => false,
+    };
+    let mut state = match previous {
+        Some(state) if resumable => state,
+        _ => {
+            sweep_stale(&admin, server, opts.stale_after).await?;
+            let scratch = format!(
+                "{SCRATCH_PREFIX}{}_{}",
+                manifest
+                    .id
+                    .to_lowercase()
+                    .replace(|c: char| !c.is_ascii_alphanumeric(), "_"),
+                Utc::now().timestamp()
+            );
+            admin
+                .batch_execute(&format!("CREATE DATABASE {}", quote_ident(&scratch)))
+                .await
+                .map_err(|e| DbError::query("creating the scratch database", server, e))?;
+            tracing::info!(
+                backup_id = manifest.id,
+                scratch,
+                "verification restore started"
+            );
+            VerifyState {
+                version: FORMAT_VERSION,
+                backup_id: manifest.id.clone(),
+                scratch,
+                completed: Vec::new(),
+                restore_seconds: 0.0,
+            }
+        }
+    };
+    let scratch = server.with_dbname(&state.scratch);
+    let remaining: Vec<String> = manifest
+        .tables
+        .iter()
+        .filter(|t| !state.completed.contains(&t.name))
+        .map(|t| t.name.quoted())
+        .collect();
+    let restore_opts = RestoreOptions {
+        workers: opts.workers,
+        tables: remaining,
+        resume: !state.completed.is_empty() || resumable,
+        deadline: opts.deadline,
+        ..RestoreOptions::default()
+    };
+    let restored = restore::restore(store.clone(), &manifest, &scratch, &restore_opts).await;
+    let outcome = match restored {
+        Ok(report) if !report.done => {
+            state.completed.extend(report.completed);
+            state.restore_seconds += report.seconds;
+            write_doc(store.as_ref(), &key, &state, WriteCondition::Always).await?;
+            tracing::info!(
+                backup_id = manifest.id,
+                tables_done = state.completed.len(),
+                "verification slice ends; the next continues"
+            );
+            return Ok(VerifySlice {
+                backup_id: manifest.id.clone(),
+                done: false,
+                record: None,
+                tables: manifest.tables.len(),
+                tables_done: state.completed.len(),
+            });
+        }
+        Ok(report) => {
+            state.restore_seconds += report.seconds;
+            compare(
+                &manifest,
+                &scratch,
+                state.restore_seconds,
+                manifest.bytes(),
+                started,
+            )
+            .await
+        }
+        Err(e) => Err(e),
+    };
+    // Finished, one way or the other: always drop the scratch database.
     if let Err(e) = admin
         .batch_execute(&format!(
             "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            quote_ident(&scratch_name)
+            quote_ident(&state.scratch)
         ))
         .await
     {
-        tracing::warn!(scratch = scratch_name, error = %e, "could not drop the scratch database; the next verification sweeps it");
+        tracing::warn!(scratch = state.scratch, error = %e, "could not drop the scratch database; the next verification sweeps it");
     }
     let record = match outcome {
         Ok(record) => record,
         Err(e) if !e.is_retryable() => failed(&manifest.id, crate::error_chain(&e), started),
-        Err(e) => return Err(e.into()),
+        Err(e) => {
+            store.delete(&key).await.map_err(FormatError::from)?;
+            return Err(e.into());
+        }
     };
     write_doc(
         store.as_ref(),
@@ -183,13 +315,14 @@ pub async fn verify(
         WriteCondition::Always,
     )
     .await?;
+    store.delete(&key).await.map_err(FormatError::from)?;
     tracing::info!(
         backup_id = record.backup_id,
         ok = record.ok,
         restore_seconds = record.restore_seconds,
         "verification finished"
     );
-    Ok(record)
+    Ok(finished(record))
 }
 
 fn failed(backup_id: &str, error: String, started: Instant) -> Verification {
@@ -207,18 +340,13 @@ fn failed(backup_id: &str, error: String, started: Instant) -> Verification {
     }
 }
 
-async fn restore_and_compare(
-    store: Arc<dyn WriteStore>,
+async fn compare(
     manifest: &Manifest,
     scratch: &DbSettings,
-    opts: &VerifyOptions,
+    restore_seconds: f64,
+    bytes: u64,
     started: Instant,
 ) -> Result<Verification, RestoreError> {
-    let restore_opts = RestoreOptions {
-        workers: opts.workers,
-        ..RestoreOptions::default()
-    };
-    let report = restore::restore(store, manifest, scratch, &restore_opts).await?;
     let client = db::connect(scratch).await?;
     let mut tables = Vec::with_capacity(manifest.tables.len());
     for entry in &manifest.tables {
@@ -235,9 +363,9 @@ async fn restore_and_compare(
         backup_id: manifest.id.clone(),
         ok: tables.iter().all(|t| t.ok),
         verified_at: Utc::now(),
-        restore_seconds: report.seconds,
+        restore_seconds,
         seconds: started.elapsed().as_secs_f64(),
-        bytes: report.bytes,
+        bytes,
         rows: manifest.rows(),
         tables,
         error: None,

@@ -27,6 +27,8 @@ pub struct Deps {
     /// the source database's server.
     pub server: DbSettings,
     pub options: VerifyOptions,
+    /// Stop starting new tables this long before the invocation deadline.
+    pub margin: std::time::Duration,
 }
 
 impl Deps {
@@ -61,6 +63,7 @@ impl Deps {
             store: tidemark_lambda::store_from_env().await?,
             server,
             options,
+            margin: tidemark_lambda::slice_margin(),
         })
     }
 }
@@ -74,15 +77,21 @@ pub async fn handle(event: LambdaEvent<Value>, deps: &Deps) -> Result<Value, Fun
     let request = events::verify_event(event.payload)?;
     let mut options = deps.options.clone();
     options.backup = request.backup_id.map(BackupSelector::Id);
-    let record = verify::verify(deps.store.clone(), &deps.server, &options)
+    options.deadline = Some(tidemark_lambda::work_deadline(&event.context, deps.margin));
+    let slice = verify::verify_slice(deps.store.clone(), &deps.server, &options)
         .await
         .map_err(|e: VerifyError| FunctionError {
             error_type: if e.is_retryable() { RETRYABLE } else { FATAL },
             message: tidemark_core::error_chain(&e),
         })?;
-    let mut out = serde_json::to_value(&record).map_err(|e| FunctionError::fatal(e.to_string()))?;
+    let mut out = match &slice.record {
+        Some(record) => serde_json::to_value(record),
+        None => serde_json::to_value(&slice),
+    }
+    .map_err(|e| FunctionError::fatal(e.to_string()))?;
     if let Some(map) = out.as_object_mut() {
-        map.insert("done".into(), true.into());
+        map.insert("done".into(), slice.done.into());
+        map.insert("tables_done".into(), slice.tables_done.into());
     }
     Ok(out)
 }

@@ -32,6 +32,7 @@ async fn samples_verify_the_newest_or_the_named_backup() {
         store: store.clone(),
         server: cluster.settings("postgres"),
         options: Default::default(),
+        margin: std::time::Duration::from_secs(60),
     };
     // The manifest step's output, fed straight in.
     let (_, mut step) = sample_events("verify.step-functions").remove(0);
@@ -73,4 +74,49 @@ async fn samples_verify_the_newest_or_the_named_backup() {
     .await
     .expect_err("malformed");
     assert!(err.message.starts_with("invalid event"), "{}", err.message);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_deadline_verifies_in_slices() {
+    let cluster = TestCluster::from_env();
+    let db = cluster.create_database().await;
+    chain_fixture(&db).await;
+    let store: Arc<dyn WriteStore> = Arc::new(s3_store(S3StoreOptions::default()).await);
+    let (sealed, _) = backup(
+        &store,
+        &db,
+        &tidemark_core::export::ExportOptions::default(),
+    )
+    .await;
+    let deps = Deps {
+        store: store.clone(),
+        server: cluster.settings("postgres"),
+        options: tidemark_core::verify::VerifyOptions {
+            workers: 1,
+            ..Default::default()
+        },
+        margin: std::time::Duration::from_secs(60),
+    };
+    // 60 s left with a 60 s margin: one table per invocation, as a 15-minute Lambda
+    // would go through a backup too big for one invocation.
+    let mut slices = 0;
+    let out = loop {
+        slices += 1;
+        assert!(slices < 20, "verification never finished");
+        let event = json!({"backup_id": sealed.backup_id});
+        let out = handle(LambdaEvent::new(event, lambda_context(60)), &deps)
+            .await
+            .expect("slice");
+        assert_eq!(out["backup_id"], sealed.backup_id.as_str());
+        if out["done"] == true {
+            break out;
+        }
+    };
+    assert_eq!(slices, 3, "one table per slice");
+    assert_eq!(out["ok"], true, "{out}");
+    assert_eq!(out["tables"].as_array().map(Vec::len), Some(3));
+    assert!(
+        store.list("runs/").await.expect("list").is_empty(),
+        "the slice state is gone once the verification is recorded"
+    );
 }
