@@ -112,9 +112,13 @@ pub struct VerifyArgs {
         long,
         env = "TIDEMARK_SCRATCH_URL",
         hide_env_values = true,
-        value_name = "URL"
+        value_name = "URL",
+        conflicts_with = "scratch_secret_id"
     )]
     scratch_url: Option<String>,
+    /// The verification server as a Secrets Manager secret (RDS format) instead of a URL.
+    #[arg(long, env = "TIDEMARK_SCRATCH_SECRET_ID", value_name = "ID")]
+    scratch_secret_id: Option<String>,
     /// Tables loaded at once.
     #[arg(long, env = "TIDEMARK_WORKERS", default_value_t = 2)]
     workers: usize,
@@ -327,9 +331,17 @@ pub async fn restore(global: &GlobalArgs, args: &RestoreArgs) -> Result<(), Stri
 
 pub async fn verify(global: &GlobalArgs, args: &VerifyArgs) -> Result<(), String> {
     let store = global.open_store().await?;
-    let mut server = match &args.scratch_url {
-        Some(url) => url_settings(url, "--scratch-url")?,
-        None => global
+    let mut server = match (&args.scratch_url, &args.scratch_secret_id) {
+        (Some(url), _) => url_settings(url, "--scratch-url")?,
+        (None, Some(secret_id)) => tidemark_core::db::DatabaseSource {
+            secret_id: Some(secret_id.clone()),
+            sslmode: global.sslmode,
+            ..Default::default()
+        }
+        .resolve()
+        .await
+        .map_err(|e| error_chain(&e))?,
+        (None, None) => global
             .database()
             .resolve()
             .await

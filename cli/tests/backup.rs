@@ -351,6 +351,31 @@ async fn restore_and_verify_from_the_cli() {
         "no password in errors"
     );
 
+    // The verification server given as a Secrets Manager secret.
+    let secrets = aws_sdk_secretsmanager::Client::new(&tidemark_tests::aws_config().await);
+    let secret = format!("tidemark/scratch/{}", uuid::Uuid::new_v4().simple());
+    secrets
+        .create_secret()
+        .name(&secret)
+        .secret_string(
+            serde_json::json!({"username": cluster.user, "password": cluster.password,
+                "host": cluster.host, "port": cluster.port, "dbname": "postgres", "sslmode": "require"})
+            .to_string(),
+        )
+        .send()
+        .await
+        .expect("create secret");
+    let via_secret = tidemark(
+        &["verify", "--backup", &id, "--scratch-secret-id", &secret],
+        &env,
+    );
+    assert!(via_secret.status.success(), "{}", stderr(&via_secret));
+    assert!(
+        stdout(&via_secret).contains("verification ok"),
+        "{}",
+        stdout(&via_secret)
+    );
+
     // Corrupt a chunk: verify exits non-zero and names it.
     let manifest: serde_json::Value = serde_json::from_slice(
         &std::fs::read(dir.path().join(format!("manifests/{id}.json"))).expect("manifest"),
