@@ -1,27 +1,13 @@
 //! `tidemark check` end to end: the real binary, the test cluster, the S3-protocol server.
 
-use std::process::{Command, Output};
+use std::process::Output;
 
 use tidemark_core::db::SslMode;
 use tidemark_core::store::{LocalStore, ReadStore};
 use tidemark_tests::{aws_config, create_bucket, TestCluster};
 
 fn tidemark(args: &[&str], envs: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tidemark"));
-    cmd.args(args);
-    for var in [
-        "DATABASE_URL",
-        "TIDEMARK_STORE",
-        "TIDEMARK_SECRET_ID",
-        "TIDEMARK_CA_FILE",
-        "RUST_LOG",
-    ] {
-        cmd.env_remove(var);
-    }
-    for (k, v) in envs {
-        cmd.env(k, v);
-    }
-    cmd.output().expect("run tidemark")
+    tidemark_tests::run_cli(env!("CARGO_BIN_EXE_tidemark"), args, envs)
 }
 
 fn text(out: &Output) -> (String, String) {

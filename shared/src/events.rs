@@ -31,6 +31,16 @@ fn parse<T: for<'de> Deserialize<'de>>(event: Value) -> Result<T, EventError> {
     serde_json::from_value(unwrap_envelope(event)?).map_err(|e| EventError(e.to_string()))
 }
 
+/// Checks an optional run or backup id field: non-empty, no `/`.
+fn check_id(field: &str, id: Option<&str>) -> Result<(), EventError> {
+    if id.is_some_and(|id| id.is_empty() || id.contains('/')) {
+        return Err(EventError(format!(
+            "{field} must be an id such as 20261122T120000Z-0a1b2c"
+        )));
+    }
+    Ok(())
+}
+
 /// `full` or `incremental`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -73,15 +83,7 @@ pub struct VerifyEvent {
 /// [`EventError`] naming what is wrong.
 pub fn verify_event(event: Value) -> Result<VerifyEvent, EventError> {
     let parsed: VerifyEvent = parse(event)?;
-    if parsed
-        .backup_id
-        .as_deref()
-        .is_some_and(|id| id.is_empty() || id.contains('/'))
-    {
-        return Err(EventError(
-            "backup_id must be a backup id such as 20261122T120000Z-0a1b2c".into(),
-        ));
-    }
+    check_id("backup_id", parsed.backup_id.as_deref())?;
     Ok(parsed)
 }
 
@@ -91,15 +93,7 @@ pub fn verify_event(event: Value) -> Result<VerifyEvent, EventError> {
 /// [`EventError`] naming what is wrong.
 pub fn export_event(event: Value) -> Result<ExportEvent, EventError> {
     let parsed: ExportEvent = parse(event)?;
-    if parsed
-        .run_id
-        .as_deref()
-        .is_some_and(|id| id.is_empty() || id.contains('/'))
-    {
-        return Err(EventError(
-            "run_id must be a run id such as 20261122T120000Z-0a1b2c".into(),
-        ));
-    }
+    check_id("run_id", parsed.run_id.as_deref())?;
     Ok(parsed)
 }
 
@@ -109,15 +103,7 @@ pub fn export_event(event: Value) -> Result<ExportEvent, EventError> {
 /// [`EventError`] naming what is wrong.
 pub fn manifest_event(event: Value) -> Result<ManifestEvent, EventError> {
     let parsed: ManifestEvent = parse(event)?;
-    if parsed
-        .run_id
-        .as_deref()
-        .is_some_and(|id| id.is_empty() || id.contains('/'))
-    {
-        return Err(EventError(
-            "run_id must be a run id such as 20261122T120000Z-0a1b2c".into(),
-        ));
-    }
+    check_id("run_id", parsed.run_id.as_deref())?;
     Ok(parsed)
 }
 

@@ -40,7 +40,7 @@ use crate::format::manifest::Manifest;
 use crate::format::progress::{ExportScope, ExportSettings, Lane, RunProgress, TableProgress};
 use crate::format::{
     manifest_key, progress_key, quote_ident, quote_literal, read_doc, write_doc, BackupKind,
-    ChunkKind, ChunkRef, Fingerprint, KeyRange, PgSnapshot, TableMode, CHECKPOINT_KEY,
+    ChunkKind, ChunkRef, Fingerprint, KeyRange, PgSnapshot, TableMode, TableName, CHECKPOINT_KEY,
     FORMAT_VERSION,
 };
 use crate::lease::{self, HeldLease};
@@ -796,6 +796,24 @@ impl Shared {
         }
     }
 
+    /// Starts streaming chunk `seq` of `table` (named for this run and slice).
+    fn open_sink(&self, table: &TableName, seq: u32, kind: ChunkKind) -> ChunkSink {
+        ChunkSink::open(
+            self.store.clone(),
+            chunk_key(&self.run_id, table, seq, self.slice, kind),
+            kind,
+            &self.run_id,
+            self.opts.zstd_level,
+        )
+    }
+
+    /// Completes a chunk and counts it.
+    async fn land(&self, sink: ChunkSink, range: Option<KeyRange>) -> Result<ChunkRef, RunError> {
+        let chunk = sink.finish(range).await?;
+        self.count_chunk(&chunk);
+        Ok(chunk)
+    }
+
     /// The table as it stands, noting the slice its export started in.
     async fn begin(&self, t: usize) -> TableProgress {
         let mut state = self.state.lock().await;
@@ -1107,8 +1125,6 @@ async fn export_range(
         });
     }
     let collect_append = matches!(table.scope, ExportScope::Appended { .. });
-    let level = shared.opts.zstd_level;
-    let run_id = &shared.run_id;
     let mut rows_sink: Option<ChunkSink> = None;
     let mut keys_sink: Option<ChunkSink> = None;
     let mut delta = Delta::default();
@@ -1150,15 +1166,8 @@ async fn export_range(
                     }
                 }
                 if export {
-                    let sink = rows_sink.get_or_insert_with(|| {
-                        ChunkSink::open(
-                            shared.store.clone(),
-                            chunk_key(run_id, &table.name, seq, shared.slice, ChunkKind::Rows),
-                            ChunkKind::Rows,
-                            run_id,
-                            level,
-                        )
-                    });
+                    let sink = rows_sink
+                        .get_or_insert_with(|| shared.open_sink(&table.name, seq, ChunkKind::Rows));
                     sink.write_line(line).await?;
                 }
                 if changed_since.is_some() {
@@ -1170,15 +1179,8 @@ async fn export_range(
                         key_line.extend_from_slice(copy_field(line, *pos).unwrap_or_default());
                     }
                     key_line.push(b'\n');
-                    let sink = keys_sink.get_or_insert_with(|| {
-                        ChunkSink::open(
-                            shared.store.clone(),
-                            chunk_key(run_id, &table.name, seq, shared.slice, ChunkKind::Keys),
-                            ChunkKind::Keys,
-                            run_id,
-                            level,
-                        )
-                    });
+                    let sink = keys_sink
+                        .get_or_insert_with(|| shared.open_sink(&table.name, seq, ChunkKind::Keys));
                     sink.write_line(&key_line).await?;
                 }
             }
@@ -1200,14 +1202,14 @@ async fn export_range(
         return Err(e);
     }
     if let Some(sink) = rows_sink {
-        let chunk = sink.finish(Some(range.clone())).await?;
-        shared.count_chunk(&chunk);
-        delta.chunks.push(chunk);
+        delta
+            .chunks
+            .push(shared.land(sink, Some(range.clone())).await?);
     }
     if let Some(sink) = keys_sink {
-        let chunk = sink.finish(Some(range.clone())).await?;
-        shared.count_chunk(&chunk);
-        delta.key_chunks.push(chunk);
+        delta
+            .key_chunks
+            .push(shared.land(sink, Some(range.clone())).await?);
     }
     if collect_append {
         delta.gaps = find_gaps(
@@ -1313,21 +1315,8 @@ async fn probe_gaps(
                 {
                     found.push(k);
                 }
-                let s = sink.get_or_insert_with(|| {
-                    ChunkSink::open(
-                        shared.store.clone(),
-                        chunk_key(
-                            &shared.run_id,
-                            &table.name,
-                            seq,
-                            shared.slice,
-                            ChunkKind::Rows,
-                        ),
-                        ChunkKind::Rows,
-                        &shared.run_id,
-                        shared.opts.zstd_level,
-                    )
-                });
+                let s =
+                    sink.get_or_insert_with(|| shared.open_sink(&table.name, seq, ChunkKind::Rows));
                 s.write_line(&line).await?;
             }
         }
@@ -1341,9 +1330,7 @@ async fn probe_gaps(
         return Err(e);
     }
     if let Some(s) = sink {
-        let chunk = s.finish(None).await?;
-        shared.count_chunk(&chunk);
-        delta.chunks.push(chunk);
+        delta.chunks.push(shared.land(s, None).await?);
         tracing::info!(table = %table.name, rows = found.len(), "late-committed rows found in earlier gaps");
     }
     // What is still empty stays a gap, until its TTL.
@@ -1476,28 +1463,13 @@ async fn export_keyless(
                 delta.fingerprint.add_line(&line);
                 if sink.is_none() {
                     let seq = shared.next_seq(t).await;
-                    let key = chunk_key(
-                        &shared.run_id,
-                        &table.name,
-                        seq,
-                        shared.slice,
-                        ChunkKind::Rows,
-                    );
-                    sink = Some(ChunkSink::open(
-                        shared.store.clone(),
-                        key,
-                        ChunkKind::Rows,
-                        &shared.run_id,
-                        shared.opts.zstd_level,
-                    ));
+                    sink = Some(shared.open_sink(&table.name, seq, ChunkKind::Rows));
                 }
                 if let Some(s) = sink.as_mut() {
                     s.write_line(&line).await?;
                     if s.rows() >= limit_rows || s.raw_bytes() >= limit_bytes {
                         if let Some(full) = sink.take() {
-                            let chunk = full.finish(None).await?;
-                            shared.count_chunk(&chunk);
-                            delta.chunks.push(chunk);
+                            delta.chunks.push(shared.land(full, None).await?);
                         }
                     }
                 }
@@ -1513,9 +1485,7 @@ async fn export_keyless(
         return Err(e);
     }
     if let Some(last) = sink {
-        let chunk = last.finish(None).await?;
-        shared.count_chunk(&chunk);
-        delta.chunks.push(chunk);
+        delta.chunks.push(shared.land(last, None).await?);
     }
     Ok(delta)
 }

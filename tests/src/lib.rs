@@ -473,3 +473,24 @@ pub mod fixtures {
         .await;
     }
 }
+
+/// Runs a CLI binary with `args`, a clean Tidemark environment plus `envs`.
+pub fn run_cli(binary: &str, args: &[&str], envs: &[(&str, &str)]) -> std::process::Output {
+    let mut cmd = std::process::Command::new(binary);
+    cmd.args(args);
+    for var in [
+        "DATABASE_URL",
+        "TIDEMARK_STORE",
+        "TIDEMARK_SECRET_ID",
+        "TIDEMARK_CA_FILE",
+        "TIDEMARK_SCRATCH_URL",
+        "TIDEMARK_TARGET_URL",
+        "RUST_LOG",
+    ] {
+        cmd.env_remove(var);
+    }
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run the binary")
+}
