@@ -74,6 +74,8 @@ enum Command {
     Restore(backup::RestoreArgs),
     /// Prove a backup restorable: restore it into a scratch database and compare.
     Verify(backup::VerifyArgs),
+    /// Apply the retention policy and delete what no kept backup needs.
+    Prune(backup::PruneArgs),
 }
 
 fn parse_sslmode(s: &str) -> Result<SslMode, String> {
@@ -127,6 +129,7 @@ fn main() -> ExitCode {
             Command::List => backup::list(&cli.global).await,
             Command::Restore(args) => backup::restore(&cli.global, args).await,
             Command::Verify(args) => backup::verify(&cli.global, args).await,
+            Command::Prune(args) => backup::prune(&cli.global, args).await,
         };
         match outcome {
             Ok(()) => ExitCode::SUCCESS,

@@ -33,6 +33,14 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("size out of range: {s:?}"))
 }
 
+/// A duration such as `24h`, `30d`, `90min`.
+///
+/// # Errors
+/// A message naming the bad value.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim()).map_err(|e| format!("{e}: {s:?} (e.g. 24h, 30d)"))
+}
+
 /// `NAME=MODE`, e.g. `public.articles=append`.
 ///
 /// # Errors
@@ -149,6 +157,112 @@ mod tests {
         assert!(
             err.contains("TIDEMARK_WORKERS") && err.contains("many"),
             "{err}"
+        );
+    }
+}
+
+/// The retention policy from `TIDEMARK_KEEP_LAST`, `_HOURLY`, `_DAILY`, `_WEEKLY`,
+/// `_MONTHLY`, `_YEARLY`, `TIDEMARK_KEEP_WITHIN` (e.g. `30d`), `TIDEMARK_MAX_TOTAL_SIZE`
+/// (e.g. `500GiB`) and `TIDEMARK_TIMEZONE` (e.g. `Europe/Paris`). With no `KEEP` rule
+/// at all, the documented default (daily 7, weekly 4, monthly 12).
+///
+/// # Errors
+/// A message naming the variable and its bad value.
+pub fn retention_policy_from_env(
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<crate::retention::RetentionPolicy, String> {
+    use crate::retention::RetentionPolicy;
+    let get = |name: &str| env(name).filter(|v| !v.trim().is_empty());
+    let count = |name: &str| -> Result<Option<u32>, String> {
+        get(name)
+            .map(|v| {
+                v.trim()
+                    .parse::<u32>()
+                    .map_err(|_| format!("{name}: not a count: {v:?}"))
+            })
+            .transpose()
+    };
+    let mut policy = RetentionPolicy::empty();
+    policy.keep_last = count("TIDEMARK_KEEP_LAST")?;
+    policy.keep_hourly = count("TIDEMARK_KEEP_HOURLY")?;
+    policy.keep_daily = count("TIDEMARK_KEEP_DAILY")?;
+    policy.keep_weekly = count("TIDEMARK_KEEP_WEEKLY")?;
+    policy.keep_monthly = count("TIDEMARK_KEEP_MONTHLY")?;
+    policy.keep_yearly = count("TIDEMARK_KEEP_YEARLY")?;
+    policy.keep_within = get("TIDEMARK_KEEP_WITHIN")
+        .map(|v| {
+            humantime::parse_duration(v.trim())
+                .map_err(|e| format!("TIDEMARK_KEEP_WITHIN: {e}: {v:?}"))
+        })
+        .transpose()?;
+    policy.max_total_size = get("TIDEMARK_MAX_TOTAL_SIZE")
+        .map(|v| parse_size(&v).map_err(|e| format!("TIDEMARK_MAX_TOTAL_SIZE: {e}")))
+        .transpose()?;
+    let any_rule = [
+        policy.keep_last,
+        policy.keep_hourly,
+        policy.keep_daily,
+        policy.keep_weekly,
+        policy.keep_monthly,
+        policy.keep_yearly,
+    ]
+    .iter()
+    .any(Option::is_some)
+        || policy.keep_within.is_some();
+    if !any_rule {
+        let cap = policy.max_total_size;
+        policy = RetentionPolicy {
+            max_total_size: cap,
+            ..RetentionPolicy::default()
+        };
+    }
+    if let Some(tz) = get("TIDEMARK_TIMEZONE") {
+        policy.timezone = tz.trim().parse().map_err(|_| {
+            format!("TIDEMARK_TIMEZONE: unknown time zone {tz:?} (e.g. Europe/Paris)")
+        })?;
+    }
+    Ok(policy)
+}
+
+#[cfg(test)]
+mod retention_env_tests {
+    use super::*;
+
+    #[test]
+    fn the_policy_comes_from_the_environment() {
+        let env = |name: &str| match name {
+            "TIDEMARK_KEEP_LAST" => Some("3".to_owned()),
+            "TIDEMARK_KEEP_WITHIN" => Some("2d 12h".to_owned()),
+            "TIDEMARK_TIMEZONE" => Some("Europe/Paris".to_owned()),
+            _ => None,
+        };
+        let policy = retention_policy_from_env(&env).expect("parses");
+        assert_eq!(policy.keep_last, Some(3));
+        assert_eq!(
+            policy.keep_daily, None,
+            "an explicit rule replaces the default"
+        );
+        assert_eq!(policy.keep_within, Some(Duration::from_secs(60 * 3600)));
+        assert_eq!(policy.timezone, chrono_tz::Europe::Paris);
+
+        let default = retention_policy_from_env(&|_| None).expect("default");
+        assert_eq!(
+            (
+                default.keep_daily,
+                default.keep_weekly,
+                default.keep_monthly
+            ),
+            (Some(7), Some(4), Some(12))
+        );
+
+        let bad = |name: &str| (name == "TIDEMARK_TIMEZONE").then(|| "Mars/Olympus".to_owned());
+        assert!(retention_policy_from_env(&bad)
+            .expect_err("bad zone")
+            .contains("Mars/Olympus"));
+        let zero = |name: &str| (name == "TIDEMARK_KEEP_DAILY").then(|| "0".to_owned());
+        assert!(
+            retention_policy_from_env(&zero).expect("parses").is_empty(),
+            "refused later by the plan"
         );
     }
 }

@@ -18,6 +18,7 @@
 //! - [`manifest`]: sealing a run into a manifest, and listing backups.
 //! - [`restore`]: restoring a backup into a database (also the verification restore).
 //! - [`verify`]: verification restores into a scratch database, and their records.
+//! - [`prune`]: the prune plan and its application.
 //! - [`retention`]: which backups a retention policy keeps (pure).
 //! - [`config`]: settings shared by CLI flags and Lambda environment variables.
 //! - [`events`]: the payloads the Lambda functions accept.
@@ -33,6 +34,7 @@ pub mod export;
 pub mod format;
 pub mod lease;
 pub mod manifest;
+pub mod prune;
 pub mod restore;
 pub mod retention;
 pub mod run;
