@@ -14,7 +14,7 @@ use tidemark_core::prune::{prune, PruneOptions};
 use tidemark_core::restore::{self, BackupSelector, RestoreOptions};
 use tidemark_core::retention::RetentionPolicy;
 use tidemark_core::run::RunError;
-use tidemark_core::store::{S3StoreOptions, WriteCondition, WriteStore};
+use tidemark_core::store::{S3StoreOptions, WriteCondition};
 use tidemark_tests::fixtures::*;
 use tidemark_tests::{exec, local_store, ordered_copy, s3_store, TestCluster};
 
