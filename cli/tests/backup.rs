@@ -384,3 +384,65 @@ async fn restore_and_verify_from_the_cli() {
         stdout(&failed)
     );
 }
+
+#[tokio::test]
+async fn prune_from_the_cli() {
+    let cluster = TestCluster::from_env();
+    let db = cluster.create_database().await;
+    exec(&db.settings(), FIXTURE).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store_arg = dir.path().to_str().expect("utf8").to_owned();
+    let url = db.url(SslMode::Require);
+    let env = [
+        ("DATABASE_URL", url.as_str()),
+        ("TIDEMARK_STORE", store_arg.as_str()),
+    ];
+    for _ in 0..3 {
+        let out = tidemark(&["backup", "--full"], &env);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let dry = tidemark(&["prune", "--keep-last", "1", "--dry-run"], &env);
+    assert!(dry.status.success(), "{}", stderr(&dry));
+    assert_eq!(
+        stdout(&dry)
+            .lines()
+            .filter(|l| l.starts_with("remove"))
+            .count(),
+        2,
+        "{}",
+        stdout(&dry)
+    );
+    assert!(stdout(&dry).contains("would delete"), "{}", stdout(&dry));
+    let listed: Vec<serde_json::Value> =
+        serde_json::from_str(&stdout(&tidemark(&["--json", "list"], &env))).expect("JSON");
+    assert_eq!(listed.len(), 3, "a dry run deletes nothing");
+
+    let done = tidemark(&["--json", "prune", "--keep-last", "1"], &env);
+    assert!(done.status.success(), "{}", stderr(&done));
+    let report: serde_json::Value = serde_json::from_str(&stdout(&done)).expect("JSON");
+    assert!(
+        report["deleted"].as_u64().is_some_and(|n| n >= 2),
+        "{report}"
+    );
+    let listed: Vec<serde_json::Value> =
+        serde_json::from_str(&stdout(&tidemark(&["--json", "list"], &env))).expect("JSON");
+    assert_eq!(listed.len(), 1);
+
+    let empty = tidemark(&["prune", "--keep-daily", "0"], &env);
+    assert_eq!(empty.status.code(), Some(1));
+    assert!(
+        stderr(&empty).contains("empty retention policy"),
+        "{}",
+        stderr(&empty)
+    );
+    let zone = tidemark(
+        &["prune", "--keep-daily", "3", "--timezone", "Mars/Olympus"],
+        &env,
+    );
+    assert_eq!(zone.status.code(), Some(1));
+    assert!(
+        stderr(&zone).contains("--timezone: unknown time zone \"Mars/Olympus\""),
+        "{}",
+        stderr(&zone)
+    );
+}

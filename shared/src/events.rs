@@ -87,6 +87,69 @@ pub fn verify_event(event: Value) -> Result<VerifyEvent, EventError> {
     Ok(parsed)
 }
 
+/// What the prune function is asked to do: a dry run, and policy fields that override
+/// the environment's (`keep_daily` overrides `TIDEMARK_KEEP_DAILY`, and so on).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PruneEvent {
+    #[serde(default)]
+    pub dry_run: bool,
+    #[serde(default)]
+    pub keep_last: Option<u32>,
+    #[serde(default)]
+    pub keep_hourly: Option<u32>,
+    #[serde(default)]
+    pub keep_daily: Option<u32>,
+    #[serde(default)]
+    pub keep_weekly: Option<u32>,
+    #[serde(default)]
+    pub keep_monthly: Option<u32>,
+    #[serde(default)]
+    pub keep_yearly: Option<u32>,
+    #[serde(default)]
+    pub keep_within: Option<String>,
+    #[serde(default)]
+    pub max_total_size: Option<String>,
+    #[serde(default)]
+    pub timezone: Option<String>,
+}
+
+impl PruneEvent {
+    /// The event's value for a `TIDEMARK_*` policy variable, if it sets one.
+    pub fn setting(&self, variable: &str) -> Option<String> {
+        let count = |v: Option<u32>| v.map(|n| n.to_string());
+        match variable {
+            "TIDEMARK_KEEP_LAST" => count(self.keep_last),
+            "TIDEMARK_KEEP_HOURLY" => count(self.keep_hourly),
+            "TIDEMARK_KEEP_DAILY" => count(self.keep_daily),
+            "TIDEMARK_KEEP_WEEKLY" => count(self.keep_weekly),
+            "TIDEMARK_KEEP_MONTHLY" => count(self.keep_monthly),
+            "TIDEMARK_KEEP_YEARLY" => count(self.keep_yearly),
+            "TIDEMARK_KEEP_WITHIN" => self.keep_within.clone(),
+            "TIDEMARK_MAX_TOTAL_SIZE" => self.max_total_size.clone(),
+            "TIDEMARK_TIMEZONE" => self.timezone.clone(),
+            _ => None,
+        }
+    }
+}
+
+/// Parses the prune function's payload. Step Functions passes the verify step's output
+/// along, so only a payload that has no field of another step's output is read for
+/// policy; otherwise it is treated as `{}`.
+///
+/// # Errors
+/// [`EventError`] naming what is wrong.
+pub fn prune_event(event: Value) -> Result<PruneEvent, EventError> {
+    let event = unwrap_envelope(event)?;
+    let is_previous_output = event
+        .as_object()
+        .is_some_and(|m| m.contains_key("backup_id") || m.contains_key("run_id"));
+    if is_previous_output {
+        return Ok(PruneEvent::default());
+    }
+    serde_json::from_value(event).map_err(|e| EventError(e.to_string()))
+}
+
 /// Parses the export function's payload.
 ///
 /// # Errors
@@ -134,6 +197,20 @@ mod tests {
         let bare =
             json!({"detail-type": "Scheduled Event", "source": "aws.scheduler", "detail": {}});
         assert_eq!(manifest_event(bare).ok(), Some(ManifestEvent::default()));
+    }
+
+    #[test]
+    fn prune_payloads() {
+        assert_eq!(prune_event(json!({})).ok(), Some(PruneEvent::default()));
+        let e = prune_event(json!({"dry_run": true, "keep_daily": 3})).expect("parses");
+        assert!(e.dry_run);
+        assert_eq!(e.setting("TIDEMARK_KEEP_DAILY").as_deref(), Some("3"));
+        assert_eq!(
+            prune_event(json!({"backup_id": "x", "ok": true})).ok(),
+            Some(PruneEvent::default())
+        );
+        let err = prune_event(json!({"keep_dayly": 3})).expect_err("typo");
+        assert!(err.to_string().contains("keep_dayly"), "{err}");
     }
 
     #[test]

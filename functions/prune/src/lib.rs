@@ -1,0 +1,76 @@
+//! The prune function: apply the retention policy, delete what no kept backup needs.
+//!
+//! Policy from the environment (`TIDEMARK_KEEP_DAILY`, ..., the CLI's flag names) with
+//! the event's fields overriding (`{"keep_daily": 7}`); `{"dry_run": true}` plans only.
+//! Input may also be `{}`, a Scheduled Event, or the verify step's output (treated as
+//! `{}`). Output: the prune report (`plan`, `deleted`, `dry_run`).
+
+use std::sync::Arc;
+
+use lambda_runtime::LambdaEvent;
+use serde_json::Value;
+use tidemark_core::events;
+use tidemark_core::prune::{self, PruneOptions};
+use tidemark_core::store::WriteStore;
+use tidemark_lambda::{FunctionError, FATAL, LOCKED, RETRYABLE};
+
+/// Clients built once per cold start.
+#[derive(Debug, Clone)]
+pub struct Deps {
+    pub store: Arc<dyn WriteStore>,
+    /// Looks a `TIDEMARK_*` variable up (the process environment in Lambda).
+    pub env: fn(&str) -> Option<String>,
+}
+
+fn process_env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+impl Deps {
+    /// Reads `TIDEMARK_STORE`.
+    ///
+    /// # Errors
+    /// A message naming the variable that is missing or malformed.
+    pub async fn from_env() -> Result<Self, String> {
+        Ok(Self {
+            store: tidemark_lambda::store_from_env().await?,
+            env: process_env,
+        })
+    }
+}
+
+/// Prunes (or plans).
+///
+/// # Errors
+/// [`FunctionError`]: a bad event or policy is fatal, another run holding the lease is
+/// locked, store trouble is retryable.
+pub async fn handle(event: LambdaEvent<Value>, deps: &Deps) -> Result<Value, FunctionError> {
+    let request = events::prune_event(event.payload)?;
+    let lookup = |name: &str| request.setting(name).or_else(|| (deps.env)(name));
+    let policy =
+        tidemark_core::config::retention_policy_from_env(&lookup).map_err(FunctionError::fatal)?;
+    let grace = match (deps.env)("TIDEMARK_PRUNE_GRACE") {
+        Some(g) if !g.trim().is_empty() => tidemark_core::config::parse_duration(&g)
+            .map_err(|e| FunctionError::fatal(format!("TIDEMARK_PRUNE_GRACE: {e}")))?,
+        _ => PruneOptions::default().grace,
+    };
+    let opts = PruneOptions {
+        policy,
+        grace,
+        dry_run: request.dry_run,
+        holder: tidemark_lambda::holder(&event.context),
+        ..PruneOptions::default()
+    };
+    let report = prune::prune(deps.store.clone(), &opts).await.map_err(|e| {
+        let error_type = match &e {
+            prune::PruneError::Run(tidemark_core::run::RunError::Locked { .. }) => LOCKED,
+            e if e.is_retryable() => RETRYABLE,
+            _ => FATAL,
+        };
+        FunctionError {
+            error_type,
+            message: tidemark_core::error_chain(&e),
+        }
+    })?;
+    serde_json::to_value(report).map_err(|e| FunctionError::fatal(e.to_string()))
+}
