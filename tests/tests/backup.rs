@@ -324,6 +324,9 @@ async fn a_run_killed_at_any_point_resumes_without_loss_or_duplicates() {
         if let Ok(result) = killed {
             result.expect("an unkilled slice succeeds");
         }
+        // Writes the killed slice had already started (the lease, a chunk) still land,
+        // as requests a dead Lambda sent still reach S3; the next invocation comes later.
+        tokio::time::sleep(Duration::from_millis(500)).await;
         // Resume: the run the lease names (the killed slice's), or a new one.
         let mut resume = opts.clone();
         resume.run_id = tidemark_core::lease::current(store.as_ref())

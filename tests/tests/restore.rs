@@ -246,6 +246,9 @@ async fn a_killed_and_resumed_export_still_restores_equal() {
         if let Ok(result) = killed {
             result.expect("slice");
         }
+        // Writes the killed slice had already started (the lease, a chunk) still land,
+        // as requests a dead Lambda sent still reach S3; the next invocation comes later.
+        tokio::time::sleep(Duration::from_millis(500)).await;
         let mut resume = opts.clone();
         resume.run_id = tidemark_core::lease::current(store.as_ref())
             .await
