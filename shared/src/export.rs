@@ -215,6 +215,14 @@ pub async fn export_slice(
             None,
         ),
     };
+    // Every slice cuts chunks the way the run started, whatever this invocation was given.
+    let opts = &ExportOptions {
+        chunk_rows: progress.settings.chunk_rows,
+        chunk_bytes: progress.settings.chunk_bytes,
+        zstd_level: progress.settings.zstd_level,
+        gap_ttl: Duration::from_secs(progress.settings.gap_ttl_secs),
+        ..opts.clone()
+    };
     let run_id = progress.run_id.clone();
     let held = lease::acquire(
         store.as_ref(),

@@ -61,7 +61,7 @@ pub async fn seal_run(
     let counting = CountingStore::new(store);
     let store: &dyn WriteStore = &counting;
     if let Some((manifest, _)) = read_doc::<Manifest>(store, &manifest_key(run_id)).await? {
-        finish_after_manifest(store, &manifest).await?;
+        finish_after_manifest(store, &manifest, None).await?;
         return Ok(SealReport::of(&manifest, false));
     }
     let Some((progress, _)) = read_doc::<RunProgress>(store, &progress_key(run_id)).await? else {
@@ -105,7 +105,7 @@ pub async fn seal_run(
         }
         Err(e) => return Err(e.into()),
     }
-    finish_after_manifest(store, &manifest).await?;
+    finish_after_manifest(store, &manifest, Some(&progress)).await?;
     tracing::info!(backup_id = manifest.id, kind = %manifest.kind, rows = manifest.rows(), bytes = manifest.bytes(), "backup sealed");
     Ok(SealReport::of(&manifest, true))
 }
@@ -115,6 +115,7 @@ pub async fn seal_run(
 async fn finish_after_manifest(
     store: &dyn WriteStore,
     manifest: &Manifest,
+    progress: Option<&RunProgress>,
 ) -> Result<(), RunError> {
     let current = read_doc::<Checkpoint>(store, CHECKPOINT_KEY).await?;
     // Never move the checkpoint back (sealing an older run again is harmless). Ids that
@@ -123,13 +124,19 @@ async fn finish_after_manifest(
         .as_ref()
         .is_none_or(|(c, _)| c.backup_id != manifest.id && c.created_at < manifest.created_at);
     if behind {
-        if let Some((progress, _)) =
-            read_doc::<RunProgress>(store, &progress_key(&manifest.id)).await?
-        {
+        let read;
+        let progress = match progress {
+            Some(p) => Some(p),
+            None => {
+                read = read_doc::<RunProgress>(store, &progress_key(&manifest.id)).await?;
+                read.as_ref().map(|(p, _)| p)
+            }
+        };
+        if let Some(progress) = progress {
             write_doc(
                 store,
                 CHECKPOINT_KEY,
-                &build_checkpoint(&progress, manifest),
+                &build_checkpoint(progress, manifest),
                 WriteCondition::Always,
             )
             .await?;

@@ -419,19 +419,7 @@ async fn next_unverified(store: &dyn WriteStore) -> Result<BackupSelector, Verif
             retryable: e.is_retryable(),
         })
     })?;
-    let verified: std::collections::HashSet<String> = store
-        .list("verifications/")
-        .await
-        .map_err(|e| VerifyError::Restore(e.into()))?
-        .into_iter()
-        .filter_map(|o| {
-            o.key
-                .strip_prefix("verifications/")
-                .and_then(|k| k.strip_suffix(".json"))
-                .map(str::to_owned)
-        })
-        .collect();
-    match backups.iter().rev().find(|b| !verified.contains(&b.id)) {
+    match backups.iter().rev().find(|b| b.verified.is_none()) {
         Some(b) => Ok(BackupSelector::Id(b.id.clone())),
         None => match backups.last() {
             Some(b) => Ok(BackupSelector::Id(b.id.clone())),

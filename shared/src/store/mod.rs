@@ -165,11 +165,6 @@ impl StoreError {
             _ => false,
         }
     }
-
-    /// Whether this error means the object does not exist.
-    pub fn is_not_found(&self) -> bool {
-        matches!(self, StoreError::NotFound { .. })
-    }
 }
 
 /// Reading side of a store: enough for verify and restore.
