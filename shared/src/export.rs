@@ -22,7 +22,7 @@
 //! gaps, probed again for late commits until a TTL).
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -276,6 +276,7 @@ pub async fn export_slice(
         slice_bytes: AtomicU64::new(0),
         slice_raw: AtomicU64::new(0),
         slice_chunks: AtomicU64::new(0),
+        recorded: AtomicBool::new(false),
         snapshot_id,
         slice,
         run_id: run_id.clone(),
@@ -769,14 +770,19 @@ struct Shared {
     slice_bytes: AtomicU64,
     slice_raw: AtomicU64,
     slice_chunks: AtomicU64,
+    /// Some work of this slice is recorded in the progress.
+    recorded: AtomicBool,
     snapshot_id: String,
     slice: u32,
     run_id: String,
 }
 
 impl Shared {
+    /// Whether to start no more work. Every slice records at least one piece of work
+    /// first, whatever its deadline, so a loop of slices always finishes the run.
     fn past_deadline(&self) -> bool {
-        self.opts.deadline.is_some_and(|d| Instant::now() >= d)
+        self.recorded.load(Ordering::Relaxed)
+            && self.opts.deadline.is_some_and(|d| Instant::now() >= d)
     }
 
     fn next_work(&self) -> Option<Work> {
@@ -850,6 +856,7 @@ impl Shared {
         delta: Delta,
         probed: bool,
     ) -> Result<bool, RunError> {
+        self.recorded.store(true, Ordering::Relaxed);
         let mut state = self.state.lock().await;
         let table = &mut state.doc.tables[t];
         delta.apply(table);
