@@ -6,6 +6,8 @@
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::failure::Failure;
+
 /// A payload that is not what the function accepts.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid event: {0}")]
@@ -60,12 +62,58 @@ pub struct ExportEvent {
     pub mode: Option<RunMode>,
 }
 
-/// What the manifest function is asked to seal.
+/// What the manifest function is asked to seal, or the failed run it is asked to record.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 pub struct ManifestEvent {
     /// The run to seal; absent: the run holding the lease.
     #[serde(default)]
     pub run_id: Option<String>,
+    /// Set by the state machine's failure step: record the failure and release the lease
+    /// instead of sealing.
+    #[serde(default)]
+    pub failure: Option<FailureEvent>,
+}
+
+/// A failed run as the state machine's `Catch` reports it:
+/// `{"run_id": "..." | null, "execution": "arn:...", "error": {"Error": "...", "Cause": "..."}}`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct FailureEvent {
+    #[serde(default)]
+    pub run_id: Option<String>,
+    #[serde(default)]
+    pub execution: Option<String>,
+    #[serde(default)]
+    pub error: Value,
+}
+
+impl FailureEvent {
+    /// The failure to record. A Lambda error's `Cause` is itself JSON
+    /// (`{"errorType", "errorMessage"}`); its message is what a reader wants.
+    pub fn to_failure(&self) -> Failure {
+        let text = |v: &Value| v.as_str().map(str::to_owned);
+        let (error, cause) = match &self.error {
+            Value::String(error) => (error.clone(), String::new()),
+            Value::Object(map) => (
+                map.get("Error").and_then(text).unwrap_or_default(),
+                map.get("Cause").and_then(text).unwrap_or_default(),
+            ),
+            _ => (String::new(), String::new()),
+        };
+        let cause = match serde_json::from_str::<Value>(&cause) {
+            Ok(Value::Object(map)) => map.get("errorMessage").and_then(text).unwrap_or(cause),
+            _ => cause,
+        };
+        Failure {
+            run_id: self.run_id.clone(),
+            execution: self.execution.clone(),
+            error: if error.is_empty() {
+                "Unknown".to_owned()
+            } else {
+                error
+            },
+            cause,
+        }
+    }
 }
 
 /// What the verify function is asked to check.
@@ -167,6 +215,9 @@ pub fn export_event(event: Value) -> Result<ExportEvent, EventError> {
 pub fn manifest_event(event: Value) -> Result<ManifestEvent, EventError> {
     let parsed: ManifestEvent = parse(event)?;
     check_id("run_id", parsed.run_id.as_deref())?;
+    if let Some(failure) = &parsed.failure {
+        check_id("failure.run_id", failure.run_id.as_deref())?;
+    }
     Ok(parsed)
 }
 
@@ -197,6 +248,35 @@ mod tests {
         let bare =
             json!({"detail-type": "Scheduled Event", "source": "aws.scheduler", "detail": {}});
         assert_eq!(manifest_event(bare).ok(), Some(ManifestEvent::default()));
+    }
+
+    #[test]
+    fn failure_payloads_carry_the_lambda_error_message() {
+        let event = manifest_event(json!({"failure": {
+            "run_id": "20261122T060000Z-3f9a1c",
+            "execution": "arn:aws:states:eu-west-1:1:execution:tidemark:x",
+            "error": {"Error": "Tidemark.Fatal", "Cause": "{\"errorType\":\"Tidemark.Fatal\",\"errorMessage\":\"table public.x does not exist\"}"}
+        }}))
+        .expect("parses");
+        let failure = event.failure.expect("failure").to_failure();
+        assert_eq!(failure.error, "Tidemark.Fatal");
+        assert_eq!(failure.cause, "table public.x does not exist");
+        assert_eq!(failure.run_id.as_deref(), Some("20261122T060000Z-3f9a1c"));
+
+        let timeout = manifest_event(
+            json!({"failure": {"run_id": null, "error": {"Error": "States.Timeout", "Cause": ""}}}),
+        )
+        .expect("parses")
+        .failure
+        .expect("failure")
+        .to_failure();
+        assert_eq!(
+            (timeout.error.as_str(), timeout.run_id),
+            ("States.Timeout", None)
+        );
+
+        let err = manifest_event(json!({"failure": {"run_id": "a/b"}})).expect_err("bad id");
+        assert!(err.to_string().contains("failure.run_id"), "{err}");
     }
 
     #[test]

@@ -154,26 +154,28 @@ pub async fn renew(
     }
 }
 
-/// Releases the lease if `run_id` holds it (writes it back already expired).
+/// Releases the lease if `run_id` holds it (writes it back already expired). Returns
+/// whether a live lease was released.
 ///
 /// # Errors
 /// Store errors; a lease held by someone else is left alone.
-pub async fn release(store: &dyn WriteStore, run_id: &str) -> Result<(), RunError> {
+pub async fn release(store: &dyn WriteStore, run_id: &str) -> Result<bool, RunError> {
     let Some((mut lease, etag)) = current(store).await? else {
-        return Ok(());
+        return Ok(false);
     };
     if lease.run_id != run_id {
-        return Ok(());
+        return Ok(false);
     }
     let now = Utc::now();
     if lease.expires_at <= now {
-        return Ok(());
+        return Ok(false);
     }
     lease.renewed_at = now;
     lease.expires_at = now;
     match write_doc(store, LOCK_KEY, &lease, WriteCondition::IfMatch(etag)).await {
-        Ok(_) => Ok(()),
-        Err(e) if precondition(&e) => Ok(()),
+        Ok(_) => Ok(true),
+        // Somebody took it over in between: it is not ours to release any more.
+        Err(e) if precondition(&e) => Ok(false),
         Err(e) => Err(e.into()),
     }
 }

@@ -14,6 +14,8 @@
 //! - [`catalog`]: which tables a backup covers, their definitions and modes.
 //! - [`chunk`]: zstd COPY-text chunks streamed to the store.
 //! - [`lease`]: the run lease; [`run`]: run ids and lifecycle errors.
+//! - [`failure`]: recording a failed run and releasing its lease.
+//! - [`metrics`]: CloudWatch Embedded Metric Format lines.
 //! - [`export`]: one time-boxed slice of a backup run.
 //! - [`manifest`]: sealing a run into a manifest, and listing backups.
 //! - [`restore`]: restoring a backup into a database (also the verification restore).
@@ -31,9 +33,11 @@ pub mod config;
 pub mod db;
 pub mod events;
 pub mod export;
+pub mod failure;
 pub mod format;
 pub mod lease;
 pub mod manifest;
+pub mod metrics;
 pub mod prune;
 pub mod restore;
 pub mod retention;

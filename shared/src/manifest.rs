@@ -31,6 +31,10 @@ pub struct SealReport {
     pub rows: u64,
     pub bytes: u64,
     pub store_requests: u64,
+    /// The source database's name.
+    pub database: String,
+    /// From the run's first slice to its seal.
+    pub duration_seconds: f64,
 }
 
 impl SealReport {
@@ -44,6 +48,11 @@ impl SealReport {
             rows: manifest.rows(),
             bytes: manifest.bytes(),
             store_requests: manifest.store_requests,
+            database: manifest.database.clone(),
+            duration_seconds: (manifest.created_at - manifest.started_at)
+                .to_std()
+                .unwrap_or_default()
+                .as_secs_f64(),
         }
     }
 }
@@ -143,7 +152,8 @@ async fn finish_after_manifest(
         }
     }
     store.delete(&progress_key(&manifest.id)).await?;
-    lease::release(store, &manifest.id).await
+    lease::release(store, &manifest.id).await?;
+    Ok(())
 }
 
 fn build_manifest(progress: &RunProgress) -> Manifest {

@@ -11,6 +11,7 @@ use serde_json::Value;
 use tidemark_core::db::DbSettings;
 use tidemark_core::events::{self, RunMode};
 use tidemark_core::export::{self, ExportOptions};
+use tidemark_core::metrics::{self, MetricSet, Unit};
 use tidemark_core::store::WriteStore;
 use tidemark_lambda::FunctionError;
 
@@ -51,5 +52,11 @@ pub async fn handle(event: LambdaEvent<Value>, deps: &Deps) -> Result<Value, Fun
     options.deadline = Some(tidemark_lambda::work_deadline(&event.context, deps.margin));
     options.holder = tidemark_lambda::holder(&event.context);
     let report = export::export_slice(deps.store.clone(), &deps.db, &options).await?;
+    if !report.sealed {
+        MetricSet::new(tidemark_lambda::metrics_database())
+            .with(metrics::ROWS_EXPORTED, Unit::Count, report.rows as f64)
+            .with(metrics::BYTES_EXPORTED, Unit::Bytes, report.bytes as f64)
+            .emit();
+    }
     serde_json::to_value(report).map_err(|e| FunctionError::fatal(e.to_string()))
 }

@@ -94,9 +94,11 @@ async fn console_event_runs_a_slice_and_the_manifest_seals_it() {
 async fn the_scheduled_event_starts_a_full_run_and_a_short_deadline_stops_early() {
     let cluster = TestCluster::from_env();
     let db = cluster.create_database().await;
-    let deps = deps(&db).await;
+    let mut deps = deps(&db).await;
+    deps.options.chunk_rows = 100;
     let (_, scheduled) = sample_events("export.scheduled-event").remove(0);
-    // 30 s left with a 60 s margin: no time for any range.
+    // 30 s left with a 60 s margin: past the deadline at once, the slice still exports
+    // a range per connection (so the state machine's loop always ends), then stops.
     let out = handle(LambdaEvent::new(scheduled, lambda_context(30)), &deps)
         .await
         .expect("slice");
@@ -104,6 +106,8 @@ async fn the_scheduled_event_starts_a_full_run_and_a_short_deadline_stops_early(
         (out["done"].as_bool(), out["kind"].as_str()),
         (Some(false), Some("full"))
     );
+    let rows = out["rows"].as_u64().expect("rows");
+    assert!((100..500).contains(&rows), "{out}");
     let run_id = out["run_id"].clone();
 
     // A second run while this one holds the lease: typed Locked, not retryable.
@@ -161,4 +165,80 @@ async fn malformed_events_and_unknown_runs_are_fatal() {
         deps.store.list("").await.expect("list").is_empty(),
         "nothing written"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_failure_step_records_the_failure_and_frees_the_run_for_the_next_execution() {
+    let cluster = TestCluster::from_env();
+    let db = cluster.create_database().await;
+    let mut deps = deps(&db).await;
+    deps.options.chunk_rows = 100;
+    // A run in flight: one slice done, the lease held.
+    let first = handle(
+        LambdaEvent::new(json!({"mode": "full"}), lambda_context(30)),
+        &deps,
+    )
+    .await
+    .expect("slice");
+    assert_eq!(first["done"], false);
+    let run_id = first["run_id"].as_str().expect("id").to_owned();
+    let locked = handle(LambdaEvent::new(json!({}), lambda_context(900)), &deps)
+        .await
+        .expect_err("locked");
+    assert_eq!(locked.error_type, tidemark_lambda::LOCKED);
+
+    // The state machine's failure step for another run leaves this run's lease alone.
+    let manifest = tidemark_manifest::Deps {
+        store: deps.store.clone(),
+    };
+    let (_, sample) = sample_events("manifest.failure").remove(0);
+    let other = tidemark_manifest::handle(
+        LambdaEvent::new(sample.clone(), lambda_context(60)),
+        &manifest,
+    )
+    .await
+    .expect("recorded");
+    assert_eq!(
+        (
+            other["recorded"].as_bool(),
+            other["lease_released"].as_bool()
+        ),
+        (Some(true), Some(false))
+    );
+    assert_eq!(other["error"], "Tidemark.Fatal");
+    assert_eq!(
+        other["cause"],
+        "exporting public.orders: permission denied for table orders"
+    );
+
+    // For this run it releases the lease and records the failure.
+    let mut event = sample;
+    event["failure"]["run_id"] = json!(run_id);
+    let recorded =
+        tidemark_manifest::handle(LambdaEvent::new(event, lambda_context(60)), &manifest)
+            .await
+            .expect("recorded");
+    assert_eq!(recorded["lease_released"], true, "{recorded}");
+    let stored = deps
+        .store
+        .read("state/last-failure.json")
+        .await
+        .expect("read")
+        .expect("the failure is recorded");
+    let stored: Value = serde_json::from_slice(&stored.bytes).expect("JSON");
+    assert_eq!(stored["run_id"], run_id.as_str());
+    assert!(stored["execution"]
+        .as_str()
+        .is_some_and(|e| e.starts_with("arn:aws:states:")));
+
+    // The next execution starts at once and finishes the failed run's work.
+    let next = handle(LambdaEvent::new(json!({}), lambda_context(900)), &deps)
+        .await
+        .expect("next execution");
+    assert_eq!(
+        (next["run_id"].as_str(), next["done"].as_bool()),
+        (Some(run_id.as_str()), Some(true))
+    );
+    let sealed = seal(&deps.store, &run_id).await;
+    assert_eq!(sealed["rows"], 500);
 }

@@ -119,6 +119,14 @@ pub async fn database_from_env() -> Result<DbSettings, String> {
         .map_err(|e| tidemark_core::error_chain(&e))
 }
 
+/// The `database` dimension of this deployment's metrics: `TIDEMARK_DATABASE` (the
+/// deployment sets it, and its alarms watch that value), else the store URL.
+pub fn metrics_database() -> String {
+    env("TIDEMARK_DATABASE")
+        .or_else(|| env("TIDEMARK_STORE"))
+        .unwrap_or_else(|| "default".to_owned())
+}
+
 /// Safety margin before the invocation deadline (`TIDEMARK_SLICE_MARGIN_SECS`, default 60).
 pub fn slice_margin() -> Duration {
     Duration::from_secs(

@@ -2,12 +2,17 @@
 //!
 //! Input: `{"run_id"}` (the export output), `{}` or a Scheduled Event (seal the run that
 //! holds the lease). Output: `{"backup_id", "kind", "parent", "created", ...}`.
+//!
+//! It also closes failed runs: `{"failure": {"run_id", "execution", "error"}}` (the state
+//! machine's failure step) writes `state/last-failure.json` and releases the run's lease.
 
 use std::sync::Arc;
 
 use lambda_runtime::LambdaEvent;
 use serde_json::Value;
 use tidemark_core::events;
+use tidemark_core::failure::Failure;
+use tidemark_core::metrics::{self, MetricSet, Unit};
 use tidemark_core::store::WriteStore;
 use tidemark_lambda::FunctionError;
 
@@ -29,12 +34,16 @@ impl Deps {
     }
 }
 
-/// Seals the run.
+/// Seals the run, or records a failed one (`{"failure": {...}}`, the state machine's
+/// failure step).
 ///
 /// # Errors
 /// [`FunctionError`] typed retryable, fatal or locked.
 pub async fn handle(event: LambdaEvent<Value>, deps: &Deps) -> Result<Value, FunctionError> {
     let request = events::manifest_event(event.payload)?;
+    if let Some(failure) = request.failure {
+        return record_failure(deps, failure.to_failure()).await;
+    }
     let run_id = match request.run_id {
         Some(id) => id,
         None => match tidemark_core::lease::current(deps.store.as_ref()).await? {
@@ -48,5 +57,27 @@ pub async fn handle(event: LambdaEvent<Value>, deps: &Deps) -> Result<Value, Fun
     };
     let holder = tidemark_lambda::holder(&event.context);
     let report = tidemark_core::manifest::seal_run(deps.store.clone(), &run_id, &holder).await?;
+    if report.created {
+        MetricSet::new(tidemark_lambda::metrics_database())
+            .with(metrics::BACKUP_SUCCEEDED, Unit::Count, 1.0)
+            .with(
+                metrics::BACKUP_DURATION_SECONDS,
+                Unit::Seconds,
+                report.duration_seconds,
+            )
+            .emit();
+    }
     serde_json::to_value(report).map_err(|e| FunctionError::fatal(e.to_string()))
+}
+
+async fn record_failure(deps: &Deps, failure: Failure) -> Result<Value, FunctionError> {
+    let record = tidemark_core::failure::record_failure(deps.store.as_ref(), failure).await?;
+    MetricSet::new(tidemark_lambda::metrics_database())
+        .with(metrics::BACKUP_SUCCEEDED, Unit::Count, 0.0)
+        .emit();
+    let mut out = serde_json::to_value(&record).map_err(|e| FunctionError::fatal(e.to_string()))?;
+    if let Some(map) = out.as_object_mut() {
+        map.insert("recorded".into(), true.into());
+    }
+    Ok(out)
 }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use lambda_runtime::LambdaEvent;
 use serde_json::Value;
 use tidemark_core::events;
+use tidemark_core::metrics::{self, MetricSet, Unit};
 use tidemark_core::prune::{self, PruneOptions};
 use tidemark_core::store::WriteStore;
 use tidemark_lambda::{FunctionError, FATAL, LOCKED, RETRYABLE};
@@ -72,5 +73,10 @@ pub async fn handle(event: LambdaEvent<Value>, deps: &Deps) -> Result<Value, Fun
             message: tidemark_core::error_chain(&e),
         }
     })?;
+    if !report.dry_run {
+        MetricSet::new(tidemark_lambda::metrics_database())
+            .with(metrics::PRUNED_OBJECTS, Unit::Count, report.deleted as f64)
+            .emit();
+    }
     serde_json::to_value(report).map_err(|e| FunctionError::fatal(e.to_string()))
 }

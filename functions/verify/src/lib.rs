@@ -3,7 +3,8 @@
 //!
 //! Input: `{"backup_id"}` (the manifest step's output), `{}` or a Scheduled Event (the
 //! newest backup not verified yet). Output: the verification record, `{"backup_id",
-//! "ok", "done", "restore_seconds", "tables", ...}`; a backup that fails verification is
+//! "ok", "done", "restore_seconds", "tables", ...}`, or `{"backup_id", "ok": null,
+//! "done": false, ...}` while slices remain; a backup that fails verification is
 //! `"ok": false`, not an error, so the state machine and the alarms can tell a bad
 //! backup from a failed invocation.
 
@@ -14,6 +15,7 @@ use secrecy::SecretString;
 use serde_json::Value;
 use tidemark_core::db::{DatabaseSource, DbSettings};
 use tidemark_core::events;
+use tidemark_core::metrics::{self, MetricSet, Unit};
 use tidemark_core::restore::BackupSelector;
 use tidemark_core::store::WriteStore;
 use tidemark_core::verify::{self, VerifyError, VerifyOptions};
@@ -84,6 +86,20 @@ pub async fn handle(event: LambdaEvent<Value>, deps: &Deps) -> Result<Value, Fun
             error_type: if e.is_retryable() { RETRYABLE } else { FATAL },
             message: tidemark_core::error_chain(&e),
         })?;
+    if let Some(record) = &slice.record {
+        let (succeeded, failed) = if record.ok { (1.0, 0.0) } else { (0.0, 1.0) };
+        let mut set = MetricSet::new(tidemark_lambda::metrics_database())
+            .with(metrics::VERIFICATION_SUCCEEDED, Unit::Count, succeeded)
+            .with(metrics::VERIFICATION_FAILED, Unit::Count, failed);
+        if record.ok {
+            set = set.with(
+                metrics::RESTORE_SECONDS,
+                Unit::Seconds,
+                record.restore_seconds,
+            );
+        }
+        set.emit();
+    }
     let mut out = match &slice.record {
         Some(record) => serde_json::to_value(record),
         None => serde_json::to_value(&slice),
@@ -92,6 +108,8 @@ pub async fn handle(event: LambdaEvent<Value>, deps: &Deps) -> Result<Value, Fun
     if let Some(map) = out.as_object_mut() {
         map.insert("done".into(), slice.done.into());
         map.insert("tables_done".into(), slice.tables_done.into());
+        // The state machine selects `ok` from every output: unknown until done.
+        map.entry("ok").or_insert(Value::Null);
     }
     Ok(out)
 }

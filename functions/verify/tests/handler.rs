@@ -111,6 +111,8 @@ async fn a_short_deadline_verifies_in_slices() {
         if out["done"] == true {
             break out;
         }
+        // The state machine's ResultSelector reads `ok` from every slice's output.
+        assert_eq!(out.get("ok"), Some(&serde_json::Value::Null), "{out}");
     };
     assert_eq!(slices, 3, "one table per slice");
     assert_eq!(out["ok"], true, "{out}");

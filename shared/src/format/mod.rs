@@ -7,12 +7,14 @@
 //! | `state/checkpoint.json`          | [`checkpoint::Checkpoint`]    |
 //! | `runs/{run_id}/progress.json`    | [`progress::RunProgress`]     |
 //! | `manifests/{backup_id}.json`     | [`manifest::Manifest`]        |
+//! | `state/last-failure.json`        | [`failure::FailureRecord`]    |
 //!
 //! Every document has a `version`; readers accept every version up to
 //! [`FORMAT_VERSION`], ignore fields they do not know, and refuse newer versions with an
 //! error that says so.
 
 pub mod checkpoint;
+pub mod failure;
 pub mod lease;
 pub mod manifest;
 pub mod progress;
@@ -31,6 +33,7 @@ pub const FORMAT_VERSION: u32 = 1;
 
 pub const LOCK_KEY: &str = "lock";
 pub const CHECKPOINT_KEY: &str = "state/checkpoint.json";
+pub const LAST_FAILURE_KEY: &str = "state/last-failure.json";
 
 pub fn progress_key(run_id: &str) -> String {
     format!("runs/{run_id}/progress.json")
