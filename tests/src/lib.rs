@@ -164,6 +164,62 @@ pub async fn each_store() -> Vec<(Option<tempfile::TempDir>, Arc<dyn WriteStore>
     ]
 }
 
+/// Restores `backup` into a fresh empty database and returns it.
+pub async fn restore_fresh(
+    store: &Arc<dyn WriteStore>,
+    cluster: &TestCluster,
+    backup: &str,
+) -> TestDatabase {
+    let target = cluster.create_database().await;
+    let manifest = tidemark_core::restore::load_manifest(
+        store.as_ref(),
+        &tidemark_core::restore::BackupSelector::Id(backup.to_owned()),
+    )
+    .await
+    .expect("manifest");
+    tidemark_core::restore::restore(
+        store.clone(),
+        &manifest,
+        &target.settings(),
+        &tidemark_core::restore::RestoreOptions::default(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("restore {backup}: {e}"));
+    target
+}
+
+pub async fn assert_same(source: &DbSettings, restored: &DbSettings, tables: &[(&str, &str)]) {
+    let src = tidemark_core::db::connect(source).await.expect("source");
+    let dst = tidemark_core::db::connect(restored).await.expect("target");
+    for (table, order) in tables {
+        let select = format!("SELECT * FROM {table} ORDER BY {order}");
+        let expected = ordered_copy(&src, &select).await;
+        let actual = ordered_copy(&dst, &select).await;
+        assert!(
+            expected == actual,
+            "{table} differs after restore: {} vs {} bytes\nsource:\n{}\nrestored:\n{}",
+            expected.len(),
+            actual.len(),
+            String::from_utf8_lossy(&expected[..expected.len().min(300)]),
+            String::from_utf8_lossy(&actual[..actual.len().min(300)])
+        );
+    }
+}
+
+/// A Secrets Manager secret (on the test server) holding `json`; returns its ARN.
+pub async fn create_secret(json: String) -> String {
+    let client = aws_sdk_secretsmanager::Client::new(&aws_config().await);
+    let name = format!("tidemark/test/{}", uuid::Uuid::new_v4().simple());
+    let out = client
+        .create_secret()
+        .name(&name)
+        .secret_string(json)
+        .send()
+        .await
+        .expect("create secret");
+    out.arn().expect("secret ARN").to_owned()
+}
+
 /// Deterministic pseudo-random bytes (xorshift), incompressible enough for upload tests.
 pub fn pseudo_random_bytes(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed | 1;
@@ -350,6 +406,9 @@ pub fn lambda_context(seconds: u64) -> lambda_runtime::Context {
 }
 
 /// Fixtures and helpers shared by the backup, restore and verify tests.
+pub mod asl;
+pub mod lambdas;
+
 pub mod fixtures {
     use std::sync::Arc;
     use std::time::Duration;

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use secrecy::SecretString;
 use tidemark_core::db::{self, DatabaseSource, DbError, DbSettings, SslMode};
-use tidemark_tests::{aws_config, TestCluster};
+use tidemark_tests::{create_secret, TestCluster};
 
 fn settings_from_url(url: String) -> DbSettings {
     DbSettings::from_url(&SecretString::from(url)).expect("test URL parses")
@@ -164,19 +164,6 @@ async fn a_missing_database_is_named() {
         .await
         .expect_err("no such database");
     assert!(err.to_string().contains("no_such_db"), "{err}");
-}
-
-async fn create_secret(json: String) -> String {
-    let client = aws_sdk_secretsmanager::Client::new(&aws_config().await);
-    let name = format!("tidemark/test/{}", uuid::Uuid::new_v4().simple());
-    let out = client
-        .create_secret()
-        .name(&name)
-        .secret_string(json)
-        .send()
-        .await
-        .expect("create secret");
-    out.arn().expect("secret ARN").to_owned()
 }
 
 #[tokio::test]

@@ -14,7 +14,9 @@ use tidemark_core::restore::{self, BackupSelector, RestoreError, RestoreOptions}
 use tidemark_core::store::{S3StoreOptions, WriteCondition};
 use tidemark_core::verify::{self, VerifyOptions};
 use tidemark_tests::fixtures::*;
-use tidemark_tests::{exec, local_store, ordered_copy, s3_store, TestCluster, TestDatabase};
+use tidemark_tests::{
+    assert_same, exec, local_store, restore_fresh, s3_store, TestCluster, TestDatabase,
+};
 
 fn options(chunk_rows: u64, schemas: &[&str]) -> ExportOptions {
     ExportOptions {
@@ -34,41 +36,6 @@ fn chain_options() -> ExportOptions {
     let mut opts = options(100, &["public"]);
     opts.selection.modes = vec![("events".into(), TableMode::Append)];
     opts
-}
-
-/// Restores `backup` into a fresh empty database and returns it.
-async fn restore_fresh(store: &Store, cluster: &TestCluster, backup: &str) -> TestDatabase {
-    let target = cluster.create_database().await;
-    let manifest = restore::load_manifest(store.as_ref(), &BackupSelector::Id(backup.to_owned()))
-        .await
-        .expect("manifest");
-    restore::restore(
-        store.clone(),
-        &manifest,
-        &target.settings(),
-        &RestoreOptions::default(),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("restore {backup}: {e}"));
-    target
-}
-
-async fn assert_same(source: &DbSettings, restored: &DbSettings, tables: &[(&str, &str)]) {
-    let src = tidemark_core::db::connect(source).await.expect("source");
-    let dst = tidemark_core::db::connect(restored).await.expect("target");
-    for (table, order) in tables {
-        let select = format!("SELECT * FROM {table} ORDER BY {order}");
-        let expected = ordered_copy(&src, &select).await;
-        let actual = ordered_copy(&dst, &select).await;
-        assert!(
-            expected == actual,
-            "{table} differs after restore: {} vs {} bytes\nsource:\n{}\nrestored:\n{}",
-            expected.len(),
-            actual.len(),
-            String::from_utf8_lossy(&expected[..expected.len().min(300)]),
-            String::from_utf8_lossy(&actual[..actual.len().min(300)])
-        );
-    }
 }
 
 /// Primary keys, indexes, checks and sequence positions as the catalog shows them.

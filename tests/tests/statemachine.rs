@@ -1,0 +1,277 @@
+//! End to end: `statemachine/backup.asl.json` walked state by state, each Task invoking
+//! the real function binary over HTTP under `cargo lambda watch` (the Lambda runtime API
+//! emulator), against the test PostgreSQL and the test S3 server. The definition, the
+//! payloads between the steps and the binaries are tested together.
+
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+use tidemark_core::format::failure::FailureRecord;
+use tidemark_core::format::lease::Lease;
+use tidemark_core::format::{read_doc, write_doc, FORMAT_VERSION, LAST_FAILURE_KEY, LOCK_KEY};
+use tidemark_core::store::{S3Store, S3StoreOptions, WriteCondition, WriteStore};
+use tidemark_tests::asl::{self, Outcome, Walk};
+use tidemark_tests::fixtures::{chain_fixture, CHAIN_TABLES};
+use tidemark_tests::lambdas::Emulator;
+use tidemark_tests::{
+    assert_same, aws_config, create_bucket, create_secret, exec, restore_fresh, sample_events,
+    TestCluster,
+};
+
+const DEFINITION: &str = include_str!("../../statemachine/backup.asl.json");
+const EXECUTION: &str = "arn:aws:states:us-east-1:123456789012:execution:tidemark-orders-backup";
+
+fn definition() -> Value {
+    let text = asl::substitute(
+        DEFINITION,
+        &[
+            ("ExportFunctionArn", "tidemark-export"),
+            ("ManifestFunctionArn", "tidemark-manifest"),
+            ("VerifyFunctionArn", "tidemark-verify"),
+            ("PruneFunctionArn", "tidemark-prune"),
+        ],
+    );
+    assert!(!text.contains("${"), "a substitution is left: {text}");
+    serde_json::from_str(&text).expect("the definition is JSON")
+}
+
+/// An execution input from `events/`.
+fn sample(name: &str) -> Value {
+    let (_, input) = sample_events(name).remove(0);
+    input
+}
+
+fn succeeded(walk: &Walk, emulator: &Emulator) -> Value {
+    match &walk.outcome {
+        Outcome::Succeeded(output) => output.clone(),
+        Outcome::Failed(e) => panic!(
+            "execution failed: {e:?}\nstates: {:?}\nexport log:\n{}\nverify log:\n{}",
+            walk.visited,
+            emulator.log("tidemark-export.err"),
+            emulator.log("tidemark-verify.err")
+        ),
+    }
+}
+
+/// Sum of one metric over a function's EMF lines, checking the namespace and dimension.
+fn metric_sum(emulator: &Emulator, function: &str, name: &str) -> f64 {
+    emulator
+        .metrics(function)
+        .iter()
+        .filter(|doc| doc.get(name).is_some())
+        .map(|doc| {
+            let directive = &doc["_aws"]["CloudWatchMetrics"][0];
+            assert_eq!(directive["Namespace"], "Tidemark");
+            assert_eq!(directive["Dimensions"], json!([["database"]]));
+            assert_eq!(doc["database"], "orders");
+            doc[name].as_f64().expect("a number")
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_state_machine_backs_up_verifies_and_prunes_through_the_function_binaries() {
+    let cluster = TestCluster::from_env();
+    let db = cluster.create_database().await;
+    chain_fixture(&db).await;
+    let bucket = create_bucket().await;
+    let secret = create_secret(
+        json!({"username": cluster.user, "password": cluster.password, "host": cluster.host,
+               "port": cluster.port, "dbname": db.name, "sslmode": "verify-full"})
+        .to_string(),
+    )
+    .await;
+    let env: Vec<(String, String)> = [
+        ("TIDEMARK_STORE", format!("s3://{bucket}/orders")),
+        ("TIDEMARK_SECRET_ID", secret),
+        ("TIDEMARK_CA_FILE", cluster.ca_file.display().to_string()),
+        ("TIDEMARK_DATABASE", "orders".to_owned()),
+        ("TIDEMARK_CHUNK_ROWS", "400".to_owned()),
+        // Every slice stops after its minimum of work, so the Export and Verify loops
+        // each go round several times.
+        ("TIDEMARK_SLICE_MARGIN_SECS", "100000".to_owned()),
+        ("TIDEMARK_KEEP_LAST", "1".to_owned()),
+        ("RUST_LOG", "info".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let emulator = Emulator::start(&env).await;
+    let definition = definition();
+    let store: Arc<dyn WriteStore> = Arc::new(S3Store::new(
+        &aws_config().await,
+        &bucket,
+        "orders",
+        S3StoreOptions::default(),
+    ));
+
+    // A bad input fails before any function runs.
+    let bad = asl::run(
+        &definition,
+        json!({"mode": "weekly"}),
+        EXECUTION,
+        &emulator,
+        10,
+    )
+    .await;
+    assert!(
+        matches!(&bad.outcome, Outcome::Failed(e) if e.error == "Tidemark.BadInput"),
+        "{bad:?}"
+    );
+    assert!(bad.invocations.is_empty());
+
+    // A full backup: export loops until done, seal, verify loops until done, prune.
+    let full = asl::run(
+        &definition,
+        sample("state-machine.full"),
+        EXECUTION,
+        &emulator,
+        500,
+    )
+    .await;
+    let out = succeeded(&full, &emulator);
+    assert!(
+        full.count("Export") >= 2,
+        "export looped: {:?}",
+        full.visited
+    );
+    assert!(
+        full.count("Verify") >= 2,
+        "verify looped: {:?}",
+        full.visited
+    );
+    assert_eq!(
+        full.visited.iter().rev().take(2).collect::<Vec<_>>(),
+        ["Done", "Prune"]
+    );
+    assert_eq!(out["manifest"]["kind"], "full");
+    assert_eq!(out["verify"]["ok"], true);
+    let full_id = out["manifest"]["backup_id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+
+    // Changes, then an incremental started the way the console does: `{}`.
+    exec(
+        &db.settings(),
+        "UPDATE accounts SET balance = balance + 1 WHERE id % 7 = 0;
+         DELETE FROM accounts WHERE id % 11 = 0;
+         INSERT INTO events (payload) SELECT 'late ' || g FROM generate_series(1, 300) g;
+         INSERT INTO settings VALUES ('new', 'setting');",
+    )
+    .await;
+    let incr = asl::run(&definition, json!({}), EXECUTION, &emulator, 500).await;
+    let out = succeeded(&incr, &emulator);
+    assert_eq!(out["mode"], "incremental");
+    assert_eq!(out["manifest"]["kind"], "incremental");
+    assert_eq!(out["verify"]["ok"], true);
+    let incr_id = out["manifest"]["backup_id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    // Keep-last 1: the full's manifest and verification record go; its chunks stay,
+    // since the incremental's manifest references them.
+    assert!(
+        out["prune"]["deleted"].as_u64().is_some_and(|n| n >= 2),
+        "{out}"
+    );
+
+    // The store holds one sealed, verified backup, and it restores to the source.
+    let backups = tidemark_core::manifest::list_backups(store.as_ref())
+        .await
+        .expect("list");
+    assert_eq!(
+        backups
+            .iter()
+            .map(|b| (b.id.as_str(), b.verified))
+            .collect::<Vec<_>>(),
+        [(incr_id.as_str(), Some(true))],
+        "full {full_id} pruned, incremental kept and verified"
+    );
+    let restored = restore_fresh(&store, &cluster, &incr_id).await;
+    assert_same(&db.settings(), &restored.settings(), CHAIN_TABLES).await;
+
+    // Each function reported its metrics as EMF lines.
+    assert!(metric_sum(&emulator, "tidemark-export", "RowsExported") >= 3010.0);
+    assert!(metric_sum(&emulator, "tidemark-export", "BytesExported") > 0.0);
+    assert_eq!(
+        metric_sum(&emulator, "tidemark-manifest", "BackupSucceeded"),
+        2.0
+    );
+    assert!(emulator
+        .metrics("tidemark-manifest")
+        .iter()
+        .any(|d| d.get("BackupDurationSeconds").is_some()));
+    assert_eq!(
+        metric_sum(&emulator, "tidemark-verify", "VerificationSucceeded"),
+        2.0
+    );
+    assert_eq!(
+        metric_sum(&emulator, "tidemark-verify", "VerificationFailed"),
+        0.0
+    );
+    assert!(metric_sum(&emulator, "tidemark-verify", "RestoreSeconds") > 0.0);
+    assert!(metric_sum(&emulator, "tidemark-prune", "PrunedObjects") >= 2.0);
+
+    // Another run holds the lease: export fails fast (no retry), the failure step records
+    // it and leaves the other run's lease alone, the execution fails.
+    let now = chrono::Utc::now();
+    let other = Lease {
+        version: FORMAT_VERSION,
+        run_id: "20261122T000000Z-0ther1".into(),
+        operation: "backup".into(),
+        holder: "elsewhere:1".into(),
+        acquired_at: now,
+        renewed_at: now,
+        expires_at: now + chrono::TimeDelta::minutes(10),
+    };
+    write_doc(store.as_ref(), LOCK_KEY, &other, WriteCondition::Always)
+        .await
+        .expect("lease");
+    let locked = asl::run(
+        &definition,
+        sample("state-machine.incremental"),
+        EXECUTION,
+        &emulator,
+        50,
+    )
+    .await;
+    assert!(
+        matches!(&locked.outcome, Outcome::Failed(e) if e.error == "Tidemark.BackupFailed"),
+        "{locked:?}"
+    );
+    assert_eq!(
+        locked.invocations.get("Export"),
+        Some(&1),
+        "Locked is not retried"
+    );
+    assert!(locked.visited.contains(&"RecordFailure".to_owned()));
+    let (failure, _) = read_doc::<FailureRecord>(store.as_ref(), LAST_FAILURE_KEY)
+        .await
+        .expect("read")
+        .expect("the failure is recorded");
+    assert_eq!(failure.error, "Tidemark.Locked");
+    assert!(
+        failure
+            .cause
+            .contains("locked by run 20261122T000000Z-0ther1"),
+        "{failure:?}"
+    );
+    assert_eq!(failure.execution.as_deref(), Some(EXECUTION));
+    assert!(!failure.lease_released);
+    let (lease, _) = read_doc::<Lease>(store.as_ref(), LOCK_KEY)
+        .await
+        .expect("read")
+        .expect("lease");
+    assert_eq!(lease, other, "the other run's lease is untouched");
+    assert_eq!(
+        metric_sum(&emulator, "tidemark-manifest", "BackupSucceeded"),
+        2.0
+    );
+    assert!(
+        !emulator
+            .log("tidemark-export.err")
+            .contains(&cluster.password),
+        "no password in the function logs"
+    );
+}
