@@ -14,7 +14,10 @@ async fn with_no_run_in_flight_every_sample_fails_clearly() {
     let deps = Deps {
         store: store.clone(),
     };
-    for (name, event) in sample_events("manifest.") {
+    let (failures, seals): (Vec<_>, Vec<_>) = sample_events("manifest.")
+        .into_iter()
+        .partition(|(name, _)| name.contains("failure"));
+    for (name, event) in seals {
         let err = handle(LambdaEvent::new(event, lambda_context(900)), &deps)
             .await
             .expect_err("nothing to seal");
@@ -36,4 +39,24 @@ async fn with_no_run_in_flight_every_sample_fails_clearly() {
         store.list("").await.expect("list").is_empty(),
         "nothing written"
     );
+
+    // The failure step's sample records the failure even with no run in flight.
+    assert_eq!(failures.len(), 1);
+    for (name, event) in failures {
+        let out = handle(LambdaEvent::new(event, lambda_context(60)), &deps)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(
+            (out["recorded"].as_bool(), out["lease_released"].as_bool()),
+            (Some(true), Some(false))
+        );
+    }
+    let keys: Vec<String> = store
+        .list("")
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    assert_eq!(keys, ["state/last-failure.json"]);
 }
