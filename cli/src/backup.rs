@@ -384,6 +384,20 @@ pub async fn list(global: &GlobalArgs) -> Result<(), String> {
         println!("{}", json(&backups)?);
         return Ok(());
     }
+    // A failure newer than the newest backup means the schedule is not producing backups.
+    let failure = tidemark_core::failure::last_failure(store.as_ref())
+        .await
+        .map_err(|e| error_chain(&e))?
+        .filter(|f| backups.last().is_none_or(|b| f.failed_at > b.created_at));
+    if let Some(f) = &failure {
+        println!(
+            "last run FAILED at {} ({}, run {}): {}",
+            f.failed_at.format("%Y-%m-%d %H:%M:%S UTC"),
+            f.error,
+            f.run_id.as_deref().unwrap_or("-"),
+            f.cause
+        );
+    }
     if backups.is_empty() {
         println!("no backups in {}", store.location());
         return Ok(());

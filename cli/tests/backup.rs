@@ -93,6 +93,38 @@ async fn backup_then_incremental_then_list() {
         "{}",
         stdout(&table)
     );
+    assert!(!stdout(&table).contains("FAILED"), "{}", stdout(&table));
+
+    // A failed run recorded after the newest backup is shown first; JSON stays a list.
+    let local = LocalStore::open(&store).expect("store");
+    tidemark_core::failure::record_failure(
+        &local,
+        tidemark_core::failure::Failure {
+            run_id: Some("20991231T000000Z-abcdef".into()),
+            execution: None,
+            error: "Tidemark.Fatal".into(),
+            cause: "exporting public.articles: permission denied".into(),
+        },
+    )
+    .await
+    .expect("record");
+    let table = tidemark(&["list"], &env);
+    let first = stdout(&table).lines().next().unwrap_or_default().to_owned();
+    assert!(
+        first.starts_with("last run FAILED at ")
+            && first.contains("Tidemark.Fatal, run 20991231T000000Z-abcdef")
+            && first.ends_with("permission denied"),
+        "{first}"
+    );
+    let list = tidemark(&["list", "--json"], &env);
+    let listed: Vec<serde_json::Value> = serde_json::from_str(&stdout(&list)).expect("JSON array");
+    assert_eq!(listed.len(), 2);
+
+    // A backup after it makes it history.
+    let later = tidemark(&["backup", "--table-mode", "articles=append"], &env);
+    assert!(later.status.success(), "{}", stderr(&later));
+    let table = tidemark(&["list"], &env);
+    assert!(!stdout(&table).contains("FAILED"), "{}", stdout(&table));
 }
 
 #[tokio::test]

@@ -8,7 +8,7 @@
 use chrono::Utc;
 
 use crate::format::failure::FailureRecord;
-use crate::format::{write_doc, FORMAT_VERSION, LAST_FAILURE_KEY};
+use crate::format::{read_doc, write_doc, FORMAT_VERSION, LAST_FAILURE_KEY};
 use crate::lease;
 use crate::run::RunError;
 use crate::store::{WriteCondition, WriteStore};
@@ -54,6 +54,16 @@ pub async fn record_failure(
         "backup run failed"
     );
     Ok(record)
+}
+
+/// The last failure recorded, if any.
+///
+/// # Errors
+/// Store errors; a record that does not parse.
+pub async fn last_failure(store: &dyn WriteStore) -> Result<Option<FailureRecord>, RunError> {
+    Ok(read_doc::<FailureRecord>(store, LAST_FAILURE_KEY)
+        .await?
+        .map(|(record, _)| record))
 }
 
 /// Cuts `text` to at most `max` bytes on a character boundary, marking the cut.
