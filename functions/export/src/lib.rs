@@ -11,7 +11,7 @@ use serde_json::Value;
 use tidemark_core::db::DbSettings;
 use tidemark_core::events::{self, RunMode};
 use tidemark_core::export::{self, ExportOptions};
-use tidemark_core::metrics::{self, MetricSet, Unit};
+use tidemark_core::metrics::{self, Unit};
 use tidemark_core::store::WriteStore;
 use tidemark_lambda::FunctionError;
 
@@ -53,7 +53,7 @@ pub async fn handle(event: LambdaEvent<Value>, deps: &Deps) -> Result<Value, Fun
     options.holder = tidemark_lambda::holder(&event.context);
     let report = export::export_slice(deps.store.clone(), &deps.db, &options).await?;
     if !report.sealed {
-        MetricSet::new(tidemark_lambda::metrics_database())
+        tidemark_lambda::metrics()
             .with(metrics::ROWS_EXPORTED, Unit::Count, report.rows as f64)
             .with(metrics::BYTES_EXPORTED, Unit::Bytes, report.bytes as f64)
             .emit();

@@ -8,9 +8,12 @@ use lambda_runtime::{Context, Diagnostic};
 use secrecy::SecretString;
 use tidemark_core::db::{DatabaseSource, DbSettings};
 use tidemark_core::events::EventError;
+use tidemark_core::metrics::MetricSet;
+use tidemark_core::prune::PruneError;
 use tidemark_core::run::RunError;
 use tidemark_core::store::{self, DynStore, StoreUrl};
 use tidemark_core::telemetry::{self, LogFormat};
+use tidemark_core::verify::VerifyError;
 
 /// `error_type` of failures worth retrying (Step Functions `Retry` matches it).
 pub const RETRYABLE: &str = "Tidemark.Retryable";
@@ -50,19 +53,41 @@ impl From<FunctionError> for Diagnostic {
     }
 }
 
-impl From<RunError> for FunctionError {
-    fn from(e: RunError) -> Self {
-        let error_type = match &e {
-            RunError::Locked { .. } => LOCKED,
-            e if e.is_retryable() => RETRYABLE,
-            _ => FATAL,
+impl FunctionError {
+    /// A failed invocation from a core error: typed locked, retryable or fatal, with the
+    /// whole cause chain as the message, logged once here.
+    fn classify(error: &dyn std::error::Error, locked: bool, retryable: bool) -> Self {
+        let error_type = match (locked, retryable) {
+            (true, _) => LOCKED,
+            (false, true) => RETRYABLE,
+            (false, false) => FATAL,
         };
-        let message = tidemark_core::error_chain(&e);
+        let message = tidemark_core::error_chain(error);
         tracing::error!(error_type, %message, "invocation failed");
         Self {
             error_type,
             message,
         }
+    }
+}
+
+impl From<RunError> for FunctionError {
+    fn from(e: RunError) -> Self {
+        let locked = matches!(e, RunError::Locked { .. });
+        Self::classify(&e, locked, e.is_retryable())
+    }
+}
+
+impl From<PruneError> for FunctionError {
+    fn from(e: PruneError) -> Self {
+        let locked = matches!(e, PruneError::Run(RunError::Locked { .. }));
+        Self::classify(&e, locked, e.is_retryable())
+    }
+}
+
+impl From<VerifyError> for FunctionError {
+    fn from(e: VerifyError) -> Self {
+        Self::classify(&e, false, e.is_retryable())
     }
 }
 
@@ -119,12 +144,14 @@ pub async fn database_from_env() -> Result<DbSettings, String> {
         .map_err(|e| tidemark_core::error_chain(&e))
 }
 
-/// The `database` dimension of this deployment's metrics: `TIDEMARK_DATABASE` (the
-/// deployment sets it, and its alarms watch that value), else the store URL.
-pub fn metrics_database() -> String {
-    env("TIDEMARK_DATABASE")
-        .or_else(|| env("TIDEMARK_STORE"))
-        .unwrap_or_else(|| "default".to_owned())
+/// An empty metric set for this deployment's `database` dimension: `TIDEMARK_DATABASE`
+/// (the deployment sets it, and its alarms watch that value), else the store URL.
+pub fn metrics() -> MetricSet {
+    MetricSet::new(
+        env("TIDEMARK_DATABASE")
+            .or_else(|| env("TIDEMARK_STORE"))
+            .unwrap_or_else(|| "default".to_owned()),
+    )
 }
 
 /// Safety margin before the invocation deadline (`TIDEMARK_SLICE_MARGIN_SECS`, default 60).

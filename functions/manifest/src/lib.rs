@@ -12,7 +12,7 @@ use lambda_runtime::LambdaEvent;
 use serde_json::Value;
 use tidemark_core::events;
 use tidemark_core::failure::Failure;
-use tidemark_core::metrics::{self, MetricSet, Unit};
+use tidemark_core::metrics::{self, Unit};
 use tidemark_core::store::WriteStore;
 use tidemark_lambda::FunctionError;
 
@@ -58,7 +58,7 @@ pub async fn handle(event: LambdaEvent<Value>, deps: &Deps) -> Result<Value, Fun
     let holder = tidemark_lambda::holder(&event.context);
     let report = tidemark_core::manifest::seal_run(deps.store.clone(), &run_id, &holder).await?;
     if report.created {
-        MetricSet::new(tidemark_lambda::metrics_database())
+        tidemark_lambda::metrics()
             .with(metrics::BACKUP_SUCCEEDED, Unit::Count, 1.0)
             .with(
                 metrics::BACKUP_DURATION_SECONDS,
@@ -72,7 +72,7 @@ pub async fn handle(event: LambdaEvent<Value>, deps: &Deps) -> Result<Value, Fun
 
 async fn record_failure(deps: &Deps, failure: Failure) -> Result<Value, FunctionError> {
     let record = tidemark_core::failure::record_failure(deps.store.as_ref(), failure).await?;
-    MetricSet::new(tidemark_lambda::metrics_database())
+    tidemark_lambda::metrics()
         .with(metrics::BACKUP_SUCCEEDED, Unit::Count, 0.0)
         .emit();
     let mut out = serde_json::to_value(&record).map_err(|e| FunctionError::fatal(e.to_string()))?;

@@ -10,10 +10,10 @@ use std::sync::Arc;
 use lambda_runtime::LambdaEvent;
 use serde_json::Value;
 use tidemark_core::events;
-use tidemark_core::metrics::{self, MetricSet, Unit};
+use tidemark_core::metrics::{self, Unit};
 use tidemark_core::prune::{self, PruneOptions};
 use tidemark_core::store::WriteStore;
-use tidemark_lambda::{FunctionError, FATAL, LOCKED, RETRYABLE};
+use tidemark_lambda::FunctionError;
 
 /// Clients built once per cold start.
 #[derive(Debug, Clone)]
@@ -62,19 +62,9 @@ pub async fn handle(event: LambdaEvent<Value>, deps: &Deps) -> Result<Value, Fun
         holder: tidemark_lambda::holder(&event.context),
         ..PruneOptions::default()
     };
-    let report = prune::prune(deps.store.clone(), &opts).await.map_err(|e| {
-        let error_type = match &e {
-            prune::PruneError::Run(tidemark_core::run::RunError::Locked { .. }) => LOCKED,
-            e if e.is_retryable() => RETRYABLE,
-            _ => FATAL,
-        };
-        FunctionError {
-            error_type,
-            message: tidemark_core::error_chain(&e),
-        }
-    })?;
+    let report = prune::prune(deps.store.clone(), &opts).await?;
     if !report.dry_run {
-        MetricSet::new(tidemark_lambda::metrics_database())
+        tidemark_lambda::metrics()
             .with(metrics::PRUNED_OBJECTS, Unit::Count, report.deleted as f64)
             .emit();
     }

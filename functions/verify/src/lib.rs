@@ -15,11 +15,11 @@ use secrecy::SecretString;
 use serde_json::Value;
 use tidemark_core::db::{DatabaseSource, DbSettings};
 use tidemark_core::events;
-use tidemark_core::metrics::{self, MetricSet, Unit};
+use tidemark_core::metrics::{self, Unit};
 use tidemark_core::restore::BackupSelector;
 use tidemark_core::store::WriteStore;
-use tidemark_core::verify::{self, VerifyError, VerifyOptions};
-use tidemark_lambda::{FunctionError, FATAL, RETRYABLE};
+use tidemark_core::verify::{self, VerifyOptions};
+use tidemark_lambda::FunctionError;
 
 /// Clients and settings built once per cold start.
 #[derive(Debug, Clone)]
@@ -80,15 +80,10 @@ pub async fn handle(event: LambdaEvent<Value>, deps: &Deps) -> Result<Value, Fun
     let mut options = deps.options.clone();
     options.backup = request.backup_id.map(BackupSelector::Id);
     options.deadline = Some(tidemark_lambda::work_deadline(&event.context, deps.margin));
-    let slice = verify::verify_slice(deps.store.clone(), &deps.server, &options)
-        .await
-        .map_err(|e: VerifyError| FunctionError {
-            error_type: if e.is_retryable() { RETRYABLE } else { FATAL },
-            message: tidemark_core::error_chain(&e),
-        })?;
+    let slice = verify::verify_slice(deps.store.clone(), &deps.server, &options).await?;
     if let Some(record) = &slice.record {
         let (succeeded, failed) = if record.ok { (1.0, 0.0) } else { (0.0, 1.0) };
-        let mut set = MetricSet::new(tidemark_lambda::metrics_database())
+        let mut set = tidemark_lambda::metrics()
             .with(metrics::VERIFICATION_SUCCEEDED, Unit::Count, succeeded)
             .with(metrics::VERIFICATION_FAILED, Unit::Count, failed);
         if record.ok {
