@@ -111,11 +111,9 @@ pub async fn run(
             "State": {"Name": name},
         });
         let step = match state["Type"].as_str().expect("Type") {
-            "Pass" => pass(state, data.clone(), &context).map(|d| (Some(next(state)), d)),
-            "Choice" => choose(state, &data).map(|n| (Some(n), data.clone())),
-            "Task" => task(state, data.clone(), &context, invoker, &mut walk, &name)
-                .await
-                .map(|(n, d)| (Some(n), d)),
+            "Pass" => pass(state, data.clone(), &context).map(|d| (next(state), d)),
+            "Choice" => choose(state, &data).map(|n| (n, data.clone())),
+            "Task" => task(state, data.clone(), &context, invoker, &mut walk, &name).await,
             "Succeed" => {
                 allow(state, &["Type", "Comment"]);
                 walk.outcome = Outcome::Succeeded(data);
@@ -130,11 +128,10 @@ pub async fn run(
             other => panic!("state type {other} is not supported by the walker"),
         };
         match step {
-            Ok((Some(n), d)) => {
+            Ok((n, d)) => {
                 name = n;
                 data = d;
             }
-            Ok((None, _)) => unreachable!("every non-terminal state has a Next"),
             Err(e) => {
                 walk.outcome = Outcome::Failed(e);
                 return walk;
