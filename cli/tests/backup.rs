@@ -373,19 +373,12 @@ async fn restore_and_verify_from_the_cli() {
     );
 
     // The verification server given as a Secrets Manager secret.
-    let secrets = aws_sdk_secretsmanager::Client::new(&tidemark_tests::aws_config().await);
-    let secret = format!("tidemark/scratch/{}", uuid::Uuid::new_v4().simple());
-    secrets
-        .create_secret()
-        .name(&secret)
-        .secret_string(
-            serde_json::json!({"username": cluster.user, "password": cluster.password,
-                "host": cluster.host, "port": cluster.port, "dbname": "postgres", "sslmode": "require"})
-            .to_string(),
-        )
-        .send()
-        .await
-        .expect("create secret");
+    let secret = tidemark_tests::create_secret(
+        serde_json::json!({"username": cluster.user, "password": cluster.password,
+            "host": cluster.host, "port": cluster.port, "dbname": "postgres", "sslmode": "require"})
+        .to_string(),
+    )
+    .await;
     let via_secret = tidemark(
         &["verify", "--backup", &id, "--scratch-secret-id", &secret],
         &env,
