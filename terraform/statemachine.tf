@@ -1,12 +1,16 @@
 # -------------------------------------------------------------------- state machine
 
-data "aws_iam_policy_document" "states_assume" {
+# The state machine and the schedules run as roles only their own service, in this
+# account, can assume.
+data "aws_iam_policy_document" "service_assume" {
+  for_each = toset(["states", "scheduler"])
+
   statement {
     actions = ["sts:AssumeRole"]
 
     principals {
       type        = "Service"
-      identifiers = ["states.amazonaws.com"]
+      identifiers = ["${each.key}.amazonaws.com"]
     }
 
     condition {
@@ -45,7 +49,7 @@ data "aws_iam_policy_document" "states" {
 
 resource "aws_iam_role" "states" {
   name_prefix        = "${local.name}-sfn-"
-  assume_role_policy = data.aws_iam_policy_document.states_assume.json
+  assume_role_policy = data.aws_iam_policy_document.service_assume["states"].json
   tags               = var.tags
 }
 
@@ -95,23 +99,6 @@ resource "aws_sfn_state_machine" "backup" {
 
 # ------------------------------------------------------------------------ schedules
 
-data "aws_iam_policy_document" "scheduler_assume" {
-  statement {
-    actions = ["sts:AssumeRole"]
-
-    principals {
-      type        = "Service"
-      identifiers = ["scheduler.amazonaws.com"]
-    }
-
-    condition {
-      test     = "StringEquals"
-      variable = "aws:SourceAccount"
-      values   = [data.aws_caller_identity.current.account_id]
-    }
-  }
-}
-
 data "aws_iam_policy_document" "scheduler" {
   statement {
     sid       = "StartBackups"
@@ -122,7 +109,7 @@ data "aws_iam_policy_document" "scheduler" {
 
 resource "aws_iam_role" "scheduler" {
   name_prefix        = "${local.name}-sched-"
-  assume_role_policy = data.aws_iam_policy_document.scheduler_assume.json
+  assume_role_policy = data.aws_iam_policy_document.service_assume["scheduler"].json
   tags               = var.tags
 }
 
