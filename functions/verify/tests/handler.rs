@@ -4,10 +4,30 @@ use std::sync::Arc;
 
 use lambda_runtime::LambdaEvent;
 use serde_json::json;
+use tidemark_core::export::ExportOptions;
+use tidemark_core::manifest::SealReport;
 use tidemark_core::store::{S3StoreOptions, WriteStore};
+use tidemark_core::verify::VerifyOptions;
 use tidemark_tests::fixtures::{backup, chain_fixture};
-use tidemark_tests::{lambda_context, s3_store, sample_events, TestCluster};
+use tidemark_tests::{lambda_context, s3_store, sample_events, TestCluster, TestDatabase};
 use tidemark_verify::{handle, Deps};
+
+/// A sealed backup of the chain fixture in a fresh S3 prefix, and the handler's
+/// dependencies verifying on the test cluster (the database guard keeps the source).
+async fn sealed_backup(options: VerifyOptions) -> (TestDatabase, SealReport, Deps) {
+    let cluster = TestCluster::from_env();
+    let db = cluster.create_database().await;
+    chain_fixture(&db).await;
+    let store: Arc<dyn WriteStore> = Arc::new(s3_store(S3StoreOptions::default()).await);
+    let (sealed, _) = backup(&store, &db, &ExportOptions::default()).await;
+    let deps = Deps {
+        store,
+        server: cluster.settings("postgres"),
+        options,
+        margin: std::time::Duration::from_secs(60),
+    };
+    (db, sealed, deps)
+}
 
 #[test]
 fn every_sample_event_parses() {
@@ -18,22 +38,7 @@ fn every_sample_event_parses() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn samples_verify_the_newest_or_the_named_backup() {
-    let cluster = TestCluster::from_env();
-    let db = cluster.create_database().await;
-    chain_fixture(&db).await;
-    let store: Arc<dyn WriteStore> = Arc::new(s3_store(S3StoreOptions::default()).await);
-    let (sealed, _) = backup(
-        &store,
-        &db,
-        &tidemark_core::export::ExportOptions::default(),
-    )
-    .await;
-    let deps = Deps {
-        store: store.clone(),
-        server: cluster.settings("postgres"),
-        options: Default::default(),
-        margin: std::time::Duration::from_secs(60),
-    };
+    let (_db, sealed, deps) = sealed_backup(VerifyOptions::default()).await;
     // The manifest step's output, fed straight in.
     let (_, mut step) = sample_events("verify.step-functions").remove(0);
     step["backup_id"] = json!(sealed.backup_id);
@@ -78,25 +83,12 @@ async fn samples_verify_the_newest_or_the_named_backup() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_short_deadline_verifies_in_slices() {
-    let cluster = TestCluster::from_env();
-    let db = cluster.create_database().await;
-    chain_fixture(&db).await;
-    let store: Arc<dyn WriteStore> = Arc::new(s3_store(S3StoreOptions::default()).await);
-    let (sealed, _) = backup(
-        &store,
-        &db,
-        &tidemark_core::export::ExportOptions::default(),
-    )
+    let (_db, sealed, deps) = sealed_backup(VerifyOptions {
+        workers: 1,
+        ..VerifyOptions::default()
+    })
     .await;
-    let deps = Deps {
-        store: store.clone(),
-        server: cluster.settings("postgres"),
-        options: tidemark_core::verify::VerifyOptions {
-            workers: 1,
-            ..Default::default()
-        },
-        margin: std::time::Duration::from_secs(60),
-    };
+    let store = deps.store.clone();
     // 60 s left with a 60 s margin: one table per invocation, as a 15-minute Lambda
     // would go through a backup too big for one invocation.
     let mut slices = 0;
