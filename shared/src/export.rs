@@ -45,6 +45,7 @@ use crate::format::{
 };
 use crate::lease::{self, HeldLease};
 use crate::run::{new_run_id, RunError};
+use crate::schema::{self, capture::CaptureRequest, PgDump};
 use crate::store::{CountingStore, ETag, StoreError, WriteCondition, WriteStore};
 
 /// Most gap ranges remembered per `append` table; beyond that the oldest are dropped
@@ -77,6 +78,8 @@ pub struct ExportOptions {
     pub progress_interval: Duration,
     /// Live counters for a progress display.
     pub meter: Option<Arc<ExportMeter>>,
+    /// The pg_dump that captures the schema (`None`: the one on `PATH`).
+    pub pg_dump: Option<std::path::PathBuf>,
 }
 
 impl Default for ExportOptions {
@@ -95,6 +98,7 @@ impl Default for ExportOptions {
             lease_ttl: Duration::from_secs(20 * 60),
             progress_interval: Duration::from_secs(2),
             meter: None,
+            pg_dump: None,
         }
     }
 }
@@ -197,6 +201,27 @@ pub async fn export_slice(
         .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .await
         .map_err(|e| DbError::query("starting the export transaction", db, e))?;
+    // The slice's one snapshot: its workers and pg_dump import it.
+    let snapshot_id: String = coordinator
+        .query_one("SELECT pg_export_snapshot()", &[])
+        .await
+        .map_err(|e| DbError::query("exporting the snapshot", db, e))?
+        .try_get(0)
+        .map_err(|e| DbError::query("exporting the snapshot", db, e))?;
+    // A new run captures the schema: find a fit pg_dump before anything is written.
+    let schema_tool = match resume {
+        Some(_) => None,
+        None => {
+            let tool = PgDump::locate(opts.pg_dump.as_deref()).await?;
+            let server: i32 = coordinator
+                .query_one("SELECT current_setting('server_version_num')::int4", &[])
+                .await
+                .and_then(|r| r.try_get(0))
+                .map_err(|e| DbError::query("reading the server version", db, e))?;
+            tool.check_server(server as u32)?;
+            Some(tool)
+        }
+    };
 
     let (mut progress, progress_etag) = match resume {
         Some((mut progress, etag)) => {
@@ -236,17 +261,30 @@ pub async fn export_slice(
         Some(etag) => WriteCondition::IfMatch(etag),
         None => WriteCondition::IfAbsent,
     };
+    if let Some(tool) = &schema_tool {
+        let schemas = dump_schemas(&opts.selection, &progress);
+        let (dump, warnings) = schema::capture::capture(
+            store.as_ref(),
+            &coordinator,
+            &CaptureRequest {
+                tool,
+                settings: db,
+                snapshot_id: &snapshot_id,
+                run_id: &run_id,
+                schemas: &schemas,
+            },
+        )
+        .await?;
+        for warning in warnings {
+            tracing::warn!(run_id, "{warning}");
+            progress.warnings.push(warning);
+        }
+        progress.schema_dump = Some(dump);
+    }
     let base_requests = progress.store_requests;
     progress.store_requests = base_requests + counting.count();
     let etag = write_progress(store.as_ref(), &progress, condition).await?;
     tracing::info!(run_id, slice = progress.slices, kind = %progress.kind, tables = progress.tables.len(), "export slice started");
-
-    let snapshot_id: String = coordinator
-        .query_one("SELECT pg_export_snapshot()", &[])
-        .await
-        .map_err(|e| DbError::query("exporting the snapshot", db, e))?
-        .try_get(0)
-        .map_err(|e| DbError::query("exporting the snapshot", db, e))?;
 
     let pending = work_left(&progress);
     let meter = opts.meter.clone().unwrap_or_default();
@@ -338,6 +376,33 @@ pub async fn export_slice(
         "export slice finished"
     );
     Ok(report)
+}
+
+/// The schemas whose objects a backup's schema dump covers: the selected schemas (or the
+/// listed tables'), and every schema a partition of a covered table lives in.
+fn dump_schemas(selection: &TableSelection, progress: &RunProgress) -> Vec<String> {
+    let mut schemas: Vec<String> = if selection.tables.is_empty() {
+        if selection.schemas.is_empty() {
+            vec!["public".to_owned()]
+        } else {
+            selection.schemas.clone()
+        }
+    } else {
+        Vec::new()
+    };
+    for table in &progress.tables {
+        schemas.push(table.name.schema.clone());
+        schemas.extend(
+            table
+                .schema
+                .partitions
+                .iter()
+                .map(|p| p.name.schema.clone()),
+        );
+    }
+    schemas.sort();
+    schemas.dedup();
+    schemas
 }
 
 fn sealed_report(manifest: &Manifest, started: Instant, requests: u64) -> SliceReport {
@@ -457,6 +522,7 @@ async fn plan_run(
         },
         tables: planned,
         sequences,
+        schema_dump: None,
         slices: 1,
         store_requests: 0,
         warnings,

@@ -6,12 +6,15 @@
 //! # Layout
 //! - [`store`]: the object store trait ([`store::ReadStore`], [`store::WriteStore`]) with
 //!   an S3 adapter and a local-directory adapter, and store URLs.
-//! - [`db`]: database settings (URL or RDS secret), TLS, sessions with pinned settings.
+//! - [`db`]: database settings (URL or RDS secret), TLS, sessions with pinned settings,
+//!   and the relay that gives libpq tools the same TLS.
 //! - [`aws`]: the one AWS SDK configuration every client is built from.
 //! - [`check`]: reachability checks of the database and the store (`tidemark check`).
 //! - [`telemetry`]: logging, human or JSON.
 //! - [`format`]: the stored JSON documents (lease, checkpoint, progress, manifest).
 //! - [`catalog`]: which tables a backup covers, their definitions and modes.
+//! - [`schema`]: the whole schema, captured with pg_dump in the backup's snapshot and
+//!   restored in pg_restore's order; compared by verify.
 //! - [`chunk`]: zstd COPY-text chunks streamed to the store.
 //! - [`lease`]: the run lease; [`run`]: run ids and lifecycle errors.
 //! - [`failure`]: recording a failed run and releasing its lease.
@@ -42,6 +45,7 @@ pub mod prune;
 pub mod restore;
 pub mod retention;
 pub mod run;
+pub mod schema;
 pub mod store;
 pub mod telemetry;
 pub mod verify;

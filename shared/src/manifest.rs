@@ -203,6 +203,7 @@ fn build_manifest(progress: &RunProgress) -> Manifest {
         database: progress.database.clone(),
         tables,
         sequences: progress.sequences.clone(),
+        schema_dump: progress.schema_dump.clone(),
         totals,
         store_requests: progress.store_requests,
         warnings: progress.warnings.clone(),

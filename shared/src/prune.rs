@@ -161,7 +161,7 @@ pub async fn plan_prune(
     let referenced: BTreeSet<&str> = manifests
         .values()
         .filter(|m| kept.contains(m.id.as_str()))
-        .flat_map(|m| m.all_chunks().map(|c| c.key.as_str()))
+        .flat_map(|m| m.referenced_keys())
         .collect();
 
     let mut first = Vec::new();

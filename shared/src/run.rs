@@ -5,6 +5,7 @@ use chrono::{DateTime, Utc};
 use crate::catalog::CatalogError;
 use crate::db::DbError;
 use crate::format::{FormatError, TableName};
+use crate::schema::SchemaError;
 use crate::store::StoreError;
 
 /// A new run id: sortable UTC time plus a random suffix, e.g. `20261122T211500Z-3f9a1c`.
@@ -45,6 +46,8 @@ pub enum RunError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Format(#[from] FormatError),
+    #[error("capturing the schema: {0}")]
+    Schema(#[from] SchemaError),
 }
 
 impl RunError {
@@ -56,6 +59,7 @@ impl RunError {
             RunError::Conflict { .. } => true,
             RunError::Db(e) | RunError::Catalog(CatalogError::Db(e)) => e.is_retryable(),
             RunError::Store(e) | RunError::Format(FormatError::Store(e)) => e.is_retryable(),
+            RunError::Schema(e) => e.is_retryable(),
             _ => false,
         }
     }

@@ -2,12 +2,16 @@
 //! comparing every table with what the source held at the backup's snapshot.
 //!
 //! The comparison is against the manifest's per-table row count and content fingerprint,
-//! which the export computed from the source's own COPY output, never from the chunks.
+//! which the export computed from the source's own COPY output, never from the chunks,
+//! and against the schema pg_dump recorded in the backup's snapshot: the scratch database
+//! is dumped with the same object selection and compared object by object
+//! ([`crate::schema::compare`]).
 //! The scratch database is `tidemark_verify_<id>_<unix time>` on the verification server;
 //! it is dropped when the check ends, failure included, and scratch databases left by a
 //! crashed verification (older than a few hours) are swept first. The result goes to
 //! `verifications/{id}.json`.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,8 +25,12 @@ use crate::format::manifest::Manifest;
 use crate::format::{
     quote_ident, read_doc, write_doc, Fingerprint, FormatError, TableName, FORMAT_VERSION,
 };
-use crate::restore::{self, BackupSelector, RestoreError, RestoreOptions};
-use crate::store::{WriteCondition, WriteStore};
+use crate::restore::{
+    self, BackupSelector, RestoreError, RestoreMeter, RestoreOptions, ResumePoint,
+};
+use crate::schema::compare::{self, SchemaCheck};
+use crate::schema::{PgDump, SchemaError};
+use crate::store::{ReadStore, WriteCondition, WriteStore};
 
 /// Prefix of every scratch database name.
 pub const SCRATCH_PREFIX: &str = "tidemark_verify_";
@@ -46,6 +54,9 @@ pub struct Verification {
     pub bytes: u64,
     pub rows: u64,
     pub tables: Vec<TableVerification>,
+    /// The restored schema against the recorded one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema: Option<SchemaCheck>,
     /// Why the verification failed before it could compare tables (a corrupt chunk, a
     /// modified manifest), if it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -72,6 +83,8 @@ pub struct VerifyOptions {
     /// For [`verify_slice`]: start no new table after this instant; the next slice
     /// continues in the same scratch database.
     pub deadline: Option<Instant>,
+    /// The pg_dump that dumps the restored schema (`None`: the one on `PATH`).
+    pub pg_dump: Option<std::path::PathBuf>,
 }
 
 impl Default for VerifyOptions {
@@ -81,6 +94,7 @@ impl Default for VerifyOptions {
             backup: None,
             stale_after: Duration::from_secs(3 * 3600),
             workers: 2,
+            pg_dump: None,
         }
     }
 }
@@ -94,11 +108,14 @@ pub enum VerifyError {
     Db(#[from] DbError),
     #[error(transparent)]
     Format(#[from] FormatError),
+    #[error("verify compares the restored schema with pg_dump: {0}")]
+    Schema(#[from] SchemaError),
 }
 
 impl VerifyError {
     pub fn is_retryable(&self) -> bool {
         match self {
+            VerifyError::Schema(e) => e.is_retryable(),
             VerifyError::Restore(e) => e.is_retryable(),
             VerifyError::Db(e) => e.is_retryable(),
             VerifyError::Format(FormatError::Store(e)) => e.is_retryable(),
@@ -118,8 +135,15 @@ struct VerifyState {
     version: u32,
     backup_id: String,
     scratch: String,
-    completed: Vec<TableName>,
+    /// How far the restore into the scratch database got.
+    #[serde(default)]
+    resume: ResumePoint,
+    /// The restore is complete; only the comparison is left.
+    #[serde(default)]
+    restored: bool,
     restore_seconds: f64,
+    #[serde(default)]
+    rows: u64,
 }
 
 /// What one slice of a verification did.
@@ -198,6 +222,8 @@ pub async fn verify_slice(
         }
         Err(e) => return Err(e.into()),
     };
+    // Find pg_dump before creating anything: without it the schema cannot be compared.
+    let tool = PgDump::locate(opts.pg_dump.as_deref()).await?;
     let admin = db::connect(server).await?;
     let key = state_key(&manifest.id);
     let previous = read_doc::<VerifyState>(store.as_ref(), &key)
@@ -226,8 +252,12 @@ pub async fn verify_slice(
                     .replace(|c: char| !c.is_ascii_alphanumeric(), "_"),
                 Utc::now().timestamp()
             );
+            // From template0: nothing but what the backup restores is in it.
             admin
-                .batch_execute(&format!("CREATE DATABASE {}", quote_ident(&scratch)))
+                .batch_execute(&format!(
+                    "CREATE DATABASE {} TEMPLATE template0",
+                    quote_ident(&scratch)
+                ))
                 .await
                 .map_err(|e| DbError::query("creating the scratch database", server, e))?;
             tracing::info!(
@@ -239,55 +269,67 @@ pub async fn verify_slice(
                 version: FORMAT_VERSION,
                 backup_id: manifest.id.clone(),
                 scratch,
-                completed: Vec::new(),
+                resume: ResumePoint::default(),
+                restored: false,
                 restore_seconds: 0.0,
+                rows: 0,
             }
         }
     };
     let scratch = server.with_dbname(&state.scratch);
-    let remaining: Vec<String> = manifest
-        .tables
-        .iter()
-        .filter(|t| !state.completed.contains(&t.name))
-        .map(|t| t.name.quoted())
-        .collect();
-    let restore_opts = RestoreOptions {
-        workers: opts.workers,
-        tables: remaining,
-        resume: !state.completed.is_empty() || resumable,
-        deadline: opts.deadline,
-        ..RestoreOptions::default()
-    };
-    let restored = restore::restore(store.clone(), &manifest, &scratch, &restore_opts).await;
-    let outcome = match restored {
-        Ok(report) if !report.done => {
-            state.completed.extend(report.completed);
-            state.restore_seconds += report.seconds;
-            write_doc(store.as_ref(), &key, &state, WriteCondition::Always).await?;
-            tracing::info!(
-                backup_id = manifest.id,
-                tables_done = state.completed.len(),
-                "verification slice ends; the next continues"
-            );
-            return Ok(VerifySlice {
-                backup_id: manifest.id.clone(),
-                done: false,
-                record: None,
-                tables: manifest.tables.len(),
-                tables_done: state.completed.len(),
-            });
-        }
-        Ok(report) => {
-            state.restore_seconds += report.seconds;
-            compare(
-                &manifest,
-                &scratch,
-                state.restore_seconds,
-                manifest.bytes(),
-                started,
-            )
+    let meter = Arc::new(RestoreMeter::default());
+    let restore_started = Instant::now();
+    let mut outcome: Result<(), VerifyError> = Ok(());
+    if !state.restored && resumable {
+        // A slice that died after the restore finished (the mark is committed with the
+        // post-data section) leaves only the comparison to do.
+        let client = db::connect(&scratch).await?;
+        state.restored = restore::is_marked_finished(&client)
             .await
+            .map_err(|e| DbError::query("reading the scratch database's state", server, e))?;
+    }
+    if !state.restored {
+        let restore_opts = RestoreOptions {
+            workers: opts.workers,
+            resume: Some(state.resume.clone()),
+            deadline: opts.deadline,
+            mark_finished: true,
+            meter: Some(meter.clone()),
+            ..RestoreOptions::default()
+        };
+        match restore::restore(store.clone(), &manifest, &scratch, &restore_opts).await {
+            Ok(report) => {
+                state.restore_seconds += report.seconds;
+                state.rows += report.rows;
+                state.resume.schema_applied = report.schema_applied;
+                state.resume.loaded.extend(report.completed);
+                state.restored = report.done;
+                write_doc(store.as_ref(), &key, &state, WriteCondition::Always).await?;
+                if !report.done {
+                    tracing::info!(
+                        backup_id = manifest.id,
+                        tables_done = state.resume.loaded.len(),
+                        "verification slice ends; the next continues"
+                    );
+                    return Ok(VerifySlice {
+                        backup_id: manifest.id.clone(),
+                        done: false,
+                        record: None,
+                        tables: manifest.tables.len(),
+                        tables_done: state.resume.loaded.len(),
+                    });
+                }
+            }
+            Err(e) => {
+                // What the restore got done before it failed is part of the record.
+                state.restore_seconds += restore_started.elapsed().as_secs_f64();
+                state.rows += meter.rows.load(Ordering::Relaxed);
+                outcome = Err(e.into());
+            }
         }
+    }
+    let outcome = match outcome {
+        Ok(()) => compare(store.as_ref(), &manifest, &scratch, &tool, &state, started).await,
         Err(e) => Err(e),
     };
     // Finished, one way or the other: always drop the scratch database.
@@ -302,10 +344,16 @@ pub async fn verify_slice(
     }
     let record = match outcome {
         Ok(record) => record,
-        Err(e) if !e.is_retryable() => failed(&manifest.id, crate::error_chain(&e), started),
+        Err(e) if !e.is_retryable() => {
+            let mut record = failed(&manifest.id, crate::error_chain(&e), started);
+            record.restore_seconds = state.restore_seconds;
+            record.rows = state.rows;
+            record.bytes = meter.bytes.load(Ordering::Relaxed);
+            record
+        }
         Err(e) => {
             store.delete(&key).await.map_err(FormatError::from)?;
-            return Err(e.into());
+            return Err(e);
         }
     };
     write_doc(
@@ -336,21 +384,53 @@ fn failed(backup_id: &str, error: String, started: Instant) -> Verification {
         bytes: 0,
         rows: 0,
         tables: Vec::new(),
+        schema: None,
         error: Some(error),
     }
 }
 
+/// Compares the scratch database with the backup's recorded truth: every table's row
+/// count and fingerprint, and the schema object by object.
 async fn compare(
+    store: &dyn ReadStore,
     manifest: &Manifest,
     scratch: &DbSettings,
-    restore_seconds: f64,
-    bytes: u64,
+    tool: &PgDump,
+    state: &VerifyState,
     started: Instant,
-) -> Result<Verification, RestoreError> {
-    let client = db::connect(scratch).await?;
+) -> Result<Verification, VerifyError> {
+    let (tables, schema) = compare_restored(store, manifest, scratch, tool).await?;
+    Ok(Verification {
+        version: FORMAT_VERSION,
+        backup_id: manifest.id.clone(),
+        ok: tables.iter().all(|t| t.ok) && schema.ok,
+        verified_at: Utc::now(),
+        restore_seconds: state.restore_seconds,
+        seconds: started.elapsed().as_secs_f64(),
+        bytes: manifest.bytes(),
+        rows: state.rows.max(manifest.rows()),
+        tables,
+        schema: Some(schema),
+        error: None,
+    })
+}
+
+/// Compares a restored database with a backup's recorded truth: each table's row count
+/// and content fingerprint, and the schema (dumped with the object selection the
+/// backup's own dump used). Also usable on a database restored by hand.
+///
+/// # Errors
+/// Query errors, pg_dump failures, unreadable schema objects.
+pub async fn compare_restored(
+    store: &dyn ReadStore,
+    manifest: &Manifest,
+    restored: &DbSettings,
+    tool: &PgDump,
+) -> Result<(Vec<TableVerification>, SchemaCheck), VerifyError> {
+    let client = db::connect(restored).await?;
     let mut tables = Vec::with_capacity(manifest.tables.len());
     for entry in &manifest.tables {
-        let actual = table_fingerprint(&client, scratch, &entry.name, &entry.columns).await?;
+        let actual = table_fingerprint(&client, restored, &entry.name, &entry.columns).await?;
         tables.push(TableVerification {
             name: entry.name.clone(),
             ok: actual == entry.fingerprint,
@@ -358,18 +438,20 @@ async fn compare(
             actual: Some(actual),
         });
     }
-    Ok(Verification {
-        version: FORMAT_VERSION,
-        backup_id: manifest.id.clone(),
-        ok: tables.iter().all(|t| t.ok),
-        verified_at: Utc::now(),
-        restore_seconds,
-        seconds: started.elapsed().as_secs_f64(),
-        bytes,
-        rows: manifest.rows(),
-        tables,
-        error: None,
-    })
+    let schema = match &manifest.schema_dump {
+        None => SchemaCheck {
+            ok: false,
+            objects: 0,
+            differences: vec!["the backup has no recorded schema to compare with".into()],
+        },
+        Some(dump) => {
+            let recorded_pre = crate::schema::load_script(store, &dump.pre_data).await?;
+            let recorded_post = crate::schema::load_script(store, &dump.post_data).await?;
+            let (pre, post) = compare::dump_sections(tool, restored, &dump.selection).await?;
+            compare::compare(&[&recorded_pre, &recorded_post], &[&pre, &post])
+        }
+    };
+    Ok((tables, schema))
 }
 
 /// Row count and fingerprint of a table, computed exactly as the export computes them.

@@ -28,6 +28,10 @@ pub struct Manifest {
     pub tables: Vec<TableEntry>,
     #[serde(default)]
     pub sequences: Vec<SequenceValue>,
+    /// The whole schema as pg_dump wrote it in the backup's snapshot (absent in backups
+    /// taken before schema capture existed: those restore with `--data-only` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema_dump: Option<SchemaDump>,
     /// What this run itself wrote.
     pub totals: RunTotals,
     /// Store requests the whole run made (all slices and the seal).
@@ -86,6 +90,59 @@ impl Manifest {
             .iter()
             .flat_map(|t| t.chunks.iter().chain(&t.key_chunks))
     }
+
+    /// Every object this backup needs: its chunks and its schema objects.
+    pub fn referenced_keys(&self) -> impl Iterator<Item = &str> {
+        self.all_chunks().map(|c| c.key.as_str()).chain(
+            self.schema_dump
+                .iter()
+                .flat_map(|d| d.objects().map(|o| o.key.as_str())),
+        )
+    }
+}
+
+/// The schema of a backup as `pg_dump` wrote it, in the backup's snapshot: plain SQL,
+/// zstd-compressed, split as `pg_restore` orders a restore.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SchemaDump {
+    /// The pg_dump that wrote it, e.g. `18.6`.
+    pub pg_dump_version: String,
+    /// `server_version_num` of the source, e.g. `150018`.
+    pub server_version_num: u32,
+    /// The object selection given to pg_dump (`-n`, `-e`, `-T` switches); verify dumps the
+    /// restored database with the same switches to compare like with like.
+    pub selection: Vec<String>,
+    /// `--section=pre-data`: types, functions, tables, views, ... (no data).
+    pub pre_data: StoredObject,
+    /// `--section=post-data`: indexes, constraints, triggers, rules, policies, and the
+    /// `REFRESH MATERIALIZED VIEW` of every populated materialized view.
+    pub post_data: StoredObject,
+    /// `pg_dumpall --globals-only --no-role-passwords`: roles and tablespaces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub globals: Option<StoredObject>,
+    /// Large objects in the database at the snapshot (their contents are not backed up).
+    #[serde(default)]
+    pub large_objects: u64,
+}
+
+impl SchemaDump {
+    /// The stored objects of the schema.
+    pub fn objects(&self) -> impl Iterator<Item = &StoredObject> {
+        [&self.pre_data, &self.post_data]
+            .into_iter()
+            .chain(self.globals.as_ref())
+    }
+}
+
+/// One stored object that is not a chunk: its key, sizes and SHA-256 (of the stored bytes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredObject {
+    pub key: String,
+    /// Stored (compressed) bytes.
+    pub bytes: u64,
+    /// Bytes before compression.
+    pub raw_bytes: u64,
+    pub sha256: String,
 }
 
 /// What the run wrote.

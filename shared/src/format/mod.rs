@@ -29,7 +29,9 @@ use serde::{Deserialize, Serialize};
 use crate::store::{ETag, PutReceipt, ReadStore, StoreError, WriteCondition, WriteStore};
 
 /// The newest document format this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// Version 2: manifests carry the schema as pg_dump wrote it (`schema_dump`); a build that
+/// reads only version 1 would restore and prune without knowing those objects.
+pub const FORMAT_VERSION: u32 = 2;
 
 pub const LOCK_KEY: &str = "lock";
 pub const CHECKPOINT_KEY: &str = "state/checkpoint.json";

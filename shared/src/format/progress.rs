@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::checkpoint::GapRange;
-use super::manifest::{SequenceValue, TableSchema};
+use super::manifest::{SchemaDump, SequenceValue, TableSchema};
 use super::{BackupKind, ChunkRef, Fingerprint, PgSnapshot, TableMode, TableName};
 
 /// The progress document.
@@ -29,6 +29,9 @@ pub struct RunProgress {
     pub settings: ExportSettings,
     pub tables: Vec<TableProgress>,
     pub sequences: Vec<SequenceValue>,
+    /// The schema as pg_dump wrote it in the first slice's snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema_dump: Option<SchemaDump>,
     /// Slices run so far (the first is 1).
     pub slices: u32,
     /// Store requests made by all slices so far.

@@ -1,0 +1,601 @@
+//! Running a schema script against a target database, entry by entry, as `pg_restore`
+//! would: session settings the target does not know are left out, psql meta-commands
+//! (`\restrict`) are not SQL and are skipped, ownership and privilege statements are
+//! left out unless asked for, and each section runs in one transaction, so a failure
+//! leaves nothing of it behind and names the object.
+
+use std::collections::{HashMap, HashSet};
+
+use tokio_postgres::Client;
+
+use super::script::{Entry, Item, Script, Statement};
+use crate::format::TableName;
+
+/// How to apply a script.
+#[derive(Debug, Clone, Default)]
+pub struct ApplyOptions {
+    /// Keep `ALTER ... OWNER TO` (pg_restore's default; Tidemark's is `--no-owner`).
+    pub with_owners: bool,
+    /// Keep `GRANT`/`REVOKE` and default privileges.
+    pub with_privileges: bool,
+    /// A statement run last, in the same transaction (a marker that the section is in).
+    pub finish_with: Option<String>,
+}
+
+/// What to do with one entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Apply,
+    /// Apply; if it fails, skip it with a warning (objects a table subset may need).
+    Optional,
+    Skip(String),
+}
+
+/// A statement the target refused.
+#[derive(Debug, thiserror::Error)]
+#[error("restoring the schema ({section}): {object}: {detail}")]
+pub struct ApplyError {
+    pub section: &'static str,
+    pub object: String,
+    pub detail: String,
+    pub retryable: bool,
+}
+
+/// What applying did.
+#[derive(Debug, Clone, Default)]
+pub struct Applied {
+    pub entries: usize,
+    /// Entries left out or skipped after failing, with why.
+    pub warnings: Vec<String>,
+}
+
+/// The server's message for a failed statement: message, detail and hint.
+pub fn server_message(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut text = format!("{}: {}", db.severity(), db.message());
+            if let Some(detail) = db.detail() {
+                text.push_str(&format!(" (DETAIL: {detail})"));
+            }
+            if let Some(hint) = db.hint() {
+                text.push_str(&format!(" (HINT: {hint})"));
+            }
+            text
+        }
+        None => crate::error_chain(e),
+    }
+}
+
+fn retryable(e: &tokio_postgres::Error) -> bool {
+    match e.as_db_error() {
+        Some(db) => {
+            let code = db.code().code();
+            code.starts_with("08") || code.starts_with("57P") || code.starts_with("53")
+        }
+        None => true,
+    }
+}
+
+/// Names of the settings the target knows (for leaving out newer ones, such as
+/// `transaction_timeout` on a server older than 17).
+///
+/// # Errors
+/// The query's error.
+pub async fn known_settings(client: &Client) -> Result<HashSet<String>, tokio_postgres::Error> {
+    Ok(client
+        .query("SELECT name FROM pg_settings", &[])
+        .await?
+        .iter()
+        .map(|r| r.get::<_, String>(0))
+        .collect())
+}
+
+/// Applies `script` in one transaction on `client`, deciding per entry with `decide`.
+///
+/// # Errors
+/// [`ApplyError`] naming the entry and the server's message; the transaction is rolled
+/// back.
+pub async fn apply(
+    client: &Client,
+    script: &Script,
+    section: &'static str,
+    opts: &ApplyOptions,
+    known: &HashSet<String>,
+    decide: &dyn Fn(&Entry) -> Decision,
+) -> Result<Applied, ApplyError> {
+    let fail = |object: String, e: &tokio_postgres::Error| ApplyError {
+        section,
+        object,
+        detail: server_message(e),
+        retryable: retryable(e),
+    };
+    client
+        .batch_execute("BEGIN")
+        .await
+        .map_err(|e| fail("starting the transaction".into(), &e))?;
+    let result = async {
+        let mut applied = Applied::default();
+        for item in &script.items {
+            match item {
+                Item::Meta(_) => {}
+                Item::Setting(statement) => {
+                    if let Some(name) = statement.setting_name() {
+                        if !known.contains(&name) {
+                            tracing::debug!(
+                                setting = name,
+                                "target does not know a setting of the script; left out"
+                            );
+                            continue;
+                        }
+                    }
+                    client
+                        .batch_execute(&statement.text)
+                        .await
+                        .map_err(|e| fail(statement.text.clone(), &e))?;
+                }
+                Item::Entry(entry) => {
+                    let decision = if entry.is_privileges() && !opts.with_privileges {
+                        Decision::Skip(String::new())
+                    } else {
+                        decide(entry)
+                    };
+                    let statements: Vec<&Statement> = entry
+                        .statements
+                        .iter()
+                        .filter(|s| opts.with_owners || !s.is_owner_change())
+                        .collect();
+                    match decision {
+                        Decision::Skip(reason) => {
+                            if !reason.is_empty() {
+                                applied
+                                    .warnings
+                                    .push(format!("{}: {reason}", entry.label()));
+                            }
+                        }
+                        Decision::Apply => {
+                            for statement in statements {
+                                client
+                                    .batch_execute(&statement.text)
+                                    .await
+                                    .map_err(|e| fail(entry.label(), &e))?;
+                            }
+                            applied.entries += 1;
+                        }
+                        Decision::Optional => {
+                            client
+                                .batch_execute("SAVEPOINT tidemark_entry")
+                                .await
+                                .map_err(|e| fail(entry.label(), &e))?;
+                            let mut failed = None;
+                            for statement in statements {
+                                if let Err(e) = client.batch_execute(&statement.text).await {
+                                    failed = Some(server_message(&e));
+                                    break;
+                                }
+                            }
+                            let end = if failed.is_some() {
+                                "ROLLBACK TO SAVEPOINT tidemark_entry"
+                            } else {
+                                "RELEASE SAVEPOINT tidemark_entry"
+                            };
+                            client
+                                .batch_execute(end)
+                                .await
+                                .map_err(|e| fail(entry.label(), &e))?;
+                            match failed {
+                                Some(message) => applied
+                                    .warnings
+                                    .push(format!("{}: skipped ({message})", entry.label())),
+                                None => applied.entries += 1,
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(applied)
+    }
+    .await;
+    let result = match (result, &opts.finish_with) {
+        (Ok(applied), Some(statement)) => client
+            .batch_execute(statement)
+            .await
+            .map(|()| applied)
+            .map_err(|e| fail("finishing".into(), &e)),
+        (result, _) => result,
+    };
+    match result {
+        Ok(applied) => {
+            client
+                .batch_execute("COMMIT")
+                .await
+                .map_err(|e| fail("committing".into(), &e))?;
+            Ok(applied)
+        }
+        Err(e) => {
+            let _ = client.batch_execute("ROLLBACK").await;
+            Err(e)
+        }
+    }
+}
+
+/// The extensions a script creates.
+pub fn extensions(script: &Script) -> Vec<String> {
+    script
+        .entries()
+        .filter(|e| e.kind == "EXTENSION")
+        .map(|e| e.name.clone())
+        .collect()
+}
+
+/// The schemas a script creates with `CREATE SCHEMA`.
+pub fn created_schemas(script: &Script) -> Vec<String> {
+    script
+        .entries()
+        .filter(|e| e.kind == "SCHEMA")
+        .map(|e| e.name.clone())
+        .collect()
+}
+
+/// The tables (ordinary, partitioned, foreign) a script creates.
+pub fn created_tables(script: &Script) -> Vec<TableName> {
+    script
+        .entries()
+        .filter(|e| e.kind == "TABLE" || e.kind == "FOREIGN TABLE")
+        .filter_map(|e| Some(TableName::new(e.schema.clone()?, e.name.clone())))
+        .collect()
+}
+
+/// The materialized views whose data the script refreshes.
+pub fn refreshed_views(script: &Script) -> Vec<TableName> {
+    script
+        .entries()
+        .filter(|e| e.kind == "MATERIALIZED VIEW DATA")
+        .filter_map(|e| Some(TableName::new(e.schema.clone()?, e.name.clone())))
+        .collect()
+}
+
+/// Which entries a restore of a table subset needs: the tables themselves (with their
+/// partitions, owned sequences, defaults, indexes, constraints, triggers, rules,
+/// policies, comments), and every object that does not belong to a relation (types,
+/// domains, functions, schemas, extensions...) as optional. Other relations are left
+/// out, and so are foreign keys to tables outside the subset (with a warning).
+#[derive(Debug, Clone)]
+pub struct SubsetPlan {
+    selected: HashSet<TableName>,
+    /// Relations of each schema, longest name first (tags are `relation object`).
+    relations: HashMap<String, Vec<String>>,
+    /// Index → the relation it is on.
+    index_owner: HashMap<TableName, TableName>,
+    /// Sequence → the table that owns it.
+    sequence_owner: HashMap<TableName, TableName>,
+}
+
+impl SubsetPlan {
+    /// `selected`: the restored tables and their partitions; `sequence_owner`: from the
+    /// manifest.
+    pub fn new(
+        selected: HashSet<TableName>,
+        sequence_owner: HashMap<TableName, TableName>,
+        scripts: &[&Script],
+    ) -> Self {
+        let mut relations: HashMap<String, Vec<String>> = HashMap::new();
+        let mut index_owner = HashMap::new();
+        for script in scripts {
+            for entry in script.entries() {
+                let Some(schema) = entry.schema.clone() else {
+                    continue;
+                };
+                if matches!(
+                    entry.kind.as_str(),
+                    "TABLE" | "FOREIGN TABLE" | "VIEW" | "MATERIALIZED VIEW" | "SEQUENCE"
+                ) {
+                    relations
+                        .entry(schema.clone())
+                        .or_default()
+                        .push(entry.name.clone());
+                }
+                if entry.kind == "INDEX" {
+                    if let Some((s, t)) = entry
+                        .statements
+                        .first()
+                        .and_then(|st| st.relation_after("on"))
+                    {
+                        index_owner.insert(
+                            TableName::new(schema.clone(), entry.name.clone()),
+                            TableName::new(s.unwrap_or_else(|| schema.clone()), t),
+                        );
+                    }
+                }
+            }
+        }
+        for names in relations.values_mut() {
+            names.sort_by_key(|n| std::cmp::Reverse(n.len()));
+        }
+        Self {
+            selected,
+            relations,
+            index_owner,
+            sequence_owner,
+        }
+    }
+
+    /// The relation of `schema` that `tag` starts with (followed by `sep`).
+    fn prefix_relation(&self, schema: &str, tag: &str, sep: char) -> Option<TableName> {
+        self.relations.get(schema)?.iter().find_map(|name| {
+            let rest = tag.strip_prefix(name.as_str())?;
+            rest.starts_with(sep)
+                .then(|| TableName::new(schema, name.clone()))
+        })
+    }
+
+    /// The relation of `schema` that `tag` ends with (after ` ON `).
+    fn suffix_relation(&self, schema: &str, tag: &str) -> Option<TableName> {
+        self.relations.get(schema)?.iter().find_map(|name| {
+            let rest = tag.strip_suffix(name.as_str())?;
+            rest.ends_with(" ON ")
+                .then(|| TableName::new(schema, name.clone()))
+        })
+    }
+
+    fn relation_decision(&self, relation: &TableName) -> Decision {
+        if self.selected.contains(relation) {
+            return Decision::Apply;
+        }
+        match self.sequence_owner.get(relation) {
+            Some(owner) if self.selected.contains(owner) => Decision::Apply,
+            Some(_) => Decision::Skip(String::new()),
+            None if self
+                .relations
+                .get(&relation.schema)
+                .is_some_and(|r| r.contains(&relation.name)) =>
+            {
+                Decision::Skip(String::new())
+            }
+            None => Decision::Optional,
+        }
+    }
+
+    /// What a subset restore does with `entry`.
+    pub fn decide(&self, entry: &Entry) -> Decision {
+        let Some(schema) = entry.schema.as_deref() else {
+            return Decision::Optional;
+        };
+        let own = |name: &str| TableName::new(schema, name);
+        match entry.kind.as_str() {
+            "TABLE"
+            | "FOREIGN TABLE"
+            | "VIEW"
+            | "MATERIALIZED VIEW"
+            | "MATERIALIZED VIEW DATA"
+            | "TABLE ATTACH"
+            | "ROW SECURITY" => {
+                if self.selected.contains(&own(&entry.name)) {
+                    Decision::Apply
+                } else {
+                    Decision::Skip(String::new())
+                }
+            }
+            "SEQUENCE" | "SEQUENCE OWNED BY" => {
+                let sequence = own(&entry.name);
+                match self.sequence_owner.get(&sequence) {
+                    Some(owner) if self.selected.contains(owner) => Decision::Apply,
+                    Some(_) => Decision::Skip(String::new()),
+                    None => Decision::Optional,
+                }
+            }
+            "INDEX" => match self.index_owner.get(&own(&entry.name)) {
+                Some(owner) => self.relation_decision(owner),
+                None => Decision::Optional,
+            },
+            "INDEX ATTACH" => match self.index_owner.get(&own(&entry.name)) {
+                Some(owner) => self.relation_decision(owner),
+                None => Decision::Optional,
+            },
+            "STATISTICS" => match entry
+                .statements
+                .first()
+                .and_then(|s| s.relation_after("from"))
+            {
+                Some((s, t)) => {
+                    self.relation_decision(&TableName::new(s.unwrap_or_else(|| schema.into()), t))
+                }
+                None => Decision::Optional,
+            },
+            "FK CONSTRAINT" => {
+                let Some(owner) = self.prefix_relation(schema, &entry.name, ' ') else {
+                    return Decision::Optional;
+                };
+                if !self.selected.contains(&owner) {
+                    return Decision::Skip(String::new());
+                }
+                let referenced = entry
+                    .statements
+                    .first()
+                    .and_then(|s| s.relation_after("references"))
+                    .map(|(s, t)| TableName::new(s.unwrap_or_else(|| schema.into()), t));
+                match referenced {
+                    Some(r) if !self.selected.contains(&r) => Decision::Skip(format!(
+                        "foreign key skipped: it references {r}, which this restore does not include"
+                    )),
+                    _ => Decision::Apply,
+                }
+            }
+            "DEFAULT" | "CONSTRAINT" | "CHECK CONSTRAINT" | "TRIGGER" | "RULE" | "POLICY" => {
+                match self.prefix_relation(schema, &entry.name, ' ') {
+                    Some(owner) => self.relation_decision(&owner),
+                    None => Decision::Optional,
+                }
+            }
+            "COMMENT" | "SECURITY LABEL" | "ACL" => self.described_object(schema, &entry.name),
+            _ => Decision::Optional,
+        }
+    }
+
+    /// For comments, labels and privileges: the tag names the object (`TABLE t`,
+    /// `COLUMN t.c`, `INDEX i`, `TRIGGER x ON t`, ...).
+    fn described_object(&self, schema: &str, tag: &str) -> Decision {
+        for prefix in [
+            "TABLE ",
+            "VIEW ",
+            "MATERIALIZED VIEW ",
+            "SEQUENCE ",
+            "FOREIGN TABLE ",
+        ] {
+            if let Some(name) = tag.strip_prefix(prefix) {
+                return self.relation_decision(&TableName::new(schema, name));
+            }
+        }
+        if let Some(rest) = tag.strip_prefix("COLUMN ") {
+            return match self.prefix_relation(schema, rest, '.') {
+                Some(owner) => self.relation_decision(&owner),
+                None => Decision::Optional,
+            };
+        }
+        if let Some(name) = tag.strip_prefix("INDEX ") {
+            return match self.index_owner.get(&TableName::new(schema, name)) {
+                Some(owner) => self.relation_decision(owner),
+                None => Decision::Optional,
+            };
+        }
+        if ["CONSTRAINT ", "TRIGGER ", "POLICY ", "RULE "]
+            .iter()
+            .any(|p| tag.starts_with(p))
+        {
+            return match self.suffix_relation(schema, tag) {
+                Some(owner) => self.relation_decision(&owner),
+                None => Decision::Optional,
+            };
+        }
+        Decision::Optional
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PRE: &str = "--
+-- Name: mood; Type: TYPE; Schema: app; Owner: o
+--
+
+CREATE TYPE app.mood AS ENUM ('a');
+
+--
+-- Name: people; Type: TABLE; Schema: app; Owner: o
+--
+
+CREATE TABLE app.people (id integer);
+
+--
+-- Name: people_id_seq; Type: SEQUENCE; Schema: app; Owner: o
+--
+
+ALTER TABLE app.people ALTER COLUMN id ADD GENERATED BY DEFAULT AS IDENTITY (SEQUENCE NAME app.people_id_seq);
+
+--
+-- Name: people x; Type: TABLE; Schema: app; Owner: o
+--
+
+CREATE TABLE app.\"people x\" (id integer);
+
+--
+-- Name: adults; Type: VIEW; Schema: app; Owner: o
+--
+
+CREATE VIEW app.adults AS SELECT 1;
+
+--
+-- Name: COLUMN people x.id; Type: COMMENT; Schema: app; Owner: o
+--
+
+COMMENT ON COLUMN app.\"people x\".id IS 'c';
+";
+
+    const POST: &str = "--
+-- Name: people_pkey_idx; Type: INDEX; Schema: app; Owner: o
+--
+
+CREATE UNIQUE INDEX people_pkey_idx ON app.people USING btree (id);
+
+--
+-- Name: people x people x_fk; Type: FK CONSTRAINT; Schema: app; Owner: o
+--
+
+ALTER TABLE ONLY app.\"people x\"
+    ADD CONSTRAINT \"people x_fk\" FOREIGN KEY (id) REFERENCES app.people(id);
+
+--
+-- Name: people people_fk; Type: FK CONSTRAINT; Schema: app; Owner: o
+--
+
+ALTER TABLE ONLY app.people
+    ADD CONSTRAINT people_fk FOREIGN KEY (id) REFERENCES app.\"people x\"(id);
+
+--
+-- Name: people audit; Type: TRIGGER; Schema: app; Owner: o
+--
+
+CREATE TRIGGER audit AFTER INSERT ON app.people FOR EACH STATEMENT EXECUTE FUNCTION f();
+
+--
+-- Name: TRIGGER audit ON people; Type: COMMENT; Schema: app; Owner: o
+--
+
+COMMENT ON TRIGGER audit ON app.people IS 't';
+";
+
+    #[test]
+    fn a_subset_keeps_its_tables_objects_and_drops_the_rest() {
+        let pre = Script::parse(PRE).expect("pre");
+        let post = Script::parse(POST).expect("post");
+        let people = TableName::new("app", "people");
+        let plan = SubsetPlan::new(
+            [people.clone()].into_iter().collect(),
+            [(TableName::new("app", "people_id_seq"), people.clone())]
+                .into_iter()
+                .collect(),
+            &[&pre, &post],
+        );
+        let decisions: Vec<(String, Decision)> = pre
+            .entries()
+            .chain(post.entries())
+            .map(|e| (e.label(), plan.decide(e)))
+            .collect();
+        let skip = || Decision::Skip(String::new());
+        assert_eq!(
+            decisions,
+            vec![
+                ("TYPE app.mood".into(), Decision::Optional),
+                ("TABLE app.people".into(), Decision::Apply),
+                ("SEQUENCE app.people_id_seq".into(), Decision::Apply),
+                ("TABLE people x (schema app)".into(), skip()),
+                ("VIEW app.adults".into(), skip()),
+                ("COMMENT COLUMN people x.id (schema app)".into(), skip()),
+                ("INDEX app.people_pkey_idx".into(), Decision::Apply),
+                ("FK CONSTRAINT people x people x_fk (schema app)".into(), skip()),
+                (
+                    "FK CONSTRAINT people people_fk (schema app)".into(),
+                    Decision::Skip(
+                        "foreign key skipped: it references app.\"people x\", which this restore does not include".into()
+                    )
+                ),
+                ("TRIGGER people audit (schema app)".into(), Decision::Apply),
+                ("COMMENT TRIGGER audit ON people (schema app)".into(), Decision::Apply),
+            ]
+        );
+    }
+
+    #[test]
+    fn script_facts() {
+        let pre = Script::parse(PRE).expect("pre");
+        assert_eq!(
+            created_tables(&pre),
+            vec![
+                TableName::new("app", "people"),
+                TableName::new("app", "people x")
+            ]
+        );
+        assert!(extensions(&pre).is_empty());
+    }
+}

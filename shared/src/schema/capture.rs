@@ -1,0 +1,213 @@
+//! Capturing a backup's schema at export, in the export's snapshot.
+
+use bytes::Bytes;
+use tokio_postgres::Client;
+
+use super::{PgDump, Program, SchemaError, Script};
+use crate::db::relay::Relay;
+use crate::db::{DbError, DbSettings};
+use crate::format::manifest::{SchemaDump, StoredObject};
+use crate::format::quote_ident;
+use crate::store::{WriteCondition, WriteStore};
+
+/// zstd level for schema scripts: they are small and read at every restore.
+const SCRIPT_ZSTD_LEVEL: i32 = 9;
+
+/// What to capture.
+#[derive(Debug, Clone)]
+pub struct CaptureRequest<'a> {
+    pub tool: &'a PgDump,
+    pub settings: &'a DbSettings,
+    /// The exported snapshot (`pg_export_snapshot()`) of a transaction kept open meanwhile.
+    pub snapshot_id: &'a str,
+    pub run_id: &'a str,
+    /// Schemas whose objects the backup covers (the selected tables' schemas and their
+    /// partitions').
+    pub schemas: &'a [String],
+}
+
+/// The pg_dump switches that select what a backup's schema holds: the covered schemas,
+/// every extension, and the schemas extensions live in (their functions and types, not
+/// their tables). A pg_dump older than 14 has no `-e`: it dumps the whole database.
+pub async fn selection(
+    client: &Client,
+    settings: &DbSettings,
+    tool: &PgDump,
+    schemas: &[String],
+) -> Result<Vec<String>, SchemaError> {
+    if tool.major < 14 {
+        return Ok(Vec::new());
+    }
+    let mut args = Vec::new();
+    for schema in schemas {
+        args.push("-n".to_owned());
+        args.push(quote_ident(schema));
+    }
+    let rows = client
+        .query(
+            "SELECT DISTINCT n.nspname::text FROM pg_extension e \
+             JOIN pg_namespace n ON n.oid = e.extnamespace \
+             WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1",
+            &[],
+        )
+        .await
+        .map_err(|e| DbError::query("listing extension schemas", settings, e))?;
+    for row in rows {
+        let schema: String = row.get(0);
+        if !schemas.contains(&schema) {
+            args.push("-n".to_owned());
+            args.push(quote_ident(&schema));
+            args.push("-T".to_owned());
+            args.push(format!("{}.*", quote_ident(&schema)));
+        }
+    }
+    args.push("-e".to_owned());
+    args.push("*".to_owned());
+    Ok(args)
+}
+
+/// Runs pg_dump (pre-data and post-data, at once) and pg_dumpall in the request's
+/// snapshot, checks that every script splits cleanly, and stores them.
+///
+/// # Errors
+/// pg_dump failures (naming the relay's own failure when there is one), a script Tidemark
+/// could not restore, store errors. A pg_dumpall failure is not an error: the backup is
+/// taken without globals and the returned warning says why.
+pub async fn capture(
+    store: &dyn WriteStore,
+    client: &Client,
+    request: &CaptureRequest<'_>,
+) -> Result<(SchemaDump, Vec<String>), SchemaError> {
+    let settings = request.settings;
+    let row = client
+        .query_one(
+            "SELECT current_setting('server_version_num')::int4, \
+                    (SELECT count(*) FROM pg_largeobject_metadata)",
+            &[],
+        )
+        .await
+        .map_err(|e| DbError::query("reading the server version", settings, e))?;
+    let server_version_num = row.get::<_, i32>(0) as u32;
+    let large_objects = row.get::<_, i64>(1) as u64;
+    request.tool.check_server(server_version_num)?;
+    let selection = selection(client, settings, request.tool, request.schemas).await?;
+
+    let relay = Relay::start(settings).await?;
+    let section = |name: &str| {
+        let mut args = vec![
+            format!("--section={name}"),
+            format!("--snapshot={}", request.snapshot_id),
+        ];
+        args.extend(selection.iter().cloned());
+        args
+    };
+    let (pre_args, post_args) = (section("pre-data"), section("post-data"));
+    let (pre, post) = tokio::join!(
+        request
+            .tool
+            .run(Program::PgDump, &relay, settings, &pre_args),
+        request
+            .tool
+            .run(Program::PgDump, &relay, settings, &post_args),
+    );
+    let (pre, post) = (pre?, post?);
+    let mut warnings = Vec::new();
+    let globals = match request
+        .tool
+        .run(
+            Program::PgDumpAll,
+            &relay,
+            settings,
+            &[
+                "--globals-only".to_owned(),
+                "--no-role-passwords".to_owned(),
+                "-l".to_owned(),
+                settings.dbname.clone(),
+            ],
+        )
+        .await
+    {
+        Ok(text) => Some(text),
+        Err(e) => {
+            warnings.push(format!(
+                "roles and tablespaces (pg_dumpall --globals-only) were not captured: {e}"
+            ));
+            None
+        }
+    };
+    if large_objects > 0 {
+        warnings.push(format!(
+            "the database holds {large_objects} large object(s) (pg_largeobject); their contents are not backed up"
+        ));
+    }
+    let token = uuid::Uuid::new_v4().simple().to_string();
+    let key = |name: &str| {
+        format!(
+            "{}schema/{}.{name}.sql.zst",
+            crate::format::chunk_prefix(request.run_id),
+            &token[..8]
+        )
+    };
+    let pre_data = store_script(store, &key("pre-data"), pre, true).await?;
+    let post_data = store_script(store, &key("post-data"), post, true).await?;
+    let globals = match globals {
+        Some(text) => Some(store_script(store, &key("globals"), text, false).await?),
+        None => None,
+    };
+    tracing::info!(
+        pg_dump = request.tool.version,
+        pre_data_bytes = pre_data.raw_bytes,
+        post_data_bytes = post_data.raw_bytes,
+        "schema captured"
+    );
+    Ok((
+        SchemaDump {
+            pg_dump_version: request.tool.version.clone(),
+            server_version_num,
+            selection,
+            pre_data,
+            post_data,
+            globals,
+            large_objects,
+        },
+        warnings,
+    ))
+}
+
+/// Checks that `text` splits (when `toc`: as a pg_dump script), compresses and stores it.
+async fn store_script(
+    store: &dyn WriteStore,
+    key: &str,
+    text: Vec<u8>,
+    toc: bool,
+) -> Result<StoredObject, SchemaError> {
+    let script = std::str::from_utf8(&text).map_err(|_| SchemaError::Corrupt {
+        key: key.to_owned(),
+        detail: "pg_dump output is not UTF-8".into(),
+    })?;
+    let parsed = Script::parse(script).map_err(|source| SchemaError::Script {
+        key: key.to_owned(),
+        source,
+    })?;
+    if toc && parsed.entries().any(|e| e.kind == "PREAMBLE") {
+        return Err(SchemaError::Corrupt {
+            key: key.to_owned(),
+            detail: "pg_dump output holds statements outside any object header".into(),
+        });
+    }
+    let raw_bytes = text.len() as u64;
+    let compressed =
+        zstd::encode_all(text.as_slice(), SCRIPT_ZSTD_LEVEL).map_err(|e| SchemaError::Corrupt {
+            key: key.to_owned(),
+            detail: format!("cannot compress: {e}"),
+        })?;
+    let receipt = store
+        .put(key, Bytes::from(compressed), WriteCondition::Always)
+        .await?;
+    Ok(StoredObject {
+        key: key.to_owned(),
+        bytes: receipt.size,
+        raw_bytes,
+        sha256: receipt.sha256,
+    })
+}
