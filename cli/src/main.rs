@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
-use tidemark_core::check::{self, DatabaseCheck, StoreCheck};
+use tidemark_core::check::{self, DatabaseCheck, PgDumpCheck, StoreCheck};
 use tidemark_core::db::{DatabaseSource, SslMode};
 use tidemark_core::error_chain;
 use tidemark_core::store::{self, StoreUrl};
@@ -50,6 +50,10 @@ struct GlobalArgs {
     /// TLS mode, overriding the URL's or secret's: disable, prefer, require, verify-ca, verify-full.
     #[arg(long, env = "TIDEMARK_SSLMODE", global = true, value_name = "MODE", value_parser = parse_sslmode)]
     sslmode: Option<SslMode>,
+    /// The pg_dump that captures and compares schemas (default: pg_dump on PATH); it must
+    /// be at least the server's major version. pg_dumpall is taken from the same directory.
+    #[arg(long, env = "TIDEMARK_PG_DUMP", global = true, value_name = "PATH")]
+    pg_dump: Option<PathBuf>,
     /// Print results as JSON on stdout.
     #[arg(long, env = "TIDEMARK_JSON", global = true)]
     json: bool,
@@ -148,6 +152,17 @@ async fn run_check(global: &GlobalArgs) -> ExitCode {
     }
     .await
     .map_err(|e| error_chain(&e));
+    let pg_dump = async {
+        let settings = global
+            .database()
+            .resolve()
+            .await
+            .map_err(|e| error_chain(&e))?;
+        check::check_pg_dump(&settings, global.pg_dump.as_deref())
+            .await
+            .map_err(|e| error_chain(&e))
+    }
+    .await;
     let store = async {
         let store = global.open_store().await?;
         check::check_store(store.as_ref())
@@ -156,16 +171,18 @@ async fn run_check(global: &GlobalArgs) -> ExitCode {
     }
     .await;
 
-    let ok = database.is_ok() && store.is_ok();
+    let ok = database.is_ok() && pg_dump.is_ok() && store.is_ok();
     if global.json {
         let report = json!({
             "ok": ok,
             "database": outcome_json(&database),
+            "pg_dump": outcome_json(&pg_dump),
             "store": outcome_json(&store),
         });
         println!("{report:#}");
     } else {
         println!("{}", database_line(&database));
+        println!("{}", pg_dump_line(&pg_dump));
         println!("{}", store_line(&store));
     }
     if ok {
@@ -198,6 +215,20 @@ fn database_line(outcome: &Result<DatabaseCheck, String>) -> String {
             db.sslmode
         ),
         Err(e) => format!("database  FAIL  {e}"),
+    }
+}
+
+fn pg_dump_line(outcome: &Result<PgDumpCheck, String>) -> String {
+    match outcome {
+        Ok(p) => format!(
+            "pg_dump   ok    pg_dump {} at {} (server {}); dumped the schema of {} through the TLS relay in {} ms",
+            p.version,
+            p.path,
+            p.server_major,
+            p.probe_table.as_deref().unwrap_or("the database"),
+            p.millis
+        ),
+        Err(e) => format!("pg_dump   FAIL  {e}"),
     }
 }
 

@@ -84,6 +84,21 @@ testenv_ensure_cargo_lambda() {
   export TIDEMARK_CARGO_LAMBDA="$TOOLS_DIR/lambda/bin/cargo-lambda"
 }
 
+# The pg_dump Lambda layer for this machine's architecture, built as scripts/package
+# builds it, under .tools/: the Lambda tests run export and verify with its pg_dump 18
+# (which has no TLS of its own), and the relay tests use it too.
+testenv_ensure_pg_dump_layer() {
+  # shellcheck source=scripts/lib/pgdump-layer.sh
+  . "$TIDEMARK_ROOT/scripts/lib/pgdump-layer.sh"
+  local dir="$TOOLS_DIR/pg-dump-layer-x86_64"
+  if [ ! -x "$dir/$PGDUMP_LAYER_BIN/pg_dump" ]; then
+    _log "building the pg_dump layer into $dir"
+    pgdump_layer_build x86_64 "$dir"
+  fi
+  export TIDEMARK_TEST_PG_DUMP_LAYER="$dir"
+  export TIDEMARK_TEST_PG_DUMP_18="$dir/$PGDUMP_LAYER_BIN/pg_dump"
+}
+
 _make_certs() {
   local dir=$1
   openssl req -x509 -newkey rsa:2048 -nodes -days 3 -subj "/CN=Tidemark Test CA" \
@@ -112,6 +127,12 @@ testenv_start_pg() {
     --pwfile="$TESTENV_PG_DIR/pwfile" -E UTF8 --locale=C.UTF-8 >"$TESTENV_PG_DIR/initdb.log" 2>&1 \
     || { cat "$TESTENV_PG_DIR/initdb.log" >&2; return 1; }
   rm -f "$TESTENV_PG_DIR/pwfile"
+  # One role may only connect over TLS (hostssl), as on RDS with rds.force_ssl: the
+  # relay tests reach it with a pg_dump built without TLS.
+  { echo "hostnossl all tidemark_tls_only all reject"; cat "$TESTENV_PG_DIR/data/pg_hba.conf"; } \
+    >"$TESTENV_PG_DIR/pg_hba.new"
+  mv "$TESTENV_PG_DIR/pg_hba.new" "$TESTENV_PG_DIR/data/pg_hba.conf"
+  if [ "$(id -u)" = 0 ]; then chown postgres: "$TESTENV_PG_DIR/data/pg_hba.conf"; fi
   cat >>"$TESTENV_PG_DIR/data/postgresql.conf" <<CONF
 listen_addresses = '127.0.0.1,127.0.0.2'
 port = $port
@@ -136,6 +157,7 @@ CONF
   export TIDEMARK_TEST_PG_PASSWORD=$password
   export TIDEMARK_TEST_PG_CA="$TESTENV_PG_DIR/ca.crt"
   export TIDEMARK_TEST_PG_BIN=$PG_BIN
+  export TIDEMARK_TEST_PG_TLS_ONLY_ROLE=tidemark_tls_only
   _log "PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $3}') on 127.0.0.1:$port (pid $TESTENV_PG_PID, TLS on)"
 }
 

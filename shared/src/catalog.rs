@@ -299,6 +299,7 @@ async fn describe(
             "SELECT ic.relname, pg_get_indexdef(i.indexrelid), con.conname, pg_get_constraintdef(con.oid) \
              FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid \
              LEFT JOIN pg_constraint con ON con.conindid = i.indexrelid AND con.conrelid = i.indrelid \
+               AND con.contype IN ('p', 'u', 'x') \
              WHERE i.indrelid = $1 ORDER BY ic.relname",
             &[&oid],
         )

@@ -3,14 +3,18 @@
 //! The database check opens a session exactly as a backup would (same TLS, same pinned
 //! settings) and asks the server its version and whether the session is encrypted. The
 //! store check round-trips a probe object and proves that the store honours conditional
-//! creates, which the run lease depends on.
+//! creates, which the run lease depends on. The pg_dump check finds the pg_dump a backup
+//! would use, checks it is at least the server's major version, and dumps the schema of
+//! one table through the TLS relay, as a backup does.
 
 use std::time::Instant;
 
 use bytes::Bytes;
 use serde::Serialize;
 
+use crate::db::relay::Relay;
 use crate::db::{self, DbError, DbSettings, ServerInfo};
+use crate::schema::{PgDump, Program, SchemaError};
 use crate::store::{sha256_hex, StoreError, WriteCondition, WriteStore};
 
 /// Result of the database check.
@@ -46,6 +50,67 @@ pub async fn check_database(settings: &DbSettings) -> Result<DatabaseCheck, DbEr
         target: settings.to_string(),
         sslmode: settings.sslmode.to_string(),
         server,
+    })
+}
+
+/// Result of the pg_dump check.
+#[derive(Debug, Clone, Serialize)]
+pub struct PgDumpCheck {
+    pub path: String,
+    pub version: String,
+    /// The server's major version, which pg_dump must be at least.
+    pub server_major: u32,
+    /// The table whose schema was dumped as a probe (none if the database has no table).
+    pub probe_table: Option<String>,
+    pub probe_bytes: usize,
+    pub millis: u64,
+}
+
+/// Finds pg_dump (at `explicit` or on `PATH`), checks its version against the server's,
+/// and dumps one table's schema through the relay.
+///
+/// # Errors
+/// Not found, too old, or the dump failed (naming the relay's failure if it had one).
+pub async fn check_pg_dump(
+    settings: &DbSettings,
+    explicit: Option<&std::path::Path>,
+) -> Result<PgDumpCheck, SchemaError> {
+    let started = Instant::now();
+    let tool = PgDump::locate(explicit).await?;
+    let client = db::connect(settings).await?;
+    let row = client
+        .query_one(
+            "SELECT current_setting('server_version_num')::int4, \
+                    (SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c \
+                     JOIN pg_namespace n ON n.oid = c.relnamespace \
+                     WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition \
+                       AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
+                       AND n.nspname NOT LIKE 'pg\\_%' ORDER BY n.nspname, c.relname LIMIT 1)",
+            &[],
+        )
+        .await
+        .map_err(|e| DbError::query("reading the server version", settings, e))?;
+    let server: i32 = row.get(0);
+    tool.check_server(server as u32)?;
+    let probe_table: Option<String> = row.get(1);
+    let mut args = vec!["--schema-only".to_owned()];
+    match &probe_table {
+        Some(table) => {
+            args.push("-t".to_owned());
+            args.push(table.clone());
+        }
+        None => args.push("--section=pre-data".to_owned()),
+    }
+    let relay = Relay::start(settings).await?;
+    let dumped = tool.run(Program::PgDump, &relay, settings, &args).await?;
+    tracing::info!(pg_dump = %tool.path.display(), version = tool.version, "pg_dump reachable through the relay");
+    Ok(PgDumpCheck {
+        path: tool.path.display().to_string(),
+        version: tool.version,
+        server_major: server as u32 / 10_000,
+        probe_table,
+        probe_bytes: dumped.len(),
+        millis: started.elapsed().as_millis() as u64,
     })
 }
 

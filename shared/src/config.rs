@@ -64,6 +64,13 @@ fn list(value: Option<String>) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// `TIDEMARK_PG_DUMP`: the pg_dump to use (the Lambda layer's); `None`: pg_dump on PATH.
+pub fn pg_dump_from_env(env: &dyn Fn(&str) -> Option<String>) -> Option<std::path::PathBuf> {
+    env("TIDEMARK_PG_DUMP")
+        .filter(|v| !v.trim().is_empty())
+        .map(|v| v.trim().into())
+}
+
 /// Export options from environment variables (as the Lambda functions get them).
 /// `env` looks a variable up, so tests need not touch the process environment.
 ///
@@ -111,6 +118,7 @@ pub fn export_options_from_env(
     if let Some(ttl) = number("TIDEMARK_GAP_TTL_SECS")? {
         opts.gap_ttl = Duration::from_secs(ttl);
     }
+    opts.pg_dump = pg_dump_from_env(env);
     Ok(opts)
 }
 

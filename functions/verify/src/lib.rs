@@ -55,7 +55,10 @@ impl Deps {
         } else {
             tidemark_lambda::database_from_env().await?
         };
-        let mut options = VerifyOptions::default();
+        let mut options = VerifyOptions {
+            pg_dump: tidemark_core::config::pg_dump_from_env(&env),
+            ..VerifyOptions::default()
+        };
         if let Some(workers) = env("TIDEMARK_WORKERS") {
             options.workers = workers
                 .parse()
