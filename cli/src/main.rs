@@ -152,7 +152,13 @@ async fn run_check(global: &GlobalArgs) -> ExitCode {
     }
     .await
     .map_err(|e| error_chain(&e));
+    // Probing pg_dump needs the database; without it, only find the tool.
     let pg_dump = async {
+        if database.is_err() {
+            return check::locate_pg_dump(global.pg_dump.as_deref())
+                .await
+                .map_err(|e| error_chain(&e));
+        }
         let settings = global
             .database()
             .resolve()
@@ -220,6 +226,10 @@ fn database_line(outcome: &Result<DatabaseCheck, String>) -> String {
 
 fn pg_dump_line(outcome: &Result<PgDumpCheck, String>) -> String {
     match outcome {
+        Ok(p) if !p.probed => format!(
+            "pg_dump   --    pg_dump {} at {}; not probed (the database check failed)",
+            p.version, p.path
+        ),
         Ok(p) => format!(
             "pg_dump   ok    pg_dump {} at {} (server {}); dumped the schema of {} through the TLS relay in {} ms",
             p.version,

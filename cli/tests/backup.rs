@@ -250,6 +250,41 @@ async fn bad_input_fails_clearly_and_writes_nothing() {
         stderr(&unreachable)
     );
 
+    // pg_dump missing, or older than the server: one clear error before any write.
+    let missing = tidemark(
+        &["backup"],
+        &[
+            ("DATABASE_URL", &url),
+            ("TIDEMARK_STORE", store_arg),
+            ("TIDEMARK_PG_DUMP", "/nonexistent/bin/pg_dump"),
+        ],
+    );
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(
+        stderr(&missing).contains("pg_dump not found")
+            && stderr(&missing).contains("/nonexistent/bin/pg_dump"),
+        "{}",
+        stderr(&missing)
+    );
+    let old = dir.path().join("old-pg_dump");
+    std::fs::write(&old, "#!/bin/sh\necho 'pg_dump (PostgreSQL) 12.22'\n").expect("write");
+    std::fs::set_permissions(&old, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    let too_old = tidemark(
+        &["backup"],
+        &[
+            ("DATABASE_URL", &url),
+            ("TIDEMARK_STORE", store_arg),
+            ("TIDEMARK_PG_DUMP", old.to_str().expect("utf8")),
+        ],
+    );
+    assert_eq!(too_old.status.code(), Some(1));
+    let text = stderr(&too_old);
+    assert!(
+        text.contains("pg_dump 12.22") && text.contains("is older than the server (PostgreSQL "),
+        "{text}"
+    );
+
     assert!(
         store.list("").await.expect("list").is_empty(),
         "nothing was written"

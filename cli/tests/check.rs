@@ -40,6 +40,10 @@ async fn check_passes_against_s3_with_verified_tls() {
         stdout.contains(&format!("store     ok    {store}")),
         "{stdout}"
     );
+    assert!(
+        stdout.contains("pg_dump   ok    pg_dump ") && stdout.contains("through the TLS relay"),
+        "{stdout}"
+    );
     assert!(!stdout.contains(&cluster.password) && !stderr.contains(&cluster.password));
 }
 
@@ -66,6 +70,8 @@ async fn check_json_reports_both_results() {
     assert_eq!(report["database"]["tls"], true);
     assert_eq!(report["database"]["sslmode"], "require");
     assert_eq!(report["store"]["conditional_writes"], true);
+    assert_eq!(report["pg_dump"]["ok"], true);
+    assert_eq!(report["pg_dump"]["probed"], true);
     // The probe is gone: the check leaves nothing in the store.
     let store = LocalStore::open(&store_dir).expect("open");
     assert!(store.list("").await.expect("list").is_empty());

@@ -60,6 +60,8 @@ pub struct PgDumpCheck {
     pub version: String,
     /// The server's major version, which pg_dump must be at least.
     pub server_major: u32,
+    /// Whether a dump through the relay was tried (not when the database is unreachable).
+    pub probed: bool,
     /// The table whose schema was dumped as a probe (none if the database has no table).
     pub probe_table: Option<String>,
     pub probe_bytes: usize,
@@ -108,9 +110,29 @@ pub async fn check_pg_dump(
         path: tool.path.display().to_string(),
         version: tool.version,
         server_major: server as u32 / 10_000,
+        probed: true,
         probe_table,
         probe_bytes: dumped.len(),
         millis: started.elapsed().as_millis() as u64,
+    })
+}
+
+/// Only finds pg_dump and asks its version (when the database cannot be reached).
+///
+/// # Errors
+/// Not found, or it does not run.
+pub async fn locate_pg_dump(
+    explicit: Option<&std::path::Path>,
+) -> Result<PgDumpCheck, SchemaError> {
+    let tool = PgDump::locate(explicit).await?;
+    Ok(PgDumpCheck {
+        path: tool.path.display().to_string(),
+        version: tool.version,
+        server_major: 0,
+        probed: false,
+        probe_table: None,
+        probe_bytes: 0,
+        millis: 0,
     })
 }
 

@@ -19,10 +19,11 @@ use tokio_postgres::{Client, NoTls};
 pub use self::settings::{DbSettings, SslMode};
 
 /// Settings every Tidemark session pins, as `pg_dump` does, so that COPY text is the same
-/// on every server and client.
+/// on every server and client. `row_security = off` makes a table whose row-level security
+/// would hide rows from this role an error instead of a silently partial copy.
 pub const SESSION_SETTINGS: &str = "SET DateStyle = 'ISO'; SET IntervalStyle = 'postgres'; \
      SET TimeZone = 'UTC'; SET extra_float_digits = 3; SET bytea_output = 'hex'; \
-     SET client_encoding = 'UTF8'; SET standard_conforming_strings = on";
+     SET client_encoding = 'UTF8'; SET standard_conforming_strings = on; SET row_security = off";
 
 /// Errors of database access. None of them ever holds a password or a full URL.
 #[derive(Debug, thiserror::Error)]

@@ -447,6 +447,33 @@ pub async fn restore(
 
     if done {
         set_sequences(&admin, target, manifest, &tables, opts.data_only).await?;
+        if opts.data_only {
+            // As pg_restore --data-only does: refresh the materialized views that were
+            // populated in the backup, now that their tables hold the data.
+            if let Some(dump) = &manifest.schema_dump {
+                let post = schema::load_script(store.as_ref(), &dump.post_data).await?;
+                let known = apply::known_settings(&admin)
+                    .await
+                    .map_err(|e| DbError::query("reading the target's settings", target, e))?;
+                let refresh_only = |entry: &schema::Entry| {
+                    if entry.kind == "MATERIALIZED VIEW DATA" {
+                        Decision::Optional
+                    } else {
+                        Decision::Skip(String::new())
+                    }
+                };
+                let applied = apply::apply(
+                    &admin,
+                    &post,
+                    "materialized views",
+                    &ApplyOptions::default(),
+                    &known,
+                    &refresh_only,
+                )
+                .await?;
+                warnings.extend(applied.warnings);
+            }
+        }
         if let Some(scripts) = &scripts {
             let known = apply::known_settings(&admin)
                 .await
@@ -747,16 +774,16 @@ async fn load_data_only(
                             .map_err(|e| load_error(first, "deferring constraints", &e))?;
                     }
                     let mut rows = 0;
+                    let mut guards = Vec::new();
                     for &t in &group {
                         let entry = &tables[t];
-                        let guard = if all || plan.owned.contains(&t) {
-                            Some(
+                        if all || plan.owned.contains(&t) {
+                            guards.push((
+                                t,
                                 data_only::disable_triggers(&client, &target, &entry.name, all)
                                     .await?,
-                            )
-                        } else {
-                            None
-                        };
+                            ));
+                        }
                         let landing = if plan.staged.contains(&t) {
                             Landing::Staged
                         } else {
@@ -764,9 +791,15 @@ async fn load_data_only(
                         };
                         rows += load_into(store.as_ref(), &client, &target, entry, landing, &meter)
                             .await?;
-                        if let Some(guard) = guard {
-                            guard.restore(&client, &target, &entry.name).await?;
-                        }
+                    }
+                    // Deferred checks fire now, with every table of the group loaded; a
+                    // table's triggers can only be altered once none of its events wait.
+                    client
+                        .batch_execute("SET CONSTRAINTS ALL IMMEDIATE")
+                        .await
+                        .map_err(|e| load_error(first, "checking the deferred constraints", &e))?;
+                    for (t, guard) in guards {
+                        guard.restore(&client, &target, &tables[t].name).await?;
                     }
                     Ok(rows)
                 })

@@ -1,0 +1,594 @@
+//! Whole-database fidelity: every schema object restores, not only tables. The oracles
+//! are the cluster's own `pg_dump --schema-only` of the source and of the restore, and
+//! sorted COPY output of every table; Tidemark writes neither.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tidemark_core::catalog::TableSelection;
+use tidemark_core::db::relay::Relay;
+use tidemark_core::db::DbSettings;
+use tidemark_core::export::ExportOptions;
+use tidemark_core::restore::{self, BackupSelector, RestoreError, RestoreOptions};
+use tidemark_core::schema::{PgDump, Program};
+use tidemark_core::store::S3StoreOptions;
+use tidemark_core::verify::{self, VerifyOptions};
+use tidemark_tests::fixtures::*;
+use tidemark_tests::{
+    all_data, exec, local_store, psql_script, restore_fresh, s3_store, schema_dump, state_facts,
+    TestCluster, TestDatabase,
+};
+
+fn options() -> ExportOptions {
+    ExportOptions {
+        chunk_rows: 200,
+        workers: 2,
+        progress_interval: Duration::ZERO,
+        selection: TableSelection {
+            schemas: WHOLE_SCHEMA_SCHEMAS
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect(),
+            ..TableSelection::default()
+        },
+        ..ExportOptions::default()
+    }
+}
+
+async fn whole_schema_db(cluster: &TestCluster) -> TestDatabase {
+    let db = cluster.create_database().await;
+    exec(&db.settings(), WHOLE_SCHEMA).await;
+    exec(&db.settings(), "ANALYZE").await;
+    db
+}
+
+/// Every table and populated materialized view holds the same rows (compared table by
+/// table, naming the first that differs).
+async fn assert_same_data(source: &TestDatabase, restored: &TestDatabase) {
+    let (want, got) = (
+        all_data(&source.settings()).await,
+        all_data(&restored.settings()).await,
+    );
+    assert_eq!(
+        want.keys().collect::<Vec<_>>(),
+        got.keys().collect::<Vec<_>>(),
+        "tables and populated materialized views"
+    );
+    for (table, rows) in &want {
+        assert!(rows == &got[table], "{table} differs after restore");
+    }
+}
+
+/// Source and restore agree on schema (pg_dump), data (sorted COPY of every table and
+/// populated materialized view), sequences, views' populated state and trigger states.
+async fn assert_identical(cluster: &TestCluster, source: &TestDatabase, restored: &TestDatabase) {
+    let (want, got) = (
+        schema_dump(cluster, &source.name),
+        schema_dump(cluster, &restored.name),
+    );
+    if want != got {
+        let diff: Vec<String> = want
+            .lines()
+            .zip(got.lines())
+            .filter(|(a, b)| a != b)
+            .take(10)
+            .map(|(a, b)| format!("- {a}\n+ {b}"))
+            .collect();
+        panic!(
+            "schema dumps differ ({} vs {} lines):\n{}",
+            want.lines().count(),
+            got.lines().count(),
+            diff.join("\n")
+        );
+    }
+    assert_same_data(source, restored).await;
+    assert_eq!(
+        state_facts(&source.settings()).await,
+        state_facts(&restored.settings()).await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_object_kind_restores_identical_to_the_source_and_verify_checks_the_schema() {
+    let cluster = TestCluster::from_env();
+    let db = whole_schema_db(&cluster).await;
+    let store: Store = Arc::new(s3_store(S3StoreOptions::default()).await);
+    let opts = options();
+    let (full, _) = backup(&store, &db, &opts).await;
+    let m = manifest(&store, &full.backup_id).await;
+    let dump = m.schema_dump.as_ref().expect("schema captured");
+    assert!(dump.pre_data.raw_bytes > 1000 && dump.globals.is_some());
+
+    // Changes, some of them made by triggers: the statement trigger writes audit rows,
+    // the row trigger sets updated_at.
+    exec(
+        &db.settings(),
+        r#"UPDATE app.people SET mood = 'happy' WHERE name = 'Bob';
+           INSERT INTO app.people (name, email, born, boss) VALUES ('Cid', 'cid@x.org', 1990, 105);
+           DELETE FROM app.members WHERE team = 2;
+           INSERT INTO app.measurements VALUES (9001, '2025-06-01', 'eu', 5, 100);
+           UPDATE app.tags SET note = 'changed' WHERE tag = 'x';
+           INSERT INTO app.invoices (person) VALUES (110);
+           REFRESH MATERIALIZED VIEW app.mood_counts;"#,
+    )
+    .await;
+    let (incr, _) = backup(&store, &db, &opts).await;
+    assert_eq!(incr.kind.to_string(), "incremental");
+
+    let restored = restore_fresh(&store, &cluster, &incr.backup_id).await;
+    assert_identical(&cluster, &db, &restored).await;
+
+    let record = verify::verify(
+        store.clone(),
+        &cluster.settings("postgres"),
+        &VerifyOptions {
+            backup: Some(BackupSelector::Id(incr.backup_id.clone())),
+            ..VerifyOptions::default()
+        },
+    )
+    .await
+    .expect("verify");
+    let schema = record.schema.clone().expect("schema compared");
+    assert!(record.ok && schema.ok, "{record:?}");
+    assert!(schema.objects > 60, "{schema:?}");
+
+    // Drop an object from a restore by hand, change another: the comparison names both.
+    exec(
+        &restored.settings(),
+        "DROP TRIGGER people_audit ON app.people;
+         CREATE OR REPLACE FUNCTION app.add_tax(numeric) RETURNS numeric LANGUAGE sql IMMUTABLE AS $$ SELECT $1 * 1.25 $$;",
+    )
+    .await;
+    let m = manifest(&store, &incr.backup_id).await;
+    let tool = PgDump::locate(None).await.expect("pg_dump");
+    let (tables, schema) =
+        verify::compare_restored(store.as_ref(), &m, &restored.settings(), &tool)
+            .await
+            .expect("compare");
+    assert!(tables.iter().all(|t| t.ok));
+    assert!(!schema.ok);
+    assert_eq!(
+        schema.differences,
+        vec![
+            "different: FUNCTION app.add_tax(numeric)",
+            "missing: TRIGGER people people_audit (schema app)"
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verification_fails_naming_an_object_the_restore_did_not_bring_back() {
+    // An extension the verification server cannot create: the restore fails in its
+    // preflight, naming it, and the failed verification still records what it measured.
+    let cluster = TestCluster::from_env();
+    let db = cluster.create_database().await;
+    exec(
+        &db.settings(),
+        "CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 50);",
+    )
+    .await;
+    let (_dir, store) = local_store();
+    let store: Store = Arc::new(store);
+    let (sealed, _) = backup(&store, &db, &options()).await;
+    // Rewrite the recorded pre-data with an extension that does not exist, as a backup
+    // from a server with more extensions would be; re-seal so only the extension differs.
+    let mut m = manifest(&store, &sealed.backup_id).await;
+    let dump = m.schema_dump.as_mut().expect("dump");
+    let text = tidemark_core::schema::load_text(store.as_ref(), &dump.pre_data)
+        .await
+        .expect("pre-data");
+    let with_extension = format!(
+        "--\n-- Name: no_such_ext; Type: EXTENSION; Schema: -; Owner: -\n--\n\nCREATE EXTENSION IF NOT EXISTS no_such_ext WITH SCHEMA public;\n\n{text}"
+    );
+    let compressed = zstd::encode_all(with_extension.as_bytes(), 3).expect("zstd");
+    let receipt = store
+        .put(
+            &dump.pre_data.key,
+            bytes::Bytes::from(compressed),
+            tidemark_core::store::WriteCondition::Always,
+        )
+        .await
+        .expect("put");
+    dump.pre_data.bytes = receipt.size;
+    dump.pre_data.raw_bytes = with_extension.len() as u64;
+    dump.pre_data.sha256 = receipt.sha256;
+    m.checksum = None;
+    let m = m.seal();
+    tidemark_core::format::write_doc(
+        store.as_ref(),
+        &tidemark_core::format::manifest_key(&m.id),
+        &m,
+        tidemark_core::store::WriteCondition::Always,
+    )
+    .await
+    .expect("write manifest");
+
+    let target = cluster.create_database().await;
+    let err = restore::restore(
+        store.clone(),
+        &m,
+        &target.settings(),
+        &RestoreOptions::default(),
+    )
+    .await
+    .expect_err("refused");
+    assert!(
+        matches!(&err, RestoreError::MissingExtensions(names) if names == &vec!["no_such_ext".to_owned()]),
+        "{err}"
+    );
+    let left: i64 = tidemark_core::db::connect(&target.settings())
+        .await
+        .expect("connect")
+        .query_one(
+            "SELECT count(*) FROM pg_class WHERE relnamespace = 'public'::regnamespace",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(left, 0, "nothing was written");
+    let record = verify::verify(
+        store.clone(),
+        &cluster.settings("postgres"),
+        &VerifyOptions {
+            backup: Some(BackupSelector::Id(m.id.clone())),
+            ..VerifyOptions::default()
+        },
+    )
+    .await
+    .expect("a verification record");
+    assert!(!record.ok);
+    assert!(
+        record
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("no_such_ext")),
+        "{record:?}"
+    );
+}
+
+/// Creates a target whose schema comes from `pg_dump --schema-only source | psql`, as
+/// `user` (with `--no-owner`, objects belong to `user`).
+async fn migrated_target(
+    cluster: &TestCluster,
+    source: &TestDatabase,
+    owner: Option<(&str, &str)>,
+) -> TestDatabase {
+    let target = cluster.create_database().await;
+    let (user, password) = owner.unwrap_or((&cluster.user, &cluster.password));
+    if owner.is_some() {
+        exec(
+            &cluster.settings("postgres"),
+            &format!("ALTER DATABASE \"{}\" OWNER TO {user}", target.name),
+        )
+        .await;
+    }
+    let out = std::process::Command::new(cluster.bin_dir.join("pg_dump"))
+        .args([
+            "--schema-only",
+            "--no-owner",
+            "--no-privileges",
+            "-d",
+            &source.name,
+        ])
+        .env("PGHOST", &cluster.host)
+        .env("PGPORT", cluster.port.to_string())
+        .env("PGUSER", &cluster.user)
+        .env("PGPASSWORD", &cluster.password)
+        .env("PGSSLMODE", "require")
+        .output()
+        .expect("pg_dump");
+    assert!(out.status.success());
+    psql_script(
+        cluster,
+        &target.name,
+        user,
+        password,
+        &String::from_utf8_lossy(&out.stdout),
+    );
+    target
+}
+
+fn as_user(target: &TestDatabase, user: &str, password: &str) -> DbSettings {
+    let mut settings = target.settings();
+    settings.user = user.to_owned();
+    settings.password = Some(password.to_owned().into());
+    settings
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_only_into_a_migrated_schema_keeps_foreign_keys_and_triggers_quiet() {
+    let cluster = TestCluster::from_env();
+    let db = whole_schema_db(&cluster).await;
+    let (_dir, store) = local_store();
+    let store: Store = Arc::new(store);
+    let (sealed, _) = backup(&store, &db, &options()).await;
+    let m = manifest(&store, &sealed.backup_id).await;
+    let data_only = RestoreOptions {
+        data_only: true,
+        ..RestoreOptions::default()
+    };
+
+    // As a superuser: every trigger off during the load, then back as it was (the
+    // disabled one stays disabled); no audit row is added by the load.
+    let target = migrated_target(&cluster, &db, None).await;
+    let report = restore::restore(store.clone(), &m, &target.settings(), &data_only)
+        .await
+        .expect("data-only restore");
+    assert!(
+        report
+            .data_only
+            .as_deref()
+            .is_some_and(|d| d.contains("superuser")),
+        "{report:?}"
+    );
+    assert_same_data(&db, &target).await;
+    assert_eq!(
+        state_facts(&db.settings()).await,
+        state_facts(&target.settings()).await
+    );
+    // --clean empties every table at once (they reference each other) and loads again.
+    let clean = RestoreOptions {
+        data_only: true,
+        clean: true,
+        ..RestoreOptions::default()
+    };
+    restore::restore(store.clone(), &m, &target.settings(), &clean)
+        .await
+        .expect("data-only --clean");
+    assert_same_data(&db, &target).await;
+
+    // As the owner of the tables, not a superuser: foreign-key order, the a <-> b cycle
+    // deferred, the self-referencing people table landed in one statement.
+    let role = format!("restorer_{}", &target.name[2..10]);
+    exec(
+        &cluster.settings("postgres"),
+        &format!("CREATE ROLE {role} LOGIN PASSWORD 'restorer-pw'"),
+    )
+    .await;
+    let owned = migrated_target(&cluster, &db, Some((&role, "restorer-pw"))).await;
+    let report = restore::restore(
+        store.clone(),
+        &m,
+        &as_user(&owned, &role, "restorer-pw"),
+        &data_only,
+    )
+    .await
+    .expect("data-only restore as the owner");
+    assert!(
+        report
+            .data_only
+            .as_deref()
+            .is_some_and(|d| d.contains("foreign-key order")),
+        "{report:?}"
+    );
+    assert_same_data(&db, &owned).await;
+
+    // A database error while loading names the table and the server's message; the
+    // chunk is not called corrupt.
+    let strict = migrated_target(&cluster, &db, None).await;
+    exec(
+        &strict.settings(),
+        "ALTER TABLE app.tags ADD CONSTRAINT tags_no_x CHECK (tag <> 'x')",
+    )
+    .await;
+    let err = restore::restore(store.clone(), &m, &strict.settings(), &data_only)
+        .await
+        .expect_err("the check refuses a row");
+    let text = err.to_string();
+    assert!(
+        matches!(&err, RestoreError::Table { table, .. } if table.to_string() == "app.tags"),
+        "{text}"
+    );
+    assert!(
+        text.contains("tags_no_x") && !text.contains("corrupt"),
+        "{text}"
+    );
+    drop(owned);
+    exec(&cluster.settings("postgres"), &format!("DROP ROLE {role}")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_subset_brings_its_own_objects_and_skips_foreign_keys_out_of_it() {
+    let cluster = TestCluster::from_env();
+    let db = whole_schema_db(&cluster).await;
+    let (_dir, store) = local_store();
+    let store: Store = Arc::new(store);
+    let (sealed, _) = backup(&store, &db, &options()).await;
+    let m = manifest(&store, &sealed.backup_id).await;
+    let target = cluster.create_database().await;
+    let report = restore::restore(
+        store.clone(),
+        &m,
+        &target.settings(),
+        &RestoreOptions {
+            tables: vec!["app.members".into(), "app.\"Teams\"".into()],
+            ..RestoreOptions::default()
+        },
+    )
+    .await
+    .expect("subset restore");
+    let warnings = report.warnings.join("\n");
+    assert!(
+        warnings.contains("members_person_fkey") && warnings.contains("teams_captain"),
+        "{warnings}"
+    );
+    let client = tidemark_core::db::connect(&target.settings())
+        .await
+        .expect("connect");
+    let facts: Vec<String> = client
+        .query(
+            "SELECT conrelid::regclass || ' ' || conname FROM pg_constraint \
+               WHERE connamespace = 'app'::regnamespace AND conrelid <> 0 \
+             UNION ALL SELECT 'table ' || c.oid::regclass FROM pg_class c \
+               WHERE relnamespace = 'app'::regnamespace AND relkind IN ('r', 'p', 'v', 'm') \
+             UNION ALL SELECT 'type ' || typname FROM pg_type \
+               WHERE typnamespace = 'app'::regnamespace AND typtype IN ('e', 'd') ORDER BY 1",
+            &[],
+        )
+        .await
+        .expect("facts")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        facts,
+        vec![
+            "app.\"Teams\" Teams_pkey",
+            "app.members members_pkey",
+            "app.members members_team_fkey",
+            "table app.\"Teams\"",
+            "table app.members",
+            "type email",
+            "type mood",
+            "type year",
+        ]
+    );
+    let data = |d: BTreeMap<String, Vec<String>>| -> Vec<Vec<String>> {
+        ["app.\"Teams\"", "app.members"]
+            .iter()
+            .map(|t| d[*t].clone())
+            .collect()
+    };
+    assert_eq!(
+        data(all_data(&db.settings()).await),
+        data(all_data(&target.settings()).await)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pg_dump_without_tls_reaches_a_tls_only_server_through_the_relay() {
+    let cluster = TestCluster::from_env();
+    let pg_dump_18 = std::path::PathBuf::from(
+        std::env::var("TIDEMARK_TEST_PG_DUMP_18")
+            .expect("TIDEMARK_TEST_PG_DUMP_18: run scripts/test"),
+    );
+    let role = std::env::var("TIDEMARK_TEST_PG_TLS_ONLY_ROLE").expect("tls-only role");
+    let password = "tls-only-Pa55:word\\x";
+    exec(
+        &cluster.settings("postgres"),
+        &format!(
+            "DO $$ BEGIN CREATE ROLE {role} LOGIN SUPERUSER; EXCEPTION WHEN duplicate_object THEN NULL; END $$; \
+             ALTER ROLE {role} PASSWORD '{}'",
+            password.replace('\'', "''")
+        ),
+    )
+    .await;
+    let db = cluster.create_database().await;
+    exec(
+        &db.settings(),
+        "CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t VALUES (1, 'a');",
+    )
+    .await;
+    let mut settings = as_user(&db, &role, password);
+    // The role cannot connect without TLS (pg_hba hostnossl ... reject).
+    let mut plain = settings.clone();
+    plain.sslmode = tidemark_core::db::SslMode::Disable;
+    let refused = tidemark_core::db::connect(&plain)
+        .await
+        .expect_err("refused");
+    assert!(refused.to_string().contains("no encryption"), "{refused}");
+
+    // A wrapper that records how pg_dump and pg_dumpall are started, then runs them.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("calls.log");
+    for name in ["pg_dump", "pg_dumpall"] {
+        let wrapper = dir.path().join(name);
+        std::fs::write(
+            &wrapper,
+            format!(
+                "#!/bin/sh\necho \"args: $* | passfile mode: $(stat -c %a \"$PGPASSFILE\" 2>/dev/null) | PGPASSWORD set: ${{PGPASSWORD+yes}}\" >> '{log}'\nexec '{real}' \"$@\"\n",
+                log = log.display(),
+                real = pg_dump_18.with_file_name(name).display()
+            ),
+        )
+        .expect("wrapper");
+        std::fs::set_permissions(
+            &wrapper,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .expect("chmod");
+    }
+    let (_store_dir, store) = local_store();
+    let store: Store = Arc::new(store);
+    let opts = ExportOptions {
+        pg_dump: Some(dir.path().join("pg_dump")),
+        progress_interval: Duration::ZERO,
+        ..ExportOptions::default()
+    };
+    assert_eq!(settings.sslmode, tidemark_core::db::SslMode::VerifyFull);
+    let report = tidemark_core::export::export_slice(store.clone(), &settings, &opts)
+        .await
+        .expect("export through the relay");
+    assert!(report.done);
+    let sealed = tidemark_core::manifest::seal_run(store.clone(), &report.run_id, "test")
+        .await
+        .expect("seal");
+    let m = manifest(&store, &sealed.backup_id).await;
+    let dump = m.schema_dump.expect("schema");
+    assert!(dump.pg_dump_version.starts_with("18."));
+    assert!(
+        dump.globals.is_some(),
+        "pg_dumpall ran too: {:?}",
+        m.warnings
+    );
+    let calls = std::fs::read_to_string(&log).expect("log");
+    // pre-data, post-data and globals (besides --version), each with a 0600 password
+    // file, no PGPASSWORD, and no password in the arguments.
+    let dumps: Vec<&str> = calls.lines().filter(|l| !l.contains("--version")).collect();
+    assert_eq!(dumps.len(), 3, "{calls}");
+    for call in dumps {
+        assert!(
+            call.contains("passfile mode: 600 |") && call.ends_with("PGPASSWORD set: "),
+            "{call}"
+        );
+    }
+    assert!(
+        !calls.contains(password) && !calls.contains("tls-only-Pa55"),
+        "{calls}"
+    );
+
+    // A wrong CA: the relay refuses the server, and says so.
+    settings.ca_file = Some("/etc/ssl/certs/ca-certificates.crt".into());
+    let tool = PgDump::locate(Some(&pg_dump_18)).await.expect("pg_dump 18");
+    let relay = Relay::start(&settings).await.expect("relay");
+    let err = tool
+        .run(
+            Program::PgDump,
+            &relay,
+            &settings,
+            &["--schema-only".to_owned()],
+        )
+        .await
+        .expect_err("certificate refused");
+    let text = err.to_string();
+    assert!(
+        text.contains("tidemark relay") && text.contains("certificate verify failed"),
+        "{text}"
+    );
+    assert!(!text.contains(password));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_objects_are_counted_and_warned_about() {
+    let cluster = TestCluster::from_env();
+    let db = cluster.create_database().await;
+    exec(
+        &db.settings(),
+        "CREATE TABLE docs (id int PRIMARY KEY, body oid); \
+         INSERT INTO docs VALUES (1, lo_from_bytea(0, 'hello'));",
+    )
+    .await;
+    let (_dir, store) = local_store();
+    let store: Store = Arc::new(store);
+    let (sealed, _) = backup(&store, &db, &ExportOptions::default()).await;
+    let m = manifest(&store, &sealed.backup_id).await;
+    assert_eq!(m.schema_dump.as_ref().map(|d| d.large_objects), Some(1));
+    assert!(
+        m.warnings.iter().any(|w| w.contains("1 large object")),
+        "{:?}",
+        m.warnings
+    );
+    let _ = restore_fresh(&store, &cluster, &sealed.backup_id).await;
+}
