@@ -284,6 +284,23 @@ async fn damaged_chunks_and_manifests_are_detected_and_named() {
     flipped[middle] ^= 0x40;
     std::fs::write(&path, &flipped).expect("write");
     verify_fails_naming(&store, &cluster, &m.id, &chunk).await;
+    // The failed verification still records what its restore did before it failed (one
+    // connection: the table's first chunk loads before the damaged second).
+    let record = verify::verify(
+        store.clone(),
+        &cluster.settings("postgres"),
+        &VerifyOptions {
+            backup: Some(BackupSelector::Id(m.id.clone())),
+            workers: 1,
+            ..VerifyOptions::default()
+        },
+    )
+    .await
+    .expect("a verification result");
+    assert!(
+        !record.ok && record.restore_seconds > 0.0 && record.rows > 0 && record.bytes > 0,
+        "{record:?}"
+    );
     let target = cluster.create_database().await;
     let err = restore::restore(
         store.clone(),

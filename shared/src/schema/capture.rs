@@ -26,19 +26,40 @@ pub struct CaptureRequest<'a> {
     pub schemas: &'a [String],
 }
 
-/// The pg_dump switches that select what a backup's schema holds: the covered schemas,
-/// every extension, and the schemas extensions live in (their functions and types, not
-/// their tables). A pg_dump older than 14 has no `-e`: it dumps the whole database.
+/// The pg_dump switches that select what a backup's schema holds.
+///
+/// When the backup covers every schema of the database (the usual case), none: pg_dump's
+/// own whole-database output, which restores by hand into a fresh database. Otherwise the
+/// covered schemas (`-n`), every extension (`-e`), and the schemas extensions live in
+/// (their functions and types, not their tables). Large objects are left out (`-B`): their
+/// contents are not backed up, and their bare definitions would restore them empty. A
+/// pg_dump older than 14 has no `-e`: it dumps the whole database.
 pub async fn selection(
     client: &Client,
     settings: &DbSettings,
     tool: &PgDump,
     schemas: &[String],
 ) -> Result<Vec<String>, SchemaError> {
+    let whole = vec!["-B".to_owned()];
     if tool.major < 14 {
-        return Ok(Vec::new());
+        return Ok(whole);
     }
-    let mut args = Vec::new();
+    // Schemas of the database that are not the system's or an extension's own.
+    let uncovered = client
+        .query(
+            "SELECT n.nspname::text FROM pg_namespace n \
+             WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') \
+               AND n.nspname NOT LIKE 'pg\\_%' AND NOT (n.nspname = ANY($1)) \
+               AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_namespace'::regclass \
+                               AND d.objid = n.oid AND d.deptype = 'e')",
+            &[&schemas],
+        )
+        .await
+        .map_err(|e| DbError::query("listing schemas", settings, e))?;
+    if uncovered.is_empty() {
+        return Ok(whole);
+    }
+    let mut args = whole;
     for schema in schemas {
         args.push("-n".to_owned());
         args.push(quote_ident(schema));
