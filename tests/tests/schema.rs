@@ -720,3 +720,108 @@ async fn a_backup_of_some_schemas_captures_those_schemas_and_the_extensions() {
     .expect("verify");
     assert!(record.ok, "{record:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owners_grants_and_missing_roles_restore_when_asked() {
+    let cluster = TestCluster::from_env();
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    let (owner, reader) = (
+        format!("own_{}", &suffix[..8]),
+        format!("read_{}", &suffix[..8]),
+    );
+    let admin = cluster.settings("postgres");
+    exec(
+        &admin,
+        &format!("CREATE ROLE {owner} NOLOGIN; CREATE ROLE {reader} NOLOGIN IN ROLE {owner}"),
+    )
+    .await;
+    let db = cluster.create_database().await;
+    exec(
+        &db.settings(),
+        &format!(
+            "CREATE TABLE ledger (id int PRIMARY KEY, amount numeric);
+             INSERT INTO ledger VALUES (1, 10), (2, 20);
+             ALTER TABLE ledger OWNER TO {owner};
+             GRANT SELECT ON ledger TO {reader};"
+        ),
+    )
+    .await;
+    let (_dir, store) = local_store();
+    let store: Store = Arc::new(store);
+    let (sealed, _) = backup(&store, &db, &ExportOptions::default()).await;
+    let m = manifest(&store, &sealed.backup_id).await;
+    // The roles go away with the source, as on a new server.
+    drop(db);
+    exec(&admin, &format!("DROP ROLE {reader}; DROP ROLE {owner}")).await;
+
+    let facts = |settings: DbSettings| {
+        let (owner, reader) = (owner.clone(), reader.clone());
+        async move {
+            let client = tidemark_core::db::connect(&settings)
+                .await
+                .expect("connect");
+            let row = client
+                .query_one(
+                    "SELECT pg_get_userbyid(relowner)::text, \
+                            EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $2) \
+                              AND has_table_privilege($2, 'public.ledger', 'SELECT'), \
+                            EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1) \
+                              AND pg_has_role($2, $1, 'MEMBER') \
+                     FROM pg_class WHERE oid = 'public.ledger'::regclass",
+                    &[&owner, &reader],
+                )
+                .await
+                .expect("facts");
+            (
+                row.get::<_, String>(0),
+                row.get::<_, bool>(1),
+                row.get::<_, bool>(2),
+            )
+        }
+    };
+    // By default: no owners, no grants, no roles created.
+    let plain = cluster.create_database().await;
+    restore::restore(
+        store.clone(),
+        &m,
+        &plain.settings(),
+        &RestoreOptions::default(),
+    )
+    .await
+    .expect("restore");
+    assert_eq!(
+        facts(plain.settings()).await,
+        (cluster.user.clone(), false, false)
+    );
+    // --roles --with-privileges: the roles come back with their membership, then the
+    // owner and the grant.
+    let full = cluster.create_database().await;
+    let report = restore::restore(
+        store.clone(),
+        &m,
+        &full.settings(),
+        &RestoreOptions {
+            with_privileges: true,
+            create_roles: true,
+            ..RestoreOptions::default()
+        },
+    )
+    .await
+    .expect("restore with privileges");
+    assert!(
+        report
+            .warnings
+            .iter()
+            .any(|w| w.starts_with("created roles:") && w.contains(&owner) && w.contains(&reader)),
+        "{:?}",
+        report.warnings
+    );
+    assert_eq!(facts(full.settings()).await, (owner.clone(), true, true));
+    drop(full);
+    drop(plain);
+    exec(
+        &admin,
+        &format!("DROP ROLE IF EXISTS {reader}; DROP ROLE IF EXISTS {owner}"),
+    )
+    .await;
+}
