@@ -99,6 +99,46 @@ testenv_ensure_pg_dump_layer() {
   export TIDEMARK_TEST_PG_DUMP_18="$dir/$PGDUMP_LAYER_BIN/pg_dump"
 }
 
+# Real application schemas for the fidelity tests, from their Debian packages and PyPI:
+# Zabbix server (schema, images and its initial data), the Icinga 2 IDO, PowerDNS, and
+# Matrix Synapse. Each lands in .tools/app-schemas/<app>/ as SQL files to run in name order.
+APP_SYNAPSE_SPEC='matrix-synapse==1.163.2'
+APP_DEBS='zabbix-server-pgsql icinga2-ido-pgsql pdns-backend-pgsql'
+testenv_ensure_app_schemas() {
+  local dir="$TOOLS_DIR/app-schemas" work z
+  if [ ! -f "$dir/.complete" ]; then
+    _log "fetching real application schemas into $dir"
+    rm -rf "$dir"
+    mkdir -p "$dir/zabbix" "$dir/icinga" "$dir/pdns" "$dir/synapse"
+    work=$(mktemp -d)
+    # shellcheck disable=SC2086
+    if ! (cd "$work" && apt-get download $APP_DEBS >/dev/null 2>&1); then
+      _as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+      # shellcheck disable=SC2086
+      (cd "$work" && apt-get download $APP_DEBS >/dev/null 2>&1)
+    fi
+    for deb in "$work"/*.deb; do dpkg-deb -x "$deb" "$work/root"; done
+    z="$work/root/usr/share/zabbix-server-pgsql"
+    zcat "$z/schema.sql.gz" >"$dir/zabbix/1-schema.sql"
+    zcat "$z/images.sql.gz" >"$dir/zabbix/2-images.sql"
+    zcat "$z/data.sql.gz" >"$dir/zabbix/3-data.sql"
+    cp "$work/root/usr/share/icinga2-ido-pgsql/schema/pgsql.sql" "$dir/icinga/1-schema.sql"
+    cp "$work/root/usr/share/pdns-backend-pgsql/schema/schema.pgsql.sql" "$dir/pdns/1-schema.sql"
+    python3 -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
+      -d "$work" "$APP_SYNAPSE_SPEC"
+    python3 - "$work" "$dir/synapse" <<'PY'
+import glob, sys, zipfile
+wheel = zipfile.ZipFile(glob.glob(sys.argv[1] + "/matrix_synapse-*.whl")[0])
+for i, part in enumerate(["common", "main", "state"], 1):
+    name = f"synapse/storage/schema/{part}/full_schemas/72/full.sql.postgres"
+    open(f"{sys.argv[2]}/{i}-{part}.sql", "wb").write(wheel.read(name))
+PY
+    rm -rf "$work"
+    touch "$dir/.complete"
+  fi
+  export TIDEMARK_TEST_APP_SCHEMAS="$dir"
+}
+
 _make_certs() {
   local dir=$1
   openssl req -x509 -newkey rsa:2048 -nodes -days 3 -subj "/CN=Tidemark Test CA" \

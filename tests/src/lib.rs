@@ -458,8 +458,8 @@ pub async fn all_data(settings: &DbSettings) -> std::collections::BTreeMap<Strin
     out
 }
 
-/// Sequence positions and materialized views' populated state: what a schema dump does
-/// not show.
+/// Sequence positions, materialized views' populated state, trigger states and invalid
+/// indexes: what a schema dump does not show.
 pub async fn state_facts(settings: &DbSettings) -> Vec<String> {
     let client = tidemark_core::db::connect(settings).await.expect("connect");
     client
@@ -467,6 +467,7 @@ pub async fn state_facts(settings: &DbSettings) -> Vec<String> {
             "SELECT schemaname || '.' || sequencename || ' ' || coalesce(last_value::text, 'unset') FROM pg_sequences \
              UNION ALL SELECT 'matview ' || schemaname || '.' || matviewname || ' ' || ispopulated FROM pg_matviews \
              UNION ALL SELECT 'trigger ' || tgrelid::regclass || ' ' || tgname || ' ' || tgenabled::text FROM pg_trigger WHERE NOT tgisinternal \
+             UNION ALL SELECT 'invalid index ' || indexrelid::regclass FROM pg_index WHERE NOT indisvalid \
              ORDER BY 1",
             &[],
         )
