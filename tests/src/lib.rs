@@ -372,11 +372,11 @@ pub async fn replay_table(
     }
 }
 
-/// `pg_dump --schema-only` of a whole database by the cluster's own pg_dump (the oracle:
-/// Tidemark does not write it), without the random `\restrict` keys.
-pub fn schema_dump(cluster: &TestCluster, dbname: &str) -> String {
+/// Runs the cluster's own pg_dump on `dbname` with `args`; returns its output.
+pub fn cluster_pg_dump(cluster: &TestCluster, dbname: &str, args: &[&str]) -> String {
     let out = std::process::Command::new(cluster.bin_dir.join("pg_dump"))
-        .args(["--schema-only", "-d", dbname])
+        .args(args)
+        .args(["-d", dbname])
         .env("PGHOST", &cluster.host)
         .env("PGPORT", cluster.port.to_string())
         .env("PGUSER", &cluster.user)
@@ -389,11 +389,61 @@ pub fn schema_dump(cluster: &TestCluster, dbname: &str) -> String {
         "pg_dump: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8_lossy(&out.stdout)
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `pg_dump --schema-only` of a whole database by the cluster's own pg_dump (the oracle:
+/// Tidemark does not write it), without the random `\restrict` keys.
+pub fn schema_dump(cluster: &TestCluster, dbname: &str) -> String {
+    cluster_pg_dump(cluster, dbname, &["--schema-only"])
         .lines()
         .filter(|l| !l.starts_with("\\restrict") && !l.starts_with("\\unrestrict"))
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// A new database whose schema is `source`'s, made as an application's migrations would:
+/// `pg_dump --schema-only --no-owner --no-privileges | psql`, run as `user` (objects
+/// belong to it; it owns the database).
+pub async fn migrated_copy(
+    cluster: &TestCluster,
+    source: &str,
+    user: Option<(&str, &str)>,
+) -> TestDatabase {
+    let target = cluster.create_database().await;
+    let (user, password) = user.unwrap_or((&cluster.user, &cluster.password));
+    if user != cluster.user {
+        exec(
+            &cluster.settings("postgres"),
+            &format!("ALTER DATABASE \"{}\" OWNER TO {user}", target.name),
+        )
+        .await;
+    }
+    let script = cluster_pg_dump(
+        cluster,
+        source,
+        &["--schema-only", "--no-owner", "--no-privileges"],
+    );
+    psql_script(cluster, &target.name, user, password, &script);
+    target
+}
+
+/// Verifies backup `id` on the cluster; returns the record.
+pub async fn verify_backup(
+    store: &std::sync::Arc<dyn WriteStore>,
+    cluster: &TestCluster,
+    id: &str,
+) -> tidemark_core::verify::Verification {
+    tidemark_core::verify::verify(
+        store.clone(),
+        &cluster.settings("postgres"),
+        &tidemark_core::verify::VerifyOptions {
+            backup: Some(tidemark_core::restore::BackupSelector::Id(id.to_owned())),
+            ..tidemark_core::verify::VerifyOptions::default()
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("verify {id}: {e}"))
 }
 
 /// Runs an SQL script with the cluster's psql as `user`/`password`, stopping at the

@@ -10,12 +10,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tidemark_core::export::ExportOptions;
-use tidemark_core::restore::{self, BackupSelector, RestoreOptions};
-use tidemark_core::verify::{self, VerifyOptions};
+use tidemark_core::restore::{self, RestoreOptions};
 use tidemark_tests::fixtures::*;
 use tidemark_tests::{
-    all_data, exec, local_store, psql_script, restore_fresh, schema_dump, state_facts, TestCluster,
-    TestDatabase,
+    all_data, exec, local_store, migrated_copy, psql_script, restore_fresh, schema_dump,
+    state_facts, verify_backup, TestCluster, TestDatabase,
 };
 
 fn app_dir(app: &str) -> PathBuf {
@@ -84,16 +83,7 @@ async fn round_trip(app: &str, changes: &str) {
     let restored = restore_fresh(&store, &cluster, &incr.backup_id).await;
     assert_identical(&cluster, &db, &restored).await;
 
-    let record = verify::verify(
-        store.clone(),
-        &cluster.settings("postgres"),
-        &VerifyOptions {
-            backup: Some(BackupSelector::Id(incr.backup_id.clone())),
-            ..VerifyOptions::default()
-        },
-    )
-    .await
-    .expect("verify");
+    let record = verify_backup(&store, &cluster, &incr.backup_id).await;
     assert!(
         record.ok
             && record
@@ -106,24 +96,7 @@ async fn round_trip(app: &str, changes: &str) {
     );
 
     // Into a schema the application's own migrations would have made.
-    let target = cluster.create_database().await;
-    let out = std::process::Command::new(cluster.bin_dir.join("pg_dump"))
-        .args(["--schema-only", "-d", &db.name])
-        .env("PGHOST", &cluster.host)
-        .env("PGPORT", cluster.port.to_string())
-        .env("PGUSER", &cluster.user)
-        .env("PGPASSWORD", &cluster.password)
-        .env("PGSSLMODE", "require")
-        .output()
-        .expect("pg_dump");
-    assert!(out.status.success());
-    psql_script(
-        &cluster,
-        &target.name,
-        &cluster.user,
-        &cluster.password,
-        &String::from_utf8_lossy(&out.stdout),
-    );
+    let target = migrated_copy(&cluster, &db.name, None).await;
     let m = manifest(&store, &incr.backup_id).await;
     restore::restore(
         store.clone(),

@@ -10,14 +10,14 @@ use tidemark_core::catalog::TableSelection;
 use tidemark_core::db::relay::Relay;
 use tidemark_core::db::DbSettings;
 use tidemark_core::export::ExportOptions;
-use tidemark_core::restore::{self, BackupSelector, RestoreError, RestoreOptions};
+use tidemark_core::restore::{self, RestoreError, RestoreOptions};
 use tidemark_core::schema::{PgDump, Program};
 use tidemark_core::store::S3StoreOptions;
-use tidemark_core::verify::{self, VerifyOptions};
+use tidemark_core::verify;
 use tidemark_tests::fixtures::*;
 use tidemark_tests::{
-    all_data, exec, local_store, psql_script, restore_fresh, s3_store, schema_dump, state_facts,
-    TestCluster, TestDatabase,
+    all_data, exec, local_store, migrated_copy, restore_fresh, s3_store, schema_dump, state_facts,
+    verify_backup, TestCluster, TestDatabase,
 };
 
 fn options() -> ExportOptions {
@@ -119,16 +119,7 @@ async fn every_object_kind_restores_identical_to_the_source_and_verify_checks_th
     let restored = restore_fresh(&store, &cluster, &incr.backup_id).await;
     assert_identical(&cluster, &db, &restored).await;
 
-    let record = verify::verify(
-        store.clone(),
-        &cluster.settings("postgres"),
-        &VerifyOptions {
-            backup: Some(BackupSelector::Id(incr.backup_id.clone())),
-            ..VerifyOptions::default()
-        },
-    )
-    .await
-    .expect("verify");
+    let record = verify_backup(&store, &cluster, &incr.backup_id).await;
     let schema = record.schema.clone().expect("schema compared");
     assert!(record.ok && schema.ok, "{record:?}");
     assert!(schema.objects > 60, "{schema:?}");
@@ -228,16 +219,7 @@ async fn a_verification_fails_naming_an_object_the_restore_did_not_bring_back() 
         .expect("count")
         .get(0);
     assert_eq!(left, 0, "nothing was written");
-    let record = verify::verify(
-        store.clone(),
-        &cluster.settings("postgres"),
-        &VerifyOptions {
-            backup: Some(BackupSelector::Id(m.id.clone())),
-            ..VerifyOptions::default()
-        },
-    )
-    .await
-    .expect("a verification record");
+    let record = verify_backup(&store, &cluster, &m.id).await;
     assert!(!record.ok);
     assert!(
         record
@@ -246,48 +228,6 @@ async fn a_verification_fails_naming_an_object_the_restore_did_not_bring_back() 
             .is_some_and(|e| e.contains("no_such_ext")),
         "{record:?}"
     );
-}
-
-/// Creates a target whose schema comes from `pg_dump --schema-only source | psql`, as
-/// `user` (with `--no-owner`, objects belong to `user`).
-async fn migrated_target(
-    cluster: &TestCluster,
-    source: &TestDatabase,
-    owner: Option<(&str, &str)>,
-) -> TestDatabase {
-    let target = cluster.create_database().await;
-    let (user, password) = owner.unwrap_or((&cluster.user, &cluster.password));
-    if owner.is_some() {
-        exec(
-            &cluster.settings("postgres"),
-            &format!("ALTER DATABASE \"{}\" OWNER TO {user}", target.name),
-        )
-        .await;
-    }
-    let out = std::process::Command::new(cluster.bin_dir.join("pg_dump"))
-        .args([
-            "--schema-only",
-            "--no-owner",
-            "--no-privileges",
-            "-d",
-            &source.name,
-        ])
-        .env("PGHOST", &cluster.host)
-        .env("PGPORT", cluster.port.to_string())
-        .env("PGUSER", &cluster.user)
-        .env("PGPASSWORD", &cluster.password)
-        .env("PGSSLMODE", "require")
-        .output()
-        .expect("pg_dump");
-    assert!(out.status.success());
-    psql_script(
-        cluster,
-        &target.name,
-        user,
-        password,
-        &String::from_utf8_lossy(&out.stdout),
-    );
-    target
 }
 
 fn as_user(target: &TestDatabase, user: &str, password: &str) -> DbSettings {
@@ -312,7 +252,7 @@ async fn data_only_into_a_migrated_schema_keeps_foreign_keys_and_triggers_quiet(
 
     // As a superuser: every trigger off during the load, then back as it was (the
     // disabled one stays disabled); no audit row is added by the load.
-    let target = migrated_target(&cluster, &db, None).await;
+    let target = migrated_copy(&cluster, &db.name, None).await;
     let report = restore::restore(store.clone(), &m, &target.settings(), &data_only)
         .await
         .expect("data-only restore");
@@ -347,7 +287,7 @@ async fn data_only_into_a_migrated_schema_keeps_foreign_keys_and_triggers_quiet(
         &format!("CREATE ROLE {role} LOGIN PASSWORD 'restorer-pw'"),
     )
     .await;
-    let owned = migrated_target(&cluster, &db, Some((&role, "restorer-pw"))).await;
+    let owned = migrated_copy(&cluster, &db.name, Some((&role, "restorer-pw"))).await;
     let report = restore::restore(
         store.clone(),
         &m,
@@ -367,7 +307,7 @@ async fn data_only_into_a_migrated_schema_keeps_foreign_keys_and_triggers_quiet(
 
     // A database error while loading names the table and the server's message; the
     // chunk is not called corrupt.
-    let strict = migrated_target(&cluster, &db, None).await;
+    let strict = migrated_copy(&cluster, &db.name, None).await;
     exec(
         &strict.settings(),
         "ALTER TABLE app.tags ADD CONSTRAINT tags_no_x CHECK (tag <> 'x')",
@@ -708,16 +648,7 @@ async fn a_backup_of_some_schemas_captures_those_schemas_and_the_extensions() {
         .map(|r| r.get(0))
         .collect();
     assert_eq!(found, vec!["emails", "users"]);
-    let record = verify::verify(
-        store.clone(),
-        &cluster.settings("postgres"),
-        &VerifyOptions {
-            backup: Some(BackupSelector::Id(sealed.backup_id.clone())),
-            ..VerifyOptions::default()
-        },
-    )
-    .await
-    .expect("verify");
+    let record = verify_backup(&store, &cluster, &sealed.backup_id).await;
     assert!(record.ok, "{record:?}");
 }
 

@@ -349,6 +349,10 @@ pub async fn restore(
         &resume,
     )
     .await?;
+    // Settings the target knows: pg_dump's that it does not are left out.
+    let known = apply::known_settings(&admin)
+        .await
+        .map_err(|e| DbError::query("reading the target's settings", target, e))?;
     let meter = opts.meter.clone().unwrap_or_default();
     meter.tables_total.store(tables.len(), Ordering::Relaxed);
 
@@ -379,9 +383,6 @@ pub async fn restore(
     let mut schema_applied = resume.schema_applied;
     if let Some(scripts) = &scripts {
         if !resume.schema_applied {
-            let known = apply::known_settings(&admin)
-                .await
-                .map_err(|e| DbError::query("reading the target's settings", target, e))?;
             if let Some(globals) = &scripts.globals {
                 let created = create_roles(&admin, target, globals).await?;
                 if !created.is_empty() {
@@ -452,9 +453,6 @@ pub async fn restore(
             // populated in the backup, now that their tables hold the data.
             if let Some(dump) = &manifest.schema_dump {
                 let post = schema::load_script(store.as_ref(), &dump.post_data).await?;
-                let known = apply::known_settings(&admin)
-                    .await
-                    .map_err(|e| DbError::query("reading the target's settings", target, e))?;
                 let refresh_only = |entry: &schema::Entry| {
                     if entry.kind == "MATERIALIZED VIEW DATA" {
                         Decision::Optional
@@ -475,9 +473,6 @@ pub async fn restore(
             }
         }
         if let Some(scripts) = &scripts {
-            let known = apply::known_settings(&admin)
-                .await
-                .map_err(|e| DbError::query("reading the target's settings", target, e))?;
             if opts.mark_finished {
                 apply_opts.finish_with = Some(format!(
                     "COMMENT ON DATABASE {} IS {}",
