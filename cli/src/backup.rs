@@ -45,6 +45,10 @@ pub struct SelectionArgs {
     /// Database connections exporting at once.
     #[arg(long, env = "TIDEMARK_WORKERS", default_value_t = 2)]
     workers: usize,
+    /// Consistency-pass rounds a run spanning slices tries before it is sealed as not one
+    /// point in time.
+    #[arg(long, env = "TIDEMARK_PASS_ROUNDS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pass_rounds: u32,
     /// zstd level (1 fastest .. 19 smallest); 1 keeps pace with COPY on small machines.
     #[arg(long, env = "TIDEMARK_ZSTD_LEVEL", default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..=19))]
     zstd_level: i32,
@@ -282,6 +286,7 @@ fn options(global: &GlobalArgs, sel: &SelectionArgs) -> ExportOptions {
         chunk_rows: sel.chunk_rows,
         chunk_bytes: sel.chunk_bytes,
         zstd_level: sel.zstd_level,
+        max_pass_rounds: sel.pass_rounds,
         workers: sel.workers.max(1),
         ..ExportOptions::default()
     }
@@ -317,6 +322,12 @@ pub async fn manifest(global: &GlobalArgs, args: &ManifestArgs) -> Result<(), St
     let report = manifest::seal_run(store, &args.run_id, &holder)
         .await
         .map_err(|e| error_chain(&e))?;
+    if !report.consistent {
+        eprintln!(
+            "WARNING: backup {} is NOT one point in time (its tables are of different moments); it will fail verification",
+            report.backup_id
+        );
+    }
     println!("{}", json(&report)?);
     Ok(())
 }
@@ -379,6 +390,12 @@ pub async fn backup(global: &GlobalArgs, args: &BackupArgs) -> Result<(), String
                 .map(|p| format!(", parent {p}"))
                 .unwrap_or_default()
         );
+        if !report.consistent {
+            eprintln!(
+                "WARNING: backup {} is NOT one point in time (its tables are of different moments); it will fail verification",
+                report.backup_id
+            );
+        }
         println!("{}", report.backup_id);
     }
     Ok(())
@@ -412,16 +429,32 @@ pub async fn list(global: &GlobalArgs) -> Result<(), String> {
         return Ok(());
     }
     println!(
-        "{:<26} {:<11} {:<26} {:<20} {:>6} {:>12} {:>10} {:<8}",
-        "ID", "KIND", "PARENT", "CREATED (UTC)", "TABLES", "ROWS", "BYTES", "VERIFIED"
+        "{:<26} {:<11} {:<26} {:<20} {:<20} {:<14} {:>6} {:>12} {:>10} {:<8}",
+        "ID",
+        "KIND",
+        "PARENT",
+        "CREATED (UTC)",
+        "AS OF (UTC)",
+        "LSN",
+        "TABLES",
+        "ROWS",
+        "BYTES",
+        "VERIFIED"
     );
     for b in backups {
+        let as_of = match (b.consistent, b.snapshot_at) {
+            (false, _) => "MIXED MOMENTS".to_owned(),
+            (true, Some(at)) => at.format("%Y-%m-%d %H:%M:%S").to_string(),
+            (true, None) => "-".to_owned(),
+        };
         println!(
-            "{:<26} {:<11} {:<26} {:<20} {:>6} {:>12} {:>10} {:<8}",
+            "{:<26} {:<11} {:<26} {:<20} {:<20} {:<14} {:>6} {:>12} {:>10} {:<8}",
             b.id,
             b.kind.to_string(),
             b.parent.as_deref().unwrap_or("-"),
             b.created_at.format("%Y-%m-%d %H:%M:%S"),
+            as_of,
+            b.lsn.as_deref().unwrap_or("-"),
             b.tables,
             b.rows,
             human_bytes(b.bytes),

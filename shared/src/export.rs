@@ -8,7 +8,17 @@
 //! chunk names, so nothing is lost or duplicated.
 //!
 //! Within one slice all workers share one exported snapshot, so a run that finishes in
-//! one slice is a single point in time. Ranges, not rows, are the unit of work:
+//! one slice is a single point in time. A run that spans slices has read its tables in
+//! several snapshots; once every range is exported, a **consistency pass** brings every
+//! table to one slice's snapshot: in that one snapshot, each table exports what changed
+//! since the oldest snapshot its data is of (`changes` tables: the `xmin` filter plus the
+//! live key set and fingerprint of now; `append` tables: the keys past their cursor and
+//! earlier gaps; keyless and `snapshot` tables: whole again), the catalog is read again
+//! (tables created, changed or dropped meanwhile), and the schema and sequences are
+//! taken in it. A round only counts if it finishes within one slice; an unfinished round
+//! is rolled back and the next slice starts another from its own snapshot. After
+//! `max_pass_rounds` the run is sealed as not one point in time, loudly. Ranges, not
+//! rows, are the unit of work:
 //! - tables with a primary key are cut into ranges of `rows_per_chunk` keys (bounds from
 //!   an index-only scan), one chunk per range; a big table is first split into up to
 //!   `workers` lanes of about equal size, which connections export at once;
@@ -37,7 +47,10 @@ use crate::chunk::{chunk_key, copy_field, ChunkSink, LineSplitter};
 use crate::db::{self, DbError, DbSettings};
 use crate::format::checkpoint::{Checkpoint, GapRange, TableCheckpoint};
 use crate::format::manifest::Manifest;
-use crate::format::progress::{ExportScope, ExportSettings, Lane, RunProgress, TableProgress};
+use crate::format::progress::{
+    ConsistencyPass, ExportScope, ExportSettings, Lane, PassBase, RunProgress, SliceSnapshot,
+    TableProgress,
+};
 use crate::format::{
     manifest_key, progress_key, quote_ident, quote_literal, read_doc, write_doc, BackupKind,
     ChunkKind, ChunkRef, Fingerprint, KeyRange, PgSnapshot, TableMode, TableName, CHECKPOINT_KEY,
@@ -80,6 +93,13 @@ pub struct ExportOptions {
     pub meter: Option<Arc<ExportMeter>>,
     /// The pg_dump that captures the schema (`None`: the one on `PATH`).
     pub pg_dump: Option<std::path::PathBuf>,
+    /// Consistency-pass rounds a run spanning slices tries before it is sealed as not one
+    /// point in time.
+    pub max_pass_rounds: u32,
+    /// A consistency-pass round must finish within one slice to count, so it may run past
+    /// `deadline` up to this instant (the invocation's hard limit, less what finishing the
+    /// slice needs); `None`: no limit.
+    pub pass_deadline: Option<Instant>,
 }
 
 impl Default for ExportOptions {
@@ -99,6 +119,8 @@ impl Default for ExportOptions {
             progress_interval: Duration::from_secs(2),
             meter: None,
             pg_dump: None,
+            max_pass_rounds: 3,
+            pass_deadline: None,
         }
     }
 }
@@ -127,6 +149,10 @@ pub struct SliceReport {
     pub slice: u32,
     pub tables: usize,
     pub tables_done: usize,
+    /// The consistency pass's round, once it has started.
+    pub pass_round: Option<u32>,
+    /// Once the run is ready to seal: whether it is one point in time.
+    pub consistent: Option<bool>,
     pub chunks: u64,
     pub rows: u64,
     pub bytes: u64,
@@ -281,12 +307,23 @@ pub async fn export_slice(
         }
         progress.schema_dump = Some(dump);
     }
+    if schema_tool.is_some() {
+        progress.schema_slice = progress.slices;
+    }
+    record_slice_snapshot(&coordinator, db, &mut progress).await?;
     let base_requests = progress.store_requests;
     progress.store_requests = base_requests + counting.count();
     let etag = write_progress(store.as_ref(), &progress, condition).await?;
-    tracing::info!(run_id, slice = progress.slices, kind = %progress.kind, tables = progress.tables.len(), "export slice started");
+    tracing::info!(
+        run_id,
+        slice = progress.slices,
+        kind = %progress.kind,
+        tables = progress.tables.len(),
+        seconds_left = opts.deadline.map(|d| d.saturating_duration_since(Instant::now()).as_secs_f64()),
+        pass_seconds_left = opts.pass_deadline.map(|d| d.saturating_duration_since(Instant::now()).as_secs_f64()),
+        "export slice started"
+    );
 
-    let pending = work_left(&progress);
     let meter = opts.meter.clone().unwrap_or_default();
     meter
         .tables_total
@@ -307,7 +344,7 @@ pub async fn export_slice(
             lease: held,
             lease_renewed: Instant::now(),
         }),
-        queue: std::sync::Mutex::new(pending),
+        queue: std::sync::Mutex::new(VecDeque::new()),
         opts: opts.clone(),
         meter: meter.clone(),
         slice_rows: AtomicU64::new(0),
@@ -315,37 +352,66 @@ pub async fn export_slice(
         slice_raw: AtomicU64::new(0),
         slice_chunks: AtomicU64::new(0),
         recorded: AtomicBool::new(false),
-        snapshot_id,
+        in_round: AtomicBool::new(false),
+        snapshot_id: snapshot_id.clone(),
         slice,
         run_id: run_id.clone(),
     });
 
-    let mut workers = tokio::task::JoinSet::new();
-    for _ in 0..opts.workers.max(1) {
-        let shared = shared.clone();
-        let db = db.clone();
-        workers.spawn(async move { worker(shared, db).await });
-    }
-    let mut first_error = None;
-    while let Some(joined) = workers.join_next().await {
-        let result = joined.unwrap_or_else(|e| {
-            Err(RunError::Store(StoreError::Io {
-                operation: "run export worker for",
-                key: run_id.clone(),
-                source: std::io::Error::other(e.to_string()),
-            }))
-        });
-        if let Err(e) = result {
-            if first_error.is_none() {
-                first_error = Some(e);
-                workers.abort_all();
+    // All in this slice's one snapshot: the ranges left, then, once every table is
+    // exported, consistency-pass rounds that bring every table to this snapshot.
+    let outcome = async {
+        loop {
+            let step = {
+                let mut state = shared.state.lock().await;
+                let step = next_step(
+                    &mut state.doc,
+                    &coordinator,
+                    db,
+                    opts,
+                    slice,
+                    shared.past_soft_deadline(),
+                )
+                .await?;
+                shared.in_round.store(
+                    state.doc.pass.as_ref().is_some_and(|p| p.slice == slice),
+                    Ordering::Relaxed,
+                );
+                if let Step::Work(queue) = &step {
+                    if let Ok(mut q) = shared.queue.lock() {
+                        *q = queue.clone();
+                    }
+                    meter
+                        .tables_total
+                        .store(state.doc.tables.len(), Ordering::Relaxed);
+                    meter.tables_done.store(
+                        state.doc.tables.iter().filter(|t| t.done).count(),
+                        Ordering::Relaxed,
+                    );
+                }
+                if !matches!(step, Step::Stop) {
+                    shared.flush(&mut state).await?;
+                }
+                step
+            };
+            match step {
+                Step::Stop => return Ok::<(), RunError>(()),
+                Step::Finalize => {
+                    finalize_run(&shared, &coordinator, db, opts, &snapshot_id).await?;
+                    return Ok(());
+                }
+                Step::Work(_) => {
+                    run_workers(&shared, db, opts.workers).await?;
+                    if shared.past_deadline() {
+                        return Ok(());
+                    }
+                }
             }
         }
     }
+    .await;
     let _ = coordinator.batch_execute("COMMIT").await;
-    if let Some(e) = first_error {
-        return Err(e);
-    }
+    outcome?;
 
     let mut state = shared.state.lock().await;
     shared.flush(&mut state).await?;
@@ -353,13 +419,19 @@ pub async fn export_slice(
     let tables_done = doc.tables.iter().filter(|t| t.done).count();
     let report = SliceReport {
         run_id: doc.run_id.clone(),
-        done: tables_done == doc.tables.len(),
+        done: doc.consistent_in_slice.is_some() || doc.inconsistent.is_some(),
         kind: doc.kind,
         parent: doc.parent.clone(),
         sealed: false,
         slice: doc.slices,
         tables: doc.tables.len(),
         tables_done,
+        pass_round: doc.pass.as_ref().map(|p| p.round),
+        consistent: match (&doc.consistent_in_slice, &doc.inconsistent) {
+            (Some(_), _) => Some(true),
+            (None, Some(_)) => Some(false),
+            _ => None,
+        },
         chunks: shared.slice_chunks.load(Ordering::Relaxed),
         rows: shared.slice_rows.load(Ordering::Relaxed),
         bytes: shared.slice_bytes.load(Ordering::Relaxed),
@@ -371,11 +443,412 @@ pub async fn export_slice(
         run_id = report.run_id,
         done = report.done,
         tables_done,
+        pass_round = report.pass_round,
         rows = report.rows,
         bytes = report.bytes,
         "export slice finished"
     );
     Ok(report)
+}
+
+/// Records the snapshot this slice reads in (and the WAL position), replacing a record
+/// of the same slice number left by a first slice that died.
+async fn record_slice_snapshot(
+    client: &Client,
+    db: &DbSettings,
+    progress: &mut RunProgress,
+) -> Result<(), RunError> {
+    let row = client
+        .query_one(
+            "SELECT pg_current_snapshot()::text, \
+                    (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
+                          ELSE pg_current_wal_lsn() END)::text",
+            &[],
+        )
+        .await
+        .map_err(|e| DbError::query("reading the slice's snapshot", db, e))?;
+    let text: String = row.get(0);
+    let snapshot: PgSnapshot = text.parse().map_err(|reason| RunError::Table {
+        table: TableName::new("pg_catalog", "pg_current_snapshot"),
+        detail: reason,
+        retryable: false,
+    })?;
+    let slice = progress.slices;
+    progress.slice_snapshots.retain(|s| s.slice != slice);
+    progress.slice_snapshots.push(SliceSnapshot {
+        slice,
+        snapshot,
+        lsn: row.get(1),
+        taken_at: Utc::now(),
+    });
+    Ok(())
+}
+
+/// Runs `count` workers over the shared queue until it is empty or the deadline passes.
+async fn run_workers(shared: &Arc<Shared>, db: &DbSettings, count: usize) -> Result<(), RunError> {
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..count.max(1) {
+        let shared = shared.clone();
+        let db = db.clone();
+        workers.spawn(async move { worker(shared, db).await });
+    }
+    let mut first_error = None;
+    while let Some(joined) = workers.join_next().await {
+        let result = joined.unwrap_or_else(|e| {
+            Err(RunError::Store(StoreError::Io {
+                operation: "run export worker for",
+                key: shared.run_id.clone(),
+                source: std::io::Error::other(e.to_string()),
+            }))
+        });
+        if let Err(e) = result {
+            if first_error.is_none() {
+                first_error = Some(e);
+                workers.abort_all();
+            }
+        }
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// What a slice does next.
+#[derive(Debug, Clone)]
+enum Step {
+    /// Export this work (ranges, or a pass round's).
+    Work(VecDeque<Work>),
+    /// Every table is of this slice's snapshot: record it as the backup's moment.
+    Finalize,
+    /// Nothing more in this slice (done, or the next slice starts the next round).
+    Stop,
+}
+
+/// Decides the slice's next step, starting a consistency-pass round when every table's
+/// ranges are exported but the tables are of several snapshots.
+async fn next_step(
+    doc: &mut RunProgress,
+    client: &Client,
+    db: &DbSettings,
+    opts: &ExportOptions,
+    slice: u32,
+    past_deadline: bool,
+) -> Result<Step, RunError> {
+    if doc.consistent_in_slice.is_some() || doc.inconsistent.is_some() {
+        return Ok(Step::Stop);
+    }
+    // A round an earlier slice did not finish starts again, from this snapshot.
+    let stale_round = doc.pass.as_ref().is_some_and(|p| p.slice != slice);
+    if !stale_round {
+        let pending = work_left(doc);
+        if !pending.is_empty() {
+            return Ok(if past_deadline {
+                Step::Stop
+            } else {
+                Step::Work(pending)
+            });
+        }
+        // Every table is exported. Of this slice's snapshot already?
+        let this_slice_only = doc.pass.as_ref().is_some_and(|p| p.slice == slice)
+            || doc.tables.iter().all(|t| t.started_in_slice == slice);
+        if this_slice_only {
+            return Ok(Step::Finalize);
+        }
+    }
+    if past_deadline {
+        return Ok(Step::Stop);
+    }
+    if !start_round(doc, client, db, opts, slice).await? {
+        return Ok(Step::Stop);
+    }
+    let pending = work_left(doc);
+    Ok(if pending.is_empty() {
+        Step::Finalize
+    } else {
+        Step::Work(pending)
+    })
+}
+
+/// The xmin of slice `slice`'s snapshot (the run's first snapshot if unknown).
+fn slice_xmin(doc: &RunProgress, slice: u32) -> u64 {
+    doc.slice_snapshots
+        .iter()
+        .find(|s| s.slice == slice)
+        .map_or(doc.snapshot.xmin, |s| s.snapshot.xmin)
+}
+
+/// Starts a consistency-pass round in this slice: every table not yet of this slice's
+/// snapshot exports again what changed since the oldest snapshot its data is of.
+/// Returns false when the run gives up on one point in time instead.
+async fn start_round(
+    doc: &mut RunProgress,
+    client: &Client,
+    db: &DbSettings,
+    opts: &ExportOptions,
+    slice: u32,
+) -> Result<bool, RunError> {
+    // What an unfinished round began is undone: each table back to its state before it.
+    for table in &mut doc.tables {
+        if let Some(base) = table.pass_base.take() {
+            table.chunks = base.chunks;
+            table.key_chunks = base.key_chunks;
+            table.fingerprint = base.fingerprint;
+            table.exported_rows = base.exported_rows;
+            table.scope = base.scope;
+            table.gaps = base.gaps;
+            table.gaps_to_probe.clear();
+            table.gaps_probed = true;
+            for lane in &mut table.lanes {
+                lane.done = true;
+            }
+            table.done = true;
+        }
+    }
+    let round = doc.pass.as_ref().map_or(0, |p| p.round) + 1;
+    if round > opts.max_pass_rounds.max(1) {
+        let reason = format!(
+            "the consistency pass did not finish within one slice in {} round(s): every round re-reads the changed tables in one snapshot; give the export more time per slice (a longer function timeout, more workers), or back up from the CLI, which has no slice limit",
+            round - 1
+        );
+        tracing::warn!(
+            run_id = doc.run_id,
+            "backup is not one point in time: {reason}"
+        );
+        doc.inconsistent = Some(reason);
+        for table in &mut doc.tables {
+            table.done = true;
+        }
+        return Ok(false);
+    }
+    doc.pass = Some(ConsistencyPass { round, slice });
+    tracing::info!(
+        run_id = doc.run_id,
+        round,
+        slice,
+        "consistency pass round started"
+    );
+    reconcile_catalog(doc, client, db, opts).await?;
+    let first_round = round == 1;
+    for t in 0..doc.tables.len() {
+        let table = &doc.tables[t];
+        if !table.done {
+            continue; // new or changed: exported whole in this snapshot
+        }
+        if first_round && table.consistent_in_slice.is_none() && table.started_in_slice == slice {
+            doc.tables[t].consistent_in_slice = Some(slice);
+            continue;
+        }
+        let since_slice = table
+            .consistent_in_slice
+            .unwrap_or(table.started_in_slice.max(1));
+        let since = slice_xmin(doc, since_slice);
+        let table = &mut doc.tables[t];
+        table.pass_base = Some(PassBase {
+            chunks: table.chunks.clone(),
+            key_chunks: table.key_chunks.clone(),
+            fingerprint: table.fingerprint,
+            exported_rows: table.exported_rows,
+            scope: table.scope.clone(),
+            gaps: table.gaps.clone(),
+        });
+        prepare_pass(table, since, client, db, opts, slice).await?;
+    }
+    Ok(true)
+}
+
+/// Sets a table up to be brought to this slice's snapshot.
+async fn prepare_pass(
+    table: &mut TableProgress,
+    since_xmin: u64,
+    client: &Client,
+    db: &DbSettings,
+    opts: &ExportOptions,
+    slice: u32,
+) -> Result<(), RunError> {
+    table.done = false;
+    if table.key.is_empty() {
+        // Keyless: exported whole again (the keyless work resets it first).
+        return Ok(());
+    }
+    match table.mode {
+        TableMode::Changes => {
+            // What changed since then, and the live key set and fingerprint of now.
+            table.scope = ExportScope::Changed { since_xmin };
+            table.key_chunks.clear();
+            table.fingerprint = Fingerprint::default();
+            table.gaps_probed = true;
+        }
+        TableMode::Snapshot => {
+            reset(table, slice);
+            table.scope = ExportScope::Whole;
+            table.gaps_probed = true;
+        }
+        TableMode::Append => {
+            let after = match table.scope {
+                ExportScope::Appended { upto, .. } => upto,
+                _ => i64::MIN,
+            };
+            let mark = append_mark(client, db, table).await?;
+            table.scope = ExportScope::Appended {
+                after,
+                upto: mark.max(after),
+            };
+            // Gaps passed while exporting may have been filled since.
+            table.gaps_to_probe = std::mem::take(&mut table.gaps);
+            table.gaps_probed = table.gaps_to_probe.is_empty();
+            // The row-count check then runs in this snapshot.
+            table.started_in_slice = slice;
+        }
+    }
+    table.lanes = plan_lanes(client, db, table, table.est_rows, opts.workers).await?;
+    Ok(())
+}
+
+/// The highest key of an `append` table now (`i64::MIN` when empty).
+async fn append_mark(
+    client: &Client,
+    db: &DbSettings,
+    table: &TableProgress,
+) -> Result<i64, RunError> {
+    let key = quote_ident(&table.key[0]);
+    let mark: Option<i64> = client
+        .query_one(
+            &format!("SELECT max({key})::int8 FROM {}", table.name.quoted()),
+            &[],
+        )
+        .await
+        .map_err(|e| {
+            RunError::table(
+                &table.name,
+                DbError::query("reading the append mark", db, e),
+            )
+        })?
+        .get(0);
+    Ok(mark.unwrap_or(i64::MIN))
+}
+
+/// The tables as they are in this snapshot: a table created during the run is added, one
+/// whose definition changed (another oid, other columns or key) is exported whole again,
+/// one dropped is left out; each with a warning in the manifest.
+async fn reconcile_catalog(
+    doc: &mut RunProgress,
+    client: &Client,
+    db: &DbSettings,
+    opts: &ExportOptions,
+) -> Result<(), RunError> {
+    let found = catalog::discover(client, db, &opts.selection).await?;
+    let mut tables = Vec::with_capacity(found.len());
+    let mut warnings = Vec::new();
+    for table in found {
+        let shape = table_shape(&table.columns, &table.schema);
+        let key: Vec<String> = table.key.iter().map(|(n, _)| n.clone()).collect();
+        match doc.tables.iter().position(|t| t.name == table.name) {
+            Some(i)
+                if doc.tables[i].done
+                    && (doc.tables[i].oid == 0 || doc.tables[i].oid == table.oid)
+                    && table_shape(&doc.tables[i].columns, &doc.tables[i].schema) == shape
+                    && doc.tables[i].key == key
+                    && doc.tables[i].mode == table.mode =>
+            {
+                tables.push(doc.tables[i].clone());
+            }
+            Some(i) => {
+                if doc.tables[i].done {
+                    warnings.push(format!(
+                        "table {} changed during the backup; it is exported whole at the backup's moment",
+                        table.name
+                    ));
+                }
+                tables.push(plan_table(client, db, table, None, opts).await?);
+            }
+            None => {
+                warnings.push(format!(
+                    "table {} was created during the backup; it is exported whole at the backup's moment",
+                    table.name
+                ));
+                tables.push(plan_table(client, db, table, None, opts).await?);
+            }
+        }
+    }
+    for old in &doc.tables {
+        if !tables.iter().any(|t| t.name == old.name) {
+            warnings.push(format!(
+                "table {} was dropped during the backup; it is not in it",
+                old.name
+            ));
+        }
+    }
+    for warning in warnings {
+        tracing::warn!(run_id = doc.run_id, "{warning}");
+        if !doc.warnings.contains(&warning) {
+            doc.warnings.push(warning);
+        }
+    }
+    doc.tables = tables;
+    Ok(())
+}
+
+/// Every table is of this slice's snapshot: the schema and sequences are taken again in
+/// it (unless the run's schema already is), and the run is ready to seal.
+async fn finalize_run(
+    shared: &Shared,
+    client: &Client,
+    db: &DbSettings,
+    opts: &ExportOptions,
+    snapshot_id: &str,
+) -> Result<(), RunError> {
+    let slice = shared.slice;
+    let (schema_slice, schemas) = {
+        let state = shared.state.lock().await;
+        (
+            state.doc.schema_slice,
+            dump_schemas(&opts.selection, &state.doc),
+        )
+    };
+    let mut recaptured = None;
+    if schema_slice != slice {
+        let tool = PgDump::locate(opts.pg_dump.as_deref()).await?;
+        recaptured = Some(
+            schema::capture::capture(
+                shared.store.as_ref(),
+                client,
+                &CaptureRequest {
+                    tool: &tool,
+                    settings: db,
+                    snapshot_id,
+                    run_id: &shared.run_id,
+                    schemas: &schemas,
+                },
+            )
+            .await?,
+        );
+    }
+    let sequences = catalog::sequences(client, db, &opts.selection.schemas).await?;
+    let mut state = shared.state.lock().await;
+    let doc = &mut state.doc;
+    if let Some((dump, warnings)) = recaptured {
+        doc.schema_dump = Some(dump);
+        doc.schema_slice = slice;
+        for warning in warnings {
+            if !doc.warnings.contains(&warning) {
+                doc.warnings.push(warning);
+            }
+        }
+    }
+    doc.sequences = sequences;
+    for table in &mut doc.tables {
+        table.consistent_in_slice = Some(slice);
+        table.pass_base = None;
+    }
+    doc.consistent_in_slice = Some(slice);
+    tracing::info!(
+        run_id = doc.run_id,
+        slice,
+        rounds = doc.pass.as_ref().map_or(0, |p| p.round),
+        "every table is of one snapshot"
+    );
+    shared.flush(&mut state).await
 }
 
 /// The schemas whose objects a backup's schema dump covers: the selected schemas (or the
@@ -415,6 +888,8 @@ fn sealed_report(manifest: &Manifest, started: Instant, requests: u64) -> SliceR
         slice: manifest.totals.slices,
         tables: manifest.tables.len(),
         tables_done: manifest.tables.len(),
+        pass_round: manifest.consistency.as_ref().map(|c| c.pass_rounds),
+        consistent: Some(manifest.is_consistent()),
         chunks: 0,
         rows: 0,
         bytes: 0,
@@ -523,6 +998,11 @@ async fn plan_run(
         tables: planned,
         sequences,
         schema_dump: None,
+        schema_slice: 0,
+        slice_snapshots: Vec::new(),
+        pass: None,
+        consistent_in_slice: None,
+        inconsistent: None,
         slices: 1,
         store_requests: 0,
         warnings,
@@ -589,6 +1069,10 @@ async fn plan_table(
         fingerprint: Fingerprint::default(),
         exported_rows: 0,
         started_in_slice: 0,
+        consistent_in_slice: None,
+        pass_base: None,
+        est_rows: table.est_rows,
+        oid: table.oid,
         schema: table.schema.clone(),
     };
     match table.mode {
@@ -838,6 +1322,8 @@ struct Shared {
     slice_chunks: AtomicU64,
     /// Some work of this slice is recorded in the progress.
     recorded: AtomicBool,
+    /// A consistency-pass round is running in this slice.
+    in_round: AtomicBool,
     snapshot_id: String,
     slice: u32,
     run_id: String,
@@ -847,6 +1333,16 @@ impl Shared {
     /// Whether to start no more work. Every slice records at least one piece of work
     /// first, whatever its deadline, so a loop of slices always finishes the run.
     fn past_deadline(&self) -> bool {
+        if self.in_round.load(Ordering::Relaxed) {
+            // A consistency round only counts if it finishes in this snapshot: it may
+            // run past the slice's deadline, up to the pass deadline.
+            return self.opts.pass_deadline.is_some_and(|d| Instant::now() >= d);
+        }
+        self.past_soft_deadline()
+    }
+
+    /// The slice's own deadline (after its first recorded piece of work).
+    fn past_soft_deadline(&self) -> bool {
         self.recorded.load(Ordering::Relaxed)
             && self.opts.deadline.is_some_and(|d| Instant::now() >= d)
     }
@@ -949,9 +1445,20 @@ impl Shared {
 
     async fn mark_done(&self, t: usize) -> Result<(), RunError> {
         let mut state = self.state.lock().await;
-        if !state.doc.tables[t].done {
-            state.doc.tables[t].done = true;
+        let in_round = state
+            .doc
+            .pass
+            .as_ref()
+            .is_some_and(|p| p.slice == self.slice);
+        let table = &mut state.doc.tables[t];
+        if !table.done {
+            table.done = true;
             self.meter.tables_done.fetch_add(1, Ordering::Relaxed);
+        }
+        if in_round {
+            // Brought to this slice's snapshot by this round.
+            table.consistent_in_slice = Some(self.slice);
+            table.pass_base = None;
         }
         self.flush(&mut state).await
     }

@@ -9,11 +9,11 @@ use serde::Serialize;
 
 use crate::export::table_shape;
 use crate::format::checkpoint::{Checkpoint, TableCheckpoint};
-use crate::format::manifest::{Manifest, RunTotals, TableEntry};
+use crate::format::manifest::{Consistency, Manifest, RunTotals, TableEntry};
 use crate::format::progress::{ExportScope, RunProgress};
 use crate::format::{
-    manifest_key, progress_key, read_doc, write_doc, BackupKind, FormatError, TableMode,
-    CHECKPOINT_KEY, FORMAT_VERSION,
+    manifest_key, progress_key, read_doc, write_doc, BackupKind, FormatError, PgSnapshot,
+    TableMode, CHECKPOINT_KEY, FORMAT_VERSION,
 };
 use crate::lease;
 use crate::run::RunError;
@@ -35,6 +35,12 @@ pub struct SealReport {
     pub database: String,
     /// From the run's first slice to its seal.
     pub duration_seconds: f64,
+    /// Whether the backup is one point in time (the database as of `snapshot_at`).
+    pub consistent: bool,
+    pub snapshot_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub lsn: Option<String>,
+    /// Consistency-pass rounds the run took (0: it finished in one slice).
+    pub pass_rounds: u32,
 }
 
 impl SealReport {
@@ -53,6 +59,10 @@ impl SealReport {
                 .to_std()
                 .unwrap_or_default()
                 .as_secs_f64(),
+            consistent: manifest.is_consistent(),
+            snapshot_at: manifest.consistency.as_ref().map(|c| c.snapshot_at),
+            lsn: manifest.consistency.as_ref().and_then(|c| c.lsn.clone()),
+            pass_rounds: manifest.consistency.as_ref().map_or(0, |c| c.pass_rounds),
         }
     }
 }
@@ -83,6 +93,11 @@ pub async fn seal_run(
         return Err(RunError::NotFinished {
             run_id: run_id.to_owned(),
             left,
+        });
+    }
+    if progress.consistent_in_slice.is_none() && progress.inconsistent.is_none() {
+        return Err(RunError::NotConsistentYet {
+            run_id: run_id.to_owned(),
         });
     }
     lease::acquire(
@@ -190,6 +205,13 @@ fn build_manifest(progress: &RunProgress) -> Manifest {
         .collect();
     let mut chain = progress.chain.clone();
     chain.push(progress.run_id.clone());
+    let (snapshot, consistency) = moment(progress);
+    let mut warnings = progress.warnings.clone();
+    if let Some(reason) = &consistency.reason {
+        warnings.push(format!(
+            "this backup is NOT one point in time (its tables are of different moments): {reason}; it fails verification"
+        ));
+    }
     Manifest {
         version: FORMAT_VERSION,
         id: progress.run_id.clone(),
@@ -198,7 +220,8 @@ fn build_manifest(progress: &RunProgress) -> Manifest {
         chain,
         started_at: progress.started_at,
         created_at: chrono::Utc::now(),
-        snapshot: progress.snapshot.clone(),
+        snapshot,
+        consistency: Some(consistency),
         server_version: progress.server_version.clone(),
         database: progress.database.clone(),
         tables,
@@ -206,8 +229,51 @@ fn build_manifest(progress: &RunProgress) -> Manifest {
         schema_dump: progress.schema_dump.clone(),
         totals,
         store_requests: progress.store_requests,
-        warnings: progress.warnings.clone(),
+        warnings,
         checksum: None,
+    }
+}
+
+/// The snapshot a run's backup is of, and whether it is one: the slice snapshot every
+/// table was brought to, or (when the run gave up) its first, which no table's data is
+/// older than.
+fn moment(progress: &RunProgress) -> (PgSnapshot, Consistency) {
+    let rounds = progress.pass.as_ref().map_or(0, |p| p.round);
+    let slice_snapshot = |slice: u32| progress.slice_snapshots.iter().find(|s| s.slice == slice);
+    match progress.consistent_in_slice {
+        Some(slice) => {
+            let taken = slice_snapshot(slice);
+            (
+                taken.map_or_else(|| progress.snapshot.clone(), |s| s.snapshot.clone()),
+                Consistency {
+                    consistent: true,
+                    snapshot_at: taken.map_or(progress.started_at, |s| s.taken_at),
+                    lsn: taken.and_then(|s| s.lsn.clone()),
+                    slice,
+                    pass_rounds: rounds,
+                    reason: None,
+                },
+            )
+        }
+        None => {
+            let first = slice_snapshot(1);
+            (
+                progress.snapshot.clone(),
+                Consistency {
+                    consistent: false,
+                    snapshot_at: first.map_or(progress.started_at, |s| s.taken_at),
+                    lsn: first.and_then(|s| s.lsn.clone()),
+                    slice: 1,
+                    pass_rounds: rounds,
+                    reason: Some(
+                        progress
+                            .inconsistent
+                            .clone()
+                            .unwrap_or_else(|| "the run did not converge on one snapshot".into()),
+                    ),
+                },
+            )
+        }
     }
 }
 
@@ -217,7 +283,9 @@ fn build_checkpoint(progress: &RunProgress, manifest: &Manifest) -> Checkpoint {
         backup_id: manifest.id.clone(),
         kind: manifest.kind,
         created_at: manifest.created_at,
-        snapshot: progress.snapshot.clone(),
+        // What the next incremental counts changes from: the backup's one moment, or
+        // the run's first snapshot if it has none (older than all of its data).
+        snapshot: manifest.snapshot.clone(),
         tables: progress
             .tables
             .iter()
@@ -256,6 +324,11 @@ pub struct BackupSummary {
     pub store_requests: u64,
     /// The last verification's result; `None` if never verified.
     pub verified: Option<bool>,
+    /// The moment the backup is of, and its WAL position (absent in older manifests).
+    pub snapshot_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub lsn: Option<String>,
+    /// False for a backup sealed as mixing moments.
+    pub consistent: bool,
 }
 
 /// Every sealed backup, oldest first (by creation time).
@@ -285,6 +358,9 @@ pub async fn list_backups(store: &dyn WriteStore) -> Result<Vec<BackupSummary>, 
                 store_requests: m.store_requests,
                 run_bytes: m.totals.bytes,
                 verified: verified.get(&m.id).copied(),
+                snapshot_at: m.consistency.as_ref().map(|c| c.snapshot_at),
+                lsn: m.consistency.as_ref().and_then(|c| c.lsn.clone()),
+                consistent: m.is_consistent(),
                 id: m.id,
                 kind: m.kind,
                 parent: m.parent,

@@ -18,8 +18,12 @@ pub const ROWS_EXPORTED: &str = "RowsExported";
 pub const BYTES_EXPORTED: &str = "BytesExported";
 /// From a run's first slice to its seal.
 pub const BACKUP_DURATION_SECONDS: &str = "BackupDurationSeconds";
-/// 1 when a run is sealed into a backup (0 when the failure step records a failed run).
+/// 1 when a run is sealed into a backup of one point in time (0 when the failure step
+/// records a failed run, or the backup had to be sealed as mixing moments).
 pub const BACKUP_SUCCEEDED: &str = "BackupSucceeded";
+/// 1 when a run spanning slices could not be brought to one snapshot and was sealed as
+/// mixing moments (it fails verification).
+pub const BACKUP_INCONSISTENT: &str = "BackupInconsistent";
 pub const VERIFICATION_SUCCEEDED: &str = "VerificationSucceeded";
 pub const VERIFICATION_FAILED: &str = "VerificationFailed";
 /// The measured recovery time of a verified backup.

@@ -30,6 +30,8 @@ pub enum RunError {
     NoSuchRun { run_id: String },
     #[error("run {run_id} is not finished: {left} table(s) still to export; run export again")]
     NotFinished { run_id: String, left: usize },
+    #[error("run {run_id} has exported every table but not yet brought them to one point in time (the consistency pass); run export again")]
+    NotConsistentYet { run_id: String },
     #[error("run {run_id} progress was changed by another writer; is a second slice of this run running?")]
     Conflict { run_id: String },
     #[error("exporting {table}: {detail}")]

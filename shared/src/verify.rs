@@ -222,6 +222,22 @@ pub async fn verify_slice(
         }
         Err(e) => return Err(e.into()),
     };
+    // A backup sealed as mixing moments is not a state the source was ever in.
+    if let Some(reason) = manifest.consistency.as_ref().and_then(|c| c.reason.clone()) {
+        let record = failed(
+            &manifest.id,
+            format!("backup {} is not one point in time: {reason}", manifest.id),
+            started,
+        );
+        write_doc(
+            store.as_ref(),
+            &verification_key(&manifest.id),
+            &record,
+            WriteCondition::Always,
+        )
+        .await?;
+        return Ok(finished(record));
+    }
     // Find pg_dump before creating anything: without it the schema cannot be compared.
     let tool = PgDump::locate(opts.pg_dump.as_deref()).await?;
     let admin = db::connect(server).await?;

@@ -50,6 +50,8 @@ pub async fn handle(event: LambdaEvent<Value>, deps: &Deps) -> Result<Value, Fun
     options.run_id = request.run_id;
     options.full = request.mode == Some(RunMode::Full);
     options.deadline = Some(tidemark_lambda::work_deadline(&event.context, deps.margin));
+    // A consistency round may use the margin too, all but what returning needs.
+    options.pass_deadline = tidemark_lambda::pass_deadline(&event.context, deps.margin);
     options.holder = tidemark_lambda::holder(&event.context);
     let report = export::export_slice(deps.store.clone(), &deps.db, &options).await?;
     if !report.sealed {

@@ -163,6 +163,20 @@ pub fn slice_margin() -> Duration {
     )
 }
 
+/// What a slice keeps of its invocation after a consistency-pass round, to record its
+/// progress and return.
+pub const PASS_SAFETY: Duration = Duration::from_secs(15);
+
+/// How long a consistency-pass round may run: to the invocation deadline less
+/// [`PASS_SAFETY`] (or less `margin`, if smaller). `None` when the invocation's deadline
+/// is already past as it starts: Lambda never does that, emulators do (`cargo lambda
+/// watch` sends a fixed 600000 ms since the epoch), and an unbounded round is then the
+/// only one that can finish.
+pub fn pass_deadline(context: &Context, margin: Duration) -> Option<Instant> {
+    let remaining = context.deadline().duration_since(SystemTime::now()).ok()?;
+    Some(Instant::now() + remaining.saturating_sub(margin.min(PASS_SAFETY)))
+}
+
 /// The instant by which new work must stop: the invocation deadline less `margin`.
 pub fn work_deadline(context: &Context, margin: Duration) -> Instant {
     let remaining = context

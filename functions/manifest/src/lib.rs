@@ -58,8 +58,14 @@ pub async fn handle(event: LambdaEvent<Value>, deps: &Deps) -> Result<Value, Fun
     let holder = tidemark_lambda::holder(&event.context);
     let report = tidemark_core::manifest::seal_run(deps.store.clone(), &run_id, &holder).await?;
     if report.created {
+        let (succeeded, inconsistent) = if report.consistent {
+            (1.0, 0.0)
+        } else {
+            (0.0, 1.0)
+        };
         tidemark_lambda::metrics()
-            .with(metrics::BACKUP_SUCCEEDED, Unit::Count, 1.0)
+            .with(metrics::BACKUP_SUCCEEDED, Unit::Count, succeeded)
+            .with(metrics::BACKUP_INCONSISTENT, Unit::Count, inconsistent)
             .with(
                 metrics::BACKUP_DURATION_SECONDS,
                 Unit::Seconds,

@@ -22,7 +22,11 @@ pub struct Manifest {
     pub chain: Vec<String>,
     pub started_at: DateTime<Utc>,
     pub created_at: DateTime<Utc>,
+    /// The one snapshot the backup is of (see `consistency`).
     pub snapshot: PgSnapshot,
+    /// Whether the backup is one point in time, and which (absent in older manifests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consistency: Option<Consistency>,
     pub server_version: String,
     pub database: String,
     pub tables: Vec<TableEntry>,
@@ -143,6 +147,34 @@ pub struct StoredObject {
     /// Bytes before compression.
     pub raw_bytes: u64,
     pub sha256: String,
+}
+
+/// The moment a backup restores to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Consistency {
+    /// Restoring the backup gives the database exactly as it was at `snapshot`. When
+    /// false the backup mixes moments: it is sealed so, warned about, and fails
+    /// verification.
+    pub consistent: bool,
+    /// When that snapshot was taken.
+    pub snapshot_at: DateTime<Utc>,
+    /// The server's WAL position then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lsn: Option<String>,
+    /// The slice whose snapshot it is, and the consistency-pass rounds it took (0: the
+    /// run finished in one slice).
+    pub slice: u32,
+    pub pass_rounds: u32,
+    /// Why the backup is not one point in time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl Manifest {
+    /// False only for a backup sealed as mixing moments (older manifests say nothing).
+    pub fn is_consistent(&self) -> bool {
+        self.consistency.as_ref().is_none_or(|c| c.consistent)
+    }
 }
 
 /// What the run wrote.

@@ -29,15 +29,62 @@ pub struct RunProgress {
     pub settings: ExportSettings,
     pub tables: Vec<TableProgress>,
     pub sequences: Vec<SequenceValue>,
-    /// The schema as pg_dump wrote it in the first slice's snapshot.
+    /// The schema as pg_dump wrote it, in the snapshot of slice `schema_slice`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schema_dump: Option<SchemaDump>,
+    #[serde(default)]
+    pub schema_slice: u32,
+    /// The snapshot each slice read in, in slice order.
+    #[serde(default)]
+    pub slice_snapshots: Vec<SliceSnapshot>,
+    /// The consistency pass of a run that spanned slices (absent until every table's
+    /// ranges are exported, and for runs that finish in one slice).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pass: Option<ConsistencyPass>,
+    /// Every table's data is of this slice's snapshot: the backup is one point in time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consistent_in_slice: Option<u32>,
+    /// Why the run could not converge on one snapshot (it is sealed as inconsistent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inconsistent: Option<String>,
     /// Slices run so far (the first is 1).
     pub slices: u32,
     /// Store requests made by all slices so far.
     pub store_requests: u64,
     #[serde(default)]
     pub warnings: Vec<String>,
+}
+
+/// The snapshot one slice read in, and where the server's WAL stood then.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SliceSnapshot {
+    pub slice: u32,
+    pub snapshot: PgSnapshot,
+    /// `pg_current_wal_lsn()` (on a standby, the last replayed LSN).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lsn: Option<String>,
+    pub taken_at: DateTime<Utc>,
+}
+
+/// The consistency pass: rounds that bring every table to one slice's snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsistencyPass {
+    /// Rounds started so far; a round runs within one slice.
+    pub round: u32,
+    /// The slice whose snapshot the current round brings every table to.
+    pub slice: u32,
+}
+
+/// A table's export state before a pass round started on it, to return to if the round
+/// does not finish (its chunks so far, key set, fingerprint, scope and gaps).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PassBase {
+    pub chunks: Vec<ChunkRef>,
+    pub key_chunks: Vec<ChunkRef>,
+    pub fingerprint: Fingerprint,
+    pub exported_rows: u64,
+    pub scope: ExportScope,
+    pub gaps: Vec<GapRange>,
 }
 
 /// Chunk bounds the run was started with (a resumed slice keeps them, so chunk names
@@ -110,6 +157,18 @@ pub struct TableProgress {
     /// The slice in which this table's export started (a restart resets it).
     #[serde(default)]
     pub started_in_slice: u32,
+    /// All of this table's data is of this slice's snapshot (set by the consistency pass).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consistent_in_slice: Option<u32>,
+    /// The state to return to if the pass round under way on this table does not finish.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pass_base: Option<PassBase>,
+    /// Planner's row estimate, for splitting the table into lanes again.
+    #[serde(default)]
+    pub est_rows: f64,
+    /// The table's oid when planned: a different oid at the pass is another table.
+    #[serde(default)]
+    pub oid: u32,
 }
 
 /// One key range of a table that one worker exports, range after range.
