@@ -492,26 +492,14 @@ async fn run_workers(shared: &Arc<Shared>, db: &DbSettings, count: usize) -> Res
         let db = db.clone();
         workers.spawn(async move { worker(shared, db).await });
     }
-    let mut first_error = None;
-    while let Some(joined) = workers.join_next().await {
-        let result = joined.unwrap_or_else(|e| {
-            Err(RunError::Store(StoreError::Io {
-                operation: "run export worker for",
-                key: shared.run_id.clone(),
-                source: std::io::Error::other(e.to_string()),
-            }))
-        });
-        if let Err(e) = result {
-            if first_error.is_none() {
-                first_error = Some(e);
-                workers.abort_all();
-            }
-        }
-    }
-    match first_error {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
+    crate::join_workers(workers, |e| {
+        RunError::Store(StoreError::Io {
+            operation: "run export worker for",
+            key: shared.run_id.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })
+    })
+    .await
 }
 
 /// What a slice does next.
@@ -689,7 +677,7 @@ async fn prepare_pass(
                 ExportScope::Appended { upto, .. } => upto,
                 _ => i64::MIN,
             };
-            let mark = append_mark(client, db, table).await?;
+            let mark = append_mark(client, db, &table.name, &table.key[0]).await?;
             table.scope = ExportScope::Appended {
                 after,
                 upto: mark.max(after),
@@ -709,21 +697,20 @@ async fn prepare_pass(
 async fn append_mark(
     client: &Client,
     db: &DbSettings,
-    table: &TableProgress,
+    table: &TableName,
+    key: &str,
 ) -> Result<i64, RunError> {
-    let key = quote_ident(&table.key[0]);
     let mark: Option<i64> = client
         .query_one(
-            &format!("SELECT max({key})::int8 FROM {}", table.name.quoted()),
+            &format!(
+                "SELECT max({})::int8 FROM {}",
+                quote_ident(key),
+                table.quoted()
+            ),
             &[],
         )
         .await
-        .map_err(|e| {
-            RunError::table(
-                &table.name,
-                DbError::query("reading the append mark", db, e),
-            )
-        })?
+        .map_err(|e| RunError::table(table, DbError::query("reading the append mark", db, e)))?
         .get(0);
     Ok(mark.unwrap_or(i64::MIN))
 }
@@ -1086,21 +1073,7 @@ async fn plan_table(
             }
         }
         TableMode::Append => {
-            let key = quote_ident(&table.key[0].0);
-            let mark: Option<i64> = client
-                .query_one(
-                    &format!("SELECT max({key})::int8 FROM {}", table.name.quoted()),
-                    &[],
-                )
-                .await
-                .map_err(|e| {
-                    RunError::table(
-                        &table.name,
-                        DbError::query("reading the append mark", db, e),
-                    )
-                })?
-                .get(0);
-            let mark = mark.unwrap_or(i64::MIN);
+            let mark = append_mark(client, db, &table.name, &table.key[0].0).await?;
             match previous {
                 Some((cp, entry)) if cp.append_cursor.is_some() => {
                     let after = cp.append_cursor.unwrap_or(i64::MIN);

@@ -65,3 +65,24 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
     }
     line
 }
+
+/// Waits for every worker of `workers`; the first error (or panic, turned into an error by
+/// `panicked`) wins and stops the others.
+pub(crate) async fn join_workers<E: Send + 'static>(
+    mut workers: tokio::task::JoinSet<Result<(), E>>,
+    panicked: impl Fn(tokio::task::JoinError) -> E,
+) -> Result<(), E> {
+    let mut first_error = None;
+    while let Some(joined) = workers.join_next().await {
+        if let Err(e) = joined.unwrap_or_else(|e| Err(panicked(e))) {
+            if first_error.is_none() {
+                first_error = Some(e);
+                workers.abort_all();
+            }
+        }
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}

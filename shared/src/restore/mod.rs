@@ -669,28 +669,14 @@ async fn load_tables(
 
 /// Waits for every worker; the first error wins and stops the others.
 async fn join_all(
-    mut workers: tokio::task::JoinSet<Result<(), RestoreError>>,
+    workers: tokio::task::JoinSet<Result<(), RestoreError>>,
 ) -> Result<(), RestoreError> {
-    let mut first_error = None;
-    while let Some(joined) = workers.join_next().await {
-        let result = joined.unwrap_or_else(|e| {
-            Err(RestoreError::Table {
-                table: TableName::new("", ""),
-                detail: format!("restore worker failed: {e}"),
-                retryable: false,
-            })
-        });
-        if let Err(e) = result {
-            if first_error.is_none() {
-                first_error = Some(e);
-                workers.abort_all();
-            }
-        }
-    }
-    match first_error {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
+    crate::join_workers(workers, |e| RestoreError::Table {
+        table: TableName::new("", ""),
+        detail: format!("restore worker failed: {e}"),
+        retryable: false,
+    })
+    .await
 }
 
 /// Runs `work` in a transaction on `client`: committed if it succeeds, rolled back if not.

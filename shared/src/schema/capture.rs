@@ -217,8 +217,9 @@ async fn store_script(
         });
     }
     let raw_bytes = text.len() as u64;
+    // One shot, so zstd sizes its tables to the script rather than to the level's window.
     let compressed =
-        zstd::encode_all(text.as_slice(), SCRIPT_ZSTD_LEVEL).map_err(|e| SchemaError::Corrupt {
+        zstd::bulk::compress(&text, SCRIPT_ZSTD_LEVEL).map_err(|e| SchemaError::Corrupt {
             key: key.to_owned(),
             detail: format!("cannot compress: {e}"),
         })?;
