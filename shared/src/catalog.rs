@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use tokio_postgres::Client;
 
 use crate::db::{DbError, DbSettings};
+use crate::format::checkpoint::{ColumnIdentity, PartitionIdentity, TableIdentity};
 use crate::format::manifest::{
     ColumnDef, ConstraintDef, IndexDef, PartitionDef, SequenceValue, TableSchema,
 };
@@ -57,6 +58,8 @@ pub struct CatalogTable {
     /// Heap bytes and estimated rows (all partitions), for sizing chunks.
     pub heap_bytes: i64,
     pub est_rows: f64,
+    /// What makes it the same table from one backup to the next.
+    pub identity: TableIdentity,
 }
 
 /// Parses `name`, `schema.name`, with `"quoted"` parts.
@@ -392,6 +395,47 @@ async fn describe(
     } else {
         TableMode::Changes
     };
+    let identity = TableIdentity {
+        oid,
+        columns: client
+            .query(
+                "SELECT attnum, attname::text, \
+                        CASE WHEN attisdropped THEN '' ELSE format_type(atttypid, atttypmod) END, \
+                        attcollation, attisdropped \
+                 FROM pg_attribute WHERE attrelid = $1 AND attnum > 0 ORDER BY attnum",
+                &[&oid],
+            )
+            .await
+            .map_err(q(settings, "reading column identities"))?
+            .iter()
+            .map(|r| ColumnIdentity {
+                attnum: r.get(0),
+                name: r.get(1),
+                type_name: r.get(2),
+                collation: r.get(3),
+                dropped: r.get(4),
+            })
+            .collect(),
+        key: key.iter().map(|(n, _)| n.clone()).collect(),
+        partitions: client
+            .query(
+                "SELECT c.oid, n.nspname::text, c.relname::text, \
+                        coalesce(pg_get_expr(c.relpartbound, c.oid), '') \
+                 FROM pg_partition_tree($1::oid::regclass) t \
+                 JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE t.level > 0 ORDER BY 2, 3",
+                &[&oid],
+            )
+            .await
+            .map_err(q(settings, "reading partition identities"))?
+            .iter()
+            .map(|r| PartitionIdentity {
+                oid: r.get(0),
+                name: TableName::new(r.get::<_, String>(1), r.get::<_, String>(2)),
+                bound: r.get(3),
+            })
+            .collect(),
+    };
     Ok(CatalogTable {
         columns: columns
             .iter()
@@ -414,6 +458,7 @@ async fn describe(
         key,
         heap_bytes: size.get(0),
         est_rows: size.get(1),
+        identity,
     })
 }
 

@@ -733,7 +733,10 @@ async fn reconcile_catalog(
         match doc.tables.iter().position(|t| t.name == table.name) {
             Some(i)
                 if doc.tables[i].done
-                    && (doc.tables[i].oid == 0 || doc.tables[i].oid == table.oid)
+                    && doc.tables[i]
+                        .identity
+                        .as_ref()
+                        .is_none_or(|was| table.identity.change_from(was).is_none())
                     && table_shape(&doc.tables[i].columns, &doc.tables[i].schema) == shape
                     && doc.tables[i].key == key
                     && doc.tables[i].mode == table.mode =>
@@ -913,7 +916,8 @@ async fn plan_run(
     let now = Utc::now();
     let row = client
         .query_one(
-            "SELECT pg_current_snapshot()::text, current_setting('server_version'), current_database()",
+            "SELECT pg_current_snapshot()::text, current_setting('server_version'), current_database(), \
+                    (SELECT system_identifier::text FROM pg_control_system())",
             &[],
         )
         .await
@@ -947,6 +951,24 @@ async fn plan_run(
             }
         }
     };
+    let system_identifier: Option<String> = row.get(3);
+    // A chain continues only on the same server with the same transaction counter, and
+    // only while 32-bit xid comparisons still order it.
+    let parent = match parent {
+        Some((checkpoint, manifest)) => {
+            match chain_break(&checkpoint, &snapshot, system_identifier.as_deref()) {
+                Some(reason) => {
+                    let warning =
+                        format!("taking a full backup instead of an incremental: {reason}");
+                    tracing::warn!("{warning}");
+                    warnings.push(warning);
+                    None
+                }
+                None => Some((checkpoint, manifest)),
+            }
+        }
+        None => None,
+    };
     let kind = if parent.is_some() {
         BackupKind::Incremental
     } else {
@@ -975,6 +997,7 @@ async fn plan_run(
         started_at: now,
         snapshot,
         server_version: row.get(1),
+        system_identifier,
         database: row.get(2),
         settings: ExportSettings {
             chunk_rows: opts.chunk_rows.max(1),
@@ -994,6 +1017,39 @@ async fn plan_run(
         store_requests: 0,
         warnings,
     })
+}
+
+/// Transactions between a parent and its incremental beyond which `age(xmin)`, a 32-bit
+/// comparison, no longer orders them.
+const MAX_XID_DISTANCE: u64 = 1 << 31;
+
+/// Why no chain may continue from `parent` at `now`: another server, a transaction
+/// counter that went backwards (a restored copy), or too many transactions since.
+fn chain_break(
+    parent: &Checkpoint,
+    now: &PgSnapshot,
+    system_identifier: Option<&str>,
+) -> Option<String> {
+    if let (Some(was), Some(is)) = (parent.system_identifier.as_deref(), system_identifier) {
+        if was != is {
+            return Some(format!(
+                "the database is on another server (system identifier {is}, the parent backup's {was})"
+            ));
+        }
+    }
+    if now.xmax < parent.snapshot.xmin {
+        return Some(format!(
+            "the server's transaction counter went backwards (now {}, the parent backup's {}): a restored or another copy of the database",
+            now.xmax, parent.snapshot.xmin
+        ));
+    }
+    if now.xmax - parent.snapshot.xmin >= MAX_XID_DISTANCE {
+        return Some(format!(
+            "{} transactions since the parent backup, more than 2^31: row versions can no longer be ordered by xid",
+            now.xmax - parent.snapshot.xmin
+        ));
+    }
+    None
 }
 
 /// `name type` of each exported column: a change means the chain cannot continue.
@@ -1022,13 +1078,38 @@ async fn plan_table(
     parent: Option<&(Checkpoint, Manifest)>,
     opts: &ExportOptions,
 ) -> Result<TableProgress, RunError> {
-    let shape = table_shape(&table.columns, &table.schema);
-    let previous: Option<(&TableCheckpoint, &crate::format::manifest::TableEntry)> = parent
-        .and_then(|(checkpoint, manifest)| {
-            let cp = checkpoint.tables.iter().find(|t| t.name == table.name)?;
-            let entry = manifest.tables.iter().find(|t| t.name == table.name)?;
-            (cp.mode == table.mode && cp.shape == shape).then_some((cp, entry))
-        });
+    // The parent's link for this table, trusted only if it is provably the same table.
+    let mut new_chain = None;
+    let previous: Option<(&TableCheckpoint, &crate::format::manifest::TableEntry)> = match parent {
+        None => None,
+        Some((checkpoint, manifest)) => {
+            let cp = checkpoint.tables.iter().find(|t| t.name == table.name);
+            let entry = manifest.tables.iter().find(|t| t.name == table.name);
+            match (cp, entry) {
+                (Some(cp), Some(entry)) => {
+                    let reason = match &cp.identity {
+                        None => Some("the parent recorded no identity for it".to_owned()),
+                        Some(was) => table.identity.change_from(was),
+                    }
+                    .or_else(|| {
+                        (cp.mode != table.mode)
+                            .then(|| format!("its mode changed ({} to {})", cp.mode, table.mode))
+                    });
+                    match reason {
+                        None => Some((cp, entry)),
+                        Some(reason) => {
+                            new_chain = Some(reason);
+                            None
+                        }
+                    }
+                }
+                _ => {
+                    new_chain = Some("it is not in the parent backup".to_owned());
+                    None
+                }
+            }
+        }
+    };
     let avg_row = if table.est_rows >= 1.0 {
         (table.heap_bytes as f64 / table.est_rows).max(16.0)
     } else {
@@ -1059,7 +1140,8 @@ async fn plan_table(
         consistent_in_slice: None,
         pass_base: None,
         est_rows: table.est_rows,
-        oid: table.oid,
+        identity: Some(table.identity.clone()),
+        new_chain,
         schema: table.schema.clone(),
     };
     match table.mode {

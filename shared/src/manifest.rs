@@ -199,7 +199,9 @@ fn build_manifest(progress: &RunProgress) -> Manifest {
                 fingerprint,
                 chunks: t.inherited.iter().chain(&t.chunks).cloned().collect(),
                 key_chunks: t.key_chunks.clone(),
+                key_set: matches!(t.scope, ExportScope::Changed { .. }),
                 exported_rows: t.exported_rows,
+                new_chain: t.new_chain.clone(),
             }
         })
         .collect();
@@ -286,6 +288,7 @@ fn build_checkpoint(progress: &RunProgress, manifest: &Manifest) -> Checkpoint {
         // What the next incremental counts changes from: the backup's one moment, or
         // the run's first snapshot if it has none (older than all of its data).
         snapshot: manifest.snapshot.clone(),
+        system_identifier: progress.system_identifier.clone(),
         tables: progress
             .tables
             .iter()
@@ -301,6 +304,7 @@ fn build_checkpoint(progress: &RunProgress, manifest: &Manifest) -> Checkpoint {
                     },
                     gaps: if append { t.gaps.clone() } else { Vec::new() },
                     fingerprint: append.then(|| t.inherited_fingerprint.combine(t.fingerprint)),
+                    identity: t.identity.clone(),
                 }
             })
             .collect(),

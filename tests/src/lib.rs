@@ -347,7 +347,7 @@ pub async fn replay_table(
             .await
             .expect("merge chunk");
     }
-    if !entry.key_chunks.is_empty() {
+    if entry.has_key_set() {
         client
             .batch_execute(&format!(
                 "DROP TABLE IF EXISTS pg_temp.live; CREATE TEMP TABLE live AS SELECT {keys} FROM {target} WITH NO DATA"

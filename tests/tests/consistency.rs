@@ -179,6 +179,7 @@ async fn backups_over_many_slices_under_pgbench_load_restore_to_one_moment() {
         "the pass wrote accounts chunks"
     );
     accounts.key_chunks.clear();
+    accounts.key_set = false;
     m.checksum = None;
     let mixed: Manifest = m.seal();
     write_doc(

@@ -17,8 +17,12 @@ pub struct Checkpoint {
     pub backup_id: String,
     pub kind: BackupKind,
     pub created_at: DateTime<Utc>,
-    /// The snapshot at which that backup's run started.
+    /// The snapshot that backup is of: an incremental counts changes from its xmin.
     pub snapshot: PgSnapshot,
+    /// The server's `system_identifier` (`pg_control_system()`): a chain continues only on
+    /// the same server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system_identifier: Option<String>,
     pub tables: Vec<TableCheckpoint>,
 }
 
@@ -38,6 +42,63 @@ pub struct TableCheckpoint {
     /// `append`: rows and fingerprint of everything exported so far.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fingerprint: Option<Fingerprint>,
+    /// What makes the table the same table: a chain link is trusted only if it is equal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<TableIdentity>,
+}
+
+/// A table's identity, independent of where its data lies on disk: its oid, every column
+/// slot (dropped ones too: a column dropped and added again is another column), its key,
+/// and its partitions with their bounds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableIdentity {
+    pub oid: u32,
+    pub columns: Vec<ColumnIdentity>,
+    pub key: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub partitions: Vec<PartitionIdentity>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ColumnIdentity {
+    pub attnum: i16,
+    pub name: String,
+    /// `format_type`, e.g. `character varying(20)`.
+    pub type_name: String,
+    pub collation: u32,
+    #[serde(default)]
+    pub dropped: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionIdentity {
+    pub oid: u32,
+    pub name: TableName,
+    pub bound: String,
+}
+
+impl TableIdentity {
+    /// What differs from `earlier`, said for the manifest (`None`: the same table).
+    pub fn change_from(&self, earlier: &TableIdentity) -> Option<String> {
+        if self.oid != earlier.oid {
+            return Some(format!(
+                "it is another table under the same name (oid {}, was {})",
+                self.oid, earlier.oid
+            ));
+        }
+        if self.columns != earlier.columns {
+            return Some("its columns changed (added, dropped, retyped or re-collated)".into());
+        }
+        if self.key != earlier.key {
+            return Some("its primary key changed".into());
+        }
+        if self.partitions != earlier.partitions {
+            return Some(
+                "its partitions changed (attached, detached, replaced or re-bounded)".into(),
+            );
+        }
+        None
+    }
 }
 
 /// Keys `from..=to` that no visible row had when the export passed them.

@@ -204,12 +204,26 @@ pub struct TableEntry {
     /// replaces an earlier one.
     pub chunks: Vec<ChunkRef>,
     /// The live key set (incremental `changes` tables): keys absent here are deleted.
-    /// Empty means the rows chunks need no filtering.
     #[serde(default)]
     pub key_chunks: Vec<ChunkRef>,
+    /// The table has a live key set (`key_chunks`), even if it is empty: every row of an
+    /// emptied table is deleted. Without one, the rows chunks need no filtering.
+    #[serde(default)]
+    pub key_set: bool,
     /// Rows this run exported for the table.
     #[serde(default)]
     pub exported_rows: u64,
+    /// In an incremental: why this table was exported whole, starting a new chain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_chain: Option<String>,
+}
+
+impl TableEntry {
+    /// Whether rows must be filtered by the live key set (older manifests said so by
+    /// having key chunks).
+    pub fn has_key_set(&self) -> bool {
+        self.key_set || !self.key_chunks.is_empty()
+    }
 }
 
 /// A table's definition, enough to recreate it.

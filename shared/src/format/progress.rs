@@ -7,7 +7,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::checkpoint::GapRange;
+use super::checkpoint::{GapRange, TableIdentity};
 use super::manifest::{SchemaDump, SequenceValue, TableSchema};
 use super::{BackupKind, ChunkRef, Fingerprint, PgSnapshot, TableMode, TableName};
 
@@ -25,6 +25,9 @@ pub struct RunProgress {
     pub started_at: DateTime<Utc>,
     pub snapshot: PgSnapshot,
     pub server_version: String,
+    /// The server's `system_identifier`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system_identifier: Option<String>,
     pub database: String,
     pub settings: ExportSettings,
     pub tables: Vec<TableProgress>,
@@ -166,9 +169,12 @@ pub struct TableProgress {
     /// Planner's row estimate, for splitting the table into lanes again.
     #[serde(default)]
     pub est_rows: f64,
-    /// The table's oid when planned: a different oid at the pass is another table.
-    #[serde(default)]
-    pub oid: u32,
+    /// The table's identity when planned (for the checkpoint, and the pass's catalog check).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<TableIdentity>,
+    /// Why this table starts a new chain in an incremental run (exported whole).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_chain: Option<String>,
 }
 
 /// One key range of a table that one worker exports, range after range.

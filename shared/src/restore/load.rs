@@ -180,26 +180,31 @@ pub(super) async fn copy_chunk(
     Ok(rows)
 }
 
-/// A `changes` chain needs the staging merge; everything else is plain COPY.
+/// A `changes` chain needs the merge; everything else is plain COPY.
 pub(super) fn needs_merge(entry: &TableEntry) -> bool {
     let runs: std::collections::BTreeSet<&str> =
         entry.chunks.iter().map(|c| c.run_id.as_str()).collect();
     entry.mode == TableMode::Changes
         && !entry.key.is_empty()
-        && (runs.len() > 1 || !entry.key_chunks.is_empty())
+        && (runs.len() > 1 || entry.has_key_set())
 }
 
 /// How [`load_into`] lands the rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Landing {
-    /// COPY straight into the table.
+    /// Into the table, chunk by chunk.
     Direct,
-    /// COPY into a staging table, then one `INSERT ... SELECT` (one statement, so that
-    /// a non-deferrable self-referencing foreign key sees every row at once).
+    /// Into a staging table, then one `INSERT ... SELECT` (one statement, so that a
+    /// non-deferrable self-referencing foreign key sees every row at once).
     Staged,
 }
 
 /// Loads a table's chunks inside the caller's transaction; returns the rows landed.
+///
+/// A `changes` chain is merged newest chunk first: each chunk is staged in a temporary
+/// table shaped exactly like the target (so any table PostgreSQL allows, 1,600 columns
+/// included, fits), and lands only the rows whose key no newer chunk had and, when the
+/// backup has a live key set, whose key is in it (an emptied table's set is empty).
 pub(super) async fn load_into(
     store: &dyn ReadStore,
     client: &Client,
@@ -215,64 +220,55 @@ pub(super) async fn load_into(
         }
     };
     let cols = column_list(&entry.columns);
-    if !needs_merge(entry) && landing == Landing::Direct {
+    let copy = |table: &str| format!("COPY {table} ({cols}) FROM STDIN");
+    let merge = needs_merge(entry);
+    if !merge && landing == Landing::Direct {
         let mut rows = 0;
         for chunk in &entry.chunks {
-            rows += copy_chunk(
-                store,
-                client,
-                &entry.name,
-                &format!("COPY {name} ({cols}) FROM STDIN"),
-                chunk,
-                meter,
-            )
-            .await?;
+            rows += copy_chunk(store, client, &entry.name, &copy(&name), chunk, meter).await?;
         }
         return Ok(rows);
     }
-    // Staging holds the exported columns, plus (for a chain) the chunk each row came
-    // from, so that the newest version of a key wins.
-    let merge = needs_merge(entry);
-    client
-        .batch_execute(&format!(
-            "CREATE TEMP TABLE tidemark_stage ON COMMIT DROP AS SELECT {cols} FROM {name} WITH NO DATA"
-        ))
-        .await
-        .map_err(q("creating the staging table"))?;
-    if merge {
-        client
-            .batch_execute(
-                "ALTER TABLE tidemark_stage ADD COLUMN tidemark_seq int NOT NULL DEFAULT 0",
-            )
-            .await
-            .map_err(q("creating the staging table"))?;
-    }
-    for (i, chunk) in entry.chunks.iter().enumerate() {
-        if merge {
-            client
-                .batch_execute(&format!(
-                    "ALTER TABLE tidemark_stage ALTER COLUMN tidemark_seq SET DEFAULT {i}"
-                ))
-                .await
-                .map_err(q("staging a chunk"))?;
-        }
-        copy_chunk(
-            store,
-            client,
-            &entry.name,
-            &format!("COPY tidemark_stage ({cols}) FROM STDIN"),
-            chunk,
-            meter,
+    let shaped = |table: &str, columns: &str| {
+        format!(
+            "CREATE TEMP TABLE {table} ON COMMIT DROP AS SELECT {columns} FROM {name} WITH NO DATA"
         )
-        .await?;
-    }
-    let source = if merge {
+    };
+    // Where merged rows go: the table, or a staging table landed in one statement.
+    let into = match landing {
+        Landing::Direct => name.clone(),
+        Landing::Staged => {
+            client
+                .batch_execute(&shaped("tidemark_stage", &cols))
+                .await
+                .map_err(q("creating the staging table"))?;
+            "tidemark_stage".to_owned()
+        }
+    };
+    if merge {
         let keys = column_list(&entry.key);
-        let mut filter = String::new();
-        if !entry.key_chunks.is_empty() {
+        let on = |a: &str, b: &str| {
+            entry
+                .key
+                .iter()
+                .map(|k| format!("{a}.{k} = {b}.{k}", k = quote_ident(k)))
+                .collect::<Vec<_>>()
+                .join(" AND ")
+        };
+        client
+            .batch_execute(&format!(
+                "{}; CREATE INDEX ON tidemark_seen ({keys}); {}",
+                shaped("tidemark_seen", &keys),
+                shaped("tidemark_chunk", &cols)
+            ))
+            .await
+            .map_err(q("creating the merge tables"))?;
+        let mut live = String::new();
+        if entry.has_key_set() {
             client
                 .batch_execute(&format!(
-                    "CREATE TEMP TABLE tidemark_live ON COMMIT DROP AS SELECT {keys} FROM {name} WITH NO DATA"
+                    "{}; CREATE INDEX ON tidemark_live ({keys})",
+                    shaped("tidemark_live", &keys)
                 ))
                 .await
                 .map_err(q("creating the key set table"))?;
@@ -287,18 +283,60 @@ pub(super) async fn load_into(
                 )
                 .await?;
             }
-            filter = format!("WHERE ({keys}) IN (SELECT {keys} FROM tidemark_live)");
+            client
+                .batch_execute("ANALYZE tidemark_live")
+                .await
+                .map_err(q("analysing the key set"))?;
+            live = format!(
+                " AND EXISTS (SELECT 1 FROM tidemark_live l WHERE {})",
+                on("l", "c")
+            );
         }
-        format!(
-            "(SELECT DISTINCT ON ({keys}) * FROM tidemark_stage ORDER BY {keys}, tidemark_seq DESC) s {filter}"
-        )
+        let mut landed = 0;
+        for chunk in entry.chunks.iter().rev() {
+            copy_chunk(
+                store,
+                client,
+                &entry.name,
+                &copy("tidemark_chunk"),
+                chunk,
+                meter,
+            )
+            .await?;
+            client
+                .batch_execute("ANALYZE tidemark_chunk")
+                .await
+                .map_err(q("analysing a chunk"))?;
+            landed += client
+                .execute(
+                    &format!(
+                        "INSERT INTO {into} ({cols}) OVERRIDING SYSTEM VALUE SELECT {cols} FROM tidemark_chunk c \
+                         WHERE NOT EXISTS (SELECT 1 FROM tidemark_seen s WHERE {}){live}",
+                        on("s", "c")
+                    ),
+                    &[],
+                )
+                .await
+                .map_err(|e| load_error(&entry.name, "merging a chunk", &e))?;
+            client
+                .batch_execute(&format!(
+                    "INSERT INTO tidemark_seen SELECT {keys} FROM tidemark_chunk; TRUNCATE tidemark_chunk"
+                ))
+                .await
+                .map_err(q("merging a chunk"))?;
+        }
+        if landing == Landing::Direct {
+            return Ok(landed);
+        }
     } else {
-        "tidemark_stage".to_owned()
-    };
+        for chunk in &entry.chunks {
+            copy_chunk(store, client, &entry.name, &copy(&into), chunk, meter).await?;
+        }
+    }
     let landed = client
         .execute(
             &format!(
-                "INSERT INTO {name} ({cols}) OVERRIDING SYSTEM VALUE SELECT {cols} FROM {source}"
+                "INSERT INTO {name} ({cols}) OVERRIDING SYSTEM VALUE SELECT {cols} FROM {into}"
             ),
             &[],
         )
