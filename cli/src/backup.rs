@@ -12,7 +12,7 @@ use tidemark_core::config::{parse_size, parse_table_mode};
 use tidemark_core::db::DbSettings;
 use tidemark_core::error_chain;
 use tidemark_core::export::{self, ExportMeter, ExportOptions};
-use tidemark_core::format::TableMode;
+use tidemark_core::format::{FingerprintOf, TableMode};
 use tidemark_core::manifest;
 use tidemark_core::restore::{self, BackupSelector, RestoreMeter, RestoreOptions};
 use tidemark_core::verify::{self, VerifyOptions};
@@ -45,6 +45,16 @@ pub struct SelectionArgs {
     /// Database connections exporting at once.
     #[arg(long, env = "TIDEMARK_WORKERS", default_value_t = 2)]
     workers: usize,
+    /// Seconds an `append` table's empty key ranges are probed again for late commits.
+    #[arg(long = "gap-ttl", env = "TIDEMARK_GAP_TTL_SECS", default_value_t = 3600, value_name = "SECONDS")]
+    gap_ttl_secs: u64,
+    /// Fingerprint `append` tables whole in this backup (a deep check: updates to their rows,
+    /// which append mode does not export, then fail verification).
+    #[arg(long)]
+    deep: bool,
+    /// A deep check every N backups of a chain (0: never, unless --deep).
+    #[arg(long, env = "TIDEMARK_DEEP_EVERY", default_value_t = 0, value_name = "N")]
+    deep_every: u32,
     /// Consistency-pass rounds a run spanning slices tries before it is sealed as not one
     /// point in time.
     #[arg(long, env = "TIDEMARK_PASS_ROUNDS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
@@ -287,6 +297,9 @@ fn options(global: &GlobalArgs, sel: &SelectionArgs) -> ExportOptions {
         chunk_bytes: sel.chunk_bytes,
         zstd_level: sel.zstd_level,
         max_pass_rounds: sel.pass_rounds,
+        gap_ttl: Duration::from_secs(sel.gap_ttl_secs),
+        deep: sel.deep,
+        deep_every: sel.deep_every,
         workers: sel.workers.max(1),
         ..ExportOptions::default()
     }
@@ -441,7 +454,7 @@ pub async fn list(global: &GlobalArgs) -> Result<(), String> {
         "BYTES",
         "VERIFIED"
     );
-    for b in backups {
+    for b in &backups {
         let as_of = match (b.consistent, b.snapshot_at) {
             (false, _) => "MIXED MOMENTS".to_owned(),
             (true, Some(at)) => at.format("%Y-%m-%d %H:%M:%S").to_string(),
@@ -463,6 +476,13 @@ pub async fn list(global: &GlobalArgs) -> Result<(), String> {
                 Some(false) => "FAILED",
                 None => "-",
             }
+        );
+    }
+    if let Some(newest) = backups.last().filter(|b| !b.keys_only.is_empty()) {
+        let names: Vec<String> = newest.keys_only.iter().map(ToString::to_string).collect();
+        println!(
+            "note: append table(s) {} are backed up by new keys only: rows updated after they were exported are not in the backup, and verification compares their keys (backup --deep, or TIDEMARK_DEEP_EVERY, fingerprints them whole)",
+            names.join(", ")
         );
     }
     Ok(())
@@ -579,13 +599,30 @@ pub async fn verify(global: &GlobalArgs, args: &VerifyArgs) -> Result<(), String
         }
         for t in record.tables.iter().filter(|t| !t.ok) {
             println!(
-                "  table {}: expected {} rows (fingerprint {:016x}), restored {}",
+                "  table {}: expected {} rows (fingerprint {:016x}{}), restored {}",
                 t.name,
                 t.expected.rows,
                 t.expected.sum,
+                if t.of == FingerprintOf::Keys {
+                    " of its keys"
+                } else {
+                    ""
+                },
                 t.actual
                     .map(|a| format!("{} rows (fingerprint {:016x})", a.rows, a.sum))
                     .unwrap_or_else(|| "nothing".into())
+            );
+        }
+        let keys_only: Vec<String> = record
+            .tables
+            .iter()
+            .filter(|t| t.of == FingerprintOf::Keys)
+            .map(|t| t.name.to_string())
+            .collect();
+        if !keys_only.is_empty() {
+            println!(
+                "  note: append table(s) {} were compared by key only: updates to their rows are not in an append backup (backup --deep checks them whole)",
+                keys_only.join(", ")
             );
         }
     }

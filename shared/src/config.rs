@@ -118,6 +118,9 @@ pub fn export_options_from_env(
     if let Some(ttl) = number("TIDEMARK_GAP_TTL_SECS")? {
         opts.gap_ttl = Duration::from_secs(ttl);
     }
+    if let Some(every) = number("TIDEMARK_DEEP_EVERY")? {
+        opts.deep_every = every.min(u64::from(u32::MAX)) as u32;
+    }
     if let Some(rounds) = number("TIDEMARK_PASS_ROUNDS")? {
         opts.max_pass_rounds = rounds.clamp(1, 100) as u32;
     }

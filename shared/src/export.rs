@@ -48,8 +48,8 @@ use crate::db::{self, DbError, DbSettings};
 use crate::format::checkpoint::{Checkpoint, GapRange, TableCheckpoint};
 use crate::format::manifest::Manifest;
 use crate::format::progress::{
-    ConsistencyPass, ExportScope, ExportSettings, Lane, PassBase, RunProgress, SliceSnapshot,
-    TableProgress,
+    AppendTruth, ConsistencyPass, ExportScope, ExportSettings, Lane, PassBase, RunProgress,
+    SliceSnapshot, TableProgress,
 };
 use crate::format::{
     manifest_key, progress_key, quote_ident, quote_literal, read_doc, write_doc, BackupKind,
@@ -96,6 +96,11 @@ pub struct ExportOptions {
     /// Consistency-pass rounds a run spanning slices tries before it is sealed as not one
     /// point in time.
     pub max_pass_rounds: u32,
+    /// Fingerprint `append` tables whole in this run (a deep check): updates to their rows,
+    /// which `append` mode does not export, show up in verification.
+    pub deep: bool,
+    /// A deep check every this many backups of a chain (0: only when `deep`).
+    pub deep_every: u32,
     /// A consistency-pass round must finish within one slice to count, so it may run past
     /// `deadline` up to this instant (the invocation's hard limit, less what finishing the
     /// slice needs); `None`: no limit.
@@ -121,6 +126,8 @@ impl Default for ExportOptions {
             pg_dump: None,
             max_pass_rounds: 3,
             pass_deadline: None,
+            deep: false,
+            deep_every: 0,
         }
     }
 }
@@ -585,6 +592,8 @@ async fn start_round(
             table.exported_rows = base.exported_rows;
             table.scope = base.scope;
             table.gaps = base.gaps;
+            table.key_fingerprint = base.key_fingerprint;
+            table.truth = base.truth;
             table.gaps_to_probe.clear();
             table.gaps_probed = true;
             for lane in &mut table.lanes {
@@ -639,6 +648,8 @@ async fn start_round(
             exported_rows: table.exported_rows,
             scope: table.scope.clone(),
             gaps: table.gaps.clone(),
+            key_fingerprint: table.key_fingerprint,
+            truth: table.truth,
         });
         prepare_pass(table, since, client, db, opts, slice).await?;
     }
@@ -675,13 +686,14 @@ async fn prepare_pass(
         TableMode::Append => {
             let after = match table.scope {
                 ExportScope::Appended { upto, .. } => upto,
-                _ => i64::MIN,
+                _ => None,
             };
             let mark = append_mark(client, db, &table.name, &table.key[0]).await?;
             table.scope = ExportScope::Appended {
                 after,
                 upto: mark.max(after),
             };
+            table.truth = None;
             // Gaps passed while exporting may have been filled since.
             table.gaps_to_probe = std::mem::take(&mut table.gaps);
             table.gaps_probed = table.gaps_to_probe.is_empty();
@@ -693,13 +705,13 @@ async fn prepare_pass(
     Ok(())
 }
 
-/// The highest key of an `append` table now (`i64::MIN` when empty).
+/// The highest key of an `append` table now (`None` when empty).
 async fn append_mark(
     client: &Client,
     db: &DbSettings,
     table: &TableName,
     key: &str,
-) -> Result<i64, RunError> {
+) -> Result<Option<i64>, RunError> {
     let mark: Option<i64> = client
         .query_one(
             &format!(
@@ -712,7 +724,7 @@ async fn append_mark(
         .await
         .map_err(|e| RunError::table(table, DbError::query("reading the append mark", db, e)))?
         .get(0);
-    Ok(mark.unwrap_or(i64::MIN))
+    Ok(mark)
 }
 
 /// The tables as they are in this snapshot: a table created during the run is added, one
@@ -979,7 +991,13 @@ async fn plan_run(
         planned.push(plan_table(client, db, table, parent.as_ref(), opts).await?);
     }
     let run_id = run_id.unwrap_or_else(|| new_run_id(now));
+    let deep = opts.deep
+        || (opts.deep_every > 0
+            && parent
+                .as_ref()
+                .is_some_and(|(cp, _)| cp.runs_since_deep + 1 >= opts.deep_every));
     Ok(RunProgress {
+        deep,
         version: FORMAT_VERSION,
         run_id: run_id.clone(),
         kind,
@@ -1124,7 +1142,9 @@ async fn plan_table(
         key: table.key.iter().map(|(n, _)| n.clone()).collect(),
         scope: ExportScope::Whole,
         inherited: Vec::new(),
-        inherited_fingerprint: Fingerprint::default(),
+        inherited_keys: Fingerprint::default(),
+        key_fingerprint: Fingerprint::default(),
+        truth: None,
         gaps_to_probe: Vec::new(),
         gaps: Vec::new(),
         rows_per_chunk,
@@ -1157,20 +1177,20 @@ async fn plan_table(
         TableMode::Append => {
             let mark = append_mark(client, db, &table.name, &table.key[0].0).await?;
             match previous {
-                Some((cp, entry)) if cp.append_cursor.is_some() => {
-                    let after = cp.append_cursor.unwrap_or(i64::MIN);
+                Some((cp, entry)) if cp.append_cursor.is_some() && cp.key_fingerprint.is_some() => {
+                    let after = cp.append_cursor;
                     progress.scope = ExportScope::Appended {
                         after,
                         upto: mark.max(after),
                     };
                     progress.inherited = entry.chunks.clone();
-                    progress.inherited_fingerprint = cp.fingerprint.unwrap_or_default();
+                    progress.inherited_keys = cp.key_fingerprint.unwrap_or_default();
                     progress.gaps_to_probe = cp.gaps.clone();
                     progress.gaps_probed = cp.gaps.is_empty();
                 }
                 _ => {
                     progress.scope = ExportScope::Appended {
-                        after: i64::MIN,
+                        after: None,
                         upto: mark,
                     };
                 }
@@ -1186,11 +1206,11 @@ async fn plan_table(
 fn scope_lane(table: &TableProgress) -> Option<Lane> {
     let (after, until) = match table.scope {
         ExportScope::Appended { after, upto } => {
-            if upto == i64::MIN || upto <= after {
+            let upto = upto?;
+            if after.is_some_and(|a| upto <= a) {
                 return None;
             }
-            let lower = (after != i64::MIN).then(|| vec![after.to_string()]);
-            (lower, Some(vec![upto.to_string()]))
+            (after.map(|a| vec![a.to_string()]), Some(vec![upto.to_string()]))
         }
         _ => (None, None),
     };
@@ -1343,6 +1363,8 @@ struct Delta {
     chunks: Vec<ChunkRef>,
     key_chunks: Vec<ChunkRef>,
     fingerprint: Fingerprint,
+    /// `append`: the keys exported.
+    key_fingerprint: Fingerprint,
     gaps: Vec<GapRange>,
 }
 
@@ -1354,6 +1376,7 @@ impl Delta {
         table.chunks.extend(self.chunks);
         table.key_chunks.extend(self.key_chunks);
         table.fingerprint = table.fingerprint.combine(self.fingerprint);
+        table.key_fingerprint = table.key_fingerprint.combine(self.key_fingerprint);
         table.gaps.extend(self.gaps);
         if table.gaps.len() > MAX_GAPS {
             table.gaps.sort_by_key(|g| (g.seen_at, g.from));
@@ -1614,10 +1637,13 @@ fn reset(table: &mut TableProgress, slice: u32) {
     table.fingerprint = Fingerprint::default();
     table.exported_rows = 0;
     table.gaps.clear();
+    table.key_fingerprint = Fingerprint::default();
+    table.truth = None;
     table.started_in_slice = slice;
 }
 
-/// All of a table is exported: check an `append` table's row count, then mark it done.
+/// All of a table is exported: for an `append` table, take the source's truth and check
+/// the chain against it; then mark it done.
 async fn finalize(
     shared: &Shared,
     client: &Client,
@@ -1626,10 +1652,16 @@ async fn finalize(
 ) -> Result<(), RunError> {
     let table = shared.begin(t).await;
     if let ExportScope::Appended { upto, .. } = table.scope {
-        if let Some(whole) = check_append_count(shared, client, db, &table, upto).await? {
-            shared.replace(t, whole).await?;
-            shared.push_work(Work::Lane(t, 0));
-            return Ok(());
+        match check_append(shared, client, db, &table, upto).await? {
+            AppendCheck::ExportWhole(whole) => {
+                shared.replace(t, *whole).await?;
+                shared.push_work(Work::Lane(t, 0));
+                return Ok(());
+            }
+            AppendCheck::Truth(truth) => {
+                shared.state.lock().await.doc.tables[t].truth = Some(truth);
+            }
+            AppendCheck::Later => {}
         }
     }
     shared.mark_done(t).await
@@ -1806,6 +1838,7 @@ async fn export_range(
                         .and_then(|f| f.parse::<i64>().ok())
                     {
                         append_keys.push(k);
+                        delta.key_fingerprint.add_key(k);
                     }
                 }
                 if export {
@@ -1957,6 +1990,7 @@ async fn probe_gaps(
                     .and_then(|f| f.parse::<i64>().ok())
                 {
                     found.push(k);
+                    delta.key_fingerprint.add_key(k);
                 }
                 let s =
                     sink.get_or_insert_with(|| shared.open_sink(&table.name, seq, ChunkKind::Rows));
@@ -2006,71 +2040,130 @@ async fn probe_gaps(
     Ok(delta)
 }
 
-/// For `append` tables: every row at or below the mark must be in the chain. On a
-/// mismatch (a late commit past its TTL, a delete) returns the table reset to export it
-/// whole.
-async fn check_append_count(
+/// What the `append` check found.
+#[derive(Debug)]
+enum AppendCheck {
+    /// The chain does not hold the source's rows: export the table whole (this table).
+    ExportWhole(Box<TableProgress>),
+    /// The source's truth, taken in this snapshot.
+    Truth(AppendTruth),
+    /// The table was read in an earlier snapshot: the consistency pass checks it.
+    Later,
+}
+
+/// For `append` tables: the source's key fingerprint of the rows at or below the mark,
+/// taken in this snapshot, must equal the chain's (the parent's plus the keys this run
+/// exported) — a count cannot see a delete that a late row makes up for. On a mismatch
+/// (a late commit past its TTL or its gap dropped, a delete) the table is exported whole.
+/// A deep check also fingerprints those rows whole.
+async fn check_append(
     shared: &Shared,
     client: &Client,
     db: &DbSettings,
     table: &TableProgress,
-    upto: i64,
-) -> Result<Option<TableProgress>, RunError> {
-    if upto == i64::MIN || table.started_in_slice != shared.slice {
-        return Ok(None);
+    upto: Option<i64>,
+) -> Result<AppendCheck, RunError> {
+    if table.started_in_slice != shared.slice {
+        return Ok(AppendCheck::Later);
     }
-    let is_whole = matches!(
-        table.scope,
-        ExportScope::Appended {
-            after: i64::MIN,
-            ..
-        }
-    ) && table.inherited.is_empty();
-    if is_whole {
-        // A whole export in one snapshot cannot disagree with itself.
-        return Ok(None);
-    }
-    let expected = table.inherited_fingerprint.rows + table.fingerprint.rows;
-    let actual: i64 = client
-        .query_one(
-            &format!(
-                "SELECT count(*) FROM {} WHERE {} <= {upto}",
-                table.name.quoted(),
-                quote_ident(&table.key[0])
-            ),
-            &[],
-        )
-        .await
-        .map_err(db_err(table, db, "counting append rows"))?
-        .try_get(0)
-        .map_err(db_err(table, db, "counting append rows"))?;
-    if actual as u64 == expected {
-        return Ok(None);
-    }
-    shared
-        .warn(format!(
-            "append table {}: {actual} rows at or below key {upto} but the chain holds {expected} \
-             (a late commit past the gap TTL, or a delete); exporting it whole",
-            table.name
-        ))
-        .await;
-    let mut whole = table.clone();
-    reset(&mut whole, shared.slice);
-    whole.scope = ExportScope::Appended {
-        after: i64::MIN,
-        upto,
+    let deep = shared.state.lock().await.doc.deep;
+    let Some(upto) = upto else {
+        // Empty at the mark: nothing to hold.
+        return Ok(AppendCheck::Truth(AppendTruth {
+            keys: Fingerprint::default(),
+            rows: deep.then(Fingerprint::default),
+        }));
     };
-    whole.inherited.clear();
-    whole.inherited_fingerprint = Fingerprint::default();
-    whole.gaps_to_probe.clear();
-    whole.gaps_probed = true;
-    whole.lanes = vec![Lane {
-        after: None,
-        until: Some(vec![upto.to_string()]),
-        cursor: None,
-        done: false,
-    }];
-    Ok(Some(whole))
+    let whole_here = matches!(table.scope, ExportScope::Appended { after: None, .. })
+        && table.inherited.is_empty();
+    if whole_here {
+        // Exported whole in this snapshot: what was read is what the source held, every
+        // row of it.
+        return Ok(AppendCheck::Truth(AppendTruth {
+            keys: table.key_fingerprint,
+            rows: Some(table.fingerprint),
+        }));
+    }
+    let key = quote_ident(&table.key[0]);
+    let keys = source_fingerprint(
+        client,
+        db,
+        table,
+        &format!("SELECT {key} FROM {} WHERE {key} <= {upto}", table.name.quoted()),
+    )
+    .await?;
+    let expected = table.inherited_keys.combine(table.key_fingerprint);
+    if keys != expected {
+        shared
+            .warn(format!(
+                "append table {}: the source has {} rows at or below key {upto} but the chain holds {} other keys \
+                 (a late commit past the gap TTL, or a delete); exporting it whole",
+                table.name, keys.rows, expected.rows
+            ))
+            .await;
+        let mut whole = table.clone();
+        reset(&mut whole, shared.slice);
+        whole.scope = ExportScope::Appended {
+            after: None,
+            upto: Some(upto),
+        };
+        whole.inherited.clear();
+        whole.inherited_keys = Fingerprint::default();
+        whole.gaps_to_probe.clear();
+        whole.gaps_probed = true;
+        whole.new_chain = Some("its rows no longer matched the chain's".into());
+        whole.lanes = vec![Lane {
+            after: None,
+            until: Some(vec![upto.to_string()]),
+            cursor: None,
+            done: false,
+        }];
+        return Ok(AppendCheck::ExportWhole(Box::new(whole)));
+    }
+    let rows = if deep {
+        Some(
+            source_fingerprint(
+                client,
+                db,
+                table,
+                &format!(
+                    "SELECT {} FROM {} WHERE {key} <= {upto}",
+                    column_list(&table.columns),
+                    table.name.quoted()
+                ),
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
+    Ok(AppendCheck::Truth(AppendTruth { keys, rows }))
+}
+
+/// The fingerprint of `select`'s rows, computed from the source's COPY output.
+async fn source_fingerprint(
+    client: &Client,
+    db: &DbSettings,
+    table: &TableProgress,
+    select: &str,
+) -> Result<Fingerprint, RunError> {
+    let stream = client
+        .copy_out(&format!("COPY ({select}) TO STDOUT"))
+        .await
+        .map_err(db_err(table, db, "fingerprinting the source"))?;
+    pin_mut!(stream);
+    let mut fingerprint = Fingerprint::default();
+    let mut splitter = LineSplitter::default();
+    while let Some(block) = stream
+        .try_next()
+        .await
+        .map_err(db_err(table, db, "fingerprinting the source"))?
+    {
+        for line in splitter.feed(block) {
+            fingerprint.add_line(&line);
+        }
+    }
+    Ok(fingerprint)
 }
 
 /// Exports a keyless table in one statement, cutting chunks as the rows stream by.

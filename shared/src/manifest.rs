@@ -10,6 +10,7 @@ use serde::Serialize;
 use crate::export::table_shape;
 use crate::format::checkpoint::{Checkpoint, TableCheckpoint};
 use crate::format::manifest::{Consistency, Manifest, RunTotals, TableEntry};
+use crate::format::FingerprintOf;
 use crate::format::progress::{ExportScope, RunProgress};
 use crate::format::{
     manifest_key, progress_key, read_doc, write_doc, BackupKind, FormatError, PgSnapshot,
@@ -157,10 +158,11 @@ async fn finish_after_manifest(
             }
         };
         if let Some(progress) = progress {
+            let previous_runs_since_deep = current.as_ref().map_or(0, |(c, _)| c.runs_since_deep);
             write_doc(
                 store,
                 CHECKPOINT_KEY,
-                &build_checkpoint(progress, manifest),
+                &build_checkpoint(progress, manifest, previous_runs_since_deep),
                 WriteCondition::Always,
             )
             .await?;
@@ -186,9 +188,13 @@ fn build_manifest(progress: &RunProgress) -> Manifest {
                 totals.raw_bytes += c.raw_bytes;
             }
             totals.rows += t.exported_rows;
-            let fingerprint = match t.scope {
-                ExportScope::Appended { .. } => t.inherited_fingerprint.combine(t.fingerprint),
-                _ => t.fingerprint,
+            // What verify compares with: computed by the source in the backup's snapshot.
+            let (fingerprint, fingerprint_of) = match (&t.scope, &t.truth) {
+                (ExportScope::Appended { .. }, Some(truth)) => match truth.rows {
+                    Some(rows) => (rows, FingerprintOf::Rows),
+                    None => (truth.keys, FingerprintOf::Keys),
+                },
+                _ => (t.fingerprint, FingerprintOf::Rows),
             };
             TableEntry {
                 name: t.name.clone(),
@@ -197,6 +203,7 @@ fn build_manifest(progress: &RunProgress) -> Manifest {
                 columns: t.columns.clone(),
                 key: t.key.clone(),
                 fingerprint,
+                fingerprint_of,
                 chunks: t.inherited.iter().chain(&t.chunks).cloned().collect(),
                 key_chunks: t.key_chunks.clone(),
                 key_set: matches!(t.scope, ExportScope::Changed { .. }),
@@ -279,7 +286,11 @@ fn moment(progress: &RunProgress) -> (PgSnapshot, Consistency) {
     }
 }
 
-fn build_checkpoint(progress: &RunProgress, manifest: &Manifest) -> Checkpoint {
+fn build_checkpoint(
+    progress: &RunProgress,
+    manifest: &Manifest,
+    previous_runs_since_deep: u32,
+) -> Checkpoint {
     Checkpoint {
         version: FORMAT_VERSION,
         backup_id: manifest.id.clone(),
@@ -289,6 +300,11 @@ fn build_checkpoint(progress: &RunProgress, manifest: &Manifest) -> Checkpoint {
         // the run's first snapshot if it has none (older than all of its data).
         snapshot: manifest.snapshot.clone(),
         system_identifier: progress.system_identifier.clone(),
+        runs_since_deep: if progress.deep || progress.kind == BackupKind::Full {
+            0
+        } else {
+            previous_runs_since_deep + 1
+        },
         tables: progress
             .tables
             .iter()
@@ -299,11 +315,11 @@ fn build_checkpoint(progress: &RunProgress, manifest: &Manifest) -> Checkpoint {
                     mode: t.mode,
                     shape: table_shape(&t.columns, &t.schema),
                     append_cursor: match (append, &t.scope) {
-                        (true, ExportScope::Appended { upto, .. }) => Some(*upto),
+                        (true, ExportScope::Appended { upto, .. }) => *upto,
                         _ => None,
                     },
                     gaps: if append { t.gaps.clone() } else { Vec::new() },
-                    fingerprint: append.then(|| t.inherited_fingerprint.combine(t.fingerprint)),
+                    key_fingerprint: if append { t.truth.map(|truth| truth.keys) } else { None },
                     identity: t.identity.clone(),
                 }
             })
@@ -333,6 +349,10 @@ pub struct BackupSummary {
     pub lsn: Option<String>,
     /// False for a backup sealed as mixing moments.
     pub consistent: bool,
+    /// `append` tables whose recorded truth is their keys only: updates to their rows are
+    /// neither exported nor seen by verification (a deep backup checks them whole).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub keys_only: Vec<crate::format::TableName>,
 }
 
 /// Every sealed backup, oldest first (by creation time).
@@ -365,6 +385,12 @@ pub async fn list_backups(store: &dyn WriteStore) -> Result<Vec<BackupSummary>, 
                 snapshot_at: m.consistency.as_ref().map(|c| c.snapshot_at),
                 lsn: m.consistency.as_ref().and_then(|c| c.lsn.clone()),
                 consistent: m.is_consistent(),
+                keys_only: m
+                    .tables
+                    .iter()
+                    .filter(|t| t.fingerprint_of == FingerprintOf::Keys)
+                    .map(|t| t.name.clone())
+                    .collect(),
                 id: m.id,
                 kind: m.kind,
                 parent: m.parent,

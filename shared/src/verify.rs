@@ -23,7 +23,8 @@ use crate::chunk::LineSplitter;
 use crate::db::{self, DbError, DbSettings};
 use crate::format::manifest::Manifest;
 use crate::format::{
-    quote_ident, read_doc, write_doc, Fingerprint, FormatError, TableName, FORMAT_VERSION,
+    quote_ident, read_doc, write_doc, Fingerprint, FingerprintOf, FormatError, TableName,
+    FORMAT_VERSION,
 };
 use crate::restore::{
     self, BackupSelector, RestoreError, RestoreMeter, RestoreOptions, ResumePoint,
@@ -70,6 +71,9 @@ pub struct TableVerification {
     pub ok: bool,
     pub expected: Fingerprint,
     pub actual: Option<Fingerprint>,
+    /// What was compared: the rows, or only the keys (`append` between deep checks).
+    #[serde(default, skip_serializing_if = "FingerprintOf::is_rows")]
+    pub of: FingerprintOf,
 }
 
 /// How to verify.
@@ -446,12 +450,18 @@ pub async fn compare_restored(
     let client = db::connect(restored).await?;
     let mut tables = Vec::with_capacity(manifest.tables.len());
     for entry in &manifest.tables {
-        let actual = table_fingerprint(&client, restored, &entry.name, &entry.columns).await?;
+        // Of the rows, or (an `append` table between deep checks) of its keys.
+        let columns = match entry.fingerprint_of {
+            FingerprintOf::Rows => &entry.columns,
+            FingerprintOf::Keys => &entry.key,
+        };
+        let actual = table_fingerprint(&client, restored, &entry.name, columns).await?;
         tables.push(TableVerification {
             name: entry.name.clone(),
             ok: actual == entry.fingerprint,
             expected: entry.fingerprint,
             actual: Some(actual),
+            of: entry.fingerprint_of,
         });
     }
     let schema = match &manifest.schema_dump {

@@ -23,6 +23,9 @@ pub struct Checkpoint {
     /// the same server.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub system_identifier: Option<String>,
+    /// Backups since `append` tables were last fingerprinted whole (for `--deep-every`).
+    #[serde(default)]
+    pub runs_since_deep: u32,
     pub tables: Vec<TableCheckpoint>,
 }
 
@@ -39,9 +42,10 @@ pub struct TableCheckpoint {
     /// `append`: key ranges that were empty when passed, to probe again for late commits.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gaps: Vec<GapRange>,
-    /// `append`: rows and fingerprint of everything exported so far.
+    /// `append`: the source's key fingerprint of the rows up to the cursor, at the
+    /// backup's snapshot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fingerprint: Option<Fingerprint>,
+    pub key_fingerprint: Option<Fingerprint>,
     /// What makes the table the same table: a chain link is trusted only if it is equal.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<TableIdentity>,

@@ -7,7 +7,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::{BackupKind, ChunkRef, Fingerprint, PgSnapshot, TableMode, TableName};
+use super::{BackupKind, ChunkRef, Fingerprint, FingerprintOf, PgSnapshot, TableMode, TableName};
 
 /// The manifest document.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -198,8 +198,12 @@ pub struct TableEntry {
     /// Key columns, the column order of every keys chunk.
     #[serde(default)]
     pub key: Vec<String>,
-    /// Row count and content fingerprint of the source table at the backup's snapshot.
+    /// Row count and fingerprint of the source table at the backup's snapshot, computed
+    /// by the source: of its rows, or (`fingerprint_of: keys`, `append` tables between
+    /// deep checks) of its keys.
     pub fingerprint: Fingerprint,
+    #[serde(default, skip_serializing_if = "FingerprintOf::is_rows")]
+    pub fingerprint_of: FingerprintOf,
     /// Rows chunks to apply in order; for `changes` tables a later version of a key
     /// replaces an earlier one.
     pub chunks: Vec<ChunkRef>,

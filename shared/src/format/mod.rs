@@ -188,6 +188,22 @@ pub fn quote_literal(value: &str) -> String {
     format!("'{}'", value.replace('\'', "''"))
 }
 
+/// What a recorded fingerprint is of: every exported column of every row, or (for
+/// `append` tables between deep checks) only the key of every row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FingerprintOf {
+    #[default]
+    Rows,
+    Keys,
+}
+
+impl FingerprintOf {
+    pub fn is_rows(&self) -> bool {
+        *self == FingerprintOf::Rows
+    }
+}
+
 /// How a table is exported, run after run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -334,6 +350,16 @@ impl Fingerprint {
         self.sum = self.sum.wrapping_add(xxhash_rust::xxh3::xxh3_64(line));
     }
 
+    /// Adds an integer key, as the COPY line `SELECT key` would give.
+    pub fn add_key(&mut self, key: i64) {
+        use std::io::Write;
+        let mut line = [0u8; 24];
+        let mut cursor = std::io::Cursor::new(&mut line[..]);
+        let _ = writeln!(cursor, "{key}");
+        let len = cursor.position() as usize;
+        self.add_line(&line[..len]);
+    }
+
     /// The fingerprint of the union of two disjoint row sets.
     pub fn combine(self, other: Fingerprint) -> Fingerprint {
         Fingerprint {
@@ -359,6 +385,17 @@ mod hex_u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn integer_keys_fingerprint_like_their_copy_lines() {
+        let mut by_key = Fingerprint::default();
+        let mut by_line = Fingerprint::default();
+        for k in [i64::MIN, -1, 0, 7, i64::MAX] {
+            by_key.add_key(k);
+            by_line.add_line(format!("{k}\n").as_bytes());
+        }
+        assert_eq!(by_key, by_line);
+    }
 
     #[test]
     fn names_quote_and_encode() {

@@ -50,6 +50,9 @@ pub struct RunProgress {
     /// Why the run could not converge on one snapshot (it is sealed as inconsistent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inconsistent: Option<String>,
+    /// `append` tables are fingerprinted whole in this run (a deep check).
+    #[serde(default)]
+    pub deep: bool,
     /// Slices run so far (the first is 1).
     pub slices: u32,
     /// Store requests made by all slices so far.
@@ -88,6 +91,19 @@ pub struct PassBase {
     pub exported_rows: u64,
     pub scope: ExportScope,
     pub gaps: Vec<GapRange>,
+    #[serde(default)]
+    pub key_fingerprint: Fingerprint,
+    #[serde(default)]
+    pub truth: Option<AppendTruth>,
+}
+
+/// An `append` table's recorded truth: the key fingerprint of its rows at or below the
+/// mark, and (on a deep check) the fingerprint of those rows whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppendTruth {
+    pub keys: Fingerprint,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows: Option<Fingerprint>,
 }
 
 /// Chunk bounds the run was started with (a resumed slice keeps them, so chunk names
@@ -110,8 +126,14 @@ pub enum ExportScope {
     /// `changes`: rows whose `xmin` is at or after the parent's snapshot xmin, plus the
     /// live key set.
     Changed { since_xmin: u64 },
-    /// `append`: rows with `after < key <= upto`, plus rows that fill earlier gaps.
-    Appended { after: i64, upto: i64 },
+    /// `append`: rows with `after < key <= upto` (`after` absent: from the first key;
+    /// `upto` absent: the table is empty), plus rows that fill earlier gaps.
+    Appended {
+        #[serde(default)]
+        after: Option<i64>,
+        #[serde(default)]
+        upto: Option<i64>,
+    },
 }
 
 /// Where one table's export stands.
@@ -128,9 +150,16 @@ pub struct TableProgress {
     /// Chunks of the parent chain this backup still needs, in apply order.
     #[serde(default)]
     pub inherited: Vec<ChunkRef>,
-    /// `append`: the parent's fingerprint, to which new rows add.
+    /// `append`: the source's key fingerprint at the parent's snapshot (keys up to its
+    /// cursor); with the keys this run exports it must give the source's keys of now.
     #[serde(default)]
-    pub inherited_fingerprint: Fingerprint,
+    pub inherited_keys: Fingerprint,
+    /// `append`: the keys this run exported.
+    #[serde(default)]
+    pub key_fingerprint: Fingerprint,
+    /// `append`: what the source holds, computed by it in the backup's snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub truth: Option<AppendTruth>,
     /// `append`: earlier gaps still to probe.
     #[serde(default)]
     pub gaps_to_probe: Vec<GapRange>,
