@@ -177,6 +177,13 @@ async fn run_check(global: &GlobalArgs) -> ExitCode {
     }
     .await;
 
+    // A directory store holds the database's data: it should be its owner's only.
+    let exposed = match global.store.as_deref().map(str::parse::<StoreUrl>) {
+        Some(Ok(StoreUrl::Local(path))) => store::readable_by_others(&path)
+            .unwrap_or(false)
+            .then_some(path),
+        _ => None,
+    };
     let ok = database.is_ok() && pg_dump.is_ok() && store.is_ok();
     if global.json {
         let report = json!({
@@ -184,12 +191,20 @@ async fn run_check(global: &GlobalArgs) -> ExitCode {
             "database": outcome_json(&database),
             "pg_dump": outcome_json(&pg_dump),
             "store": outcome_json(&store),
+            "store_readable_by_others": exposed.is_some(),
         });
         println!("{report:#}");
     } else {
         println!("{}", database_line(&database));
         println!("{}", pg_dump_line(&pg_dump));
         println!("{}", store_line(&store));
+        if let Some(path) = &exposed {
+            println!(
+                "store     warn  {} can be read by other users of this machine; it holds the database's data: chmod -R go-rwx {}",
+                path.display(),
+                path.display()
+            );
+        }
     }
     if ok {
         ExitCode::SUCCESS

@@ -509,3 +509,80 @@ async fn prune_from_the_cli() {
         stderr(&zone)
     );
 }
+
+#[tokio::test]
+async fn a_directory_store_is_private_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let cluster = TestCluster::from_env();
+    let db = cluster.create_database().await;
+    exec(&db.settings(), FIXTURE).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let store_arg = store.to_str().expect("utf8");
+    let url = db.url(SslMode::Require);
+    // The most permissive umask: only the store's own modes can keep others out.
+    let out = std::process::Command::new("sh")
+        .args([
+            "-c",
+            "umask 000 && exec \"$0\" backup",
+            env!("CARGO_BIN_EXE_tidemark"),
+        ])
+        .env("DATABASE_URL", &url)
+        .env("TIDEMARK_STORE", store_arg)
+        .output()
+        .expect("run tidemark");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut files = 0;
+    let mut dirs = vec![store.clone()];
+    while let Some(d) = dirs.pop() {
+        let mode = std::fs::metadata(&d).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "{} is {mode:o}", d.display());
+        for entry in std::fs::read_dir(&d).expect("read_dir") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
+                let mode = std::fs::metadata(&path).expect("stat").permissions().mode() & 0o777;
+                assert_eq!(mode, 0o600, "{} is {mode:o}", path.display());
+                files += 1;
+            }
+        }
+    }
+    assert!(
+        files > 4,
+        "the backup wrote its chunks, schema and manifest"
+    );
+
+    let env = [
+        ("DATABASE_URL", url.as_str()),
+        ("TIDEMARK_STORE", store_arg),
+    ];
+    let check = tidemark(&["check"], &env);
+    assert!(check.status.success(), "{}", stderr(&check));
+    assert!(
+        !stdout(&check).contains("store     warn"),
+        "{}",
+        stdout(&check)
+    );
+    // A store an older build (or a hand) left readable is named, with the fix.
+    std::fs::set_permissions(
+        store.join("manifests"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .expect("chmod");
+    let check = tidemark(&["check"], &env);
+    assert!(
+        check.status.success(),
+        "a warning, not a failure: {}",
+        stderr(&check)
+    );
+    assert!(
+        stdout(&check).contains("can be read by other users")
+            && stdout(&check).contains("chmod -R go-rwx"),
+        "{}",
+        stdout(&check)
+    );
+    let json = tidemark(&["check", "--json"], &env);
+    let report: serde_json::Value = serde_json::from_str(&stdout(&json)).expect("JSON");
+    assert_eq!(report["store_readable_by_others"], true);
+}

@@ -9,6 +9,9 @@
 //! An object's entity tag is the SHA-256 of its content: it changes whenever the content
 //! does, and it doubles as the object's checksum. `head` therefore reads the whole object;
 //! listings do not.
+//!
+//! A backup holds a database's data: files are created 0600 and directories 0700 (the
+//! owner only), whatever the umask, as restic does.
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
@@ -26,6 +29,61 @@ use super::{
 
 const INTERNAL_DIR: &str = ".tidemark";
 const COPY_BUFFER: usize = 256 * 1024;
+/// Modes of what the store creates: readable by its owner only.
+const FILE_MODE: u32 = 0o600;
+const DIR_MODE: u32 = 0o700;
+
+/// Creates `path` and its missing parents, each 0700.
+fn create_private_dirs(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(DIR_MODE)
+        .create(path)
+}
+
+/// Creates a new file 0600 (the umask can only take bits away).
+fn create_private_file(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    File::options()
+        .write(true)
+        .create_new(true)
+        .mode(FILE_MODE)
+        .open(path)
+}
+
+/// Whether the store's directory, its top folders, or the documents in `manifests/` and
+/// `state/` (few, unlike chunks) can be read or entered by others than their owner.
+///
+/// # Errors
+/// I/O errors reading metadata.
+pub fn readable_by_others(root: &Path) -> io::Result<bool> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut paths = vec![root.to_path_buf()];
+    for dir in ["manifests", "state", "chunks", "runs", "verifications"] {
+        paths.push(root.join(dir));
+    }
+    for dir in ["manifests", "state"] {
+        match fs::read_dir(root.join(dir)) {
+            Ok(entries) => {
+                for entry in entries {
+                    paths.push(entry?.path());
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    for path in paths {
+        match fs::metadata(&path) {
+            Ok(meta) if meta.permissions().mode() & 0o077 != 0 => return Ok(true),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(false)
+}
 
 /// A store in a local directory.
 #[derive(Debug, Clone)]
@@ -79,9 +137,9 @@ impl LocalStore {
             source,
         };
         let tmp_dir = self.tmp_dir();
-        fs::create_dir_all(&tmp_dir).map_err(io_err)?;
+        create_private_dirs(&tmp_dir).map_err(io_err)?;
         if let Some(parent) = path.parent() {
-            fs::create_dir_all(parent).map_err(io_err)?;
+            create_private_dirs(parent).map_err(io_err)?;
         }
         Ok(tmp_dir.join(format!("{}.tmp", uuid::Uuid::new_v4())))
     }
@@ -89,17 +147,21 @@ impl LocalStore {
     /// Holds the store-wide write lock until dropped.
     fn lock(&self, key: &str) -> Result<File, StoreError> {
         let path = self.root.join(INTERNAL_DIR).join("write.lock");
-        let file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .and_then(|file| file.lock().map(|()| file))
-            .map_err(|source| StoreError::Io {
-                operation: "lock the store for",
-                key: key.to_owned(),
-                source,
-            })?;
+        let file = {
+            use std::os::unix::fs::OpenOptionsExt;
+            File::options()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .mode(FILE_MODE)
+                .open(&path)
+        }
+        .and_then(|file| file.lock().map(|()| file))
+        .map_err(|source| StoreError::Io {
+            operation: "lock the store for",
+            key: key.to_owned(),
+            source,
+        })?;
         Ok(file)
     }
 
@@ -167,7 +229,7 @@ impl LocalStore {
         let path = self.object_path(key)?;
         let tmp = self.prepare_write(key, &path)?;
         let result = (|| {
-            let mut file = File::create_new(&tmp)?;
+            let mut file = create_private_file(&tmp)?;
             file.write_all(body)?;
             file.sync_all()
         })()
@@ -389,7 +451,7 @@ impl WriteStore for LocalStore {
             blocking(&key.clone(), move || store.prepare_write(&key, &path)).await?
         };
         let written = async {
-            let mut file = tokio::fs::File::create_new(&tmp).await?;
+            let mut file = tokio::fs::File::from_std(create_private_file(&tmp)?);
             let mut hasher = Sha256::new();
             let mut buf = vec![0u8; COPY_BUFFER];
             let mut size = 0u64;

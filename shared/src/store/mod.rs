@@ -31,7 +31,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 pub use self::counting::CountingStore;
-pub use self::local::LocalStore;
+pub use self::local::{readable_by_others, LocalStore};
 pub use self::s3::{S3Store, S3StoreOptions};
 pub use self::url::StoreUrl;
 
