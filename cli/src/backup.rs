@@ -46,14 +46,24 @@ pub struct SelectionArgs {
     #[arg(long, env = "TIDEMARK_WORKERS", default_value_t = 2)]
     workers: usize,
     /// Seconds an `append` table's empty key ranges are probed again for late commits.
-    #[arg(long = "gap-ttl", env = "TIDEMARK_GAP_TTL_SECS", default_value_t = 3600, value_name = "SECONDS")]
+    #[arg(
+        long = "gap-ttl",
+        env = "TIDEMARK_GAP_TTL_SECS",
+        default_value_t = 3600,
+        value_name = "SECONDS"
+    )]
     gap_ttl_secs: u64,
     /// Fingerprint `append` tables whole in this backup (a deep check: updates to their rows,
     /// which append mode does not export, then fail verification).
     #[arg(long)]
     deep: bool,
     /// A deep check every N backups of a chain (0: never, unless --deep).
-    #[arg(long, env = "TIDEMARK_DEEP_EVERY", default_value_t = 0, value_name = "N")]
+    #[arg(
+        long,
+        env = "TIDEMARK_DEEP_EVERY",
+        default_value_t = 0,
+        value_name = "N"
+    )]
     deep_every: u32,
     /// Consistency-pass rounds a run spanning slices tries before it is sealed as not one
     /// point in time.

@@ -950,9 +950,17 @@ async fn plan_run(
         match read_doc::<Checkpoint>(store, CHECKPOINT_KEY).await? {
             None => None,
             Some((checkpoint, _)) => {
-                match read_doc::<Manifest>(store, &manifest_key(&checkpoint.backup_id)).await? {
-                    Some((manifest, _)) => Some((checkpoint, manifest)),
-                    None => {
+                match crate::format::manifest::read_manifest(store, &checkpoint.backup_id).await {
+                    Ok(Some(manifest)) => Some((checkpoint, manifest)),
+                    // Never build on a manifest edited after it was sealed.
+                    Err(crate::format::FormatError::Invalid { key, reason }) => {
+                        warnings.push(format!(
+                            "the checkpoint's manifest {key} is {reason}; taking a full backup"
+                        ));
+                        None
+                    }
+                    Err(e) => return Err(e.into()),
+                    Ok(None) => {
                         warnings.push(format!(
                             "the checkpoint's backup {} has no manifest; taking a full backup",
                             checkpoint.backup_id
@@ -1210,7 +1218,10 @@ fn scope_lane(table: &TableProgress) -> Option<Lane> {
             if after.is_some_and(|a| upto <= a) {
                 return None;
             }
-            (after.map(|a| vec![a.to_string()]), Some(vec![upto.to_string()]))
+            (
+                after.map(|a| vec![a.to_string()]),
+                Some(vec![upto.to_string()]),
+            )
         }
         _ => (None, None),
     };
@@ -2089,7 +2100,10 @@ async fn check_append(
         client,
         db,
         table,
-        &format!("SELECT {key} FROM {} WHERE {key} <= {upto}", table.name.quoted()),
+        &format!(
+            "SELECT {key} FROM {} WHERE {key} <= {upto}",
+            table.name.quoted()
+        ),
     )
     .await?;
     let expected = table.inherited_keys.combine(table.key_fingerprint);
@@ -2154,10 +2168,11 @@ async fn source_fingerprint(
     pin_mut!(stream);
     let mut fingerprint = Fingerprint::default();
     let mut splitter = LineSplitter::default();
-    while let Some(block) = stream
-        .try_next()
-        .await
-        .map_err(db_err(table, db, "fingerprinting the source"))?
+    while let Some(block) =
+        stream
+            .try_next()
+            .await
+            .map_err(db_err(table, db, "fingerprinting the source"))?
     {
         for line in splitter.feed(block) {
             fingerprint.add_line(&line);

@@ -10,8 +10,8 @@ use serde::Serialize;
 use crate::export::table_shape;
 use crate::format::checkpoint::{Checkpoint, TableCheckpoint};
 use crate::format::manifest::{Consistency, Manifest, RunTotals, TableEntry};
-use crate::format::FingerprintOf;
 use crate::format::progress::{ExportScope, RunProgress};
+use crate::format::FingerprintOf;
 use crate::format::{
     manifest_key, progress_key, read_doc, write_doc, BackupKind, FormatError, PgSnapshot,
     TableMode, CHECKPOINT_KEY, FORMAT_VERSION,
@@ -111,20 +111,13 @@ pub async fn seal_run(
     .await?;
     let mut manifest = build_manifest(&progress);
     manifest.store_requests = progress.store_requests + counting.count() + 4;
-    // Sealed last: the checksum covers everything above.
-    let mut manifest = manifest.seal();
-    match write_doc(
-        store,
-        &manifest_key(run_id),
-        &manifest,
-        WriteCondition::IfAbsent,
-    )
-    .await
+    // Sealed as it is written: the checksum covers the stored bytes.
+    match crate::format::manifest::write_manifest(store, &manifest, WriteCondition::IfAbsent).await
     {
         Ok(_) => {}
         // A concurrent seal won: use its manifest.
         Err(FormatError::Store(StoreError::PreconditionFailed { .. })) => {
-            if let Some((existing, _)) = read_doc::<Manifest>(store, &manifest_key(run_id)).await? {
+            if let Some(existing) = crate::format::manifest::read_manifest(store, run_id).await? {
                 manifest = existing;
             }
         }
@@ -319,7 +312,11 @@ fn build_checkpoint(
                         _ => None,
                     },
                     gaps: if append { t.gaps.clone() } else { Vec::new() },
-                    key_fingerprint: if append { t.truth.map(|truth| truth.keys) } else { None },
+                    key_fingerprint: if append {
+                        t.truth.map(|truth| truth.keys)
+                    } else {
+                        None
+                    },
                     identity: t.identity.clone(),
                 }
             })

@@ -10,9 +10,8 @@ use std::time::{Duration, Instant};
 
 use tidemark_core::catalog::TableSelection;
 use tidemark_core::export::{export_slice, ExportOptions};
-use tidemark_core::format::manifest::Manifest;
 use tidemark_core::format::progress::RunProgress;
-use tidemark_core::format::{manifest_key, progress_key, read_doc, write_doc};
+use tidemark_core::format::{progress_key, read_doc};
 use tidemark_core::manifest::{seal_run, SealReport};
 use tidemark_core::store::WriteCondition;
 use tidemark_tests::fixtures::*;
@@ -180,16 +179,9 @@ async fn backups_over_many_slices_under_pgbench_load_restore_to_one_moment() {
     );
     accounts.key_chunks.clear();
     accounts.key_set = false;
-    m.checksum = None;
-    let mixed: Manifest = m.seal();
-    write_doc(
-        store.as_ref(),
-        &manifest_key(id),
-        &mixed,
-        WriteCondition::Always,
-    )
-    .await
-    .expect("rewrite manifest");
+    tidemark_core::format::manifest::write_manifest(store.as_ref(), &m, WriteCondition::Always)
+        .await
+        .expect("rewrite manifest");
     let record = verify_backup(&store, &cluster, id).await;
     assert!(!record.ok);
     let failed: Vec<String> = record

@@ -9,7 +9,7 @@ use proptest::prelude::*;
 use tidemark_core::catalog::TableSelection;
 use tidemark_core::export::{export_slice, ExportOptions};
 use tidemark_core::format::manifest::Manifest;
-use tidemark_core::format::{manifest_key, write_doc, TableMode};
+use tidemark_core::format::{manifest_key, TableMode};
 use tidemark_core::prune::{prune, PruneOptions};
 use tidemark_core::restore::{self, BackupSelector, RestoreOptions};
 use tidemark_core::retention::RetentionPolicy;
@@ -265,8 +265,8 @@ proptest! {
                 for key in &own {
                     store.put(key, Bytes::from_static(b"x"), WriteCondition::Always).await.expect("chunk");
                 }
-                let m = synthetic_manifest(&id, ((n - i) * 20) as i64, &chain, &chain_chunks).seal();
-                write_doc(store.as_ref(), &manifest_key(&id), &m, WriteCondition::IfAbsent).await.expect("manifest");
+                let m = synthetic_manifest(&id, ((n - i) * 20) as i64, &chain, &chain_chunks);
+                tidemark_core::format::manifest::write_manifest(store.as_ref(), &m, WriteCondition::IfAbsent).await.expect("manifest");
             }
             let policy = RetentionPolicy { keep_last: Some(last), keep_daily: daily, ..RetentionPolicy::empty() };
             if policy.is_empty() {

@@ -184,11 +184,8 @@ async fn a_verification_fails_naming_an_object_the_restore_did_not_bring_back() 
     dump.pre_data.bytes = receipt.size;
     dump.pre_data.raw_bytes = with_extension.len() as u64;
     dump.pre_data.sha256 = receipt.sha256;
-    m.checksum = None;
-    let m = m.seal();
-    tidemark_core::format::write_doc(
+    tidemark_core::format::manifest::write_manifest(
         store.as_ref(),
-        &tidemark_core::format::manifest_key(&m.id),
         &m,
         tidemark_core::store::WriteCondition::Always,
     )

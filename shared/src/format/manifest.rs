@@ -43,35 +43,69 @@ pub struct Manifest {
     pub store_requests: u64,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
-    /// SHA-256 of this document as written with `checksum` absent: any later edit of
-    /// the manifest is detected and named by restore and verify.
+    /// SHA-256 of the stored bytes of this document, with this checksum's 64 hex digits
+    /// written as zeros: any later edit of the stored manifest is detected and named by
+    /// restore and verify, and a newer build's fields or order change nothing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checksum: Option<String>,
 }
 
+/// The key that opens the checksum's value in a stored manifest.
+const CHECKSUM_FIELD: &[u8] = b"\"checksum\": \"";
+const SUM_LEN: usize = 64;
+
+/// Where the checksum's 64 hex digits are in stored manifest bytes (the field is the
+/// document's last, so the last occurrence).
+fn checksum_position(bytes: &[u8]) -> Option<usize> {
+    let at = bytes
+        .windows(CHECKSUM_FIELD.len())
+        .rposition(|w| w == CHECKSUM_FIELD)?
+        + CHECKSUM_FIELD.len();
+    let digits = bytes.get(at..at + SUM_LEN)?;
+    (digits.iter().all(u8::is_ascii_hexdigit) && bytes.get(at + SUM_LEN) == Some(&b'"'))
+        .then_some(at)
+}
+
 impl Manifest {
-    /// The checksum this manifest's content should carry.
-    pub fn compute_checksum(&self) -> String {
+    /// The bytes to store: pretty JSON whose `checksum` is the SHA-256 of these very
+    /// bytes with the checksum's digits as zeros.
+    pub fn to_sealed_bytes(&self) -> Vec<u8> {
+        let placeholder = Manifest {
+            checksum: Some("0".repeat(SUM_LEN)),
+            ..self.clone()
+        };
+        let mut bytes = serde_json::to_vec_pretty(&placeholder).unwrap_or_default();
+        let sum = crate::store::sha256_hex(&bytes);
+        if let Some(at) = checksum_position(&bytes) {
+            bytes[at..at + SUM_LEN].copy_from_slice(sum.as_bytes());
+        }
+        bytes
+    }
+
+    /// Whether stored `bytes` (which parsed as `self`) are as sealed. Format version 2
+    /// manifests must carry a checksum of their stored bytes; a version 1 manifest
+    /// without one (from a build that did not write one) passes, and one with a checksum
+    /// of its re-serialisation is checked that way.
+    pub fn is_intact(&self, bytes: &[u8]) -> bool {
+        let Some(at) = checksum_position(bytes) else {
+            return self.version < 2 && self.checksum.is_none();
+        };
+        let mut zeroed = bytes.to_vec();
+        zeroed[at..at + SUM_LEN].fill(b'0');
+        if crate::store::sha256_hex(&zeroed).as_bytes() == &bytes[at..at + SUM_LEN] {
+            return true;
+        }
+        self.version < 2 && self.checksum.as_deref() == Some(self.checksum_v1().as_str())
+    }
+
+    /// Format version 1's checksum: of the re-serialised document without it.
+    fn checksum_v1(&self) -> String {
         let unsealed = Manifest {
             checksum: None,
             ..self.clone()
         };
         let body = serde_json::to_vec_pretty(&unsealed).unwrap_or_default();
         crate::store::sha256_hex(&body)
-    }
-
-    /// Sets [`Manifest::checksum`]; done once, just before the manifest is written.
-    pub fn seal(mut self) -> Self {
-        self.checksum = Some(self.compute_checksum());
-        self
-    }
-
-    /// Whether the content still matches its checksum (a manifest without one, from a
-    /// build that did not write it, passes).
-    pub fn is_intact(&self) -> bool {
-        self.checksum
-            .as_ref()
-            .is_none_or(|c| *c == self.compute_checksum())
     }
 
     /// Rows in the backup (sum of the tables' source row counts).
@@ -103,6 +137,47 @@ impl Manifest {
                 .flat_map(|d| d.objects().map(|o| o.key.as_str())),
         )
     }
+}
+
+/// Writes a manifest as sealed bytes (see [`Manifest::to_sealed_bytes`]).
+///
+/// # Errors
+/// Store errors, e.g. [`crate::store::StoreError::PreconditionFailed`].
+pub async fn write_manifest(
+    store: &dyn crate::store::WriteStore,
+    manifest: &Manifest,
+    condition: crate::store::WriteCondition,
+) -> Result<crate::store::PutReceipt, super::FormatError> {
+    Ok(store
+        .put(
+            &super::manifest_key(&manifest.id),
+            bytes::Bytes::from(manifest.to_sealed_bytes()),
+            condition,
+        )
+        .await?)
+}
+
+/// Reads a manifest and checks that its stored bytes are as sealed; `None` if absent.
+///
+/// # Errors
+/// Store and parse errors; [`super::FormatError::Invalid`] naming the key when the
+/// bytes were modified after sealing.
+pub async fn read_manifest(
+    store: &dyn crate::store::ReadStore,
+    backup_id: &str,
+) -> Result<Option<Manifest>, super::FormatError> {
+    let key = super::manifest_key(backup_id);
+    let Some(object) = store.read(&key).await? else {
+        return Ok(None);
+    };
+    let manifest: Manifest = super::parse_doc(&key, &object.bytes)?;
+    if !manifest.is_intact(&object.bytes) {
+        return Err(super::FormatError::Invalid {
+            key,
+            reason: "modified after it was sealed (checksum mismatch)".into(),
+        });
+    }
+    Ok(Some(manifest))
 }
 
 /// The schema of a backup as `pg_dump` wrote it, in the backup's snapshot: plain SQL,
@@ -345,23 +420,74 @@ mod tests {
         assert_eq!(m.tables[0].fingerprint.sum, 0xff);
         assert!(m.parent.is_none() && m.sequences.is_empty() && m.tables[0].key_chunks.is_empty());
         assert_eq!((m.rows(), m.bytes()), (1, 20));
-        assert!(m.is_intact(), "no checksum: nothing to check");
+        assert!(
+            m.is_intact(V1_MINIMAL.as_bytes()),
+            "no checksum: nothing to check"
+        );
+    }
+
+    /// A manifest sealed by this build (format version 2), kept as it was stored: every
+    /// later build must read it and find it intact.
+    const V2_SEALED: &str = include_str!("fixtures/manifest-v2.json");
+
+    #[test]
+    fn a_sealed_v2_manifest_stays_readable_and_intact() {
+        let m: Manifest = super::super::parse_doc("manifests/x.json", V2_SEALED.as_bytes())
+            .expect("the v2 fixture parses");
+        assert!(m.is_intact(V2_SEALED.as_bytes()));
+        assert_eq!(m.tables.len(), 1);
+        // Any edit of the stored bytes is caught, even one a re-serialisation would hide.
+        let reordered = V2_SEALED.replacen("\"version\": 2,", "\"version\":  2,", 1);
+        assert_ne!(reordered, V2_SEALED);
+        assert!(!m.is_intact(reordered.as_bytes()));
+        let edited = V2_SEALED.replacen("\"rows\": 3", "\"rows\": 4", 1);
+        let e: Manifest =
+            super::super::parse_doc("manifests/x.json", edited.as_bytes()).expect("parses");
+        assert!(!e.is_intact(edited.as_bytes()));
+        // Removing the checksum of a version 2 manifest does not make it pass.
+        let stripped: serde_json::Value = serde_json::from_str(V2_SEALED).expect("json");
+        let mut stripped = stripped;
+        stripped.as_object_mut().expect("object").remove("checksum");
+        let stripped = serde_json::to_vec_pretty(&stripped).expect("json");
+        let s: Manifest = super::super::parse_doc("manifests/x.json", &stripped).expect("parses");
+        assert_eq!(s.version, 2);
+        assert!(!s.is_intact(&stripped));
     }
 
     #[test]
-    fn an_edit_breaks_the_checksum() {
+    fn sealing_covers_the_stored_bytes_and_tolerates_unknown_fields() {
         let m: Manifest =
             super::super::parse_doc("manifests/x.json", V1_MINIMAL.as_bytes()).expect("parses");
-        let sealed = m.seal();
-        assert!(sealed.is_intact());
-        let text = serde_json::to_string_pretty(&sealed).expect("json");
-        let back: Manifest = serde_json::from_str(&text).expect("parses");
-        assert!(
-            back.is_intact(),
-            "a written and re-read manifest stays intact"
-        );
-        let edited: Manifest =
-            serde_json::from_str(&text.replacen("\"rows\": 1", "\"rows\": 2", 1)).expect("parses");
-        assert!(!edited.is_intact());
+        let bytes = m.to_sealed_bytes();
+        let back: Manifest =
+            super::super::parse_doc("manifests/x.json", &bytes).expect("parses back");
+        assert!(back.is_intact(&bytes));
+        // A newer writer's field, inside the checksummed bytes, changes nothing for us.
+        let text = String::from_utf8(bytes).expect("utf8");
+        let unsealed = text.replacen("{", "{\n  \"from_the_future\": [1, 2],", 1);
+        let placeholder = {
+            let at = checksum_position(unsealed.as_bytes()).expect("checksum");
+            let mut b = unsealed.clone().into_bytes();
+            b[at..at + SUM_LEN].fill(b'0');
+            let sum = crate::store::sha256_hex(&b);
+            b[at..at + SUM_LEN].copy_from_slice(sum.as_bytes());
+            b
+        };
+        let future: Manifest =
+            super::super::parse_doc("manifests/x.json", &placeholder).expect("parses");
+        assert!(future.is_intact(&placeholder));
+    }
+
+    #[test]
+    fn a_format_1_checksum_is_still_checked() {
+        let mut m: Manifest =
+            super::super::parse_doc("manifests/x.json", V1_MINIMAL.as_bytes()).expect("parses");
+        m.checksum = Some(m.checksum_v1());
+        let stored = serde_json::to_vec_pretty(&m).expect("json");
+        assert!(m.is_intact(&stored));
+        let mut edited = m.clone();
+        edited.totals.rows = 9;
+        let stored = serde_json::to_vec_pretty(&edited).expect("json");
+        assert!(!edited.is_intact(&stored));
     }
 }

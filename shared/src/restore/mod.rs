@@ -35,7 +35,7 @@ use self::load::{column_list, copy_chunk, load_error, load_into, needs_merge, La
 use crate::catalog::parse_table_name;
 use crate::db::{self, DbError, DbSettings};
 use crate::format::manifest::{Manifest, TableEntry};
-use crate::format::{manifest_key, quote_ident, quote_literal, read_doc, FormatError, TableName};
+use crate::format::{manifest_key, quote_ident, quote_literal, FormatError, TableName};
 use crate::schema::apply::{self, ApplyError, ApplyOptions, Decision, SubsetPlan};
 use crate::schema::{self, SchemaError, Script};
 use crate::store::{ReadStore, StoreError};
@@ -256,14 +256,14 @@ pub async fn load_manifest(
             .ok_or(RestoreError::NoBackups)?,
     };
     let key = manifest_key(&id);
-    let (manifest, _) = read_doc::<Manifest>(store, &key)
+    let manifest = crate::format::manifest::read_manifest(store, &id)
         .await
         .map_err(|e| match e {
             FormatError::Invalid { key, .. } => RestoreError::ManifestModified { key },
             other => other.into(),
         })?
         .ok_or_else(|| RestoreError::UnknownBackup(id.clone()))?;
-    if !manifest.is_intact() || manifest.id != id {
+    if manifest.id != id {
         return Err(RestoreError::ManifestModified { key });
     }
     Ok(manifest)
