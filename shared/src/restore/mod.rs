@@ -377,6 +377,7 @@ pub async fn restore(
     let mut apply_opts = ApplyOptions {
         with_owners: opts.with_privileges,
         with_privileges: opts.with_privileges,
+        finish_queries: Vec::new(),
         finish_with: None,
     };
     let mut schema_objects = 0;
@@ -448,6 +449,16 @@ pub async fn restore(
 
     if done {
         set_sequences(&admin, target, manifest, &tables, opts.data_only).await?;
+        // Once the keys' indexes exist (post-data), or now if they already do.
+        let catch_up = sequence_catch_up(manifest, &tables);
+        if scripts.is_some() {
+            apply_opts.finish_queries = catch_up;
+        } else {
+            let moved = apply::warning_queries(&admin, &catch_up)
+                .await
+                .map_err(|e| DbError::query("checking sequences against the data", target, e))?;
+            warnings.extend(moved);
+        }
         if opts.data_only {
             // As pg_restore --data-only does: refresh the materialized views that were
             // populated in the backup, now that their tables hold the data.
@@ -1048,6 +1059,74 @@ fn wanted_sequence(
         .is_some_and(|(t, _)| tables.iter().any(|e| &e.name == t))
 }
 
+/// SQL naming `seq` in the target as text for `to_regclass`: identity sequences get their
+/// names from their table, so they are looked up by column.
+fn sequence_regclass(
+    seq: &crate::format::manifest::SequenceValue,
+    tables: &[TableEntry],
+) -> String {
+    match &seq.owned_by {
+        Some((table, column)) if is_identity_sequence(tables, &seq.owned_by) => format!(
+            "pg_get_serial_sequence({}, {})",
+            quote_literal(&table.quoted()),
+            quote_literal(column)
+        ),
+        _ => quote_literal(&seq.name.quoted()),
+    }
+}
+
+/// For each restored serial or identity sequence, a query that moves it past the keys
+/// its column already holds (rows written with explicit keys, or a sequence reset
+/// behind its data), so `nextval` never returns a key the restored data uses; each
+/// row it returns is a warning naming the sequence. Only integer columns, and only
+/// within the sequence's bounds.
+fn sequence_catch_up(manifest: &Manifest, tables: &[TableEntry]) -> Vec<String> {
+    let mut queries = Vec::new();
+    for seq in manifest
+        .sequences
+        .iter()
+        .filter(|s| wanted_sequence(s, tables, manifest.tables.len()))
+    {
+        let Some((table, column)) = &seq.owned_by else {
+            continue;
+        };
+        let integer = tables.iter().any(|t| {
+            &t.name == table
+                && t.schema.columns.iter().any(|c| {
+                    &c.name == column
+                        && matches!(c.type_name.as_str(), "smallint" | "integer" | "bigint")
+                })
+        });
+        let next = if seq.is_called {
+            seq.last_value.checked_add(seq.increment_by)
+        } else {
+            Some(seq.last_value)
+        };
+        let (Some(next), true) = (next, integer) else {
+            continue;
+        };
+        let (extreme, used, bound) = if seq.increment_by > 0 {
+            ("max", format!(">= {next}"), format!("<= {}", seq.max_value))
+        } else {
+            ("min", format!("<= {next}"), format!(">= {}", seq.min_value))
+        };
+        let regclass = sequence_regclass(seq, tables);
+        queries.push(format!(
+            "SELECT format('sequence %s was behind the keys in %s: its next value %s is already used (the keys reach %s); moved past them', \
+               {name}, {col}, {next}, m) \
+             FROM (SELECT m, CASE WHEN m {used} AND m {bound} \
+                     THEN setval(to_regclass({regclass}), m, true) END AS moved \
+                   FROM (SELECT {extreme}({column})::bigint AS m FROM {table}) d) x \
+             WHERE moved IS NOT NULL",
+            name = quote_literal(&seq.name.to_string()),
+            col = quote_literal(&format!("{table}.{column}")),
+            column = quote_ident(column),
+            table = table.quoted(),
+        ));
+    }
+    queries
+}
+
 async fn set_sequences(
     client: &Client,
     target: &DbSettings,
@@ -1060,17 +1139,7 @@ async fn set_sequences(
         .iter()
         .filter(|s| wanted_sequence(s, tables, manifest.tables.len()))
     {
-        // Identity sequences get their names from the table; look them up by column.
-        let regclass = match &seq.owned_by {
-            Some((table, column)) if is_identity_sequence(tables, &seq.owned_by) => {
-                format!(
-                    "pg_get_serial_sequence({}, {})",
-                    quote_literal(&table.quoted()),
-                    quote_literal(column)
-                )
-            }
-            _ => quote_literal(&seq.name.quoted()),
-        };
+        let regclass = sequence_regclass(seq, tables);
         let sql = format!(
             "SELECT setval(to_regclass({regclass}), {}, {}) WHERE to_regclass({regclass}) IS NOT NULL",
             seq.last_value, seq.is_called

@@ -18,8 +18,33 @@ pub struct ApplyOptions {
     pub with_owners: bool,
     /// Keep `GRANT`/`REVOKE` and default privileges.
     pub with_privileges: bool,
+    /// Queries run after the script, in the same transaction; the first column of each
+    /// row they return is a warning (see [`warning_queries`]).
+    pub finish_queries: Vec<String>,
     /// A statement run last, in the same transaction (a marker that the section is in).
     pub finish_with: Option<String>,
+}
+
+/// Runs `queries` one after the other; the first column of each row they return is a
+/// warning.
+///
+/// # Errors
+/// The first query the server refused.
+pub async fn warning_queries(
+    client: &Client,
+    queries: &[String],
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    let mut warnings = Vec::new();
+    for query in queries {
+        for message in client.simple_query(query).await? {
+            if let tokio_postgres::SimpleQueryMessage::Row(row) = message {
+                if let Some(text) = row.get(0) {
+                    warnings.push(text.to_owned());
+                }
+            }
+        }
+    }
+    Ok(warnings)
 }
 
 /// What to do with one entry.
@@ -196,6 +221,16 @@ pub async fn apply(
         Ok(applied)
     }
     .await;
+    let result = match result {
+        Ok(mut applied) => match warning_queries(client, &opts.finish_queries).await {
+            Ok(warnings) => {
+                applied.warnings.extend(warnings);
+                Ok(applied)
+            }
+            Err(e) => Err(fail("finishing".into(), &e)),
+        },
+        Err(e) => Err(e),
+    };
     let result = match (result, &opts.finish_with) {
         (Ok(applied), Some(statement)) => client
             .batch_execute(statement)
