@@ -640,6 +640,8 @@ async fn start_round(
             .consistent_in_slice
             .unwrap_or(table.started_in_slice.max(1));
         let since = slice_xmin(doc, since_slice);
+        // A run this long outlives what a 32-bit xmin can tell apart: export it whole.
+        let too_long = slice_xmin(doc, slice).saturating_sub(since) >= MAX_XID_DISTANCE;
         let table = &mut doc.tables[t];
         table.pass_base = Some(PassBase {
             chunks: table.chunks.clone(),
@@ -651,15 +653,17 @@ async fn start_round(
             key_fingerprint: table.key_fingerprint,
             truth: table.truth,
         });
+        let since = (!too_long).then_some(since);
         prepare_pass(table, since, client, db, opts, slice).await?;
     }
     Ok(true)
 }
 
-/// Sets a table up to be brought to this slice's snapshot.
+/// Sets a table up to be brought to this slice's snapshot: what changed since
+/// `since_xmin`, or (`None`) all of a `changes` table again.
 async fn prepare_pass(
     table: &mut TableProgress,
-    since_xmin: u64,
+    since_xmin: Option<u64>,
     client: &Client,
     db: &DbSettings,
     opts: &ExportOptions,
@@ -670,20 +674,20 @@ async fn prepare_pass(
         // Keyless: exported whole again (the keyless work resets it first).
         return Ok(());
     }
-    match table.mode {
-        TableMode::Changes => {
+    match (table.mode, since_xmin) {
+        (TableMode::Changes, Some(since_xmin)) => {
             // What changed since then, and the live key set and fingerprint of now.
             table.scope = ExportScope::Changed { since_xmin };
             table.key_chunks.clear();
             table.fingerprint = Fingerprint::default();
             table.gaps_probed = true;
         }
-        TableMode::Snapshot => {
+        (TableMode::Snapshot | TableMode::Changes, _) => {
             reset(table, slice);
             table.scope = ExportScope::Whole;
             table.gaps_probed = true;
         }
-        TableMode::Append => {
+        (TableMode::Append, _) => {
             let after = match table.scope {
                 ExportScope::Appended { upto, .. } => upto,
                 _ => None,
@@ -1045,8 +1049,11 @@ async fn plan_run(
     })
 }
 
-/// Transactions between a parent and its incremental beyond which `age(xmin)`, a 32-bit
-/// comparison, no longer orders them.
+/// 32-bit transaction ids wrap around at this.
+const XID_WRAP: u64 = 1 << 32;
+
+/// Transactions since a snapshot beyond which a 32-bit `xmin` no longer tells whether a
+/// row was written before or after it.
 const MAX_XID_DISTANCE: u64 = 1 << 31;
 
 /// Why no chain may continue from `parent` at `now`: another server, a transaction
@@ -1786,12 +1793,18 @@ async fn export_range(
         _ => None,
     };
     let select = match changed_since {
-        // xmin is a 32-bit xid; age() compares it with the parent's snapshot xmin modulo
-        // wraparound. Everything written at or after that xmin counts as changed.
+        // Everything written at or after the parent's snapshot xmin counts as changed:
+        // xmin in the window [since, this snapshot's xmax) of 64-bit xids. xmin is 32-bit,
+        // so the window is taken modulo 2^32 (it is shorter than 2^31: see chain_break).
+        // Not age(xmin): a frozen row keeps its raw xmin, and one written 2^31 or more
+        // xids ago would look newer than the parent and be exported again every time.
         Some(since) => format!(
-            "SELECT {}, age(xmin) <= age({}::xid) FROM {name} WHERE {condition}",
+            "SELECT {}, (xmin::text::bigint - {low} + {wrap}) % {wrap} \
+               < (SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint - {since}) \
+             FROM {name} WHERE {condition}",
             column_list(&table.columns),
-            quote_literal(&(since % (1u64 << 32)).max(3).to_string())
+            low = since % XID_WRAP,
+            wrap = XID_WRAP,
         ),
         None => format!(
             "SELECT {} FROM {name} WHERE {condition}",
