@@ -564,6 +564,7 @@ pub fn lambda_context(seconds: u64) -> lambda_runtime::Context {
 /// Fixtures and helpers shared by the backup, restore and verify tests.
 pub mod asl;
 pub mod lambdas;
+pub mod private;
 
 pub mod fixtures {
     use std::sync::Arc;
@@ -732,12 +733,21 @@ REFRESH MATERIALIZED VIEW app.mood_counts;
         db: &TestDatabase,
         opts: &ExportOptions,
     ) -> (SealReport, Vec<SliceReport>) {
+        backup_of(store, &db.settings(), opts).await
+    }
+
+    /// [`backup`] of any database.
+    pub async fn backup_of(
+        store: &Store,
+        settings: &tidemark_core::db::DbSettings,
+        opts: &ExportOptions,
+    ) -> (SealReport, Vec<SliceReport>) {
         let mut slices = Vec::new();
         let mut opts = opts.clone();
         let mut retries = 0;
         loop {
             // Like the state machine: retry what is retryable, a few times.
-            let report = match export_slice(store.clone(), &db.settings(), &opts).await {
+            let report = match export_slice(store.clone(), settings, &opts).await {
                 Ok(report) => report,
                 Err(e) if e.is_retryable() && retries < 3 => {
                     retries += 1;

@@ -1,0 +1,571 @@
+//! Chain integrity, tried as an adversarial user would: a full backup, a change, an
+//! incremental, then the restore of the latest backup against the source (sorted COPY of
+//! every table, the oracle) and verify's verdict. An incremental must never restore a
+//! state the source was not in, and verify must say so when it cannot see.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tidemark_core::catalog::TableSelection;
+use tidemark_core::export::ExportOptions;
+use tidemark_core::format::manifest::Manifest;
+use tidemark_core::format::{BackupKind, FingerprintOf, TableMode};
+use tidemark_tests::fixtures::*;
+use tidemark_tests::{all_data, exec, local_store, restore_fresh, verify_backup, TestCluster};
+
+fn opts() -> ExportOptions {
+    ExportOptions {
+        chunk_rows: 500,
+        chunk_bytes: 1 << 30,
+        workers: 2,
+        progress_interval: Duration::ZERO,
+        selection: TableSelection::default(),
+        ..ExportOptions::default()
+    }
+}
+
+fn append(mut o: ExportOptions, table: &str) -> ExportOptions {
+    o.selection.modes.push((table.into(), TableMode::Append));
+    o
+}
+
+/// A full backup of `setup`, then `change`, then an incremental; the latest backup must
+/// restore to exactly the source and verify must pass. Returns the incremental's
+/// manifest.
+async fn case(setup: &str, change: &str, o: ExportOptions) -> Manifest {
+    let cluster = TestCluster::from_env();
+    let db = cluster.create_database().await;
+    exec(&db.settings(), setup).await;
+    let (_dir, local) = local_store();
+    let store: Store = Arc::new(local);
+    let (full, _) = backup(&store, &db, &o).await;
+    assert_eq!(full.kind, BackupKind::Full);
+    exec(&db.settings(), change).await;
+    let (inc, _) = backup(&store, &db, &o).await;
+    assert_eq!(inc.kind, BackupKind::Incremental);
+    let restored = restore_fresh(&store, &cluster, &inc.backup_id).await;
+    assert_eq!(
+        all_data(&restored.settings()).await,
+        all_data(&db.settings()).await,
+        "the incremental restores to the source"
+    );
+    let record = verify_backup(&store, &cluster, &inc.backup_id).await;
+    assert!(record.ok, "verify: {record:#?}");
+    manifest(&store, &inc.backup_id).await
+}
+
+fn entry<'a>(m: &'a Manifest, table: &str) -> &'a tidemark_core::format::manifest::TableEntry {
+    m.tables
+        .iter()
+        .find(|t| t.name.name == table)
+        .unwrap_or_else(|| panic!("{table} in the manifest"))
+}
+
+const KEYED: &str = "CREATE TABLE t (id int PRIMARY KEY, v text);
+    INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 2000) g;
+    CREATE TABLE other (id int PRIMARY KEY); INSERT INTO other VALUES (1), (2);";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncated_table_restores_empty() {
+    let m = case(KEYED, "TRUNCATE t", opts()).await;
+    let t = entry(&m, "t");
+    assert_eq!(t.fingerprint.rows, 0);
+    assert!(t.has_key_set(), "an emptied table has an empty key set");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_emptied_by_delete_restores_empty() {
+    let m = case(KEYED, "DELETE FROM t", opts()).await;
+    assert_eq!(entry(&m, "t").fingerprint.rows, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_and_re_added_column_is_a_new_chain() {
+    let m = case(
+        "CREATE TABLE s (id int PRIMARY KEY, a text, b int);
+         INSERT INTO s SELECT g, 'a' || g, g FROM generate_series(1, 1000) g;",
+        "ALTER TABLE s DROP COLUMN b; ALTER TABLE s ADD COLUMN b int;",
+        opts(),
+    )
+    .await;
+    let s = entry(&m, "s");
+    assert!(
+        s.new_chain.as_deref().is_some_and(|r| r.contains("column")),
+        "{:?}",
+        s.new_chain
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tables_swapped_by_renames_are_new_chains() {
+    let m = case(
+        "CREATE TABLE s (id int PRIMARY KEY, v text);
+         INSERT INTO s SELECT g, 'old ' || g FROM generate_series(1, 1000) g;
+         CREATE TABLE s_new (id int PRIMARY KEY, v text);
+         INSERT INTO s_new SELECT g, 'new ' || g FROM generate_series(1, 700) g;",
+        "ALTER TABLE s RENAME TO s_old; ALTER TABLE s_new RENAME TO s;",
+        opts(),
+    )
+    .await;
+    let s = entry(&m, "s");
+    assert!(s.new_chain.is_some(), "s is another table now");
+    assert_eq!(s.fingerprint.rows, 700);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moved_primary_key_is_a_new_chain() {
+    let m = case(
+        "CREATE TABLE k (a int PRIMARY KEY, b int NOT NULL UNIQUE, v text);
+         INSERT INTO k SELECT g, 10000 - g, 'v' || g FROM generate_series(1, 1000) g;",
+        "ALTER TABLE k DROP CONSTRAINT k_pkey; ALTER TABLE k ADD PRIMARY KEY (b);
+         UPDATE k SET a = a + 5000, v = 'moved' WHERE b % 3 = 0;
+         DELETE FROM k WHERE b % 7 = 0;",
+        opts(),
+    )
+    .await;
+    assert!(entry(&m, "k")
+        .new_chain
+        .as_deref()
+        .is_some_and(|r| r.contains("key")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attached_partition_keeps_its_rows() {
+    let m = case(
+        "CREATE TABLE pm (id int, part int, v text, PRIMARY KEY (id, part)) PARTITION BY LIST (part);
+         CREATE TABLE pm_1 PARTITION OF pm FOR VALUES IN (1);
+         CREATE TABLE pm_2 PARTITION OF pm FOR VALUES IN (2);
+         INSERT INTO pm SELECT g, 1 + g % 2, 'v' || g FROM generate_series(1, 1000) g;
+         CREATE TABLE pm_3 (id int, part int, v text, PRIMARY KEY (id, part));
+         INSERT INTO pm_3 SELECT g, 3, 'three ' || g FROM generate_series(1, 100) g;",
+        "ALTER TABLE pm ATTACH PARTITION pm_3 FOR VALUES IN (3);",
+        opts(),
+    )
+    .await;
+    assert_eq!(entry(&m, "pm").fingerprint.rows, 1100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_delete_and_a_late_row_past_a_dropped_gap_are_caught() {
+    let cluster = TestCluster::from_env();
+    let db = cluster.create_database().await;
+    chain_fixture(&db).await;
+    let (_dir, local) = local_store();
+    let store: Store = Arc::new(local);
+    let mut o = append(opts(), "events");
+    // Gaps are forgotten at once, as when more than MAX_GAPS are open.
+    o.gap_ttl = Duration::ZERO;
+    backup(&store, &db, &o).await;
+    let late = tidemark_core::db::connect(&db.settings())
+        .await
+        .expect("connect");
+    late.batch_execute("BEGIN; INSERT INTO events (payload) VALUES ('late')")
+        .await
+        .expect("open the late transaction");
+    exec(
+        &db.settings(),
+        "INSERT INTO events (payload) VALUES ('early')",
+    )
+    .await;
+    backup(&store, &db, &o).await;
+    late.batch_execute("COMMIT").await.expect("commit");
+    // Row count as before: one deleted, one late. A count cannot see it.
+    exec(&db.settings(), "DELETE FROM events WHERE id = 10").await;
+    let (inc, _) = backup(&store, &db, &o).await;
+    let m = manifest(&store, &inc.backup_id).await;
+    assert!(
+        m.warnings.iter().any(|w| w.contains("exporting it whole")),
+        "{:?}",
+        m.warnings
+    );
+    let restored = restore_fresh(&store, &cluster, &inc.backup_id).await;
+    assert_eq!(
+        all_data(&restored.settings()).await,
+        all_data(&db.settings()).await
+    );
+    assert!(verify_backup(&store, &cluster, &inc.backup_id).await.ok);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_update_is_named_unseen_and_a_deep_check_fails_verify() {
+    let cluster = TestCluster::from_env();
+    let db = cluster.create_database().await;
+    chain_fixture(&db).await;
+    let (_dir, local) = local_store();
+    let store: Store = Arc::new(local);
+    let o = append(opts(), "events");
+    backup(&store, &db, &o).await;
+    exec(
+        &db.settings(),
+        "UPDATE events SET payload = 'changed' WHERE id = 5",
+    )
+    .await;
+    // Between deep checks verify compares keys, and says so: it cannot see the update.
+    let (inc, _) = backup(&store, &db, &o).await;
+    let record = verify_backup(&store, &cluster, &inc.backup_id).await;
+    assert!(record.ok);
+    let events = record
+        .tables
+        .iter()
+        .find(|t| t.name.name == "events")
+        .expect("events");
+    assert_eq!(events.of, FingerprintOf::Keys);
+    let accounts = record
+        .tables
+        .iter()
+        .find(|t| t.name.name == "accounts")
+        .expect("accounts");
+    assert_eq!(accounts.of, FingerprintOf::Rows);
+
+    // A deep check fingerprints the source's rows: the chain's stale row fails verify.
+    let mut deep = o.clone();
+    deep.deep = true;
+    let (checked, _) = backup(&store, &db, &deep).await;
+    let record = verify_backup(&store, &cluster, &checked.backup_id).await;
+    assert!(!record.ok, "the deep check sees the update");
+    let failed: Vec<_> = record
+        .tables
+        .iter()
+        .filter(|t| !t.ok)
+        .map(|t| (t.name.name.clone(), t.of))
+        .collect();
+    assert_eq!(failed, vec![("events".to_owned(), FingerprintOf::Rows)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_table_keyed_at_i64_min_is_not_empty() {
+    let m = case(
+        "CREATE TABLE ev (id bigint PRIMARY KEY, v text);
+         INSERT INTO ev VALUES (-9223372036854775808, 'the smallest key');",
+        "INSERT INTO ev VALUES (-9223372036854775807, 'next'), (9223372036854775807, 'largest');",
+        append(opts(), "ev"),
+    )
+    .await;
+    assert_eq!(entry(&m, "ev").fingerprint.rows, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_1600_column_table_merges() {
+    let columns: Vec<String> = (1..1600).map(|i| format!("c{i} int")).collect();
+    let setup = format!(
+        "CREATE TABLE wide (id int PRIMARY KEY, {});
+         INSERT INTO wide (id, c1, c1599) SELECT g, g, -g FROM generate_series(1, 300) g;",
+        columns.join(", ")
+    );
+    let m = case(
+        &setup,
+        "UPDATE wide SET c2 = 2, c1599 = 0 WHERE id % 3 = 0; DELETE FROM wide WHERE id % 5 = 0;
+         INSERT INTO wide (id, c800) VALUES (1000, 800);",
+        opts(),
+    )
+    .await;
+    assert_eq!(entry(&m, "wide").fingerprint.rows, 241);
+}
+
+/// `last_value`, increment and bounds of every sequence, and what `nextval` gives.
+async fn sequences(settings: &tidemark_core::db::DbSettings) -> Vec<String> {
+    let client = tidemark_core::db::connect(settings).await.expect("connect");
+    client
+        .query(
+            "SELECT format('%s.%s start %s inc %s min %s max %s cycle %s last %s', schemaname, \
+               sequencename, start_value, increment_by, min_value, max_value, cycle, last_value) \
+             FROM pg_sequences ORDER BY 1",
+            &[],
+        )
+        .await
+        .expect("sequences")
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn descending_and_stepped_identities_restore_exactly() {
+    let cluster = TestCluster::from_env();
+    let db = cluster.create_database().await;
+    exec(
+        &db.settings(),
+        "CREATE TABLE down (id int GENERATED ALWAYS AS IDENTITY (START -1 INCREMENT -1) PRIMARY KEY, v text);
+         CREATE TABLE step (id int GENERATED BY DEFAULT AS IDENTITY (START 100 INCREMENT 5) PRIMARY KEY, v text);
+         CREATE SEQUENCE odd START 7 INCREMENT 2 MINVALUE 1 MAXVALUE 1000 CYCLE;
+         CREATE SEQUENCE unused START -50 INCREMENT -10 MAXVALUE -50;
+         INSERT INTO down (v) SELECT 'v' || g FROM generate_series(1, 20) g;
+         INSERT INTO step (v) SELECT 'v' || g FROM generate_series(1, 20) g;
+         SELECT nextval('odd'), nextval('odd');",
+    )
+    .await;
+    let (_dir, local) = local_store();
+    let store: Store = Arc::new(local);
+    let (full, _) = backup(&store, &db, &opts()).await;
+    exec(
+        &db.settings(),
+        "INSERT INTO down (v) VALUES ('later'); INSERT INTO step (v) VALUES ('later');",
+    )
+    .await;
+    let (inc, _) = backup(&store, &db, &opts()).await;
+    for id in [&full.backup_id, &inc.backup_id] {
+        let restored = restore_fresh(&store, &cluster, id).await;
+        if id == &inc.backup_id {
+            assert_eq!(
+                sequences(&restored.settings()).await,
+                sequences(&db.settings()).await
+            );
+            // The next values continue where the source's would.
+            let next =
+                "INSERT INTO down (v) VALUES ('next'); INSERT INTO step (v) VALUES ('next');";
+            exec(&restored.settings(), next).await;
+            exec(&db.settings(), next).await;
+            assert_eq!(
+                all_data(&restored.settings()).await,
+                all_data(&db.settings()).await
+            );
+        }
+        assert!(verify_backup(&store, &cluster, id).await.ok);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sequence_behind_its_column_is_moved_past_it() {
+    let cluster = TestCluster::from_env();
+    let db = cluster.create_database().await;
+    // Rows written with explicit keys the sequences never handed out.
+    exec(
+        &db.settings(),
+        "CREATE TABLE up (id serial PRIMARY KEY, v text);
+         INSERT INTO up (v) VALUES ('a'), ('b');
+         INSERT INTO up VALUES (500, 'explicit');
+         CREATE TABLE down (id int GENERATED BY DEFAULT AS IDENTITY (START -1 INCREMENT -1) PRIMARY KEY);
+         INSERT INTO down VALUES (DEFAULT), (-300);",
+    )
+    .await;
+    let (_dir, local) = local_store();
+    let store: Store = Arc::new(local);
+    let (full, _) = backup(&store, &db, &opts()).await;
+    let restored = cluster.create_database().await;
+    let m = manifest(&store, &full.backup_id).await;
+    let report = tidemark_core::restore::restore(
+        store.clone(),
+        &m,
+        &restored.settings(),
+        &tidemark_core::restore::RestoreOptions::default(),
+    )
+    .await
+    .expect("restore");
+    for sequence in ["public.up_id_seq", "public.down_id_seq"] {
+        assert!(
+            report
+                .warnings
+                .iter()
+                .any(|w| w.starts_with(&format!("sequence {sequence} was behind"))),
+            "{:?}",
+            report.warnings
+        );
+    }
+    // nextval in the restored database never hands out a key its data already holds.
+    exec(
+        &restored.settings(),
+        "INSERT INTO up (v) VALUES ('next'); INSERT INTO down VALUES (DEFAULT);",
+    )
+    .await;
+    let client = tidemark_core::db::connect(&restored.settings())
+        .await
+        .expect("connect");
+    let up: i32 = client
+        .query_one("SELECT max(id) FROM up", &[])
+        .await
+        .expect("up")
+        .get(0);
+    let down: i32 = client
+        .query_one("SELECT min(id) FROM down", &[])
+        .await
+        .expect("down")
+        .get(0);
+    assert_eq!((up, down), (501, -301));
+}
+
+// --- The transaction counter: a private cluster each, moved with pg_resetwal. ---
+
+const XID_FIXTURE: &str = "CREATE TABLE acct (id int PRIMARY KEY, balance int NOT NULL, note text);
+    INSERT INTO acct SELECT g, g, 'n' || g FROM generate_series(1, 3000) g;
+    CREATE TABLE log (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, what text);
+    INSERT INTO log (what) SELECT 'w' || g FROM generate_series(1, 1000) g;";
+
+const XID_CHANGE: &str = "UPDATE acct SET balance = -balance, note = 'changed' WHERE id % 10 = 0;
+    DELETE FROM acct WHERE id % 13 = 0;
+    INSERT INTO acct SELECT g, g, 'new' FROM generate_series(5001, 5100) g;
+    INSERT INTO log (what) VALUES ('later');";
+
+fn xid_opts() -> ExportOptions {
+    append(opts(), "log")
+}
+
+/// Restores `id` into a new database of `cluster`, compares it with `source` and
+/// verifies it there.
+async fn restores_and_verifies(
+    store: &Store,
+    cluster: &tidemark_tests::private::PrivateCluster,
+    source: &tidemark_core::db::DbSettings,
+    id: &str,
+) {
+    let name = format!("restored_{}", uuid::Uuid::new_v4().simple());
+    let target = cluster.create_database(&name).await;
+    let m = manifest(store, id).await;
+    tidemark_core::restore::restore(
+        store.clone(),
+        &m,
+        &target,
+        &tidemark_core::restore::RestoreOptions::default(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("restore {id}: {e}"));
+    assert_eq!(all_data(&target).await, all_data(source).await);
+    let record = tidemark_core::verify::verify(
+        store.clone(),
+        &cluster.settings("postgres"),
+        &tidemark_core::verify::VerifyOptions {
+            backup: Some(tidemark_core::restore::BackupSelector::Id(id.to_owned())),
+            ..tidemark_core::verify::VerifyOptions::default()
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("verify {id}: {e}"));
+    assert!(record.ok, "{record:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_than_2_31_transactions_since_the_parent_start_a_new_chain() {
+    let cluster = tidemark_tests::private::PrivateCluster::start();
+    let db = cluster.create_database("app").await;
+    exec(&db, XID_FIXTURE).await;
+    let (_dir, local) = local_store();
+    let store: Store = Arc::new(local);
+    let (full, _) = backup_of(&store, &db, &xid_opts()).await;
+    let parent_xid = cluster.next_xid().await;
+    cluster.advance_xid_to(parent_xid + (1 << 31) + 1000).await;
+    exec(&db, XID_CHANGE).await;
+    let (inc, _) = backup_of(&store, &db, &xid_opts()).await;
+    assert_eq!(
+        inc.kind,
+        BackupKind::Full,
+        "32-bit xids no longer order the rows"
+    );
+    let m = manifest(&store, &inc.backup_id).await;
+    assert!(
+        m.warnings.iter().any(|w| w.contains("more than 2^31")),
+        "{:?}",
+        m.warnings
+    );
+    assert_ne!(m.id, full.backup_id);
+    restores_and_verifies(&store, &cluster, &db, &inc.backup_id).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_continues_across_the_32_bit_wrap() {
+    let cluster = tidemark_tests::private::PrivateCluster::start();
+    let db = cluster.create_database("app").await;
+    exec(&db, XID_FIXTURE).await;
+    // Just below 2^32: the parent's xids are in epoch 0, the incremental's in epoch 1.
+    cluster.advance_xid_to((1 << 32) - 400).await;
+    exec(
+        &db,
+        "UPDATE acct SET note = 'before the wrap' WHERE id <= 50",
+    )
+    .await;
+    let (_dir, local) = local_store();
+    let store: Store = Arc::new(local);
+    let (full, _) = backup_of(&store, &db, &xid_opts()).await;
+    let client = tidemark_core::db::connect(&db).await.expect("connect");
+    for _ in 0..600 {
+        client
+            .batch_execute("SELECT txid_current()")
+            .await
+            .expect("use an xid");
+    }
+    assert!(cluster.next_xid().await > 1 << 32, "the counter wrapped");
+    exec(&db, XID_CHANGE).await;
+    let (inc, _) = backup_of(&store, &db, &xid_opts()).await;
+    assert_eq!(
+        (inc.kind, inc.parent.as_deref()),
+        (BackupKind::Incremental, Some(full.backup_id.as_str()))
+    );
+    let m = manifest(&store, &inc.backup_id).await;
+    let acct = entry(&m, "acct");
+    assert!(
+        acct.new_chain.is_none() && acct.exported_rows < 1000,
+        "only the changes: {} rows, {:?}",
+        acct.exported_rows,
+        acct.new_chain
+    );
+    restores_and_verifies(&store, &cluster, &db, &inc.backup_id).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_copy_on_another_server_starts_a_new_chain() {
+    let origin = tidemark_tests::private::PrivateCluster::start();
+    let db = origin.create_database("app").await;
+    exec(&db, XID_FIXTURE).await;
+    // The original server is far ahead of the copy's.
+    origin.jump_xid(origin.next_xid().await + 5_000_000);
+    exec(
+        &db,
+        "UPDATE acct SET note = 'late on the origin' WHERE id <= 100",
+    )
+    .await;
+    let (_dir, local) = local_store();
+    let store: Store = Arc::new(local);
+    let (full, _) = backup_of(&store, &db, &xid_opts()).await;
+
+    // The database restored on a new server; the store now points at the copy.
+    let copy = tidemark_tests::private::PrivateCluster::start();
+    let copy_db = copy.create_database("app").await;
+    tidemark_core::restore::restore(
+        store.clone(),
+        &manifest(&store, &full.backup_id).await,
+        &copy_db,
+        &tidemark_core::restore::RestoreOptions::default(),
+    )
+    .await
+    .expect("restore onto the new server");
+    exec(&copy_db, XID_CHANGE).await;
+    let (inc, _) = backup_of(&store, &copy_db, &xid_opts()).await;
+    assert_eq!(inc.kind, BackupKind::Full);
+    let m = manifest(&store, &inc.backup_id).await;
+    assert!(
+        m.warnings.iter().any(|w| w.contains("another server")),
+        "{:?}",
+        m.warnings
+    );
+    restores_and_verifies(&store, &copy, &copy_db, &inc.backup_id).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_server_rolled_back_to_a_snapshot_starts_a_new_chain() {
+    let cluster = tidemark_tests::private::PrivateCluster::start();
+    let db = cluster.create_database("app").await;
+    exec(&db, XID_FIXTURE).await;
+    // A file-level snapshot of the server, taken now.
+    cluster.stop();
+    let snapshot = cluster.scratch().join("snapshot");
+    cluster.snapshot_data(&snapshot);
+    cluster.restart();
+    for _ in 0..300 {
+        exec(&db, "UPDATE acct SET balance = balance + 1 WHERE id = 1").await;
+    }
+    let (_dir, local) = local_store();
+    let store: Store = Arc::new(local);
+    backup_of(&store, &db, &xid_opts()).await;
+    // The server is rolled back to the snapshot: same system identifier, lower xids.
+    cluster.stop();
+    cluster.replace_data(&snapshot);
+    cluster.restart();
+    exec(&db, XID_CHANGE).await;
+    let (inc, _) = backup_of(&store, &db, &xid_opts()).await;
+    assert_eq!(inc.kind, BackupKind::Full);
+    let m = manifest(&store, &inc.backup_id).await;
+    assert!(
+        m.warnings.iter().any(|w| w.contains("went backwards")),
+        "{:?}",
+        m.warnings
+    );
+    restores_and_verifies(&store, &cluster, &db, &inc.backup_id).await;
+}
