@@ -586,3 +586,96 @@ async fn a_directory_store_is_private_whatever_the_umask() {
     let report: serde_json::Value = serde_json::from_str(&stdout(&json)).expect("JSON");
     assert_eq!(report["store_readable_by_others"], true);
 }
+
+#[tokio::test]
+async fn a_backup_killed_with_sigkill_is_resumed_at_once_by_the_next() {
+    let cluster = TestCluster::from_env();
+    let db = cluster.create_database().await;
+    exec(
+        &db.settings(),
+        "CREATE TABLE big (id int PRIMARY KEY, v text);
+         INSERT INTO big SELECT g, repeat(md5(g::text), 4) FROM generate_series(1, 600000) g;
+         CREATE TABLE small (k text, n int); INSERT INTO small VALUES ('a', 1);",
+    )
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let store_arg = store.to_str().expect("utf8");
+    let url = db.url(SslMode::Require);
+    let env = [
+        ("DATABASE_URL", url.as_str()),
+        ("TIDEMARK_STORE", store_arg),
+    ];
+
+    let mut first = std::process::Command::new(env!("CARGO_BIN_EXE_tidemark"))
+        .args(["backup", "--chunk-rows", "20000", "--workers", "1"])
+        .env("DATABASE_URL", &url)
+        .env("TIDEMARK_STORE", store_arg)
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start tidemark backup");
+    // Kill it once it holds the lease and has written progress and a chunk or two.
+    let local = LocalStore::open(&store).expect("open");
+    let started = std::time::Instant::now();
+    let run_id = loop {
+        let chunks = local.list("chunks/").await.unwrap_or_default();
+        let progress = local.list("runs/").await.unwrap_or_default();
+        if chunks.len() >= 2 && !progress.is_empty() {
+            break progress[0]
+                .key
+                .split('/')
+                .nth(1)
+                .expect("run id")
+                .to_owned();
+        }
+        assert!(
+            first.try_wait().expect("poll").is_none(),
+            "the first backup ended before it could be killed"
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(120));
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    first.kill().expect("kill -9");
+    first.wait().expect("reap");
+    assert!(local.list("manifests/").await.expect("list").is_empty());
+
+    // The next backup takes the dead process's lease over at once and finishes its run.
+    let resumed_at = std::time::Instant::now();
+    let second = tidemark(&["backup"], &env);
+    let took = resumed_at.elapsed();
+    assert!(second.status.success(), "{}", stderr(&second));
+    assert_eq!(stdout(&second).trim(), run_id, "the killed run was resumed");
+    assert!(!stderr(&second).contains("locked"), "{}", stderr(&second));
+    eprintln!("resumed after kill -9 in {:.1} s", took.as_secs_f64());
+
+    let target = cluster.create_database().await;
+    let restore = tidemark(
+        &[
+            "restore",
+            "--backup",
+            "latest",
+            "--target-url",
+            &target.url(SslMode::Require),
+        ],
+        &env,
+    );
+    assert!(restore.status.success(), "{}", stderr(&restore));
+    let src = tidemark_core::db::connect(&db.settings())
+        .await
+        .expect("source");
+    let dst = tidemark_core::db::connect(&target.settings())
+        .await
+        .expect("target");
+    for select in [
+        "SELECT * FROM big ORDER BY id",
+        "SELECT * FROM small ORDER BY 1",
+    ] {
+        assert!(
+            tidemark_tests::ordered_copy(&src, select).await
+                == tidemark_tests::ordered_copy(&dst, select).await,
+            "{select} differs after the resumed backup"
+        );
+    }
+}

@@ -56,7 +56,7 @@ use crate::format::{
     ChunkKind, ChunkRef, Fingerprint, KeyRange, PgSnapshot, TableMode, TableName, CHECKPOINT_KEY,
     FORMAT_VERSION,
 };
-use crate::lease::{self, HeldLease};
+use crate::lease;
 use crate::run::{new_run_id, RunError};
 use crate::schema::{self, capture::CaptureRequest, PgDump};
 use crate::store::{CountingStore, ETag, StoreError, WriteCondition, WriteStore};
@@ -120,7 +120,7 @@ impl Default for ExportOptions {
             workers: 2,
             deadline: None,
             holder: lease::default_holder(),
-            lease_ttl: Duration::from_secs(20 * 60),
+            lease_ttl: lease::DEFAULT_TTL,
             progress_interval: Duration::from_secs(2),
             meter: None,
             pg_dump: None,
@@ -209,7 +209,7 @@ pub async fn export_slice(
             }
         }
         None => match lease::current(store.as_ref()).await? {
-            Some((lease, _)) if lease.expires_at > Utc::now() => {
+            Some((lease, _)) if lease::is_live(&lease, Utc::now()) => {
                 return Err(RunError::Locked {
                     run_id: lease.run_id,
                     since: lease.acquired_at,
@@ -348,9 +348,8 @@ pub async fn export_slice(
             doc: progress,
             etag,
             last_write: Instant::now(),
-            lease: held,
-            lease_renewed: Instant::now(),
         }),
+        heartbeat: lease::Heartbeat::start(store.clone(), held, opts.lease_ttl),
         queue: std::sync::Mutex::new(VecDeque::new()),
         opts: opts.clone(),
         meter: meter.clone(),
@@ -1333,8 +1332,6 @@ struct ProgressState {
     doc: RunProgress,
     etag: ETag,
     last_write: Instant,
-    lease: HeldLease,
-    lease_renewed: Instant,
 }
 
 /// One unit of work of a slice.
@@ -1409,6 +1406,8 @@ struct Shared {
     counting: Arc<CountingStore>,
     base_requests: u64,
     state: Mutex<ProgressState>,
+    /// Keeps the run's lease renewed while the slice works.
+    heartbeat: lease::Heartbeat,
     queue: std::sync::Mutex<VecDeque<Work>>,
     opts: ExportOptions,
     meter: Arc<ExportMeter>,
@@ -1565,10 +1564,7 @@ impl Shared {
     }
 
     async fn flush(&self, state: &mut ProgressState) -> Result<(), RunError> {
-        if state.lease_renewed.elapsed() >= self.opts.lease_ttl / 4 {
-            lease::renew(self.store.as_ref(), &mut state.lease, self.opts.lease_ttl).await?;
-            state.lease_renewed = Instant::now();
-        }
+        self.heartbeat.check()?;
         state.doc.store_requests = self.base_requests + self.counting.count() + 1;
         state.etag = write_progress(
             self.store.as_ref(),

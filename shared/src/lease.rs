@@ -4,12 +4,18 @@
 //! died) or that the same run already holds (the next slice of a run). Renewed while the
 //! run works; released by writing it back already expired, so the next taker replaces it
 //! with If-Match and two racing takers cannot both win.
+//!
+//! A lease is live until it expires, unless its holder ran on this machine and its
+//! process is gone (killed, crashed, the machine rebooted): then it is stale at once, as
+//! restic treats such locks, and the next run takes it over and resumes the run.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
 
-use crate::format::lease::Lease;
+use crate::format::lease::{HolderProcess, Lease};
 use crate::format::{read_doc, write_doc, FormatError, FORMAT_VERSION, LOCK_KEY};
 use crate::run::RunError;
 use crate::store::{ETag, StoreError, WriteCondition, WriteStore};
@@ -21,12 +27,79 @@ pub struct HeldLease {
     pub etag: ETag,
 }
 
+/// How long a lease lasts without renewal: what a holder that died elsewhere (a Lambda
+/// that timed out, another machine) costs the next run at most. Holders renew it every
+/// quarter of this while they work.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(5 * 60);
+
+/// This machine's host name (`/proc/sys/kernel/hostname`, else `$HOSTNAME`).
+fn host_name() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+}
+
+/// Clock ticks from boot to the start of process `pid`, if it exists.
+fn start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // `pid (comm) state ppid ...`: comm may hold spaces and parentheses; field 22 is
+    // the 20th after the last `)`.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// This process, as a lease records it; `None` where it cannot be told (no `/proc`).
+pub fn this_process() -> Option<HolderProcess> {
+    let pid = std::process::id();
+    Some(HolderProcess {
+        host: host_name()?,
+        boot_id: std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .ok()?
+            .trim()
+            .to_owned(),
+        pid_namespace: std::fs::read_link("/proc/self/ns/pid")
+            .ok()?
+            .to_string_lossy()
+            .into_owned(),
+        pid,
+        start_ticks: start_ticks(pid)?,
+    })
+}
+
+/// Whether `holder` ran on this machine (same host, boot and PID namespace) and is gone:
+/// rebooted since, or no process with its PID and start time.
+fn is_gone(holder: &HolderProcess, here: &HolderProcess) -> bool {
+    if holder.host != here.host || holder.pid_namespace != here.pid_namespace {
+        return false; // another machine or container: only expiry tells
+    }
+    holder.boot_id != here.boot_id || start_ticks(holder.pid) != Some(holder.start_ticks)
+}
+
+/// Whether `lease` still excludes others at `now`: not expired, and not held by a
+/// process of this machine that is gone.
+pub fn is_live(lease: &Lease, now: chrono::DateTime<Utc>) -> bool {
+    if lease.expires_at <= now {
+        return false;
+    }
+    match (&lease.process, this_process()) {
+        (Some(holder), Some(here)) if is_gone(holder, &here) => {
+            tracing::warn!(
+                run_id = lease.run_id,
+                holder = lease.holder,
+                pid = holder.pid,
+                "the lease's holder on this machine is gone: taking the lease over"
+            );
+            false
+        }
+        _ => true,
+    }
+}
+
 /// Who is running: `host:pid`, or whatever the caller says (a Lambda request id).
 pub fn default_holder() -> String {
-    let host = std::env::var("HOSTNAME")
-        .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "localhost".to_owned());
+    let host = host_name().unwrap_or_else(|| "localhost".to_owned());
     format!("{host}:{}", std::process::id())
 }
 
@@ -48,7 +121,7 @@ pub async fn current(store: &dyn WriteStore) -> Result<Option<(Lease, ETag)>, Ru
 /// [`RunError::Locked`]; store errors.
 pub async fn ensure_free_for(store: &dyn WriteStore, run_id: &str) -> Result<(), RunError> {
     match current(store).await? {
-        Some((lease, _)) if lease.run_id != run_id && lease.expires_at > Utc::now() => {
+        Some((lease, _)) if lease.run_id != run_id && is_live(&lease, Utc::now()) => {
             Err(locked(&lease))
         }
         _ => Ok(()),
@@ -64,7 +137,7 @@ fn locked(lease: &Lease) -> RunError {
 }
 
 fn ttl_delta(ttl: Duration) -> chrono::TimeDelta {
-    chrono::TimeDelta::from_std(ttl).unwrap_or(chrono::TimeDelta::minutes(20))
+    chrono::TimeDelta::from_std(ttl).unwrap_or(chrono::TimeDelta::minutes(5))
 }
 
 /// Takes (or keeps) the lease for `run_id`.
@@ -86,7 +159,7 @@ pub async fn acquire(
             Some((lease, etag)) if lease.run_id == run_id && lease.expires_at > now => {
                 (WriteCondition::IfMatch(etag.clone()), lease.acquired_at)
             }
-            Some((lease, etag)) if lease.expires_at <= now => {
+            Some((lease, etag)) if !is_live(lease, now) => {
                 (WriteCondition::IfMatch(etag.clone()), now)
             }
             Some((lease, _)) => return Err(locked(lease)),
@@ -99,6 +172,7 @@ pub async fn acquire(
             acquired_at,
             renewed_at: now,
             expires_at: now + ttl_delta(ttl),
+            process: this_process(),
         };
         match write_doc(store, LOCK_KEY, &lease, condition).await {
             Ok(receipt) => {
@@ -177,5 +251,103 @@ pub async fn release(store: &dyn WriteStore, run_id: &str) -> Result<bool, RunEr
         // Somebody took it over in between: it is not ours to release any more.
         Err(e) if precondition(&e) => Ok(false),
         Err(e) => Err(e.into()),
+    }
+}
+
+/// Renews a held lease every quarter of its TTL in the background, for as long as it is
+/// kept (dropping it stops the renewal), so a long step between progress writes never
+/// lets the lease lapse and a short TTL costs the holder nothing.
+#[derive(Debug)]
+pub struct Heartbeat {
+    run_id: String,
+    lost: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Heartbeat {
+    /// Starts renewing `held` in `store` every `ttl / 4`.
+    pub fn start(store: Arc<dyn WriteStore>, mut held: HeldLease, ttl: Duration) -> Self {
+        let run_id = held.lease.run_id.clone();
+        let lost = Arc::new(AtomicBool::new(false));
+        let flag = lost.clone();
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(ttl / 4);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await; // the first tick is now; the lease was just written
+            loop {
+                tick.tick().await;
+                match renew(store.as_ref(), &mut held, ttl).await {
+                    Ok(()) => {}
+                    Err(RunError::LeaseLost { run_id }) => {
+                        tracing::error!(run_id, "the lease was taken over by another run");
+                        flag.store(true, Ordering::SeqCst);
+                        return;
+                    }
+                    // A store hiccup: the next beat tries again, well before expiry.
+                    Err(e) => tracing::warn!(error = %e, "renewing the lease failed"),
+                }
+            }
+        });
+        Self { run_id, lost, task }
+    }
+
+    /// [`RunError::LeaseLost`] once another run took the lease over.
+    ///
+    /// # Errors
+    /// [`RunError::LeaseLost`].
+    pub fn check(&self) -> Result<(), RunError> {
+        if self.lost.load(Ordering::SeqCst) {
+            return Err(RunError::LeaseLost {
+                run_id: self.run_id.clone(),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_process_is_alive_and_a_gone_one_is_told() {
+        let Some(here) = this_process() else {
+            return; // no /proc: nothing to tell
+        };
+        assert_eq!(here.pid, std::process::id());
+        assert!(!is_gone(&here, &here), "this process is alive");
+        // The same PID started at another time is another process (PID reuse).
+        let reused = HolderProcess {
+            start_ticks: here.start_ticks + 1,
+            ..here.clone()
+        };
+        assert!(is_gone(&reused, &here));
+        // A reboot ends every process of the machine.
+        let before_reboot = HolderProcess {
+            boot_id: "another boot".into(),
+            ..here.clone()
+        };
+        assert!(is_gone(&before_reboot, &here));
+        // Another machine or container: only the lease's expiry can tell.
+        for other in [
+            HolderProcess {
+                host: "elsewhere".into(),
+                start_ticks: 0,
+                ..here.clone()
+            },
+            HolderProcess {
+                pid_namespace: "pid:[1]".into(),
+                start_ticks: 0,
+                ..here.clone()
+            },
+        ] {
+            assert!(!is_gone(&other, &here));
+        }
     }
 }

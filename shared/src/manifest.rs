@@ -101,14 +101,7 @@ pub async fn seal_run(
             run_id: run_id.to_owned(),
         });
     }
-    lease::acquire(
-        store,
-        run_id,
-        "backup",
-        holder,
-        std::time::Duration::from_secs(600),
-    )
-    .await?;
+    lease::acquire(store, run_id, "backup", holder, lease::DEFAULT_TTL).await?;
     let mut manifest = build_manifest(&progress);
     manifest.store_requests = progress.store_requests + counting.count() + 4;
     // Sealed as it is written: the checksum covers the stored bytes.

@@ -195,7 +195,7 @@ pub async fn plan_prune(
 
     // Dead runs: progress or verify state with no manifest, no live lease, past the grace.
     let live = match lease::current(store).await? {
-        Some((l, _)) if l.expires_at > opts.now => Some(l.run_id),
+        Some((l, _)) if lease::is_live(&l, opts.now) => Some(l.run_id),
         _ => None,
     };
     let mut runs: BTreeMap<String, (Vec<String>, Duration)> = BTreeMap::new();
@@ -282,6 +282,7 @@ pub async fn prune(
     store: Arc<dyn WriteStore>,
     opts: &PruneOptions,
 ) -> Result<PruneReport, PruneError> {
+    let renewals = store.clone();
     let counting = CountingStore::new(store);
     let store: &dyn WriteStore = &counting;
     if opts.dry_run {
@@ -294,14 +295,8 @@ pub async fn prune(
         });
     }
     let run_id = format!("prune-{}", opts.now.format("%Y%m%dT%H%M%SZ"));
-    lease::acquire(
-        store,
-        &run_id,
-        "prune",
-        &opts.holder,
-        Duration::from_secs(15 * 60),
-    )
-    .await?;
+    let held = lease::acquire(store, &run_id, "prune", &opts.holder, lease::DEFAULT_TTL).await?;
+    let heartbeat = lease::Heartbeat::start(renewals, held, lease::DEFAULT_TTL);
     let result = async {
         let plan = plan_prune(store, opts).await?;
         if !plan.delete.is_empty() {
@@ -335,6 +330,7 @@ pub async fn prune(
         Ok::<_, PruneError>(plan)
     }
     .await;
+    drop(heartbeat);
     lease::release(store, &run_id).await?;
     let plan = result?;
     Ok(PruneReport {

@@ -265,6 +265,7 @@ async fn the_state_machine_backs_up_verifies_and_prunes_through_the_function_bin
         acquired_at: now,
         renewed_at: now,
         expires_at: now + chrono::TimeDelta::minutes(10),
+        process: None,
     };
     write_doc(store.as_ref(), LOCK_KEY, &other, WriteCondition::Always)
         .await
