@@ -332,7 +332,11 @@ pub async fn export(global: &GlobalArgs, args: &ExportArgs) -> Result<(), String
     opts.deadline = args
         .max_seconds
         .map(|s| Instant::now() + Duration::from_secs(s));
-    let report = export::export_slice(store, &db, &opts)
+    let report = export::export_slice(store.clone(), &db, &opts)
+        .await
+        .map_err(|e| error_chain(&e))?;
+    // This process ends its slice on purpose: the run keeps the lease for the next one.
+    tidemark_core::lease::detach(store.as_ref(), &report.run_id)
         .await
         .map_err(|e| error_chain(&e))?;
     println!("{}", json(&report)?);

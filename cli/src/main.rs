@@ -93,7 +93,9 @@ impl GlobalArgs {
         let raw = self.store.as_deref().ok_or_else(|| {
             "no store configured: pass --store (or TIDEMARK_STORE) with s3://bucket/prefix or a directory".to_owned()
         })?;
-        let url: StoreUrl = raw.parse().map_err(|e| error_chain(&e))?;
+        let url: StoreUrl = raw
+            .parse()
+            .map_err(|e| format!("--store (TIDEMARK_STORE): {}", error_chain(&e)))?;
         store::open(&url).await.map_err(|e| error_chain(&e))
     }
 

@@ -175,6 +175,20 @@ mod tests {
     }
 }
 
+/// `TIDEMARK_PRUNE_GRACE` (e.g. `24h`): how long leftovers of dead runs stay; `None`
+/// when unset.
+///
+/// # Errors
+/// A message naming the variable and its bad value.
+pub fn prune_grace_from_env(
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<Duration>, String> {
+    env("TIDEMARK_PRUNE_GRACE")
+        .filter(|v| !v.trim().is_empty())
+        .map(|v| parse_duration(&v).map_err(|e| format!("TIDEMARK_PRUNE_GRACE: {e}")))
+        .transpose()
+}
+
 /// The retention policy from `TIDEMARK_KEEP_LAST`, `_HOURLY`, `_DAILY`, `_WEEKLY`,
 /// `_MONTHLY`, `_YEARLY`, `TIDEMARK_KEEP_WITHIN` (e.g. `30d`), `TIDEMARK_MAX_TOTAL_SIZE`
 /// (e.g. `500GiB`) and `TIDEMARK_TIMEZONE` (e.g. `Europe/Paris`). With no `KEEP` rule

@@ -228,6 +228,28 @@ pub async fn renew(
     }
 }
 
+/// Hands the lease from this process to the run: a process that ends its part of a run
+/// on purpose (`tidemark export`, one slice, like a Lambda invocation) keeps the run
+/// exclusive until the lease expires, as the next slice expects, instead of leaving a
+/// lease that looks like a crashed holder's.
+///
+/// # Errors
+/// Store errors; a lease another process or run holds is left alone.
+pub async fn detach(store: &dyn WriteStore, run_id: &str) -> Result<(), RunError> {
+    let Some((mut lease, etag)) = current(store).await? else {
+        return Ok(());
+    };
+    if lease.run_id != run_id || lease.process.is_none() || lease.process != this_process() {
+        return Ok(());
+    }
+    lease.process = None;
+    match write_doc(store, LOCK_KEY, &lease, WriteCondition::IfMatch(etag)).await {
+        Ok(_) => Ok(()),
+        Err(e) if precondition(&e) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Releases the lease if `run_id` holds it (writes it back already expired). Returns
 /// whether a live lease was released.
 ///

@@ -111,34 +111,59 @@ fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.trim().is_empty())
 }
 
+/// The store URL `TIDEMARK_STORE` names, from `lookup` (the process environment in
+/// [`store_from_env`]).
+///
+/// # Errors
+/// A message naming the variable, for a missing or malformed store URL.
+pub fn store_url(lookup: &dyn Fn(&str) -> Option<String>) -> Result<StoreUrl, String> {
+    let raw = lookup("TIDEMARK_STORE")
+        .filter(|v| !v.trim().is_empty())
+        .ok_or("TIDEMARK_STORE is not set (s3://bucket/prefix)")?;
+    raw.parse().map_err(|e| format!("TIDEMARK_STORE: {e}"))
+}
+
 /// The store `TIDEMARK_STORE` names.
 ///
 /// # Errors
 /// A message naming the variable, for a missing or malformed store URL.
 pub async fn store_from_env() -> Result<DynStore, String> {
-    let raw = env("TIDEMARK_STORE").ok_or("TIDEMARK_STORE is not set (s3://bucket/prefix)")?;
-    let url: StoreUrl = raw.parse().map_err(|e| format!("TIDEMARK_STORE: {e}"))?;
+    let url = store_url(&env)?;
     store::open(&url)
         .await
         .map_err(|e| format!("TIDEMARK_STORE: {e}"))
 }
 
-/// Database settings from `DATABASE_URL` or `TIDEMARK_SECRET_ID` (fetched once, at cold
-/// start), with `TIDEMARK_CA_FILE` and `TIDEMARK_SSLMODE`.
+/// Where the database settings come from: `DATABASE_URL` or `TIDEMARK_SECRET_ID`, with
+/// `TIDEMARK_CA_FILE` and `TIDEMARK_SSLMODE`, from `lookup`.
+///
+/// # Errors
+/// A message naming the variable with a bad value.
+pub fn database_source(lookup: &dyn Fn(&str) -> Option<String>) -> Result<DatabaseSource, String> {
+    let get = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
+    let sslmode = get("TIDEMARK_SSLMODE")
+        .map(|m| m.parse().map_err(|e| format!("TIDEMARK_SSLMODE: {e}")))
+        .transpose()?;
+    let url = get("DATABASE_URL").map(SecretString::from);
+    if let Some(url) = &url {
+        // Refused at cold start, naming the variable (the error never shows the URL).
+        DbSettings::from_url(url).map_err(|e| format!("DATABASE_URL: {e}"))?;
+    }
+    Ok(DatabaseSource {
+        url,
+        secret_id: get("TIDEMARK_SECRET_ID"),
+        ca_file: get("TIDEMARK_CA_FILE").map(Into::into),
+        sslmode,
+    })
+}
+
+/// Database settings from the process environment (a secret is fetched once, at cold
+/// start); see [`database_source`].
 ///
 /// # Errors
 /// The settings error, without any secret.
 pub async fn database_from_env() -> Result<DbSettings, String> {
-    let sslmode = env("TIDEMARK_SSLMODE")
-        .map(|m| m.parse().map_err(|e| format!("TIDEMARK_SSLMODE: {e}")))
-        .transpose()?;
-    let source = DatabaseSource {
-        url: env("DATABASE_URL").map(SecretString::from),
-        secret_id: env("TIDEMARK_SECRET_ID"),
-        ca_file: env("TIDEMARK_CA_FILE").map(Into::into),
-        sslmode,
-    };
-    source
+    database_source(&env)?
         .resolve()
         .await
         .map_err(|e| tidemark_core::error_chain(&e))

@@ -50,11 +50,9 @@ pub async fn handle(event: LambdaEvent<Value>, deps: &Deps) -> Result<Value, Fun
     let lookup = |name: &str| request.setting(name).or_else(|| (deps.env)(name));
     let policy =
         tidemark_core::config::retention_policy_from_env(&lookup).map_err(FunctionError::fatal)?;
-    let grace = match (deps.env)("TIDEMARK_PRUNE_GRACE") {
-        Some(g) if !g.trim().is_empty() => tidemark_core::config::parse_duration(&g)
-            .map_err(|e| FunctionError::fatal(format!("TIDEMARK_PRUNE_GRACE: {e}")))?,
-        _ => PruneOptions::default().grace,
-    };
+    let grace = tidemark_core::config::prune_grace_from_env(&deps.env)
+        .map_err(FunctionError::fatal)?
+        .unwrap_or(PruneOptions::default().grace);
     let opts = PruneOptions {
         policy,
         grace,
