@@ -508,24 +508,77 @@ pub async fn all_data(settings: &DbSettings) -> std::collections::BTreeMap<Strin
     out
 }
 
-/// Sequence positions, materialized views' populated state, trigger states and invalid
-/// indexes: what a schema dump does not show.
+/// Sequences, materialized views' populated state, trigger states and invalid indexes:
+/// what a schema dump does not show.
+///
+/// A sequence is shown by its options and the next value `nextval` would hand out that
+/// its owning column does not already hold: equal to the source's own next value unless
+/// the source's sequence was behind its keys (rows written with explicit keys), which a
+/// restore moves past them.
 pub async fn state_facts(settings: &DbSettings) -> Vec<String> {
     let client = tidemark_core::db::connect(settings).await.expect("connect");
-    client
+    let mut facts: Vec<String> = client
         .query(
-            "SELECT schemaname || '.' || sequencename || ' ' || coalesce(last_value::text, 'unset') FROM pg_sequences \
-             UNION ALL SELECT 'matview ' || schemaname || '.' || matviewname || ' ' || ispopulated FROM pg_matviews \
+            "SELECT 'matview ' || schemaname || '.' || matviewname || ' ' || ispopulated FROM pg_matviews \
              UNION ALL SELECT 'trigger ' || tgrelid::regclass || ' ' || tgname || ' ' || tgenabled::text FROM pg_trigger WHERE NOT tgisinternal \
-             UNION ALL SELECT 'invalid index ' || indexrelid::regclass FROM pg_index WHERE NOT indisvalid \
-             ORDER BY 1",
+             UNION ALL SELECT 'invalid index ' || indexrelid::regclass FROM pg_index WHERE NOT indisvalid",
             &[],
         )
         .await
         .expect("facts")
         .iter()
         .map(|r| r.get(0))
-        .collect()
+        .collect();
+    let sequences = client
+        .query(
+            "SELECT s.schemaname || '.' || s.sequencename, s.increment_by, s.min_value, s.max_value, \
+                    s.cycle, coalesce(s.last_value + s.increment_by, s.start_value), \
+                    (SELECT format('%s.%s', a.attrelid::regclass, quote_ident(a.attname)) \
+                       FROM pg_depend d JOIN pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid \
+                      WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass \
+                        AND d.deptype IN ('a', 'i') \
+                        AND d.objid = format('%I.%I', s.schemaname, s.sequencename)::regclass \
+                        AND format_type(a.atttypid, a.atttypmod) IN ('smallint', 'integer', 'bigint') \
+                      LIMIT 1) \
+             FROM pg_sequences s",
+            &[],
+        )
+        .await
+        .expect("sequences");
+    for row in sequences {
+        let (name, inc, min, max, cycle, mut next): (String, i64, i64, i64, bool, i64) = (
+            row.get(0),
+            row.get(1),
+            row.get(2),
+            row.get(3),
+            row.get(4),
+            row.get(5),
+        );
+        if let Some(column) = row.get::<_, Option<String>>(6) {
+            let (table, col) = column.rsplit_once('.').expect("table.column");
+            let extreme = if inc > 0 { "max" } else { "min" };
+            let used: Option<i64> = client
+                .query_one(
+                    &format!("SELECT {extreme}({col})::bigint FROM {table}"),
+                    &[],
+                )
+                .await
+                .expect("keys")
+                .get(0);
+            if let Some(used) = used {
+                next = if inc > 0 {
+                    next.max(used + inc)
+                } else {
+                    next.min(used + inc)
+                };
+            }
+        }
+        facts.push(format!(
+            "sequence {name} increment {inc} min {min} max {max} cycle {cycle} next free {next}"
+        ));
+    }
+    facts.sort();
+    facts
 }
 
 /// The sample payloads in `events/` whose file names start with `prefix`.
