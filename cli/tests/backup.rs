@@ -177,7 +177,14 @@ async fn export_slices_and_manifest_seal_like_the_lambdas() {
         (report["done"].as_bool(), report["run_id"].as_str()),
         (Some(true), Some(run_id.as_str()))
     );
-    assert_eq!(report["rows"].as_u64(), Some(3020 - first_rows));
+    // The rest, plus (if the first slice's two workers took `tags` too) the keyless `tags`
+    // again: the consistency pass reads it whole in this slice's snapshot.
+    let rows = report["rows"].as_u64().expect("rows");
+    let rest_rows = 3020 - first_rows;
+    assert!(
+        rows == rest_rows || (first_rows % 500 == 20 && rows == rest_rows + 20),
+        "{rows} rows after {first_rows}"
+    );
 
     let sealed = tidemark(&["manifest", "--run", &run_id], &env);
     assert!(sealed.status.success(), "{}", stderr(&sealed));
