@@ -434,9 +434,18 @@ pub async fn verify_backup(
     cluster: &TestCluster,
     id: &str,
 ) -> tidemark_core::verify::Verification {
+    verify_on(store, &cluster.settings("postgres"), id).await
+}
+
+/// Verifies backup `id` with scratch databases made through `admin`; returns the record.
+pub async fn verify_on(
+    store: &std::sync::Arc<dyn WriteStore>,
+    admin: &DbSettings,
+    id: &str,
+) -> tidemark_core::verify::Verification {
     tidemark_core::verify::verify(
         store.clone(),
-        &cluster.settings("postgres"),
+        admin,
         &tidemark_core::verify::VerifyOptions {
             backup: Some(tidemark_core::restore::BackupSelector::Id(id.to_owned())),
             ..tidemark_core::verify::VerifyOptions::default()

@@ -419,16 +419,7 @@ async fn restores_and_verifies(
     .await
     .unwrap_or_else(|e| panic!("restore {id}: {e}"));
     assert_eq!(all_data(&target).await, all_data(source).await);
-    let record = tidemark_core::verify::verify(
-        store.clone(),
-        &cluster.settings("postgres"),
-        &tidemark_core::verify::VerifyOptions {
-            backup: Some(tidemark_core::restore::BackupSelector::Id(id.to_owned())),
-            ..tidemark_core::verify::VerifyOptions::default()
-        },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("verify {id}: {e}"));
+    let record = tidemark_tests::verify_on(store, &cluster.settings("postgres"), id).await;
     assert!(record.ok, "{record:#?}");
 }
 
