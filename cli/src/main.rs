@@ -54,6 +54,10 @@ struct GlobalArgs {
     /// be at least the server's major version. pg_dumpall is taken from the same directory.
     #[arg(long, env = "TIDEMARK_PG_DUMP", global = true, value_name = "PATH")]
     pg_dump: Option<PathBuf>,
+    /// How long a failed store request is tried again, in seconds (0: only the SDK's
+    /// quick retries), riding out throttling and short outages.
+    #[arg(long, env = "TIDEMARK_STORE_RETRY_SECS", global = true, value_name = "SECONDS", value_parser = parse_store_retry)]
+    store_retry: Option<std::time::Duration>,
     /// Print results as JSON on stdout.
     #[arg(long, env = "TIDEMARK_JSON", global = true)]
     json: bool,
@@ -82,12 +86,26 @@ enum Command {
     Prune(backup::PruneArgs),
 }
 
+fn parse_store_retry(s: &str) -> Result<std::time::Duration, String> {
+    tidemark_core::store::retry::parse_budget(s)
+}
+
 fn parse_sslmode(s: &str) -> Result<SslMode, String> {
     s.parse()
         .map_err(|e: tidemark_core::db::DbError| e.to_string())
 }
 
 impl GlobalArgs {
+    fn store_retry_policy(&self) -> store::RetryPolicy {
+        match self.store_retry {
+            Some(budget) => store::RetryPolicy {
+                budget,
+                ..store::RetryPolicy::default()
+            },
+            None => store::RetryPolicy::default(),
+        }
+    }
+
     /// Opens the configured store.
     async fn open_store(&self) -> Result<store::DynStore, String> {
         let raw = self.store.as_deref().ok_or_else(|| {
@@ -96,7 +114,9 @@ impl GlobalArgs {
         let url: StoreUrl = raw
             .parse()
             .map_err(|e| format!("--store (TIDEMARK_STORE): {}", error_chain(&e)))?;
-        store::open(&url).await.map_err(|e| error_chain(&e))
+        store::open(&url, self.store_retry_policy())
+            .await
+            .map_err(|e| error_chain(&e))
     }
 
     fn database(&self) -> DatabaseSource {

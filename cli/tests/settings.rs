@@ -112,6 +112,7 @@ fn samples(var: &str) -> (&'static str, Option<&'static str>) {
         "TIDEMARK_TIMEZONE" => ("Europe/Paris", Some("Mars/Olympus")),
         "TIDEMARK_PRUNE_GRACE" => ("2h", Some("later")),
         "TIDEMARK_STORE" => ("s3://bucket/prefix", Some("ftp://x/y")),
+        "TIDEMARK_STORE_RETRY_SECS" => ("30", Some("forever")),
         "DATABASE_URL" => ("postgres://app@db.example/app", Some("mysql://x")),
         "TIDEMARK_SECRET_ID" => ("arn:aws:secretsmanager:eu-west-1:1:secret:db", None),
         "TIDEMARK_CA_FILE" => ("/etc/ssl/rds-global.pem", None),
@@ -135,6 +136,7 @@ const READERS: &[Reader] = &[
     |env| retention_policy_from_env(env).map(|p| format!("{p:?}")),
     |env| prune_grace_from_env(env).map(|g| format!("{g:?}")),
     |env| tidemark_lambda::database_source(env).map(|d| format!("{d:?}")),
+    |env| tidemark_lambda::store_retry(env).map(|r| format!("{r:?}")),
     // No store at all is an error too, but not a bad value.
     |env| match tidemark_lambda::store_url(env) {
         Ok(url) => Ok(format!("{url:?}")),

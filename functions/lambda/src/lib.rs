@@ -123,13 +123,30 @@ pub fn store_url(lookup: &dyn Fn(&str) -> Option<String>) -> Result<StoreUrl, St
     raw.parse().map_err(|e| format!("TIDEMARK_STORE: {e}"))
 }
 
-/// The store `TIDEMARK_STORE` names.
+/// How long failed store requests are retried: `TIDEMARK_STORE_RETRY_SECS`, from `lookup`.
 ///
 /// # Errors
-/// A message naming the variable, for a missing or malformed store URL.
+/// A message naming the variable, for a value that is not a number of seconds.
+pub fn store_retry(lookup: &dyn Fn(&str) -> Option<String>) -> Result<store::RetryPolicy, String> {
+    match lookup(store::retry::RETRY_ENV).filter(|v| !v.trim().is_empty()) {
+        Some(text) => Ok(store::RetryPolicy {
+            budget: store::retry::parse_budget(&text)
+                .map_err(|e| format!("{}: {e}", store::retry::RETRY_ENV))?,
+            ..store::RetryPolicy::default()
+        }),
+        None => Ok(store::RetryPolicy::default()),
+    }
+}
+
+/// The store `TIDEMARK_STORE` names, retrying failed requests as
+/// `TIDEMARK_STORE_RETRY_SECS` says.
+///
+/// # Errors
+/// A message naming the variable, for a missing or malformed store URL or retry budget.
 pub async fn store_from_env() -> Result<DynStore, String> {
     let url = store_url(&env)?;
-    store::open(&url)
+    let retry = store_retry(&env)?;
+    store::open(&url, retry)
         .await
         .map_err(|e| format!("TIDEMARK_STORE: {e}"))
 }

@@ -9,8 +9,8 @@ use bytes::Bytes;
 use tokio::io::AsyncRead;
 
 use super::{
-    ListedObject, ObjectMeta, ObjectStream, PutReceipt, ReadStore, StoreError, StoredObject,
-    WriteCondition, WriteStore,
+    ListedObject, ObjectMeta, ObjectStream, PendingUpload, PutReceipt, ReadStore, StoreError,
+    StoredObject, WriteCondition, WriteStore,
 };
 
 /// Counts every operation made through it.
@@ -97,5 +97,15 @@ impl WriteStore for CountingStore {
             Ordering::Relaxed,
         );
         self.inner.delete_many(keys).await
+    }
+
+    async fn incomplete_uploads(&self, prefix: &str) -> Result<Vec<PendingUpload>, StoreError> {
+        self.tick();
+        self.inner.incomplete_uploads(prefix).await
+    }
+
+    async fn abort_upload(&self, upload: &PendingUpload) -> Result<(), StoreError> {
+        self.tick();
+        self.inner.abort_upload(upload).await
     }
 }

@@ -24,7 +24,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 use super::{
     sha256_hex, validate_key, validate_prefix, ETag, ListedObject, ObjectMeta, ObjectStream,
-    PutReceipt, ReadStore, StoreError, StoredObject, WriteCondition, WriteStore,
+    PendingUpload, PutReceipt, ReadStore, StoreError, StoredObject, WriteCondition, WriteStore,
 };
 
 const INTERNAL_DIR: &str = ".tidemark";
@@ -352,6 +352,30 @@ async fn blocking<T: Send + 'static>(
         })?
 }
 
+/// The temporary files in `dir` (none if it does not exist).
+fn list_temp_files(dir: &Path) -> io::Result<Vec<PendingUpload>> {
+    let mut out = Vec::new();
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.ends_with(".tmp") {
+            continue;
+        }
+        out.push(PendingUpload {
+            key: String::new(),
+            initiated: entry.metadata()?.modified().ok(),
+            upload_id: name,
+        });
+    }
+    out.sort_by(|a, b| a.upload_id.cmp(&b.upload_id));
+    Ok(out)
+}
+
 #[async_trait]
 impl ReadStore for LocalStore {
     fn location(&self) -> String {
@@ -513,6 +537,43 @@ impl WriteStore for LocalStore {
             self.delete(key).await?;
         }
         Ok(())
+    }
+
+    /// A local store's unfinished writes are the temporary files a killed writer left in
+    /// `.tidemark/tmp/`. The key they were for is not known, so only a listing of the
+    /// whole store (an empty `prefix`) returns them.
+    async fn incomplete_uploads(&self, prefix: &str) -> Result<Vec<PendingUpload>, StoreError> {
+        if !prefix.is_empty() {
+            return Ok(Vec::new());
+        }
+        let dir = self.tmp_dir();
+        blocking(".tidemark/tmp", move || {
+            list_temp_files(&dir).map_err(|source| StoreError::Io {
+                operation: "list the temporary files of",
+                key: ".tidemark/tmp".to_owned(),
+                source,
+            })
+        })
+        .await
+    }
+
+    async fn abort_upload(&self, upload: &PendingUpload) -> Result<(), StoreError> {
+        let name = upload.upload_id.as_str();
+        if name.contains('/') || !name.ends_with(".tmp") {
+            return Err(StoreError::InvalidKey {
+                key: name.to_owned(),
+                reason: "not a temporary file of this store",
+            });
+        }
+        match tokio::fs::remove_file(self.tmp_dir().join(name)).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(StoreError::Io {
+                operation: "remove the temporary file",
+                key: name.to_owned(),
+                source,
+            }),
+        }
     }
 }
 

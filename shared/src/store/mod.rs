@@ -18,6 +18,7 @@
 
 mod counting;
 mod local;
+pub mod retry;
 mod s3;
 mod url;
 
@@ -32,6 +33,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 
 pub use self::counting::CountingStore;
 pub use self::local::{readable_by_others, LocalStore};
+pub use self::retry::RetryPolicy;
 pub use self::s3::{S3Store, S3StoreOptions};
 pub use self::url::StoreUrl;
 
@@ -133,6 +135,8 @@ pub enum StoreError {
         expected: String,
         actual: String,
     },
+    #[error("the store kept {stored} bytes of {key}, {sent} were sent")]
+    SizeMismatch { key: String, sent: u64, stored: u64 },
     #[error("{operation} {key}: {source}")]
     Io {
         operation: &'static str,
@@ -165,6 +169,40 @@ impl StoreError {
             _ => false,
         }
     }
+}
+
+impl StoreError {
+    /// The same error with `note` added to its message (S3 errors only; others unchanged).
+    pub fn with_note(self, note: &str) -> Self {
+        match self {
+            StoreError::S3 {
+                operation,
+                location,
+                message,
+                retryable,
+                source,
+            } => StoreError::S3 {
+                operation,
+                location,
+                message: format!("{message} ({note})"),
+                retryable,
+                source,
+            },
+            other => other,
+        }
+    }
+}
+
+/// A multipart upload that was started and neither completed nor aborted (a killed
+/// writer's), or a local store's leftover temporary file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingUpload {
+    /// The key the upload was for (empty when the store cannot tell).
+    pub key: String,
+    /// The store's handle of the upload.
+    pub upload_id: String,
+    /// When it was started, if the store says.
+    pub initiated: Option<SystemTime>,
 }
 
 /// Reading side of a store: enough for verify and restore.
@@ -234,17 +272,31 @@ pub trait WriteStore: ReadStore {
     /// # Errors
     /// The first batch that failed, naming a key it could not delete.
     async fn delete_many(&self, keys: &[String]) -> Result<(), StoreError>;
+
+    /// Uploads under `prefix` that were started and never completed nor aborted.
+    ///
+    /// # Errors
+    /// Backend errors.
+    async fn incomplete_uploads(&self, prefix: &str) -> Result<Vec<PendingUpload>, StoreError>;
+
+    /// Aborts an incomplete upload, freeing what its parts hold; an upload already gone
+    /// is not an error.
+    ///
+    /// # Errors
+    /// Backend errors.
+    async fn abort_upload(&self, upload: &PendingUpload) -> Result<(), StoreError>;
 }
 
 /// A store that can be read and written: what [`open`] returns.
 pub type DynStore = std::sync::Arc<dyn WriteStore>;
 
-/// Opens the store a URL names (`s3://bucket/prefix`, `file:///abs/path` or a path).
+/// Opens the store a URL names (`s3://bucket/prefix`, `file:///abs/path` or a path);
+/// `retry` says how long a failed S3 request is tried again.
 ///
 /// # Errors
 /// [`StoreError::InvalidUrl`] for a URL that names no store; [`StoreError::NotADirectory`]
 /// for a local path that exists and is not a directory.
-pub async fn open(url: &StoreUrl) -> Result<DynStore, StoreError> {
+pub async fn open(url: &StoreUrl, retry: RetryPolicy) -> Result<DynStore, StoreError> {
     Ok(match url {
         StoreUrl::S3 { bucket, prefix } => {
             let config = crate::aws::sdk_config().await;
@@ -252,7 +304,10 @@ pub async fn open(url: &StoreUrl) -> Result<DynStore, StoreError> {
                 &config,
                 bucket,
                 prefix,
-                S3StoreOptions::default(),
+                S3StoreOptions {
+                    retry,
+                    ..S3StoreOptions::default()
+                },
             ))
         }
         StoreUrl::Local(path) => std::sync::Arc::new(LocalStore::open(path)?),

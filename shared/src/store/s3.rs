@@ -8,6 +8,9 @@
 //!   [`S3StoreOptions::upload_concurrency`] parts (default one) are in flight, so memory
 //!   stays at a few parts whatever the object size, and reading overlaps uploading.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::SystemTime;
 
 use async_trait::async_trait;
@@ -22,12 +25,14 @@ use aws_sdk_s3::Client;
 use base64::Engine as _;
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncRead;
+use tokio::io::{AsyncRead, ReadBuf};
 use tokio::task::JoinSet;
 
+use super::retry::{with_retry, Attempts, RetryPolicy};
 use super::{
     fill_part, validate_key, validate_prefix, ETag, ListedObject, ObjectMeta, ObjectStream,
-    PutReceipt, ReadStore, StoreError, StoredObject, WriteCondition, WriteStore, DELETE_BATCH,
+    PendingUpload, PutReceipt, ReadStore, StoreError, StoredObject, WriteCondition, WriteStore,
+    DELETE_BATCH,
 };
 
 /// Tuning of the S3 adapter.
@@ -40,6 +45,8 @@ pub struct S3StoreOptions {
     pub upload_concurrency: usize,
     /// Keys one `ListObjectsV2` page asks for (at most 1000).
     pub list_page_size: i32,
+    /// How failed requests are tried again.
+    pub retry: RetryPolicy,
 }
 
 impl Default for S3StoreOptions {
@@ -48,6 +55,7 @@ impl Default for S3StoreOptions {
             part_size: 5 * 1024 * 1024,
             upload_concurrency: 1,
             list_page_size: 1000,
+            retry: RetryPolicy::default(),
         }
     }
 }
@@ -79,6 +87,22 @@ impl S3Store {
             .build();
         Self {
             client: Client::from_conf(s3_config),
+            bucket: bucket.to_owned(),
+            prefix: prefix.trim_matches('/').to_owned(),
+            options,
+        }
+    }
+
+    /// A store that sends its requests through `client` (configured by the caller:
+    /// endpoint, addressing style, HTTP connector).
+    pub fn from_client(
+        client: Client,
+        bucket: &str,
+        prefix: &str,
+        options: S3StoreOptions,
+    ) -> Self {
+        Self {
+            client,
             bucket: bucket.to_owned(),
             prefix: prefix.trim_matches('/').to_owned(),
             options,
@@ -117,7 +141,8 @@ impl S3Store {
         }
     }
 
-    /// Maps an SDK error to a [`StoreError`] that names the object.
+    /// Maps an SDK error to a [`StoreError`] that names the object, in one line: the S3
+    /// error code and HTTP status (the SDK's full report goes to the debug log).
     fn error<E>(
         &self,
         operation: &'static str,
@@ -130,6 +155,7 @@ impl S3Store {
         let status = err.raw_response().map(|r| r.status().as_u16());
         let code = err.code().map(str::to_owned);
         let location = self.url_of(key);
+        tracing::debug!(operation, location, status, error = %DisplayErrorContext(&err), "S3 request failed");
         match (status, code.as_deref()) {
             (_, Some("NoSuchBucket")) => StoreError::NoSuchBucket {
                 bucket: self.bucket.clone(),
@@ -139,6 +165,13 @@ impl S3Store {
                     key: key.to_owned(),
                 }
             }
+            (_, Some("NoSuchUpload")) => StoreError::S3 {
+                operation,
+                location,
+                message: "NoSuchUpload (the multipart upload is gone)".into(),
+                retryable: false,
+                source: None,
+            },
             (Some(404), _) | (_, Some("NoSuchKey" | "NotFound")) => StoreError::NotFound {
                 key: key.to_owned(),
             },
@@ -147,27 +180,54 @@ impl S3Store {
                 operation,
             },
             _ => {
-                let retryable = match &err {
-                    SdkError::TimeoutError(_)
-                    | SdkError::DispatchFailure(_)
-                    | SdkError::ResponseError(_) => true,
+                let (message, retryable) = match &err {
+                    SdkError::TimeoutError(_) => ("timed out".to_owned(), true),
+                    SdkError::DispatchFailure(e) => (
+                        format!(
+                            "could not reach the store: {}",
+                            e.as_connector_error().map_or_else(
+                                || crate::error_chain(&err),
+                                |c| crate::error_chain(c)
+                            )
+                        ),
+                        !e.is_user(),
+                    ),
+                    SdkError::ResponseError(_) => (
+                        format!("the response was cut off: {}", crate::error_chain(&err)),
+                        true,
+                    ),
                     SdkError::ServiceError(_) => {
-                        status.is_some_and(|s| s >= 500 || s == 429)
+                        let mut text = code.clone().unwrap_or_else(|| "error".to_owned());
+                        if let Some(status) = status {
+                            text.push_str(&format!(" (HTTP {status})"));
+                        }
+                        if let Some(m) = err.message().filter(|m| !m.is_empty()) {
+                            text.push_str(": ");
+                            text.push_str(m);
+                        }
+                        let retryable = status.is_some_and(|s| s >= 500 || s == 429)
                             || matches!(
                                 code.as_deref(),
                                 Some(
-                                    "SlowDown" | "Throttling" | "RequestTimeout" | "InternalError"
+                                    "SlowDown"
+                                        | "Throttling"
+                                        | "ThrottlingException"
+                                        | "RequestTimeout"
+                                        | "RequestTimeTooSkewed"
+                                        | "InternalError"
+                                        | "ServiceUnavailable"
                                 )
-                            )
+                            );
+                        (text, retryable)
                     }
-                    _ => false,
+                    _ => (crate::error_chain(&err), false),
                 };
                 StoreError::S3 {
                     operation,
                     location,
-                    message: DisplayErrorContext(&err).to_string(),
+                    message,
                     retryable,
-                    source: Some(Box::new(err)),
+                    source: None,
                 }
             }
         }
@@ -181,34 +241,86 @@ impl S3Store {
     ) -> Result<PutReceipt, StoreError> {
         let full = self.full_key(key)?;
         let digest = Sha256::digest(&body);
+        let checksum = base64::engine::general_purpose::STANDARD.encode(digest);
         let size = body.len() as u64;
-        let mut request = self
-            .client
-            .put_object()
-            .bucket(&self.bucket)
-            .key(full)
-            .checksum_sha256(base64::engine::general_purpose::STANDARD.encode(digest))
-            .body(ByteStream::from(body));
-        request = match condition {
-            WriteCondition::Always => request,
-            WriteCondition::IfAbsent => request.if_none_match("*"),
-            WriteCondition::IfMatch(etag) => request.if_match(&etag.0),
-        };
-        let out = request.send().await.map_err(|e| {
-            match (self.error("PutObject", key, e), condition) {
-                // S3 answers 404 to If-Match on a missing key: the condition failed.
-                (StoreError::NotFound { key }, WriteCondition::IfMatch(_)) => {
-                    StoreError::PreconditionFailed { key }
+        let mut attempts = Attempts::new();
+        loop {
+            let mut request = self
+                .client
+                .put_object()
+                .bucket(&self.bucket)
+                .key(&full)
+                .checksum_sha256(&checksum)
+                .body(ByteStream::from(body.clone()));
+            request = match condition {
+                WriteCondition::Always => request,
+                WriteCondition::IfAbsent => request.if_none_match("*"),
+                WriteCondition::IfMatch(etag) => request.if_match(&etag.0),
+            };
+            let err = match request.send().await {
+                Ok(out) => {
+                    if let Some(stored) = out.checksum_sha256().filter(|c| *c != checksum) {
+                        return Err(StoreError::ChecksumMismatch {
+                            key: key.to_owned(),
+                            expected: hex::encode(digest),
+                            actual: format!("{stored} (base64, as the store reported it)"),
+                        });
+                    }
+                    tracing::debug!(key, size, request_id = out.request_id(), "put object");
+                    return Ok(PutReceipt {
+                        etag: ETag(out.e_tag().unwrap_or_default().to_owned()),
+                        sha256: hex::encode(digest),
+                        size,
+                    });
                 }
-                (other, _) => other,
+                Err(e) => match (self.error("PutObject", key, e), condition) {
+                    // S3 answers 404 to If-Match on a missing key: the condition failed.
+                    (StoreError::NotFound { key }, WriteCondition::IfMatch(_)) => {
+                        StoreError::PreconditionFailed { key }
+                    }
+                    (other, _) => other,
+                },
+            };
+            if let StoreError::PreconditionFailed { .. } = err {
+                // A retry (ours or the SDK's) of a write whose acknowledgement was lost
+                // finds its own write in place: that is success, not a conflict.
+                if let Some(receipt) = self.already_written(key, &digest, size).await? {
+                    tracing::info!(
+                        key,
+                        "a retried conditional write found its own write in place"
+                    );
+                    return Ok(receipt);
+                }
+                return Err(err);
             }
-        })?;
-        tracing::debug!(key, size, request_id = out.request_id(), "put object");
-        Ok(PutReceipt {
-            etag: ETag(out.e_tag().unwrap_or_default().to_owned()),
+            match attempts.next_delay(&self.options.retry, &err) {
+                Some(delay) => {
+                    tracing::warn!(key, operation = "PutObject", error = %err, retry_in_ms = delay.as_millis() as u64, "store request failed; trying again");
+                    tokio::time::sleep(delay).await;
+                }
+                None => return Err(attempts.give_up(err)),
+            }
+        }
+    }
+
+    /// The receipt of the object under `key` if it holds exactly these bytes.
+    async fn already_written(
+        &self,
+        key: &str,
+        digest: &[u8],
+        size: u64,
+    ) -> Result<Option<PutReceipt>, StoreError> {
+        let Some(found) = self.read(key).await? else {
+            return Ok(None);
+        };
+        if found.bytes.len() as u64 != size || Sha256::digest(&found.bytes).as_slice() != digest {
+            return Ok(None);
+        }
+        Ok(Some(PutReceipt {
+            etag: found.etag,
             sha256: hex::encode(digest),
             size,
-        })
+        }))
     }
 
     async fn multipart(
@@ -218,36 +330,40 @@ impl S3Store {
         body: &mut (dyn AsyncRead + Send + Unpin),
     ) -> Result<PutReceipt, StoreError> {
         let full = self.full_key(key)?;
-        let created = self
-            .client
-            .create_multipart_upload()
-            .bucket(&self.bucket)
-            .key(&full)
-            .checksum_algorithm(ChecksumAlgorithm::Sha256)
-            .send()
-            .await
-            .map_err(|e| self.error("CreateMultipartUpload", key, e))?;
+        let created = with_retry(
+            &self.options.retry,
+            "CreateMultipartUpload",
+            key,
+            || async {
+                self.client
+                    .create_multipart_upload()
+                    .bucket(&self.bucket)
+                    .key(&full)
+                    .checksum_algorithm(ChecksumAlgorithm::Sha256)
+                    .send()
+                    .await
+                    .map_err(|e| self.error("CreateMultipartUpload", key, e))
+            },
+        )
+        .await?;
         let Some(upload_id) = created.upload_id().map(str::to_owned) else {
             return Err(StoreError::S3 {
                 operation: "CreateMultipartUpload",
                 location: self.url_of(key),
                 message: "response has no upload id".into(),
-                retryable: true,
+                retryable: false,
                 source: None,
             });
         };
         let result = self.upload_parts(key, &full, &upload_id, first, body).await;
         if result.is_err() {
-            let aborted = self
-                .client
-                .abort_multipart_upload()
-                .bucket(&self.bucket)
-                .key(&full)
-                .upload_id(&upload_id)
-                .send()
-                .await;
-            if let Err(e) = aborted {
-                tracing::warn!(key, error = %DisplayErrorContext(&e), "could not abort multipart upload; the bucket's lifecycle rule will remove it");
+            let upload = PendingUpload {
+                key: key.to_owned(),
+                upload_id: upload_id.clone(),
+                initiated: None,
+            };
+            if let Err(e) = self.abort_upload(&upload).await {
+                tracing::warn!(key, error = %e, "could not abort the multipart upload; the next run or prune will");
             }
         }
         result
@@ -263,7 +379,7 @@ impl S3Store {
     ) -> Result<PutReceipt, StoreError> {
         let mut hasher = Sha256::new();
         let mut size = 0u64;
-        let mut in_flight: JoinSet<Result<CompletedPart, StoreError>> = JoinSet::new();
+        let mut in_flight: JoinSet<Result<UploadedPart, StoreError>> = JoinSet::new();
         let mut parts = Vec::new();
         let mut next = first;
         let mut part_number = 0i32;
@@ -302,25 +418,69 @@ impl S3Store {
         while !in_flight.is_empty() {
             parts.push(join_part(key, self, in_flight.join_next().await)?);
         }
-        parts.sort_by_key(|p| p.part_number());
-        self.client
-            .complete_multipart_upload()
-            .bucket(&self.bucket)
-            .key(full)
-            .upload_id(upload_id)
-            .multipart_upload(
-                CompletedMultipartUpload::builder()
-                    .set_parts(Some(parts))
-                    .build(),
-            )
-            .send()
-            .await
-            .map_err(|e| self.error("CompleteMultipartUpload", key, e))
-            .map(|out| PutReceipt {
-                etag: ETag(out.e_tag().unwrap_or_default().to_owned()),
-                sha256: hex::encode(hasher.finalize()),
-                size,
-            })
+        parts.sort_by_key(|(p, _)| p.part_number());
+        // S3's checksum of a multipart object: the SHA-256 of the parts' SHA-256s.
+        let mut composite = Sha256::new();
+        for (_, digest) in &parts {
+            composite.update(digest);
+        }
+        let b64 = &base64::engine::general_purpose::STANDARD;
+        let composite = b64.encode(composite.finalize());
+        let sha256 = hasher.finalize();
+        let whole = b64.encode(sha256);
+        let parts: Vec<CompletedPart> = parts.into_iter().map(|(p, _)| p).collect();
+        let mut attempts = Attempts::new();
+        let etag = loop {
+            let completed = self
+                .client
+                .complete_multipart_upload()
+                .bucket(&self.bucket)
+                .key(full)
+                .upload_id(upload_id)
+                .multipart_upload(
+                    CompletedMultipartUpload::builder()
+                        .set_parts(Some(parts.clone()))
+                        .build(),
+                )
+                .send()
+                .await;
+            let err = match completed {
+                Ok(out) => {
+                    if let Some(stored) = out.checksum_sha256() {
+                        let stored_digest = stored.split('-').next().unwrap_or(stored);
+                        if stored_digest != composite && stored_digest != whole {
+                            return Err(StoreError::ChecksumMismatch {
+                                key: key.to_owned(),
+                                expected: hex::encode(sha256),
+                                actual: format!("{stored} (base64, as the store reported it)"),
+                            });
+                        }
+                    }
+                    break ETag(out.e_tag().unwrap_or_default().to_owned());
+                }
+                Err(e) => self.error("CompleteMultipartUpload", key, e),
+            };
+            // A retry of a completion whose answer was lost finds the upload gone: the
+            // object's size (checked below) tells whether it is in place.
+            if err.to_string().contains("NoSuchUpload") {
+                match self.head(key).await? {
+                    Some(meta) => break meta.etag,
+                    None => return Err(err),
+                }
+            }
+            match attempts.next_delay(&self.options.retry, &err) {
+                Some(delay) => {
+                    tracing::warn!(key, operation = "CompleteMultipartUpload", error = %err, retry_in_ms = delay.as_millis() as u64, "store request failed; trying again");
+                    tokio::time::sleep(delay).await;
+                }
+                None => return Err(attempts.give_up(err)),
+            }
+        };
+        Ok(PutReceipt {
+            etag,
+            sha256: hex::encode(sha256),
+            size,
+        })
     }
 
     async fn upload_part(
@@ -330,33 +490,78 @@ impl S3Store {
         upload_id: &str,
         part_number: i32,
         part: Bytes,
-    ) -> Result<CompletedPart, StoreError> {
-        let checksum = base64::engine::general_purpose::STANDARD.encode(Sha256::digest(&part));
-        let out = self
-            .client
-            .upload_part()
-            .bucket(&self.bucket)
-            .key(full)
-            .upload_id(upload_id)
-            .part_number(part_number)
-            .checksum_sha256(&checksum)
-            .body(ByteStream::from(part))
+    ) -> Result<UploadedPart, StoreError> {
+        let digest = Sha256::digest(&part).to_vec();
+        let checksum = base64::engine::general_purpose::STANDARD.encode(&digest);
+        let out = with_retry(&self.options.retry, "UploadPart", key, || async {
+            self.client
+                .upload_part()
+                .bucket(&self.bucket)
+                .key(full)
+                .upload_id(upload_id)
+                .part_number(part_number)
+                .checksum_sha256(&checksum)
+                .body(ByteStream::from(part.clone()))
+                .send()
+                .await
+                .map_err(|e| self.error("UploadPart", key, e))
+        })
+        .await?;
+        if let Some(stored) = out.checksum_sha256().filter(|c| *c != checksum) {
+            return Err(StoreError::ChecksumMismatch {
+                key: format!("{key} (part {part_number})"),
+                expected: hex::encode(&digest),
+                actual: format!("{stored} (base64, as the store reported it)"),
+            });
+        }
+        Ok((
+            CompletedPart::builder()
+                .part_number(part_number)
+                .set_e_tag(out.e_tag().map(str::to_owned))
+                .checksum_sha256(checksum)
+                .build(),
+            digest,
+        ))
+    }
+
+    /// Opens a GET of `key` from byte `from` (the whole object from 0), of the version
+    /// with `etag` when given. Returns the object's total size, its tag and the body.
+    async fn open_from(
+        &self,
+        key: &str,
+        from: u64,
+        etag: Option<&str>,
+    ) -> Result<(u64, Option<String>, ByteStream), StoreError> {
+        let full = self.full_key(key)?;
+        let mut request = self.client.get_object().bucket(&self.bucket).key(full);
+        if from > 0 {
+            request = request.range(format!("bytes={from}-"));
+        }
+        if let Some(etag) = etag {
+            request = request.if_match(etag);
+        }
+        let out = request
             .send()
             .await
-            .map_err(|e| self.error("UploadPart", key, e))?;
-        Ok(CompletedPart::builder()
-            .part_number(part_number)
-            .set_e_tag(out.e_tag().map(str::to_owned))
-            .checksum_sha256(checksum)
-            .build())
+            .map_err(|e| self.error("GetObject", key, e))?;
+        let length = out.content_length().unwrap_or(0).max(0) as u64;
+        let size = out
+            .content_range()
+            .and_then(|r| r.rsplit('/').next())
+            .and_then(|total| total.parse().ok())
+            .unwrap_or(from + length);
+        Ok((size, out.e_tag().map(str::to_owned), out.body))
     }
 }
+
+/// A part in place, with the SHA-256 of its bytes.
+type UploadedPart = (CompletedPart, Vec<u8>);
 
 fn join_part(
     key: &str,
     store: &S3Store,
-    joined: Option<Result<Result<CompletedPart, StoreError>, tokio::task::JoinError>>,
-) -> Result<CompletedPart, StoreError> {
+    joined: Option<Result<Result<UploadedPart, StoreError>, tokio::task::JoinError>>,
+) -> Result<UploadedPart, StoreError> {
     match joined {
         Some(Ok(part)) => part,
         Some(Err(e)) => Err(StoreError::S3 {
@@ -376,6 +581,106 @@ fn join_part(
     }
 }
 
+/// A GET body that, when the connection breaks or ends early, asks again for the rest
+/// (a ranged GET of the same object version, from the byte reached), within the store's
+/// retry budget: the reader sees one unbroken stream or an error.
+struct ResumingBody {
+    store: S3Store,
+    key: String,
+    etag: Option<String>,
+    size: u64,
+    offset: u64,
+    attempts: Attempts,
+    state: BodyState,
+}
+
+type Reopen = Pin<Box<dyn Future<Output = Result<ByteStream, StoreError>> + Send>>;
+
+enum BodyState {
+    Reading(Pin<Box<dyn AsyncRead + Send>>),
+    Reopening(Reopen),
+}
+
+impl ResumingBody {
+    /// After the stream failed with `cause`: the future that re-opens it, or the error
+    /// to give the reader when the failure is final.
+    fn reopen(&mut self, cause: std::io::Error) -> Result<Reopen, std::io::Error> {
+        let err = StoreError::S3 {
+            operation: "GetObject",
+            location: self.store.url_of(&self.key),
+            message: format!(
+                "the body broke off at byte {} of {}: {cause}",
+                self.offset, self.size
+            ),
+            retryable: true,
+            source: None,
+        };
+        let Some(delay) = self.attempts.next_delay(&self.store.options.retry, &err) else {
+            return Err(std::io::Error::other(self.attempts.give_up(err)));
+        };
+        tracing::warn!(key = self.key, offset = self.offset, error = %err, retry_in_ms = delay.as_millis() as u64, "reading an object broke off; asking for the rest");
+        let (store, key, etag, offset) = (
+            self.store.clone(),
+            self.key.clone(),
+            self.etag.clone(),
+            self.offset,
+        );
+        Ok(Box::pin(async move {
+            tokio::time::sleep(delay).await;
+            let policy = store.options.retry;
+            with_retry(&policy, "GetObject", &key, || {
+                store.open_from(&key, offset, etag.as_deref())
+            })
+            .await
+            .map(|(_, _, body)| body)
+        }))
+    }
+}
+
+impl AsyncRead for ResumingBody {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            let failure = match &mut this.state {
+                BodyState::Reading(body) => {
+                    let before = buf.filled().len();
+                    match body.as_mut().poll_read(cx, buf) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(Ok(())) => {
+                            let n = (buf.filled().len() - before) as u64;
+                            if n > 0 || this.offset >= this.size {
+                                this.offset += n;
+                                return Poll::Ready(Ok(()));
+                            }
+                            std::io::Error::new(
+                                std::io::ErrorKind::UnexpectedEof,
+                                "the connection ended early",
+                            )
+                        }
+                        Poll::Ready(Err(e)) => e,
+                    }
+                }
+                BodyState::Reopening(reopen) => match reopen.as_mut().poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(body)) => {
+                        this.state = BodyState::Reading(Box::pin(body.into_async_read()));
+                        continue;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(std::io::Error::other(e))),
+                },
+            };
+            match this.reopen(failure) {
+                Ok(reopen) => this.state = BodyState::Reopening(reopen),
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
 #[async_trait]
 impl ReadStore for S3Store {
     fn location(&self) -> String {
@@ -383,71 +688,80 @@ impl ReadStore for S3Store {
     }
 
     async fn get(&self, key: &str) -> Result<ObjectStream, StoreError> {
-        let full = self.full_key(key)?;
-        let out = self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(full)
-            .send()
-            .await
-            .map_err(|e| self.error("GetObject", key, e))?;
-        let size = out.content_length().unwrap_or(0).max(0) as u64;
+        let (size, etag, body) = with_retry(&self.options.retry, "GetObject", key, || {
+            self.open_from(key, 0, None)
+        })
+        .await?;
         Ok(ObjectStream {
             size,
-            body: Box::pin(out.body.into_async_read()),
+            body: Box::pin(ResumingBody {
+                store: self.clone(),
+                key: key.to_owned(),
+                etag,
+                size,
+                offset: 0,
+                attempts: Attempts::new(),
+                state: BodyState::Reading(Box::pin(body.into_async_read())),
+            }),
         })
     }
 
     async fn read(&self, key: &str) -> Result<Option<StoredObject>, StoreError> {
-        let full = self.full_key(key)?;
-        let out = match self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(full)
-            .send()
-            .await
-            .map_err(|e| self.error("GetObject", key, e))
-        {
-            Ok(out) => out,
-            Err(StoreError::NotFound { .. }) => return Ok(None),
-            Err(e) => return Err(e),
+        let attempt = || async {
+            let (size, etag, body) = match self.open_from(key, 0, None).await {
+                Ok(found) => found,
+                Err(StoreError::NotFound { .. }) => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            let bytes = body
+                .collect()
+                .await
+                .map_err(|e| StoreError::S3 {
+                    operation: "GetObject",
+                    location: self.url_of(key),
+                    message: format!("reading the body failed: {}", crate::error_chain(&e)),
+                    retryable: true,
+                    source: None,
+                })?
+                .into_bytes();
+            if bytes.len() as u64 != size {
+                return Err(StoreError::S3 {
+                    operation: "GetObject",
+                    location: self.url_of(key),
+                    message: format!("the body ended after {} of {size} bytes", bytes.len()),
+                    retryable: true,
+                    source: None,
+                });
+            }
+            Ok(Some(StoredObject {
+                bytes,
+                etag: ETag(etag.unwrap_or_default()),
+            }))
         };
-        let etag = ETag(out.e_tag().unwrap_or_default().to_owned());
-        let bytes = out
-            .body
-            .collect()
-            .await
-            .map_err(|e| StoreError::S3 {
-                operation: "GetObject",
-                location: self.url_of(key),
-                message: format!("reading the body failed: {e}"),
-                retryable: true,
-                source: Some(Box::new(e)),
-            })?
-            .into_bytes();
-        Ok(Some(StoredObject { bytes, etag }))
+        with_retry(&self.options.retry, "GetObject", key, attempt).await
     }
 
     async fn head(&self, key: &str) -> Result<Option<ObjectMeta>, StoreError> {
         let full = self.full_key(key)?;
-        match self
-            .client
-            .head_object()
-            .bucket(&self.bucket)
-            .key(full)
-            .send()
-            .await
-            .map_err(|e| self.error("HeadObject", key, e))
-        {
-            Ok(out) => Ok(Some(ObjectMeta {
-                size: out.content_length().unwrap_or(0).max(0) as u64,
-                etag: ETag(out.e_tag().unwrap_or_default().to_owned()),
-            })),
-            Err(StoreError::NotFound { .. }) => Ok(None),
-            Err(e) => Err(e),
-        }
+        let attempt = || async {
+            match self
+                .client
+                .head_object()
+                .bucket(&self.bucket)
+                .key(&full)
+                .send()
+                .await
+                .map_err(|e| self.error("HeadObject", key, e))
+            {
+                Ok(out) => Ok(Some(ObjectMeta {
+                    size: out.content_length().unwrap_or(0).max(0) as u64,
+                    etag: ETag(out.e_tag().unwrap_or_default().to_owned()),
+                })),
+                Err(StoreError::NotFound { .. }) => Ok(None),
+                Err(e) => Err(e),
+            }
+        };
+        with_retry(&self.options.retry, "HeadObject", key, attempt).await
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<ListedObject>, StoreError> {
@@ -462,17 +776,21 @@ impl ReadStore for S3Store {
         } else {
             self.prefix.len() + 1
         };
-        let mut pages = self
-            .client
-            .list_objects_v2()
-            .bucket(&self.bucket)
-            .prefix(&full_prefix)
-            .max_keys(self.options.list_page_size)
-            .into_paginator()
-            .send();
         let mut out = Vec::new();
-        while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| self.error("ListObjectsV2", prefix, e))?;
+        let mut token: Option<String> = None;
+        loop {
+            let page = with_retry(&self.options.retry, "ListObjectsV2", prefix, || async {
+                self.client
+                    .list_objects_v2()
+                    .bucket(&self.bucket)
+                    .prefix(&full_prefix)
+                    .max_keys(self.options.list_page_size)
+                    .set_continuation_token(token.clone())
+                    .send()
+                    .await
+                    .map_err(|e| self.error("ListObjectsV2", prefix, e))
+            })
+            .await?;
             for object in page.contents() {
                 let Some(key) = object.key().and_then(|k| k.get(strip..)) else {
                     continue;
@@ -484,6 +802,10 @@ impl ReadStore for S3Store {
                         .last_modified()
                         .and_then(|t| SystemTime::try_from(*t).ok()),
                 });
+            }
+            match page.next_continuation_token() {
+                Some(next) if page.is_truncated() == Some(true) => token = Some(next.to_owned()),
+                _ => break,
             }
         }
         out.sort_by(|a, b| a.key.cmp(&b.key));
@@ -516,23 +838,38 @@ impl WriteStore for S3Store {
                 key: key.to_owned(),
                 source,
             })?;
-        if at_end {
+        let receipt = if at_end {
             self.put_single(key, Bytes::from(first), &WriteCondition::Always)
-                .await
+                .await?
         } else {
-            self.multipart(key, first, body).await
+            self.multipart(key, first, body).await?
+        };
+        // What the store says it keeps must be what was sent, before anyone records it.
+        match self.head(key).await? {
+            Some(meta) if meta.size == receipt.size => Ok(receipt),
+            Some(meta) => Err(StoreError::SizeMismatch {
+                key: key.to_owned(),
+                sent: receipt.size,
+                stored: meta.size,
+            }),
+            None => Err(StoreError::NotFound {
+                key: key.to_owned(),
+            }),
         }
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
         let full = self.full_key(key)?;
-        self.client
-            .delete_object()
-            .bucket(&self.bucket)
-            .key(full)
-            .send()
-            .await
-            .map_err(|e| self.error("DeleteObject", key, e))?;
+        with_retry(&self.options.retry, "DeleteObject", key, || async {
+            self.client
+                .delete_object()
+                .bucket(&self.bucket)
+                .key(&full)
+                .send()
+                .await
+                .map_err(|e| self.error("DeleteObject", key, e))
+        })
+        .await?;
         Ok(())
     }
 
@@ -565,34 +902,118 @@ impl WriteStore for S3Store {
                     retryable: false,
                     source: Some(Box::new(e)),
                 })?;
-            let out = self
-                .client
-                .delete_objects()
-                .bucket(&self.bucket)
-                .delete(delete)
-                .send()
-                .await
-                .map_err(|e| self.error("DeleteObjects", first_key, e))?;
-            if let Some(failed) = out.errors().first() {
-                let key = failed
-                    .key()
-                    .map_or(first_key.as_str(), |k| self.relative_key(k));
-                return Err(StoreError::S3 {
-                    operation: "DeleteObjects",
-                    location: self.url_of(key),
-                    message: format!(
-                        "{} of {} keys not deleted: {} {}",
-                        out.errors().len(),
-                        batch.len(),
-                        failed.code().unwrap_or("error"),
-                        failed.message().unwrap_or_default()
-                    ),
-                    retryable: matches!(failed.code(), Some("SlowDown" | "InternalError")),
-                    source: None,
-                });
-            }
+            let attempt = || async {
+                let out = self
+                    .client
+                    .delete_objects()
+                    .bucket(&self.bucket)
+                    .delete(delete.clone())
+                    .send()
+                    .await
+                    .map_err(|e| self.error("DeleteObjects", first_key, e))?;
+                if let Some(failed) = out.errors().first() {
+                    let key = failed
+                        .key()
+                        .map_or(first_key.as_str(), |k| self.relative_key(k));
+                    return Err(StoreError::S3 {
+                        operation: "DeleteObjects",
+                        location: self.url_of(key),
+                        message: format!(
+                            "{} of {} keys not deleted: {} {}",
+                            out.errors().len(),
+                            batch.len(),
+                            failed.code().unwrap_or("error"),
+                            failed.message().unwrap_or_default()
+                        ),
+                        retryable: matches!(
+                            failed.code(),
+                            Some("SlowDown" | "InternalError" | "ServiceUnavailable")
+                        ),
+                        source: None,
+                    });
+                }
+                Ok(())
+            };
+            with_retry(&self.options.retry, "DeleteObjects", first_key, attempt).await?;
             tracing::debug!(count = batch.len(), "deleted objects");
         }
         Ok(())
+    }
+
+    async fn incomplete_uploads(&self, prefix: &str) -> Result<Vec<PendingUpload>, StoreError> {
+        validate_prefix(prefix)?;
+        let full_prefix = if self.prefix.is_empty() {
+            prefix.to_owned()
+        } else {
+            format!("{}/{prefix}", self.prefix)
+        };
+        let mut out = Vec::new();
+        let mut markers: (Option<String>, Option<String>) = (None, None);
+        loop {
+            let page = with_retry(
+                &self.options.retry,
+                "ListMultipartUploads",
+                prefix,
+                || async {
+                    self.client
+                        .list_multipart_uploads()
+                        .bucket(&self.bucket)
+                        .prefix(&full_prefix)
+                        .set_key_marker(markers.0.clone())
+                        .set_upload_id_marker(markers.1.clone())
+                        .send()
+                        .await
+                        .map_err(|e| self.error("ListMultipartUploads", prefix, e))
+                },
+            )
+            .await?;
+            for upload in page.uploads() {
+                let (Some(key), Some(upload_id)) = (upload.key(), upload.upload_id()) else {
+                    continue;
+                };
+                out.push(PendingUpload {
+                    key: self.relative_key(key).to_owned(),
+                    upload_id: upload_id.to_owned(),
+                    initiated: upload
+                        .initiated()
+                        .and_then(|t| SystemTime::try_from(*t).ok()),
+                });
+            }
+            if page.is_truncated() != Some(true) {
+                break;
+            }
+            let next = (
+                page.next_key_marker().map(str::to_owned),
+                page.next_upload_id_marker().map(str::to_owned),
+            );
+            if next == markers || next.0.is_none() {
+                break;
+            }
+            markers = next;
+        }
+        Ok(out)
+    }
+
+    async fn abort_upload(&self, upload: &PendingUpload) -> Result<(), StoreError> {
+        let full = self.full_key(&upload.key)?;
+        let key = upload.key.as_str();
+        let outcome = with_retry(&self.options.retry, "AbortMultipartUpload", key, || async {
+            self.client
+                .abort_multipart_upload()
+                .bucket(&self.bucket)
+                .key(&full)
+                .upload_id(&upload.upload_id)
+                .send()
+                .await
+                .map_err(|e| self.error("AbortMultipartUpload", key, e))
+        })
+        .await;
+        match outcome {
+            Ok(_) => Ok(()),
+            // Already completed or aborted.
+            Err(StoreError::NotFound { .. }) => Ok(()),
+            Err(e) if e.to_string().contains("NoSuchUpload") => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 }
