@@ -277,6 +277,17 @@ pub async fn prune(global: &GlobalArgs, args: &PruneArgs) -> Result<(), String> 
             )
         }
     );
+    if report.plan.incomplete_uploads > 0 {
+        println!(
+            "{} {} unfinished uploads of killed writers",
+            if report.dry_run {
+                "would abort"
+            } else {
+                "aborted"
+            },
+            report.plan.incomplete_uploads
+        );
+    }
     Ok(())
 }
 
@@ -359,6 +370,10 @@ pub async fn manifest(global: &GlobalArgs, args: &ManifestArgs) -> Result<(), St
     Ok(())
 }
 
+/// Slices `tidemark backup` starts again, one after another, after a slice failed with
+/// an error that can pass (about a minute of waiting in all).
+const SLICE_RETRIES: u32 = 4;
+
 pub async fn backup(global: &GlobalArgs, args: &BackupArgs) -> Result<(), String> {
     let store = global.open_store().await?;
     let db = global
@@ -383,14 +398,31 @@ pub async fn backup(global: &GlobalArgs, args: &BackupArgs) -> Result<(), String
     });
     let result = async {
         let mut run_id = None;
+        let mut failures = 0u32;
         loop {
             opts.run_id = run_id.clone();
-            let report = export::export_slice(store.clone(), &db, &opts)
-                .await
-                .map_err(|e| error_chain(&e))?;
-            run_id = Some(report.run_id.clone());
-            if report.done {
-                break;
+            match export::export_slice(store.clone(), &db, &opts).await {
+                Ok(report) => {
+                    failures = 0;
+                    run_id = Some(report.run_id.clone());
+                    if report.done {
+                        break;
+                    }
+                }
+                // A lost connection or snapshot, a store outage the retries did not
+                // outlast: the slice saved its progress, so another one resumes the run.
+                Err(e) if e.is_retryable() && failures < SLICE_RETRIES => {
+                    failures += 1;
+                    let delay = Duration::from_secs(2u64 << failures.min(4));
+                    tracing::warn!(
+                        error = %error_chain(&e),
+                        attempt = failures,
+                        "the export slice failed; resuming the run in {} s",
+                        delay.as_secs()
+                    );
+                    tokio::time::sleep(delay).await;
+                }
+                Err(e) => return Err(error_chain(&e)),
             }
         }
         let run_id = run_id.unwrap_or_default();

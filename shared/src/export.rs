@@ -87,7 +87,8 @@ pub struct ExportOptions {
     /// Who holds the lease (host:pid, Lambda request id).
     pub holder: String,
     pub lease_ttl: Duration,
-    /// Least time between two progress writes (0: after every range).
+    /// Least time between two progress writes. The default, 0, records every range as it
+    /// finishes, so a killed slice loses only the ranges it had in flight.
     pub progress_interval: Duration,
     /// Live counters for a progress display.
     pub meter: Option<Arc<ExportMeter>>,
@@ -121,7 +122,7 @@ impl Default for ExportOptions {
             deadline: None,
             holder: lease::default_holder(),
             lease_ttl: lease::DEFAULT_TTL,
-            progress_interval: Duration::from_secs(2),
+            progress_interval: Duration::ZERO,
             meter: None,
             pg_dump: None,
             max_pass_rounds: 3,
@@ -256,6 +257,7 @@ pub async fn export_slice(
         }
     };
 
+    let resume_of = resume.as_ref().map(|(p, _)| p.run_id.clone());
     let (mut progress, progress_etag) = match resume {
         Some((mut progress, etag)) => {
             progress.slices += 1;
@@ -290,171 +292,228 @@ pub async fn export_slice(
         opts.lease_ttl,
     )
     .await?;
-    let condition = match progress_etag {
-        Some(etag) => WriteCondition::IfMatch(etag),
-        None => WriteCondition::IfAbsent,
-    };
-    if let Some(tool) = &schema_tool {
-        let schemas = dump_schemas(&opts.selection, &progress);
-        let (dump, warnings) = schema::capture::capture(
-            store.as_ref(),
-            &coordinator,
-            &CaptureRequest {
-                tool,
-                settings: db,
-                snapshot_id: &snapshot_id,
-                run_id: &run_id,
-                schemas: &schemas,
-            },
-        )
-        .await?;
-        for warning in warnings {
-            tracing::warn!(run_id, "{warning}");
-            progress.warnings.push(warning);
+    if resume_of.is_some() {
+        abort_leftover_uploads(store.as_ref(), &run_id).await;
+    }
+    let result = async {
+        let condition = match progress_etag {
+            Some(etag) => WriteCondition::IfMatch(etag),
+            None => WriteCondition::IfAbsent,
+        };
+        if let Some(tool) = &schema_tool {
+            let schemas = dump_schemas(&opts.selection, &progress);
+            let (dump, warnings) = schema::capture::capture(
+                store.as_ref(),
+                &coordinator,
+                &CaptureRequest {
+                    tool,
+                    settings: db,
+                    snapshot_id: &snapshot_id,
+                    run_id: &run_id,
+                    schemas: &schemas,
+                },
+            )
+            .await?;
+            for warning in warnings {
+                tracing::warn!(run_id, "{warning}");
+                progress.warnings.push(warning);
+            }
+            progress.schema_dump = Some(dump);
         }
-        progress.schema_dump = Some(dump);
-    }
-    if schema_tool.is_some() {
-        progress.schema_slice = progress.slices;
-    }
-    record_slice_snapshot(&coordinator, db, &mut progress).await?;
-    let base_requests = progress.store_requests;
-    progress.store_requests = base_requests + counting.count();
-    let etag = write_progress(store.as_ref(), &progress, condition).await?;
-    tracing::info!(
-        run_id,
-        slice = progress.slices,
-        kind = %progress.kind,
-        tables = progress.tables.len(),
-        seconds_left = opts.deadline.map(|d| d.saturating_duration_since(Instant::now()).as_secs_f64()),
-        pass_seconds_left = opts.pass_deadline.map(|d| d.saturating_duration_since(Instant::now()).as_secs_f64()),
-        "export slice started"
-    );
+        if schema_tool.is_some() {
+            progress.schema_slice = progress.slices;
+        }
+        record_slice_snapshot(&coordinator, db, &mut progress).await?;
+        let base_requests = progress.store_requests;
+        progress.store_requests = base_requests + counting.count();
+        let etag = write_progress(store.as_ref(), &progress, condition).await?;
+        tracing::info!(
+            run_id,
+            slice = progress.slices,
+            kind = %progress.kind,
+            tables = progress.tables.len(),
+            seconds_left = opts.deadline.map(|d| d.saturating_duration_since(Instant::now()).as_secs_f64()),
+            pass_seconds_left = opts.pass_deadline.map(|d| d.saturating_duration_since(Instant::now()).as_secs_f64()),
+            "export slice started"
+        );
 
-    let meter = opts.meter.clone().unwrap_or_default();
-    meter
-        .tables_total
-        .store(progress.tables.len(), Ordering::Relaxed);
-    meter.tables_done.store(
-        progress.tables.iter().filter(|t| t.done).count(),
-        Ordering::Relaxed,
-    );
-    let slice = progress.slices;
-    let shared = Arc::new(Shared {
-        store: store.clone(),
-        counting: counting.clone(),
-        base_requests,
-        state: Mutex::new(ProgressState {
-            doc: progress,
-            etag,
-            last_write: Instant::now(),
-        }),
-        heartbeat: lease::Heartbeat::start(store.clone(), held, opts.lease_ttl),
-        queue: std::sync::Mutex::new(VecDeque::new()),
-        opts: opts.clone(),
-        meter: meter.clone(),
-        slice_rows: AtomicU64::new(0),
-        slice_bytes: AtomicU64::new(0),
-        slice_raw: AtomicU64::new(0),
-        slice_chunks: AtomicU64::new(0),
-        recorded: AtomicBool::new(false),
-        in_round: AtomicBool::new(false),
-        snapshot_id: snapshot_id.clone(),
-        slice,
-        run_id: run_id.clone(),
-    });
+        let meter = opts.meter.clone().unwrap_or_default();
+        meter
+            .tables_total
+            .store(progress.tables.len(), Ordering::Relaxed);
+        meter.tables_done.store(
+            progress.tables.iter().filter(|t| t.done).count(),
+            Ordering::Relaxed,
+        );
+        let slice = progress.slices;
+        let shared = Arc::new(Shared {
+            store: store.clone(),
+            counting: counting.clone(),
+            base_requests,
+            state: Mutex::new(ProgressState {
+                doc: progress,
+                etag,
+                last_write: Instant::now(),
+            }),
+            heartbeat: lease::Heartbeat::start(store.clone(), held, opts.lease_ttl),
+            queue: std::sync::Mutex::new(VecDeque::new()),
+            opts: opts.clone(),
+            meter: meter.clone(),
+            slice_rows: AtomicU64::new(0),
+            slice_bytes: AtomicU64::new(0),
+            slice_raw: AtomicU64::new(0),
+            slice_chunks: AtomicU64::new(0),
+            recorded: AtomicBool::new(false),
+            in_round: AtomicBool::new(false),
+            snapshot_id: snapshot_id.clone(),
+            slice,
+            run_id: run_id.clone(),
+        });
 
-    // All in this slice's one snapshot: the ranges left, then, once every table is
-    // exported, consistency-pass rounds that bring every table to this snapshot.
-    let outcome = async {
-        loop {
-            let step = {
-                let mut state = shared.state.lock().await;
-                let step = next_step(
-                    &mut state.doc,
-                    &coordinator,
-                    db,
-                    opts,
-                    slice,
-                    shared.past_soft_deadline(),
-                )
-                .await?;
-                shared.in_round.store(
-                    state.doc.pass.as_ref().is_some_and(|p| p.slice == slice),
-                    Ordering::Relaxed,
-                );
-                if let Step::Work(queue) = &step {
-                    if let Ok(mut q) = shared.queue.lock() {
-                        *q = queue.clone();
-                    }
-                    meter
-                        .tables_total
-                        .store(state.doc.tables.len(), Ordering::Relaxed);
-                    meter.tables_done.store(
-                        state.doc.tables.iter().filter(|t| t.done).count(),
+        // All in this slice's one snapshot: the ranges left, then, once every table is
+        // exported, consistency-pass rounds that bring every table to this snapshot.
+        let outcome = async {
+            loop {
+                let step = {
+                    let mut state = shared.state.lock().await;
+                    let step = next_step(
+                        &mut state.doc,
+                        &coordinator,
+                        db,
+                        opts,
+                        slice,
+                        shared.past_soft_deadline(),
+                    )
+                    .await?;
+                    shared.in_round.store(
+                        state.doc.pass.as_ref().is_some_and(|p| p.slice == slice),
                         Ordering::Relaxed,
                     );
-                }
-                if !matches!(step, Step::Stop) {
-                    shared.flush(&mut state).await?;
-                }
-                step
-            };
-            match step {
-                Step::Stop => return Ok::<(), RunError>(()),
-                Step::Finalize => {
-                    finalize_run(&shared, &coordinator, db, opts, &snapshot_id).await?;
-                    return Ok(());
-                }
-                Step::Work(_) => {
-                    run_workers(&shared, db, opts.workers).await?;
-                    if shared.past_deadline() {
+                    if let Step::Work(queue) = &step {
+                        if let Ok(mut q) = shared.queue.lock() {
+                            *q = queue.clone();
+                        }
+                        meter
+                            .tables_total
+                            .store(state.doc.tables.len(), Ordering::Relaxed);
+                        meter.tables_done.store(
+                            state.doc.tables.iter().filter(|t| t.done).count(),
+                            Ordering::Relaxed,
+                        );
+                    }
+                    if !matches!(step, Step::Stop) {
+                        shared.flush(&mut state).await?;
+                    }
+                    step
+                };
+                match step {
+                    Step::Stop => return Ok::<(), RunError>(()),
+                    Step::Finalize => {
+                        finalize_run(&shared, &coordinator, db, opts, &snapshot_id).await?;
                         return Ok(());
+                    }
+                    Step::Work(_) => {
+                        run_workers(&shared, db, opts.workers).await?;
+                        if shared.past_deadline() {
+                            return Ok(());
+                        }
                     }
                 }
             }
         }
+        .await;
+        let _ = coordinator.batch_execute("COMMIT").await;
+        if let Err(e) = outcome {
+            // Keep what finished: the next slice resumes from it.
+            if !matches!(e, RunError::LeaseLost { .. } | RunError::Conflict { .. }) {
+                let mut state = shared.state.lock().await;
+                if let Err(flush) = shared.flush(&mut state).await {
+                    tracing::warn!(run_id, error = %flush, "could not save the progress of the failed slice");
+                }
+            }
+            return Err(e);
+        }
+
+        let mut state = shared.state.lock().await;
+        shared.flush(&mut state).await?;
+        let doc = &state.doc;
+        let tables_done = doc.tables.iter().filter(|t| t.done).count();
+        let report = SliceReport {
+            run_id: doc.run_id.clone(),
+            done: doc.consistent_in_slice.is_some() || doc.inconsistent.is_some(),
+            kind: doc.kind,
+            parent: doc.parent.clone(),
+            sealed: false,
+            slice: doc.slices,
+            tables: doc.tables.len(),
+            tables_done,
+            pass_round: doc.pass.as_ref().map(|p| p.round),
+            consistent: match (&doc.consistent_in_slice, &doc.inconsistent) {
+                (Some(_), _) => Some(true),
+                (None, Some(_)) => Some(false),
+                _ => None,
+            },
+            chunks: shared.slice_chunks.load(Ordering::Relaxed),
+            rows: shared.slice_rows.load(Ordering::Relaxed),
+            bytes: shared.slice_bytes.load(Ordering::Relaxed),
+            raw_bytes: shared.slice_raw.load(Ordering::Relaxed),
+            store_requests: counting.count(),
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        tracing::info!(
+            run_id = report.run_id,
+            done = report.done,
+            tables_done,
+            pass_round = report.pass_round,
+            rows = report.rows,
+            bytes = report.bytes,
+            "export slice finished"
+        );
+        Ok(report)
     }
     .await;
-    let _ = coordinator.batch_execute("COMMIT").await;
-    outcome?;
+    if let Err(e) = &result {
+        // A slice that fails on its own hands the run back at once (its progress is
+        // saved): a plain re-run resumes it instead of waiting out the lease.
+        if !matches!(e, RunError::LeaseLost { .. } | RunError::Conflict { .. }) {
+            match lease::release(store.as_ref(), &run_id).await {
+                Ok(_) => tracing::info!(
+                    run_id,
+                    "lease released after the failure; a re-run resumes this run"
+                ),
+                Err(release) => {
+                    tracing::warn!(run_id, error = %release, "could not release the lease after the failure")
+                }
+            }
+        }
+    }
+    result
+}
 
-    let mut state = shared.state.lock().await;
-    shared.flush(&mut state).await?;
-    let doc = &state.doc;
-    let tables_done = doc.tables.iter().filter(|t| t.done).count();
-    let report = SliceReport {
-        run_id: doc.run_id.clone(),
-        done: doc.consistent_in_slice.is_some() || doc.inconsistent.is_some(),
-        kind: doc.kind,
-        parent: doc.parent.clone(),
-        sealed: false,
-        slice: doc.slices,
-        tables: doc.tables.len(),
-        tables_done,
-        pass_round: doc.pass.as_ref().map(|p| p.round),
-        consistent: match (&doc.consistent_in_slice, &doc.inconsistent) {
-            (Some(_), _) => Some(true),
-            (None, Some(_)) => Some(false),
-            _ => None,
-        },
-        chunks: shared.slice_chunks.load(Ordering::Relaxed),
-        rows: shared.slice_rows.load(Ordering::Relaxed),
-        bytes: shared.slice_bytes.load(Ordering::Relaxed),
-        raw_bytes: shared.slice_raw.load(Ordering::Relaxed),
-        store_requests: counting.count(),
-        seconds: started.elapsed().as_secs_f64(),
-    };
-    tracing::info!(
-        run_id = report.run_id,
-        done = report.done,
-        tables_done,
-        pass_round = report.pass_round,
-        rows = report.rows,
-        bytes = report.bytes,
-        "export slice finished"
-    );
-    Ok(report)
+/// Aborts the multipart uploads a killed slice of this run left unfinished (they are
+/// billed until aborted). A failure here only delays that to prune.
+async fn abort_leftover_uploads(store: &dyn WriteStore, run_id: &str) {
+    let prefix = format!("chunks/{run_id}/");
+    match store.incomplete_uploads(&prefix).await {
+        Ok(uploads) => {
+            for upload in &uploads {
+                if let Err(e) = store.abort_upload(upload).await {
+                    tracing::warn!(run_id, key = upload.key, error = %e, "could not abort a leftover upload; prune will");
+                    return;
+                }
+            }
+            if !uploads.is_empty() {
+                tracing::info!(
+                    run_id,
+                    count = uploads.len(),
+                    "aborted the unfinished uploads of an earlier slice"
+                );
+            }
+        }
+        Err(e) => {
+            tracing::warn!(run_id, error = %e, "could not list unfinished uploads; prune will abort them")
+        }
+    }
 }
 
 /// Records the snapshot this slice reads in (and the WAL position), replacing a record
@@ -1446,6 +1505,13 @@ impl Shared {
         self.queue.lock().ok()?.pop_front()
     }
 
+    /// Puts `work` back at the head of the queue (to redo it).
+    fn push_front(&self, work: Work) {
+        if let Ok(mut queue) = self.queue.lock() {
+            queue.push_front(work);
+        }
+    }
+
     fn push_work(&self, work: Work) {
         if let Ok(mut queue) = self.queue.lock() {
             queue.push_back(work);
@@ -1577,24 +1643,72 @@ impl Shared {
     }
 }
 
+/// Times a worker reconnects in one slice after losing its connection.
+const RECONNECTS: u32 = 5;
+
 async fn worker(shared: Arc<Shared>, db: DbSettings) -> Result<(), RunError> {
-    let client = db::connect(&db).await?;
+    let mut client = db::connect(&db).await?;
+    let mut reconnects = 0;
     while !shared.past_deadline() {
         let Some(work) = shared.next_work() else {
             break;
         };
-        client
-            .batch_execute(&format!(
-                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
-                quote_literal(&shared.snapshot_id)
-            ))
-            .await
-            .map_err(|e| DbError::query("importing the snapshot", &db, e))?;
-        let result = do_work(&shared, &client, &db, work).await;
+        let result = async {
+            import_snapshot(&client, &db, &shared.snapshot_id).await?;
+            do_work(&shared, &client, &db, work).await
+        }
+        .await;
         let _ = client.batch_execute("COMMIT").await;
-        result?;
+        let Err(err) = result else { continue };
+        if !(client.is_closed() && err.is_retryable()) || reconnects >= RECONNECTS {
+            return Err(err);
+        }
+        // The connection died (backend terminated, server restarted, failover): redo
+        // the work on a new one, in the same snapshot while the coordinator holds it.
+        reconnects += 1;
+        tracing::warn!(run_id = shared.run_id, attempt = reconnects, error = %err, "lost the database connection; redoing the work on a new one");
+        shared.push_front(work);
+        client = reconnect(&db, reconnects).await?;
+        import_snapshot(&client, &db, &shared.snapshot_id)
+            .await
+            .map_err(|e| RunError::SnapshotLost {
+                detail: e.to_string(),
+            })?;
+        let _ = client.batch_execute("COMMIT").await;
     }
     Ok(())
+}
+
+async fn import_snapshot(
+    client: &Client,
+    db: &DbSettings,
+    snapshot_id: &str,
+) -> Result<(), RunError> {
+    client
+        .batch_execute(&format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+            quote_literal(snapshot_id)
+        ))
+        .await
+        .map_err(|e| DbError::query("importing the snapshot", db, e).into())
+}
+
+/// A new connection after the `attempt`-th loss, waiting a little longer each time for
+/// a restarting server (about a minute in all).
+async fn reconnect(db: &DbSettings, attempt: u32) -> Result<Client, RunError> {
+    let started = Instant::now();
+    let mut delay = Duration::from_millis(500 * u64::from(attempt));
+    loop {
+        tokio::time::sleep(delay).await;
+        match db::connect(db).await {
+            Ok(client) => return Ok(client),
+            Err(e) if e.is_retryable() && started.elapsed() < Duration::from_secs(60) => {
+                tracing::warn!(error = %e, "the database is not reachable yet");
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 async fn do_work(

@@ -32,6 +32,8 @@ pub enum RunError {
     NotFinished { run_id: String, left: usize },
     #[error("run {run_id} has exported every table but not yet brought them to one point in time (the consistency pass); run export again")]
     NotConsistentYet { run_id: String },
+    #[error("the slice's snapshot is gone (the session holding it was lost: {detail}); the next slice resumes the run in a new snapshot")]
+    SnapshotLost { detail: String },
     #[error("run {run_id} progress was changed by another writer; is a second slice of this run running?")]
     Conflict { run_id: String },
     #[error("exporting {table}: {detail}")]
@@ -59,6 +61,7 @@ impl RunError {
             RunError::Table { retryable, .. } => *retryable,
             // A write of a dead slice landed late; reading the progress again resolves it.
             RunError::Conflict { .. } => true,
+            RunError::SnapshotLost { .. } => true,
             RunError::Db(e) | RunError::Catalog(CatalogError::Db(e)) => e.is_retryable(),
             RunError::Store(e) | RunError::Format(FormatError::Store(e)) => e.is_retryable(),
             RunError::Schema(e) => e.is_retryable(),
