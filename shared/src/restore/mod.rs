@@ -31,7 +31,7 @@ use serde::Serialize;
 use tokio_postgres::Client;
 
 use self::data_only::Method;
-use self::load::{column_list, copy_chunk, load_error, load_into, needs_merge, Landing};
+use self::load::{load_error, load_into, Landing};
 use crate::catalog::parse_table_name;
 use crate::db::{self, DbError, DbSettings};
 use crate::format::manifest::{Manifest, TableEntry};
@@ -193,6 +193,12 @@ pub enum RestoreError {
         detail: String,
         retryable: bool,
     },
+    #[error("{cause}; the restore stopped with {loaded} of {tables} tables loaded, each in one transaction (the failed table was rolled back, none is half-loaded) and without the post-data schema (indexes, constraints, triggers): drop the target database and restore again")]
+    Incomplete {
+        cause: Box<RestoreError>,
+        loaded: usize,
+        tables: usize,
+    },
     #[error(transparent)]
     Apply(#[from] ApplyError),
     #[error(transparent)]
@@ -211,6 +217,7 @@ impl RestoreError {
         match self {
             RestoreError::Table { retryable, .. } => *retryable,
             RestoreError::ChunkUnreadable { .. } => true,
+            RestoreError::Incomplete { cause, .. } => cause.is_retryable(),
             RestoreError::Apply(e) => e.retryable,
             RestoreError::Schema(e) => e.is_retryable(),
             RestoreError::Db(e) => e.is_retryable(),
@@ -230,6 +237,9 @@ impl RestoreError {
     /// Whether the backup itself is at fault (a changed byte, a missing object), as
     /// opposed to the target or the network.
     pub fn is_backup_damage(&self) -> bool {
+        if let RestoreError::Incomplete { cause, .. } = self {
+            return cause.is_backup_damage();
+        }
         matches!(
             self,
             RestoreError::ManifestModified { .. }
@@ -442,7 +452,26 @@ pub async fn restore(
         }
         load_data_only(store.clone(), target, &tables, &plan, opts, &meter).await?
     } else {
-        load_tables(store.clone(), target, &tables, &pending, opts, &meter).await?
+        let completed = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let loaded = load_tables(
+            store.clone(),
+            target,
+            &tables,
+            &pending,
+            opts,
+            &meter,
+            &completed,
+        )
+        .await;
+        let completed = completed.lock().map(|c| c.clone()).unwrap_or_default();
+        if let Err(cause) = loaded {
+            return Err(RestoreError::Incomplete {
+                cause: Box::new(cause),
+                loaded: resume.loaded.len() + completed.len(),
+                tables: tables.len(),
+            });
+        }
+        completed
     };
     let loaded = resume.loaded.len() + completed.len();
     let mut done = loaded == tables.len();
@@ -561,16 +590,9 @@ fn sequence_owners(manifest: &Manifest) -> HashMap<TableName, TableName> {
         .collect()
 }
 
-/// A unit of restore work.
-#[derive(Debug, Clone, Copy)]
-enum Job {
-    /// A whole table in one transaction.
-    Table(usize),
-    /// One chunk of a new table (its own transaction).
-    Chunk(usize, usize),
-}
-
-/// Loads the `pending` tables of a schema restore, in parallel; returns those loaded.
+/// Loads the `pending` tables of a schema restore, in parallel, each in one transaction
+/// (a failure rolls its table back: no table is ever left half-loaded); adds each table
+/// loaded to `completed`.
 async fn load_tables(
     store: Arc<dyn ReadStore>,
     target: &DbSettings,
@@ -578,44 +600,29 @@ async fn load_tables(
     pending: &[usize],
     opts: &RestoreOptions,
     meter: &Arc<RestoreMeter>,
-) -> Result<Vec<TableName>, RestoreError> {
-    // Tables whose chunks are independent (a new table, no chain merge) load chunk by
-    // chunk on all connections at once; the rest load whole, in one transaction. A
-    // time-boxed restore works table by table, so that each slice completes some.
-    let mut jobs = std::collections::VecDeque::new();
-    for &t in pending {
-        let entry = &tables[t];
-        if opts.deadline.is_some() || needs_merge(entry) || entry.chunks.is_empty() {
-            jobs.push_back(Job::Table(t));
-        } else {
-            jobs.extend((0..entry.chunks.len()).map(|c| Job::Chunk(t, c)));
-        }
-    }
-    let remaining: Arc<Vec<AtomicUsize>> = Arc::new(
-        tables
-            .iter()
-            .map(|t| AtomicUsize::new(t.chunks.len()))
-            .collect(),
-    );
+    completed: &Arc<std::sync::Mutex<Vec<TableName>>>,
+) -> Result<(), RestoreError> {
+    // The biggest tables first, so that the last one to finish is a small one.
+    let mut jobs: Vec<usize> = pending.to_vec();
+    jobs.sort_by_key(|&t| std::cmp::Reverse(tables[t].chunks.iter().map(|c| c.bytes).sum::<u64>()));
+    let jobs: std::collections::VecDeque<usize> = jobs.into();
     let tables: Arc<Vec<TableEntry>> = Arc::new(tables.to_vec());
     let worker_count = opts.workers.max(1).min(jobs.len().max(1));
     let queue = Arc::new(std::sync::Mutex::new(jobs));
-    let completed = Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..worker_count {
-        let (queue, store, target, meter, tables, remaining, completed) = (
+        let (queue, store, target, meter, tables, completed) = (
             queue.clone(),
             store.clone(),
             target.clone(),
             meter.clone(),
             tables.clone(),
-            remaining.clone(),
             completed.clone(),
         );
         let deadline = opts.deadline;
         workers.spawn(async move {
             let client = db::connect(&target).await?;
-            // Every connection finishes at least one job, so each slice makes progress.
+            // Every connection finishes at least one table, so each slice makes progress.
             let mut worked = false;
             loop {
                 if worked && deadline.is_some_and(|d| Instant::now() >= d) {
@@ -623,59 +630,30 @@ async fn load_tables(
                 }
                 worked = true;
                 let next = queue.lock().ok().and_then(|mut q| q.pop_front());
-                let Some(job) = next else { break };
-                let t = match job {
-                    Job::Table(t) => {
-                        let entry = &tables[t];
-                        in_transaction(&client, &entry.name, || async {
-                            load_into(
-                                store.as_ref(),
-                                &client,
-                                &target,
-                                entry,
-                                Landing::Direct,
-                                &meter,
-                            )
-                            .await
-                        })
-                        .await
-                        .map(|rows| meter.rows.fetch_add(rows, Ordering::Relaxed))?;
-                        t
-                    }
-                    Job::Chunk(t, c) => {
-                        let entry = &tables[t];
-                        let copy = format!(
-                            "COPY {} ({}) FROM STDIN",
-                            entry.name.quoted(),
-                            column_list(&entry.columns)
-                        );
-                        let rows = copy_chunk(
-                            store.as_ref(),
-                            &client,
-                            &entry.name,
-                            &copy,
-                            &entry.chunks[c],
-                            &meter,
-                        )
-                        .await?;
-                        meter.rows.fetch_add(rows, Ordering::Relaxed);
-                        if remaining[t].fetch_sub(1, Ordering::AcqRel) != 1 {
-                            continue;
-                        }
-                        t
-                    }
-                };
+                let Some(t) = next else { break };
+                let entry = &tables[t];
+                let rows = in_transaction(&client, &entry.name, || async {
+                    load_into(
+                        store.as_ref(),
+                        &client,
+                        &target,
+                        entry,
+                        Landing::Direct,
+                        &meter,
+                    )
+                    .await
+                })
+                .await?;
+                meter.rows.fetch_add(rows, Ordering::Relaxed);
                 if let Ok(mut done) = completed.lock() {
-                    done.push(tables[t].name.clone());
+                    done.push(entry.name.clone());
                 }
                 meter.tables_done.fetch_add(1, Ordering::Relaxed);
             }
             Ok::<_, RestoreError>(())
         });
     }
-    join_all(workers).await?;
-    let completed = completed.lock().map(|c| c.clone()).unwrap_or_default();
-    Ok(completed)
+    join_all(workers).await
 }
 
 /// Waits for every worker; the first error wins and stops the others.
