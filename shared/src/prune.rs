@@ -25,7 +25,7 @@ use crate::format::{chunk_prefix, read_doc, write_doc, FormatError, FORMAT_VERSI
 use crate::lease;
 use crate::retention::{self, BackupFacts, EmptyPolicy, KeepReason, RetentionPolicy};
 use crate::run::RunError;
-use crate::store::{CountingStore, StoreError, WriteCondition, WriteStore};
+use crate::store::{CountingStore, PendingUpload, StoreError, WriteCondition, WriteStore};
 use crate::verify::Verification;
 
 const JOURNAL_KEY: &str = "runs/prune/journal.json";
@@ -76,6 +76,12 @@ pub struct PrunePlan {
     pub dead_runs: Vec<String>,
     /// Chunks the kept backups reference.
     pub chunks_kept: usize,
+    /// Unfinished multipart uploads (a killed writer's, billed until aborted) older than
+    /// the grace period and not of a live run: aborted by the prune.
+    pub incomplete_uploads: usize,
+    /// Those uploads.
+    #[serde(skip)]
+    pub uploads: Vec<PendingUpload>,
 }
 
 /// What [`prune`] did.
@@ -253,6 +259,18 @@ pub async fn plan_prune(
     for key in &first {
         rest.remove(key);
     }
+    let live_chunks = live.as_deref().map(chunk_prefix);
+    let uploads: Vec<PendingUpload> = store
+        .incomplete_uploads("")
+        .await?
+        .into_iter()
+        .filter(|u| age(opts.now, u.initiated) >= opts.grace)
+        .filter(|u| {
+            live_chunks
+                .as_deref()
+                .is_none_or(|prefix| !u.key.starts_with(prefix))
+        })
+        .collect();
     let mut delete = first;
     delete.extend(rest);
     Ok(PrunePlan {
@@ -270,6 +288,8 @@ pub async fn plan_prune(
         delete_bytes,
         dead_runs,
         chunks_kept: referenced.len(),
+        incomplete_uploads: uploads.len(),
+        uploads,
     })
 }
 
@@ -321,10 +341,14 @@ pub async fn prune(
             store.delete_many(&others).await?;
             store.delete(JOURNAL_KEY).await?;
         }
+        for upload in &plan.uploads {
+            store.abort_upload(upload).await?;
+        }
         tracing::info!(
             kept = plan.backups.iter().filter(|b| b.keep).count(),
             deleted = plan.delete.len(),
             bytes = plan.delete_bytes,
+            uploads_aborted = plan.uploads.len(),
             "prune finished"
         );
         Ok::<_, PruneError>(plan)
