@@ -244,6 +244,8 @@ impl S3Store {
         let checksum = base64::engine::general_purpose::STANDARD.encode(digest);
         let size = body.len() as u64;
         let mut attempts = Attempts::new();
+        // Whether an earlier attempt may have been applied without our hearing of it.
+        let mut maybe_applied = false;
         loop {
             let mut request = self
                 .client
@@ -257,7 +259,22 @@ impl S3Store {
                 WriteCondition::IfAbsent => request.if_none_match("*"),
                 WriteCondition::IfMatch(etag) => request.if_match(&etag.0),
             };
-            let err = match request.send().await {
+            let sent = match condition {
+                WriteCondition::Always => request.send().await,
+                // Every attempt of a conditional write is ours, so that a 412 after one
+                // whose answer was lost is told from a real conflict.
+                _ => {
+                    request
+                        .customize()
+                        .config_override(
+                            aws_sdk_s3::config::Builder::default()
+                                .retry_config(aws_sdk_s3::config::retry::RetryConfig::disabled()),
+                        )
+                        .send()
+                        .await
+                }
+            };
+            let err = match sent {
                 Ok(out) => {
                     if let Some(stored) = out.checksum_sha256().filter(|c| *c != checksum) {
                         return Err(StoreError::ChecksumMismatch {
@@ -282,8 +299,13 @@ impl S3Store {
                 },
             };
             if let StoreError::PreconditionFailed { .. } = err {
-                // A retry (ours or the SDK's) of a write whose acknowledgement was lost
-                // finds its own write in place: that is success, not a conflict.
+                // A retry of a write whose acknowledgement was lost finds its own write in
+                // place: that is success, not a conflict. (Only after such an attempt: a
+                // first-attempt 412 is a real conflict, even if the winner wrote the same
+                // bytes — a read-modify-write must not take another's write for its own.)
+                if !maybe_applied {
+                    return Err(err);
+                }
                 if let Some(receipt) = self.already_written(key, &digest, size).await? {
                     tracing::info!(
                         key,
@@ -293,6 +315,7 @@ impl S3Store {
                 }
                 return Err(err);
             }
+            maybe_applied |= err.is_retryable();
             match attempts.next_delay(&self.options.retry, &err) {
                 Some(delay) => {
                     tracing::warn!(key, operation = "PutObject", error = %err, retry_in_ms = delay.as_millis() as u64, "store request failed; trying again");
