@@ -625,6 +625,7 @@ pub fn lambda_context(seconds: u64) -> lambda_runtime::Context {
 
 /// Fixtures and helpers shared by the backup, restore and verify tests.
 pub mod asl;
+pub mod faults;
 pub mod lambdas;
 pub mod private;
 

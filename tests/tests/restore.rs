@@ -311,7 +311,7 @@ async fn damaged_chunks_and_manifests_are_detected_and_named() {
     .await
     .expect_err("corrupt chunk");
     assert!(
-        matches!(err, RestoreError::ChunkCorrupt { ref key, .. } if *key == chunk),
+        matches!(err.root(), RestoreError::ChunkCorrupt { key, .. } if *key == chunk),
         "{err}"
     );
 

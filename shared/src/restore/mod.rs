@@ -234,6 +234,14 @@ impl RestoreError {
         }
     }
 
+    /// The error that stopped the restore, inside what the restore says about the target.
+    pub fn root(&self) -> &RestoreError {
+        match self {
+            RestoreError::Incomplete { cause, .. } => cause.root(),
+            other => other,
+        }
+    }
+
     /// Whether the backup itself is at fault (a changed byte, a missing object), as
     /// opposed to the target or the network.
     pub fn is_backup_damage(&self) -> bool {
