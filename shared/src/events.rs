@@ -1,7 +1,9 @@
-//! The payloads the functions accept: their Step Functions payload, an empty `{}` (a
-//! console test: defaults), or the raw EventBridge "Scheduled Event" envelope (whose
-//! `detail` carries the payload, if any). Fields a function does not use are ignored,
-//! since Step Functions passes the previous step's whole output along.
+//! The payloads the functions accept: exactly their Step Functions payload (as the state
+//! machine's `Parameters` build it), an empty `{}` (a console test: defaults), or the raw
+//! EventBridge "Scheduled Event" envelope (whose `detail` carries the payload, if any).
+//! Anything else — an unknown field, a wrong type, an id that is not one — is refused
+//! naming the field, before anything is read or written: a wrong payload never does real
+//! work.
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -33,14 +35,31 @@ fn parse<T: for<'de> Deserialize<'de>>(event: Value) -> Result<T, EventError> {
     serde_json::from_value(unwrap_envelope(event)?).map_err(|e| EventError(e.to_string()))
 }
 
-/// Checks an optional run or backup id field: non-empty, no `/`.
+/// Longest run or backup id accepted.
+const MAX_ID_LEN: usize = 64;
+
+/// Checks an optional run or backup id field: 1 to 64 of `A-Z a-z 0-9 - _ .`, not
+/// starting with `.` (ids become object keys). The error shows at most the id's start.
 fn check_id(field: &str, id: Option<&str>) -> Result<(), EventError> {
-    if id.is_some_and(|id| id.is_empty() || id.contains('/')) {
-        return Err(EventError(format!(
-            "{field} must be an id such as 20261122T120000Z-0a1b2c"
-        )));
+    let Some(id) = id else { return Ok(()) };
+    let fine = !id.is_empty()
+        && id.len() <= MAX_ID_LEN
+        && !id.starts_with('.')
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if fine {
+        return Ok(());
     }
-    Ok(())
+    let shown: String = id.chars().take(24).collect();
+    let more = if id.chars().count() > 24 {
+        format!("... ({} bytes)", id.len())
+    } else {
+        String::new()
+    };
+    Err(EventError(format!(
+        "{field} {shown:?}{more} is not an id such as 20261122T120000Z-0a1b2c"
+    )))
 }
 
 /// `full` or `incremental`.
@@ -53,6 +72,7 @@ pub enum RunMode {
 
 /// What the export function is asked to do.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ExportEvent {
     /// Continue this run; absent: the run in flight, or a new one.
     #[serde(default)]
@@ -60,10 +80,15 @@ pub struct ExportEvent {
     /// For a new run; default incremental (full when there is no parent).
     #[serde(default)]
     pub mode: Option<RunMode>,
+    /// The Step Functions execution that runs it: the lease names it, so the failure
+    /// step can release a run whose first slice failed before reporting its id.
+    #[serde(default)]
+    pub execution: Option<String>,
 }
 
 /// What the manifest function is asked to seal, or the failed run it is asked to record.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ManifestEvent {
     /// The run to seal; absent: the run holding the lease.
     #[serde(default)]
@@ -77,6 +102,7 @@ pub struct ManifestEvent {
 /// A failed run as the state machine's `Catch` reports it:
 /// `{"run_id": "..." | null, "execution": "arn:...", "error": {"Error": "...", "Cause": "..."}}`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct FailureEvent {
     #[serde(default)]
     pub run_id: Option<String>,
@@ -118,6 +144,7 @@ impl FailureEvent {
 
 /// What the verify function is asked to check.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct VerifyEvent {
     /// The backup to verify (the manifest step's output carries it); absent: the newest
     /// backup not verified yet.
@@ -181,21 +208,12 @@ impl PruneEvent {
     }
 }
 
-/// Parses the prune function's payload. Step Functions passes the verify step's output
-/// along, so only a payload that has no field of another step's output is read for
-/// policy; otherwise it is treated as `{}`.
+/// Parses the prune function's payload (the state machine passes `{}`).
 ///
 /// # Errors
 /// [`EventError`] naming what is wrong.
 pub fn prune_event(event: Value) -> Result<PruneEvent, EventError> {
-    let event = unwrap_envelope(event)?;
-    let is_previous_output = event
-        .as_object()
-        .is_some_and(|m| m.contains_key("backup_id") || m.contains_key("run_id"));
-    if is_previous_output {
-        return Ok(PruneEvent::default());
-    }
-    serde_json::from_value(event).map_err(|e| EventError(e.to_string()))
+    parse(event)
 }
 
 /// Parses the export function's payload.
@@ -230,10 +248,19 @@ mod tests {
     fn the_three_shapes_parse() {
         assert_eq!(export_event(json!({})).ok(), Some(ExportEvent::default()));
         assert_eq!(
-            export_event(json!({"run_id": "r1", "done": false, "rows": 5})).ok(),
+            export_event(json!({"mode": "incremental", "run_id": null})).ok(),
+            Some(ExportEvent {
+                run_id: None,
+                mode: Some(RunMode::Incremental),
+                execution: None,
+            })
+        );
+        assert_eq!(
+            export_event(json!({"mode": "full", "run_id": "r1"})).ok(),
             Some(ExportEvent {
                 run_id: Some("r1".into()),
-                mode: None
+                mode: Some(RunMode::Full),
+                execution: None,
             })
         );
         let scheduled = json!({
@@ -285,12 +312,33 @@ mod tests {
         let e = prune_event(json!({"dry_run": true, "keep_daily": 3})).expect("parses");
         assert!(e.dry_run);
         assert_eq!(e.setting("TIDEMARK_KEEP_DAILY").as_deref(), Some("3"));
-        assert_eq!(
-            prune_event(json!({"backup_id": "x", "ok": true})).ok(),
-            Some(PruneEvent::default())
-        );
         let err = prune_event(json!({"keep_dayly": 3})).expect_err("typo");
         assert!(err.to_string().contains("keep_dayly"), "{err}");
+    }
+
+    #[test]
+    fn every_function_refuses_fields_it_does_not_take() {
+        let err = verify_event(json!({"backup_id": "b1", "mode": "weird"})).expect_err("mode");
+        assert!(err.to_string().contains("unknown field `mode`"), "{err}");
+        let err = prune_event(json!({"run_id": 5})).expect_err("run_id");
+        assert!(err.to_string().contains("unknown field `run_id`"), "{err}");
+        let err = manifest_event(json!({"run_id": "r1", "rows": 5})).expect_err("rows");
+        assert!(err.to_string().contains("unknown field `rows`"), "{err}");
+        let err = manifest_event(json!({"failure": {"run_id": null, "error": {}, "extra": 1}}))
+            .expect_err("extra");
+        assert!(err.to_string().contains("unknown field `extra`"), "{err}");
+        let scheduled = json!({"detail-type": "Scheduled Event", "source": "aws.scheduler", "detail": {"mood": 1}});
+        assert!(export_event(scheduled).is_err());
+    }
+
+    #[test]
+    fn a_long_id_is_not_echoed_whole() {
+        let long = "a".repeat(1 << 20);
+        let err = export_event(json!({"run_id": long}))
+            .expect_err("too long")
+            .to_string();
+        assert!(err.len() < 200, "{} bytes", err.len());
+        assert!(err.contains("1048576 bytes"), "{err}");
     }
 
     #[test]
@@ -300,6 +348,12 @@ mod tests {
             (json!({"run_id": 5}), "invalid type"),
             (json!([1, 2]), "JSON object"),
             (json!({"run_id": "../../etc"}), "run_id"),
+            (json!({"backup_id": "../../x"}), "unknown field `backup_id`"),
+            (json!({"pad": "x".repeat(1000)}), "unknown field `pad`"),
+            (
+                json!({"run_id": "r1", "done": false}),
+                "unknown field `done`",
+            ),
         ] {
             let err = export_event(event).expect_err("malformed").to_string();
             assert!(

@@ -25,7 +25,15 @@ pub struct Failure {
     pub cause: String,
 }
 
+/// The error name of a run refused because another run holds the lease.
+const LOCKED: &str = "Tidemark.Locked";
+
 /// Records `failure` and releases the lease of its run, if that run holds it.
+///
+/// A failure with no run id (the first slice failed before reporting one) is matched to
+/// the run whose lease names the same execution as its holder. A `Tidemark.Locked`
+/// failure does not overwrite the record of the failed run that still holds the lease:
+/// that record says why the schedule is stuck.
 ///
 /// # Errors
 /// Store errors (retryable ones are worth retrying: the record is overwritten as a whole).
@@ -33,13 +41,40 @@ pub async fn record_failure(
     store: &dyn WriteStore,
     failure: Failure,
 ) -> Result<FailureRecord, RunError> {
-    let lease_released = match &failure.run_id {
+    let current = lease::current(store).await?.map(|(l, _)| l);
+    if failure.error == LOCKED {
+        if let (Some(previous), Some(holder)) = (last_failure(store).await?, &current) {
+            if previous.error != LOCKED && previous.run_id.as_ref() == Some(&holder.run_id) {
+                tracing::warn!(
+                    run_id = holder.run_id,
+                    "a run was refused by the lease of the failed run {}; keeping that run's failure record",
+                    holder.run_id
+                );
+                return Ok(FailureRecord {
+                    lease_released: false,
+                    ..previous
+                });
+            }
+        }
+    }
+    let run_id = match (&failure.run_id, &failure.execution) {
+        (Some(run_id), _) => Some(run_id.clone()),
+        (None, Some(execution)) if failure.error != LOCKED => current
+            .as_ref()
+            .filter(|l| {
+                l.operation == "backup"
+                    && l.holder.split_whitespace().next() == Some(execution.as_str())
+            })
+            .map(|l| l.run_id.clone()),
+        _ => None,
+    };
+    let lease_released = match &run_id {
         Some(run_id) => lease::release(store, run_id).await?,
         None => false,
     };
     let record = FailureRecord {
         version: FORMAT_VERSION,
-        run_id: failure.run_id,
+        run_id,
         execution: failure.execution,
         error: failure.error,
         cause: shorten(failure.cause, MAX_CAUSE_BYTES),

@@ -317,3 +317,61 @@ async fn the_state_machine_backs_up_verifies_and_prunes_through_the_function_bin
         "no password in the function logs"
     );
 }
+
+/// The `*.step-functions.json` samples are exactly what the definition's `Parameters`
+/// pass each function (same fields), and each function's parser takes what it is passed.
+#[test]
+fn the_step_functions_samples_are_what_the_definition_passes() {
+    let definition = definition();
+    let data = json!({
+        "mode": "incremental",
+        "export": {"run_id": "20261122T060000Z-3f9a1c", "done": true},
+        "manifest": {"backup_id": "20261122T060000Z-3f9a1c"},
+        "verify": {"backup_id": "20261122T060000Z-3f9a1c", "ok": true, "done": true},
+    });
+    let context = json!({"Execution": {"Id": EXECUTION}});
+    for (state, function) in [
+        ("Export", "export"),
+        ("Manifest", "manifest"),
+        ("Verify", "verify"),
+        ("Prune", "prune"),
+    ] {
+        let template = &definition["States"][state]["Parameters"]["Payload"];
+        let payload = asl::apply_template(template, &data, &context).expect("payload");
+        let sample = sample(&format!("{function}.step-functions"));
+        let keys = |v: &Value| -> Vec<String> {
+            v.as_object()
+                .map(|m| m.keys().cloned().collect())
+                .unwrap_or_default()
+        };
+        assert_eq!(
+            keys(&payload),
+            keys(&sample),
+            "{state}: {payload} vs {sample}"
+        );
+        let parsed = match function {
+            "export" => tidemark_core::events::export_event(payload.clone()).map(|_| ()),
+            "manifest" => tidemark_core::events::manifest_event(payload.clone()).map(|_| ()),
+            "verify" => tidemark_core::events::verify_event(payload.clone()).map(|_| ()),
+            _ => tidemark_core::events::prune_event(payload.clone()).map(|_| ()),
+        };
+        parsed.unwrap_or_else(|e| panic!("{state} payload {payload}: {e}"));
+    }
+    // The failure step's payload, with the run id unknown (a first slice that failed).
+    let failure = asl::apply_template(
+        &definition["States"]["RecordFailure"]["Parameters"]["Payload"],
+        &json!({"export": {"run_id": null}, "error": {"Error": "Tidemark.Fatal", "Cause": "x"}}),
+        &context,
+    )
+    .expect("failure payload");
+    let sample = sample("manifest.failure");
+    assert_eq!(
+        failure["failure"]
+            .as_object()
+            .map(|m| m.keys().collect::<Vec<_>>()),
+        sample["failure"]
+            .as_object()
+            .map(|m| m.keys().collect::<Vec<_>>())
+    );
+    tidemark_core::events::manifest_event(failure).expect("the failure payload parses");
+}

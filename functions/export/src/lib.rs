@@ -1,6 +1,7 @@
 //! The export function: one time-boxed slice of a backup run.
 //!
-//! Input: `{"run_id"?, "mode"?: "full" | "incremental"}`, `{}`, or a Scheduled Event.
+//! Input: `{"run_id"?, "mode"?: "full" | "incremental", "execution"?}` (what the state
+//! machine passes), `{}`, or a Scheduled Event.
 //! Output: the slice report, `{"run_id", "done", ...counts}`; Step Functions loops while
 //! `done` is false.
 
@@ -35,7 +36,7 @@ impl Deps {
             store: tidemark_lambda::store_from_env().await?,
             db: tidemark_lambda::database_from_env().await?,
             options: tidemark_core::config::export_options_from_env(&|n| std::env::var(n).ok())?,
-            margin: tidemark_lambda::slice_margin(),
+            margin: tidemark_lambda::slice_margin(&|n| std::env::var(n).ok())?,
         })
     }
 }
@@ -52,7 +53,11 @@ pub async fn handle(event: LambdaEvent<Value>, deps: &Deps) -> Result<Value, Fun
     options.deadline = Some(tidemark_lambda::work_deadline(&event.context, deps.margin));
     // A consistency round may use the margin too, all but what returning needs.
     options.pass_deadline = tidemark_lambda::pass_deadline(&event.context, deps.margin);
-    options.holder = tidemark_lambda::holder(&event.context);
+    // The execution first: the failure step finds the run by it.
+    options.holder = match &request.execution {
+        Some(execution) => format!("{execution} {}", tidemark_lambda::holder(&event.context)),
+        None => tidemark_lambda::holder(&event.context),
+    };
     let report = export::export_slice(deps.store.clone(), &deps.db, &options).await?;
     if !report.sealed {
         tidemark_lambda::metrics()

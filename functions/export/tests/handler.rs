@@ -131,7 +131,7 @@ async fn the_scheduled_event_starts_a_full_run_and_a_short_deadline_stops_early(
 }
 
 #[tokio::test]
-async fn malformed_events_and_unknown_runs_are_fatal() {
+async fn malformed_events_are_bad_input_and_unknown_runs_fatal_with_nothing_written() {
     let cluster = TestCluster::from_env();
     let db = cluster.create_database().await;
     let deps = deps(&db).await;
@@ -139,12 +139,16 @@ async fn malformed_events_and_unknown_runs_are_fatal() {
         json!({"mode": "weekly"}),
         json!("full"),
         json!({"run_id": 42}),
+        json!({"backup_id": "../../x"}),
+        json!({"pad": "x".repeat(100_000)}),
+        json!({"run_id": "r".repeat(1 << 20)}),
     ] {
         let err = handle(LambdaEvent::new(event.clone(), lambda_context(900)), &deps)
             .await
             .expect_err("malformed");
-        assert_eq!(err.error_type, tidemark_lambda::FATAL, "{event}");
+        assert_eq!(err.error_type, tidemark_lambda::BAD_INPUT, "{event}");
         assert!(err.message.starts_with("invalid event"), "{}", err.message);
+        assert!(err.message.len() < 300, "{} bytes", err.message.len());
     }
     let err = handle(
         LambdaEvent::new(
@@ -241,4 +245,177 @@ async fn the_failure_step_records_the_failure_and_frees_the_run_for_the_next_exe
     );
     let sealed = seal(&deps.store, &run_id).await;
     assert_eq!(sealed["rows"], 500);
+}
+
+/// A table the role may not read fails the run at once; the failed slice hands the run
+/// back, so the run after the grant is fixed starts at once instead of waiting out the
+/// lease. The failure step finds a run that never reported its id by its execution, and
+/// a later `Tidemark.Locked` does not overwrite the real cause.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_table_fails_the_run_and_the_run_after_the_grant_starts_at_once() {
+    let cluster = TestCluster::from_env();
+    let db = cluster.create_database().await;
+    let mut deps = deps(&db).await;
+    let role = format!("reader_{}", uuid::Uuid::new_v4().simple());
+    exec(
+        &db.settings(),
+        &format!(
+            "CREATE TABLE secrets (id int PRIMARY KEY, s text); INSERT INTO secrets VALUES (1, 'x');
+             CREATE ROLE {role} LOGIN PASSWORD 'reader-pw';
+             GRANT SELECT ON articles, articles_id_seq TO {role};"
+        ),
+    )
+    .await;
+    deps.db.user = role.clone();
+    deps.db.password = Some("reader-pw".to_owned().into());
+    let execution = "arn:aws:states:us-east-1:1:execution:tidemark:first";
+    let step = json!({"mode": "incremental", "run_id": null, "execution": execution});
+    let err = handle(LambdaEvent::new(step, lambda_context(900)), &deps)
+        .await
+        .expect_err("permission denied");
+    assert_eq!(err.error_type, tidemark_lambda::FATAL, "{}", err.message);
+    assert!(err.message.contains("secrets"), "{}", err.message);
+
+    // The failure step (run id unknown to the state machine) records the cause.
+    let manifest = tidemark_manifest::Deps {
+        store: deps.store.clone(),
+    };
+    let failure = |error: &str, message: &str, execution: &str| {
+        json!({"failure": {"run_id": null, "execution": execution, "error": {
+            "Error": error,
+            "Cause": json!({"errorType": error, "errorMessage": message}).to_string(),
+        }}})
+    };
+    let recorded = tidemark_manifest::handle(
+        LambdaEvent::new(
+            failure("Tidemark.Fatal", &err.message, execution),
+            lambda_context(60),
+        ),
+        &manifest,
+    )
+    .await
+    .expect("recorded");
+    assert!(recorded["cause"]
+        .as_str()
+        .is_some_and(|c| c.contains("secrets")));
+
+    // Fixed: the next run starts at once (the lease was handed back).
+    exec(
+        &db.settings(),
+        &format!("GRANT SELECT ON secrets TO {role}"),
+    )
+    .await;
+    let step = json!({"mode": "incremental", "run_id": null, "execution": "arn:aws:states:us-east-1:1:execution:tidemark:second"});
+    let out = handle(LambdaEvent::new(step, lambda_context(900)), &deps)
+        .await
+        .unwrap_or_else(|e| panic!("the run after the grant: {e}"));
+    assert_eq!(out["done"], true);
+}
+
+/// A first slice killed before it reported its run id (a Lambda timeout) leaves its lease:
+/// the failure step finds the run by the execution the lease names and releases it; a run
+/// refused by that lease (`Tidemark.Locked`) keeps the real cause on record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_failure_step_releases_a_run_known_only_by_its_execution() {
+    let cluster = TestCluster::from_env();
+    let db = cluster.create_database().await;
+    let mut deps = deps(&db).await;
+    deps.options.chunk_rows = 100;
+    let execution = "arn:aws:states:us-east-1:1:execution:tidemark:killed";
+    // One slice that stops early stands for the killed one: the run holds the lease.
+    let first = handle(
+        LambdaEvent::new(
+            json!({"mode": "full", "run_id": null, "execution": execution}),
+            lambda_context(30),
+        ),
+        &deps,
+    )
+    .await
+    .expect("slice");
+    assert_eq!(first["done"], false);
+    let manifest = tidemark_manifest::Deps {
+        store: deps.store.clone(),
+    };
+    let failure = |error: &str, execution: &str| json!({"failure": {"run_id": null, "execution": execution, "error": {"Error": error, "Cause": ""}}});
+    // Another execution refused by the lease first: recorded (nothing else is), lease kept.
+    let locked = tidemark_manifest::handle(
+        LambdaEvent::new(
+            failure(
+                "Tidemark.Locked",
+                "arn:aws:states:us-east-1:1:execution:tidemark:other",
+            ),
+            lambda_context(60),
+        ),
+        &manifest,
+    )
+    .await
+    .expect("recorded");
+    assert_eq!(locked["lease_released"], false);
+    let timed_out = tidemark_manifest::handle(
+        LambdaEvent::new(failure("States.Timeout", execution), lambda_context(60)),
+        &manifest,
+    )
+    .await
+    .expect("recorded");
+    assert_eq!(timed_out["lease_released"], true, "{timed_out}");
+    assert_eq!(timed_out["run_id"], first["run_id"]);
+    let record = tidemark_core::failure::last_failure(deps.store.as_ref())
+        .await
+        .expect("read")
+        .expect("a record");
+    assert_eq!(record.error, "States.Timeout");
+}
+
+/// While a failed run still holds the lease, the runs it refuses do not overwrite its
+/// failure record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_run_does_not_overwrite_the_failure_that_locked_it() {
+    let cluster = TestCluster::from_env();
+    let db = cluster.create_database().await;
+    let mut deps = deps(&db).await;
+    deps.options.chunk_rows = 100;
+    let first = handle(
+        LambdaEvent::new(json!({"mode": "full"}), lambda_context(30)),
+        &deps,
+    )
+    .await
+    .expect("slice");
+    let run_id = first["run_id"].as_str().expect("id").to_owned();
+    // The failure of that run, recorded without releasing (as if the release failed).
+    tidemark_core::format::write_doc(
+        deps.store.as_ref(),
+        tidemark_core::format::LAST_FAILURE_KEY,
+        &tidemark_core::format::failure::FailureRecord {
+            version: tidemark_core::format::FORMAT_VERSION,
+            run_id: Some(run_id.clone()),
+            execution: None,
+            error: "Tidemark.Fatal".into(),
+            cause: "the real cause".into(),
+            failed_at: chrono::Utc::now(),
+            lease_released: false,
+        },
+        tidemark_core::store::WriteCondition::Always,
+    )
+    .await
+    .expect("write");
+    let manifest = tidemark_manifest::Deps {
+        store: deps.store.clone(),
+    };
+    tidemark_manifest::handle(
+        LambdaEvent::new(
+            json!({"failure": {"run_id": null, "execution": "arn:x:other", "error": {"Error": "Tidemark.Locked", "Cause": ""}}}),
+            lambda_context(60),
+        ),
+        &manifest,
+    )
+    .await
+    .expect("recorded");
+    let record = tidemark_core::failure::last_failure(deps.store.as_ref())
+        .await
+        .expect("read")
+        .expect("a record");
+    assert_eq!(
+        (record.error.as_str(), record.cause.as_str()),
+        ("Tidemark.Fatal", "the real cause")
+    );
 }

@@ -19,6 +19,8 @@ use tidemark_core::verify::VerifyError;
 pub const RETRYABLE: &str = "Tidemark.Retryable";
 /// `error_type` of failures that retrying will not fix (bad input, bad configuration).
 pub const FATAL: &str = "Tidemark.Fatal";
+/// `error_type` of a payload the function does not take (nothing was read or written).
+pub const BAD_INPUT: &str = "Tidemark.BadInput";
 /// `error_type` when another run holds the lease.
 pub const LOCKED: &str = "Tidemark.Locked";
 
@@ -63,7 +65,7 @@ impl FunctionError {
             (false, false) => FATAL,
         };
         let message = tidemark_core::error_chain(error);
-        tracing::error!(error_type, %message, "invocation failed");
+        tracing::error!(error_type, error = %message, "invocation failed");
         Self {
             error_type,
             message,
@@ -94,7 +96,10 @@ impl From<VerifyError> for FunctionError {
 impl From<EventError> for FunctionError {
     fn from(e: EventError) -> Self {
         tracing::error!(error = %e, "rejected event");
-        Self::fatal(e.to_string())
+        Self {
+            error_type: BAD_INPUT,
+            message: e.to_string(),
+        }
     }
 }
 
@@ -196,13 +201,26 @@ pub fn metrics() -> MetricSet {
     )
 }
 
-/// Safety margin before the invocation deadline (`TIDEMARK_SLICE_MARGIN_SECS`, default 60).
-pub fn slice_margin() -> Duration {
-    Duration::from_secs(
-        env("TIDEMARK_SLICE_MARGIN_SECS")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(60),
-    )
+/// Safety margin before the invocation deadline: `TIDEMARK_SLICE_MARGIN_SECS` (seconds,
+/// fractions allowed; default 60), from `lookup`.
+///
+/// # Errors
+/// A message naming the variable and the value, when it is not a number of seconds.
+pub fn slice_margin(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Duration, String> {
+    const VAR: &str = "TIDEMARK_SLICE_MARGIN_SECS";
+    match lookup(VAR).filter(|v| !v.trim().is_empty()) {
+        None => Ok(Duration::from_secs(60)),
+        Some(text) => {
+            let secs: f64 = text
+                .trim()
+                .parse()
+                .map_err(|_| format!("{VAR}: {text:?} is not a number of seconds"))?;
+            if !secs.is_finite() || !(0.0..=900.0).contains(&secs) {
+                return Err(format!("{VAR}: {text:?} must be between 0 and 900 seconds"));
+            }
+            Ok(Duration::from_secs_f64(secs))
+        }
+    }
 }
 
 /// What a slice keeps of its invocation after a consistency-pass round, to record its

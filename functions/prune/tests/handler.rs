@@ -49,7 +49,7 @@ async fn samples_plan_and_prune() {
         (Some(true), Some(0))
     );
     assert_eq!(store.list("").await.expect("list").len(), before);
-    // The verify step's output prunes with the environment's policy: keep the last one.
+    // The state machine passes {}: the environment's policy, keep the last one.
     let (_, step) = sample_events("prune.step-functions").remove(0);
     let out = handle(LambdaEvent::new(step, lambda_context(900)), &deps)
         .await
