@@ -93,6 +93,54 @@ pub struct PruneReport {
     pub store_requests: u64,
 }
 
+/// Most removed backups a [`PruneSummary`] names.
+const SUMMARY_REMOVED: usize = 20;
+
+/// What a prune did, in a size that does not grow with the store (the Lambda result; Step
+/// Functions caps a task result at 256 KiB): counts, and the first removed backups.
+#[derive(Debug, Clone, Serialize)]
+pub struct PruneSummary {
+    pub dry_run: bool,
+    /// Objects deleted (0 in a dry run).
+    pub deleted: usize,
+    /// Objects the plan deletes.
+    pub to_delete: usize,
+    pub delete_bytes: u64,
+    pub backups_kept: usize,
+    pub backups_removed: usize,
+    /// The first removed backups (at most twenty).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub removed: Vec<String>,
+    pub dead_runs: usize,
+    pub chunks_kept: usize,
+    pub incomplete_uploads: usize,
+    pub store_requests: u64,
+}
+
+impl PruneReport {
+    /// The report's summary.
+    pub fn summary(&self) -> PruneSummary {
+        let removed: Vec<&PlannedBackup> = self.plan.backups.iter().filter(|b| !b.keep).collect();
+        PruneSummary {
+            dry_run: self.dry_run,
+            deleted: self.deleted,
+            to_delete: self.plan.delete.len(),
+            delete_bytes: self.plan.delete_bytes,
+            backups_kept: self.plan.backups.len() - removed.len(),
+            backups_removed: removed.len(),
+            removed: removed
+                .iter()
+                .take(SUMMARY_REMOVED)
+                .map(|b| b.id.clone())
+                .collect(),
+            dead_runs: self.plan.dead_runs.len(),
+            chunks_kept: self.plan.chunks_kept,
+            incomplete_uploads: self.plan.incomplete_uploads,
+            store_requests: self.store_requests,
+        }
+    }
+}
+
 /// Errors of prune.
 #[derive(Debug, thiserror::Error)]
 pub enum PruneError {
@@ -363,4 +411,57 @@ pub async fn prune(
         store_requests: counting.count(),
         plan,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::LocalStore;
+    use bytes::Bytes;
+
+    #[tokio::test]
+    async fn the_summary_stays_small_whatever_the_objects_deleted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(LocalStore::open(dir.path()).expect("store"));
+        let dead = "20200101T000000Z-dead00";
+        store
+            .put(
+                &format!("runs/{dead}/progress.json"),
+                Bytes::from_static(b"{}"),
+                WriteCondition::Always,
+            )
+            .await
+            .expect("progress");
+        for i in 0..3000 {
+            store
+                .put(
+                    &format!("chunks/{dead}/public.table_{i:05}/000001-001.copy.zst"),
+                    Bytes::from_static(b"x"),
+                    WriteCondition::Always,
+                )
+                .await
+                .expect("chunk");
+        }
+        let report = prune(
+            store,
+            &PruneOptions {
+                policy: RetentionPolicy {
+                    keep_last: Some(1),
+                    ..RetentionPolicy::default()
+                },
+                grace: Duration::ZERO,
+                ..PruneOptions::default()
+            },
+        )
+        .await
+        .expect("prune");
+        assert_eq!(report.deleted, 3001);
+        let whole = serde_json::to_vec(&report).map(|v| v.len()).unwrap_or(0);
+        let summary = serde_json::to_vec(&report.summary())
+            .map(|v| v.len())
+            .unwrap_or(usize::MAX);
+        assert!(whole > 150_000, "the full report lists every key: {whole}");
+        assert!(summary < 1024, "summary: {summary} bytes");
+        assert_eq!(report.summary().dead_runs, 1);
+    }
 }

@@ -76,6 +76,68 @@ pub struct TableVerification {
     pub of: FingerprintOf,
 }
 
+/// Most failed tables a [`VerificationSummary`] names.
+const SUMMARY_FAILED_TABLES: usize = 10;
+
+/// What a verification found, in a size that does not grow with the database (the Lambda
+/// result; Step Functions caps a task result at 256 KiB). The whole record is in the store
+/// under `record`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct VerificationSummary {
+    pub backup_id: String,
+    pub ok: bool,
+    pub verified_at: DateTime<Utc>,
+    pub restore_seconds: f64,
+    pub seconds: f64,
+    pub bytes: u64,
+    pub rows: u64,
+    /// Tables compared.
+    pub tables: usize,
+    /// Tables that differ.
+    pub tables_failed: usize,
+    /// The first of them (at most ten).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub failed_tables: Vec<String>,
+    /// Schema differences found (0 when the schema matched or was not compared).
+    pub schema_differences: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Key of the whole record in the store.
+    pub record: String,
+}
+
+impl Verification {
+    /// The record's summary.
+    pub fn summary(&self) -> VerificationSummary {
+        let failed: Vec<&TableVerification> = self.tables.iter().filter(|t| !t.ok).collect();
+        VerificationSummary {
+            backup_id: self.backup_id.clone(),
+            ok: self.ok,
+            verified_at: self.verified_at,
+            restore_seconds: self.restore_seconds,
+            seconds: self.seconds,
+            bytes: self.bytes,
+            rows: self.rows,
+            tables: self.tables.len(),
+            tables_failed: failed.len(),
+            failed_tables: failed
+                .iter()
+                .take(SUMMARY_FAILED_TABLES)
+                .map(|t| t.name.to_string())
+                .collect(),
+            schema_differences: self.schema.as_ref().map_or(0, |s| s.differences.len()),
+            error: self.error.as_ref().map(|e| {
+                let mut cut: String = e.chars().take(1000).collect();
+                if cut.len() < e.len() {
+                    cut.push_str(" [...]");
+                }
+                cut
+            }),
+            record: verification_key(&self.backup_id),
+        }
+    }
+}
+
 /// How to verify.
 #[derive(Debug, Clone)]
 pub struct VerifyOptions {
@@ -583,4 +645,48 @@ pub async fn read_verification(
             .await?
             .map(|(v, _)| v),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_summary_stays_small_whatever_the_table_count() {
+        let table = |i: usize, ok: bool| TableVerification {
+            name: TableName::new("public", format!("table_with_a_long_name_{i:05}")),
+            ok,
+            expected: Fingerprint { rows: 10, sum: 1 },
+            actual: Some(Fingerprint {
+                rows: 10,
+                sum: if ok { 1 } else { 2 },
+            }),
+            of: FingerprintOf::default(),
+        };
+        let record = Verification {
+            version: 2,
+            backup_id: "20261122T060000Z-3f9a1c".into(),
+            ok: false,
+            verified_at: Utc::now(),
+            restore_seconds: 1.0,
+            seconds: 2.0,
+            bytes: 3,
+            rows: 4,
+            tables: (0..5000).map(|i| table(i, i % 3 != 0)).collect(),
+            schema: None,
+            error: Some("x".repeat(100_000)),
+        };
+        let whole = serde_json::to_vec(&record).map(|v| v.len()).unwrap_or(0);
+        let summary = serde_json::to_vec(&record.summary())
+            .map(|v| v.len())
+            .unwrap_or(usize::MAX);
+        assert!(whole > 256 * 1024, "the record itself is big: {whole}");
+        assert!(summary < 4096, "summary of 5,000 tables: {summary} bytes");
+        let s = record.summary();
+        assert_eq!(
+            (s.tables, s.tables_failed, s.failed_tables.len()),
+            (5000, 1667, 10)
+        );
+        assert_eq!(s.record, "verifications/20261122T060000Z-3f9a1c.json");
+    }
 }

@@ -68,7 +68,7 @@ impl Deps {
             store: tidemark_lambda::store_from_env().await?,
             server,
             options,
-            margin: tidemark_lambda::slice_margin(),
+            margin: tidemark_lambda::slice_margin(&|n| std::env::var(n).ok())?,
         })
     }
 }
@@ -98,8 +98,10 @@ pub async fn handle(event: LambdaEvent<Value>, deps: &Deps) -> Result<Value, Fun
         }
         set.emit();
     }
+    // A summary: the record's per-table list grows with the database, past Step
+    // Functions' cap; the whole record is in the store.
     let mut out = match &slice.record {
-        Some(record) => serde_json::to_value(record),
+        Some(record) => serde_json::to_value(record.summary()),
         None => serde_json::to_value(&slice),
     }
     .map_err(|e| FunctionError::fatal(e.to_string()))?;

@@ -108,7 +108,13 @@ async fn a_short_deadline_verifies_in_slices() {
     };
     assert_eq!(slices, 3, "one table per slice");
     assert_eq!(out["ok"], true, "{out}");
-    assert_eq!(out["tables"].as_array().map(Vec::len), Some(3));
+    assert_eq!(out["tables"], 3, "{out}");
+    assert_eq!(out["tables_failed"], 0, "{out}");
+    assert_eq!(
+        out["record"],
+        format!("verifications/{}.json", sealed.backup_id),
+        "{out}"
+    );
     assert!(
         store.list("runs/").await.expect("list").is_empty(),
         "the slice state is gone once the verification is recorded"
