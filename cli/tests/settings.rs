@@ -137,6 +137,7 @@ const READERS: &[Reader] = &[
     |env| prune_grace_from_env(env).map(|g| format!("{g:?}")),
     |env| tidemark_lambda::database_source(env).map(|d| format!("{d:?}")),
     |env| tidemark_lambda::store_retry(env).map(|r| format!("{r:?}")),
+    |env| tidemark_lambda::slice_margin(env).map(|m| format!("{m:?}")),
     // No store at all is an error too, but not a bad value.
     |env| match tidemark_lambda::store_url(env) {
         Ok(url) => Ok(format!("{url:?}")),
