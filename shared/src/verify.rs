@@ -323,8 +323,19 @@ pub async fn verify_slice(
         None => false,
     };
     let mut state = match previous {
-        Some(state) if resumable => state,
-        _ => {
+        Some(state) if resumable && state.resume.schema_applied => state,
+        previous => {
+            // A slice killed before it recorded the schema as applied left a scratch
+            // database in an unknown state: drop it and start again.
+            if let Some(stale) = previous.filter(|_| resumable) {
+                admin
+                    .batch_execute(&format!(
+                        "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                        quote_ident(&stale.scratch)
+                    ))
+                    .await
+                    .map_err(|e| DbError::query("dropping a stale scratch database", server, e))?;
+            }
             sweep_stale(&admin, server, opts.stale_after).await?;
             let scratch = format!(
                 "{SCRATCH_PREFIX}{}_{}",
@@ -347,7 +358,7 @@ pub async fn verify_slice(
                 scratch,
                 "verification restore started"
             );
-            VerifyState {
+            let state = VerifyState {
                 version: FORMAT_VERSION,
                 backup_id: manifest.id.clone(),
                 scratch,
@@ -355,7 +366,11 @@ pub async fn verify_slice(
                 restored: false,
                 restore_seconds: 0.0,
                 rows: 0,
-            }
+            };
+            // Recorded at once, so a slice killed from here on leaves a scratch database
+            // the next slice finds (and reuses or drops), never an orphan.
+            write_doc(store.as_ref(), &key, &state, WriteCondition::Always).await?;
+            state
         }
     };
     let scratch = server.with_dbname(&state.scratch);
