@@ -44,7 +44,7 @@ fn free_port() -> u16 {
 }
 
 /// Where cargo put this test's executable's sibling binaries (`target/debug`).
-fn binary_dir() -> PathBuf {
+pub fn binary_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable");
     exe.parent()
         .and_then(Path::parent)
@@ -81,7 +81,7 @@ fn newest_source(dir: &Path) -> std::time::SystemTime {
 }
 
 /// Fails the test if a function binary is missing or older than its sources.
-fn check_binaries(workspace: &Path, bin: &Path) {
+pub fn check_binaries(workspace: &Path, bin: &Path) {
     let sources = ["shared/src", "functions"]
         .iter()
         .map(|d| newest_source(&workspace.join(d)))

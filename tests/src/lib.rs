@@ -628,6 +628,7 @@ pub mod asl;
 pub mod faults;
 pub mod lambdas;
 pub mod private;
+pub mod runtime;
 
 pub mod fixtures {
     use std::sync::Arc;

