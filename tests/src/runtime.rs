@@ -301,6 +301,15 @@ impl RuntimeEmulator {
     pub fn log(&self, file: &str) -> String {
         std::fs::read_to_string(self.logs.path().join(file)).unwrap_or_default()
     }
+
+    /// The Embedded Metric Format documents a function printed on stdout.
+    pub fn metrics(&self, function: &str) -> Vec<Value> {
+        self.log(&format!("{function}.out"))
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v.get("_aws").is_some())
+            .collect()
+    }
 }
 
 impl Invoker for RuntimeEmulator {

@@ -1,7 +1,8 @@
 //! End to end: `statemachine/backup.asl.json` walked state by state, each Task invoking
-//! the real function binary over HTTP under `cargo lambda watch` (the Lambda runtime API
-//! emulator), against the test PostgreSQL and the test S3 server. The definition, the
-//! payloads between the steps and the binaries are tested together.
+//! the real function binary through the test harness's Lambda runtime API emulator (real
+//! deadlines from each function's timeout, a kill when one passes), against the test
+//! PostgreSQL and the test S3 server. The definition, the payloads between the steps and
+//! the binaries are tested together.
 
 use std::sync::Arc;
 
@@ -12,7 +13,7 @@ use tidemark_core::format::{read_doc, write_doc, FORMAT_VERSION, LAST_FAILURE_KE
 use tidemark_core::store::{S3Store, S3StoreOptions, WriteCondition, WriteStore};
 use tidemark_tests::asl::{self, Outcome, Walk};
 use tidemark_tests::fixtures::{chain_fixture, CHAIN_TABLES};
-use tidemark_tests::lambdas::Emulator;
+use tidemark_tests::runtime::RuntimeEmulator as Emulator;
 use tidemark_tests::{
     assert_same, aws_config, create_bucket, create_secret, exec, restore_fresh, sample_events,
     TestCluster,
@@ -116,7 +117,18 @@ async fn the_state_machine_backs_up_verifies_and_prunes_through_the_function_bin
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
     .collect();
-    let emulator = Emulator::start(&env).await;
+    // The deployed timeout (template.yaml and terraform: 900 s).
+    let deployed = std::time::Duration::from_secs(900);
+    let emulator = Emulator::start(
+        &[
+            ("tidemark-export", deployed),
+            ("tidemark-manifest", deployed),
+            ("tidemark-verify", deployed),
+            ("tidemark-prune", deployed),
+        ],
+        &env,
+    )
+    .await;
     let definition = definition();
     let store: Arc<dyn WriteStore> = Arc::new(S3Store::new(
         &aws_config().await,
@@ -383,7 +395,6 @@ fn the_step_functions_samples_are_what_the_definition_passes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn slices_under_real_deadlines_with_one_killed_in_each_loop_still_verify() {
     use std::time::Duration;
-    use tidemark_tests::runtime::RuntimeEmulator;
 
     let cluster = TestCluster::from_env();
     let db = cluster.create_database().await;
@@ -428,7 +439,7 @@ async fn slices_under_real_deadlines_with_one_killed_in_each_loop_still_verify()
     .map(|(k, v)| (k.to_owned(), v))
     .collect();
     let timeout = Duration::from_secs(10);
-    let emulator = RuntimeEmulator::start(
+    let emulator = Emulator::start(
         &[
             ("tidemark-export", timeout),
             ("tidemark-manifest", Duration::from_secs(60)),
