@@ -120,3 +120,53 @@ async fn a_short_deadline_verifies_in_slices() {
         "the slice state is gone once the verification is recorded"
     );
 }
+
+/// A table bigger than one slice: verify lands it chunk by chunk across slices (each
+/// chunk with its progress record, in one transaction), and finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_bigger_than_a_slice_finishes_across_slices() {
+    let cluster = TestCluster::from_env();
+    let db = cluster.create_database().await;
+    tidemark_tests::exec(
+        &db.settings(),
+        "CREATE TABLE big (id bigint PRIMARY KEY, note text);
+         INSERT INTO big SELECT g, md5(g::text) FROM generate_series(1, 60000) g;",
+    )
+    .await;
+    let store: Arc<dyn WriteStore> = Arc::new(s3_store(S3StoreOptions::default()).await);
+    let (sealed, _) = backup(
+        &store,
+        &db,
+        &ExportOptions {
+            chunk_rows: 5000,
+            ..ExportOptions::default()
+        },
+    )
+    .await;
+    let deps = Deps {
+        store: store.clone(),
+        server: cluster.settings("postgres"),
+        options: VerifyOptions {
+            workers: 1,
+            ..VerifyOptions::default()
+        },
+        margin: std::time::Duration::from_secs(60),
+    };
+    // Past the deadline at once: each slice lands one chunk of the one table.
+    let mut slices = 0;
+    let out = loop {
+        slices += 1;
+        assert!(slices < 30, "verification never finished");
+        let event = json!({"backup_id": sealed.backup_id});
+        let out = handle(LambdaEvent::new(event, lambda_context(60)), &deps)
+            .await
+            .expect("slice");
+        if out["done"] == true {
+            break out;
+        }
+        assert_eq!(out["tables_done"], 0, "{out}");
+    };
+    assert!(slices >= 12, "one chunk per slice: {slices} slices");
+    assert_eq!(out["ok"], true, "{out}");
+    assert_eq!(out["rows"], 60000, "{out}");
+}

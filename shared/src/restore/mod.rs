@@ -31,7 +31,7 @@ use serde::Serialize;
 use tokio_postgres::Client;
 
 use self::data_only::Method;
-use self::load::{load_error, load_into, Landing};
+use self::load::{load_error, load_into, needs_merge, Landing};
 use crate::catalog::parse_table_name;
 use crate::db::{self, DbError, DbSettings};
 use crate::format::manifest::{Manifest, TableEntry};
@@ -193,11 +193,13 @@ pub enum RestoreError {
         detail: String,
         retryable: bool,
     },
-    #[error("{cause}; the restore stopped with {loaded} of {tables} tables loaded, each in one transaction (the failed table was rolled back, none is half-loaded) and without the post-data schema (indexes, constraints, triggers): drop the target database and restore again")]
+    #[error("{cause}; the restore stopped with {loaded} of {tables} tables loaded and without the post-data schema (indexes, constraints, triggers): {state}")]
     Incomplete {
         cause: Box<RestoreError>,
         loaded: usize,
         tables: usize,
+        /// What the target holds.
+        state: &'static str,
     },
     #[error(transparent)]
     Apply(#[from] ApplyError),
@@ -437,12 +439,28 @@ pub async fn restore(
     let pending: Vec<usize> = (0..tables.len())
         .filter(|&t| !resume.loaded.contains(&tables[t].name))
         .collect();
-    if opts.resume.is_some() && !opts.data_only && !pending.is_empty() {
-        // A slice that died mid-table left at most a rolled-back transaction; empty the
-        // tables still to load anyway, so a load never lands twice.
-        let names: Vec<String> = pending.iter().map(|&t| tables[t].name.quoted()).collect();
+    let by_chunk = !opts.data_only && pending.iter().any(|&t| lands_by_chunk(&tables[t], opts));
+    if by_chunk {
         admin
-            .batch_execute(&format!("TRUNCATE {}", names.join(", ")))
+            .batch_execute(&format!(
+                "CREATE SCHEMA IF NOT EXISTS {PROGRESS_SCHEMA}; \
+                 CREATE TABLE IF NOT EXISTS {PROGRESS_SCHEMA}.chunks \
+                 (tbl text NOT NULL, chunk text NOT NULL, PRIMARY KEY (tbl, chunk))"
+            ))
+            .await
+            .map_err(|e| DbError::query("creating the chunk progress table", target, e))?;
+    }
+    let whole: Vec<String> = pending
+        .iter()
+        .filter(|&&t| !lands_by_chunk(&tables[t], opts))
+        .map(|&t| tables[t].name.quoted())
+        .collect();
+    if opts.resume.is_some() && !opts.data_only && !whole.is_empty() {
+        // A slice that died mid-table left at most a rolled-back transaction; empty the
+        // tables still to load anyway, so a load never lands twice. (Tables landed chunk
+        // by chunk hold exactly the chunks their progress records: they resume.)
+        admin
+            .batch_execute(&format!("TRUNCATE {}", whole.join(", ")))
             .await
             .map_err(|e| DbError::query("emptying half-loaded tables", target, e))?;
     }
@@ -477,6 +495,11 @@ pub async fn restore(
                 cause: Box::new(cause),
                 loaded: resume.loaded.len() + completed.len(),
                 tables: tables.len(),
+                state: if by_chunk {
+                    "a time-boxed restore lands big tables chunk by chunk, and a table still loading holds exactly the chunks recorded in tidemark_restore_progress.chunks; the next slice resumes it"
+                } else {
+                    "each table loads in one transaction, so the failed one was rolled back and none is half-loaded; drop the target database and restore again"
+                },
             });
         }
         completed
@@ -484,6 +507,12 @@ pub async fn restore(
     let loaded = resume.loaded.len() + completed.len();
     let mut done = loaded == tables.len();
 
+    if done && by_chunk_any(&admin).await {
+        admin
+            .batch_execute(&format!("DROP SCHEMA IF EXISTS {PROGRESS_SCHEMA} CASCADE"))
+            .await
+            .map_err(|e| DbError::query("dropping the chunk progress table", target, e))?;
+    }
     if done {
         set_sequences(&admin, target, manifest, &tables, opts.data_only).await?;
         // Once the keys' indexes exist (post-data), or now if they already do.
@@ -598,6 +627,78 @@ fn sequence_owners(manifest: &Manifest) -> HashMap<TableName, TableName> {
         .collect()
 }
 
+/// Schema of the table where a time-boxed restore records the chunks it has landed.
+const PROGRESS_SCHEMA: &str = "tidemark_restore_progress";
+
+/// Whether `entry` lands chunk by chunk, each chunk in its own transaction with its
+/// progress record: in a time-boxed restore (verify's slices), a plain table of several
+/// chunks, so a table bigger than one slice finishes across slices and a slice killed
+/// anywhere resumes inside it exactly. Everything else lands whole in one transaction.
+fn lands_by_chunk(entry: &TableEntry, opts: &RestoreOptions) -> bool {
+    opts.deadline.is_some() && !opts.data_only && !needs_merge(entry) && entry.chunks.len() > 1
+}
+
+/// Whether the chunk progress table exists in the target.
+async fn by_chunk_any(client: &Client) -> bool {
+    client
+        .query_one(
+            "SELECT to_regnamespace($1) IS NOT NULL",
+            &[&PROGRESS_SCHEMA],
+        )
+        .await
+        .and_then(|r| r.try_get::<_, bool>(0))
+        .unwrap_or(false)
+}
+
+/// Loads the chunks of `entry` that its progress records do not hold, each chunk in its
+/// own transaction with its record; stops between chunks at `deadline` once `worked`.
+/// Returns the rows landed and whether every chunk is in.
+async fn load_by_chunk(
+    store: &dyn ReadStore,
+    client: &Client,
+    entry: &TableEntry,
+    deadline: Option<Instant>,
+    worked: &mut bool,
+    meter: &RestoreMeter,
+) -> Result<(u64, bool), RestoreError> {
+    let name = entry.name.to_string();
+    let landed: HashSet<String> = client
+        .query(
+            &format!("SELECT chunk FROM {PROGRESS_SCHEMA}.chunks WHERE tbl = $1"),
+            &[&name],
+        )
+        .await
+        .map_err(|e| load_error(&entry.name, "reading the chunk progress", &e))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let copy = format!(
+        "COPY {} ({}) FROM STDIN",
+        entry.name.quoted(),
+        load::column_list(&entry.columns)
+    );
+    let mut rows = 0;
+    for chunk in entry.chunks.iter().filter(|c| !landed.contains(&c.key)) {
+        if *worked && deadline.is_some_and(|d| Instant::now() >= d) {
+            return Ok((rows, false));
+        }
+        rows += in_transaction(client, &entry.name, || async {
+            let n = load::copy_chunk(store, client, &entry.name, &copy, chunk, meter).await?;
+            client
+                .execute(
+                    &format!("INSERT INTO {PROGRESS_SCHEMA}.chunks VALUES ($1, $2)"),
+                    &[&name, &chunk.key],
+                )
+                .await
+                .map_err(|e| load_error(&entry.name, "recording the chunk", &e))?;
+            Ok(n)
+        })
+        .await?;
+        *worked = true;
+    }
+    Ok((rows, true))
+}
+
 /// Loads the `pending` tables of a schema restore, in parallel, each in one transaction
 /// (a failure rolls its table back: no table is ever left half-loaded); adds each table
 /// loaded to `completed`.
@@ -614,32 +715,58 @@ async fn load_tables(
     let mut jobs: Vec<usize> = pending.to_vec();
     jobs.sort_by_key(|&t| std::cmp::Reverse(tables[t].chunks.iter().map(|c| c.bytes).sum::<u64>()));
     let jobs: std::collections::VecDeque<usize> = jobs.into();
+    let by_chunk: Arc<Vec<bool>> =
+        Arc::new(tables.iter().map(|e| lands_by_chunk(e, opts)).collect());
     let tables: Arc<Vec<TableEntry>> = Arc::new(tables.to_vec());
     let worker_count = opts.workers.max(1).min(jobs.len().max(1));
     let queue = Arc::new(std::sync::Mutex::new(jobs));
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..worker_count {
-        let (queue, store, target, meter, tables, completed) = (
+        let (queue, store, target, meter, tables, completed, by_chunk) = (
             queue.clone(),
             store.clone(),
             target.clone(),
             meter.clone(),
             tables.clone(),
             completed.clone(),
+            by_chunk.clone(),
         );
         let deadline = opts.deadline;
         workers.spawn(async move {
             let client = db::connect(&target).await?;
-            // Every connection finishes at least one table, so each slice makes progress.
-            let mut worked = false;
+            // Every connection lands at least one table (or chunk of a table landed chunk
+            // by chunk), so each slice makes progress.
+            let mut worked_chunk = false;
             loop {
-                if worked && deadline.is_some_and(|d| Instant::now() >= d) {
+                if worked_chunk && deadline.is_some_and(|d| Instant::now() >= d) {
                     break;
                 }
-                worked = true;
                 let next = queue.lock().ok().and_then(|mut q| q.pop_front());
                 let Some(t) = next else { break };
                 let entry = &tables[t];
+                if by_chunk[t] {
+                    let mut chunk_worked = worked_chunk;
+                    let (rows, complete) = load_by_chunk(
+                        store.as_ref(),
+                        &client,
+                        entry,
+                        deadline,
+                        &mut chunk_worked,
+                        &meter,
+                    )
+                    .await?;
+                    worked_chunk = chunk_worked;
+                    meter.rows.fetch_add(rows, Ordering::Relaxed);
+                    if !complete {
+                        break;
+                    }
+                    if let Ok(mut done) = completed.lock() {
+                        done.push(entry.name.clone());
+                    }
+                    meter.tables_done.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                worked_chunk = true;
                 let rows = in_transaction(&client, &entry.name, || async {
                     load_into(
                         store.as_ref(),
