@@ -87,8 +87,9 @@ pub struct ExportOptions {
     /// Who holds the lease (host:pid, Lambda request id).
     pub holder: String,
     pub lease_ttl: Duration,
-    /// Least time between two progress writes. The default, 0, records every range as it
-    /// finishes, so a killed slice loses only the ranges it had in flight.
+    /// Least time between two progress writes. The default, 0, records a range as it
+    /// finishes whenever writing the progress costs little next to the work it saves (see
+    /// `flush_if_due`), so a killed slice loses only the ranges it had in flight.
     pub progress_interval: Duration,
     /// Live counters for a progress display.
     pub meter: Option<Arc<ExportMeter>>,
@@ -354,6 +355,7 @@ pub async fn export_slice(
                 doc: progress,
                 etag,
                 last_write: Instant::now(),
+                write_cost: Duration::ZERO,
             }),
             heartbeat: lease::Heartbeat::start(store.clone(), held, opts.lease_ttl),
             queue: std::sync::Mutex::new(VecDeque::new()),
@@ -1391,6 +1393,8 @@ struct ProgressState {
     doc: RunProgress,
     etag: ETag,
     last_write: Instant,
+    /// How long the last progress write took.
+    write_cost: Duration,
 }
 
 /// One unit of work of a slice.
@@ -1591,9 +1595,7 @@ impl Shared {
             table.gaps_to_probe.clear();
         }
         let complete = !table.done && table.gaps_probed && table.lanes.iter().all(|l| l.done);
-        if state.last_write.elapsed() >= self.opts.progress_interval {
-            self.flush(&mut state).await?;
-        }
+        self.flush_if_due(&mut state).await?;
         Ok(complete)
     }
 
@@ -1621,7 +1623,20 @@ impl Shared {
             table.consistent_in_slice = Some(self.slice);
             table.pass_base = None;
         }
-        self.flush(&mut state).await
+        self.flush_if_due(&mut state).await
+    }
+
+    /// Writes the progress when due: at once after work that took longer than a few
+    /// progress writes (a range of real size is recorded as it finishes, so a kill loses
+    /// only what was in flight), but never spending more than a fifth of the time writing
+    /// it (a run of thousands of small tables would otherwise rewrite a document that
+    /// lists them all after each one: quadratic).
+    async fn flush_if_due(&self, state: &mut ProgressState) -> Result<(), RunError> {
+        let since = state.last_write.elapsed();
+        if since >= self.opts.progress_interval && since >= state.write_cost * 4 {
+            self.flush(state).await?;
+        }
+        Ok(())
     }
 
     async fn warn(&self, message: String) {
@@ -1631,6 +1646,7 @@ impl Shared {
 
     async fn flush(&self, state: &mut ProgressState) -> Result<(), RunError> {
         self.heartbeat.check()?;
+        let started = Instant::now();
         state.doc.store_requests = self.base_requests + self.counting.count() + 1;
         state.etag = write_progress(
             self.store.as_ref(),
@@ -1639,6 +1655,7 @@ impl Shared {
         )
         .await?;
         state.last_write = Instant::now();
+        state.write_cost = started.elapsed();
         Ok(())
     }
 }
