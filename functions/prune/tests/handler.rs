@@ -39,6 +39,18 @@ async fn samples_plan_and_prune() {
         env: keep_last_one,
     };
     let before = store.list("").await.expect("list").len();
+    // A payload prune does not take is refused before anything is read or deleted.
+    for hostile in [json!({"run_id": 5}), json!({"backup_id": "x", "ok": true})] {
+        let err = handle(
+            LambdaEvent::new(hostile.clone(), lambda_context(900)),
+            &deps,
+        )
+        .await
+        .expect_err("refused");
+        assert_eq!(err.error_type, tidemark_lambda::BAD_INPUT, "{hostile}");
+        assert!(err.message.contains("unknown field"), "{}", err.message);
+    }
+    assert_eq!(store.list("").await.expect("list").len(), before);
     // The console sample is a dry run.
     let (_, console) = sample_events("prune.console").remove(0);
     let out = handle(LambdaEvent::new(console, lambda_context(900)), &deps)

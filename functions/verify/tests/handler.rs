@@ -61,6 +61,25 @@ async fn samples_verify_the_newest_or_the_named_backup() {
         assert_eq!(out["ok"], true);
     }
 
+    // A payload verify does not take neither verifies nor overwrites the record.
+    let record_key = format!("verifications/{}.json", sealed.backup_id);
+    let before = deps.store.head(&record_key).await.expect("head");
+    let err = handle(
+        LambdaEvent::new(
+            json!({"backup_id": sealed.backup_id, "mode": "weird"}),
+            lambda_context(900),
+        ),
+        &deps,
+    )
+    .await
+    .expect_err("refused");
+    assert_eq!(err.error_type, tidemark_lambda::BAD_INPUT);
+    assert!(
+        err.message.contains("unknown field `mode`"),
+        "{}",
+        err.message
+    );
+    assert_eq!(deps.store.head(&record_key).await.expect("head"), before);
     let err = handle(
         LambdaEvent::new(
             json!({"backup_id": "20990101T000000Z-ffffff"}),
