@@ -328,6 +328,25 @@ async fn the_state_machine_backs_up_verifies_and_prunes_through_the_function_bin
             .contains(&cluster.password),
         "no password in the function logs"
     );
+    // Every log line is one JSON object with one `message` key (CloudWatch keeps only one
+    // of duplicate keys), the failed invocations' lines included.
+    let mut failures_logged = 0;
+    for function in tidemark_tests::lambdas::FUNCTIONS {
+        for line in emulator.log(&format!("{function}.err")).lines() {
+            let parsed: Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("{function}: not a JSON line ({e}): {line}"));
+            assert_eq!(
+                line.matches("\"message\":").count(),
+                1,
+                "{function}: {line}"
+            );
+            if parsed["message"] == "invocation failed" {
+                failures_logged += 1;
+                assert!(parsed["error"].is_string(), "{line}");
+            }
+        }
+    }
+    assert!(failures_logged > 0, "the failed invocations were logged");
 }
 
 /// The `*.step-functions.json` samples are exactly what the definition's `Parameters`
