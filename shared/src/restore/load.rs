@@ -344,3 +344,165 @@ pub(super) async fn load_into(
         .map_err(|e| load_error(&entry.name, "landing the rows", &e))?;
     Ok(landed)
 }
+
+/// Progress of a chain merged chunk by chunk ([`merge_by_chunk`]): persistent tables in
+/// `schema` hold the keys seen so far and the live key set, and `done` the chunks (key
+/// chunks and data chunks) already merged.
+pub(super) struct MergeProgress<'a> {
+    pub schema: &'a str,
+    /// A short name unique to the table within `schema` (`t<hash>`).
+    pub tag: String,
+    pub done: &'a std::collections::HashSet<String>,
+}
+
+/// Merges a `changes` chain chunk by chunk, each step in its own transaction that also
+/// records it in `record` (an `INSERT` of the chunk's key into the progress table), so a
+/// time-boxed restore resumes exactly where a killed slice stopped: the live key set first
+/// (one key chunk per step), then the chunks newest first (each lands only rows whose key
+/// no newer chunk had and, with a key set, whose key is live). Stops between steps at
+/// `deadline` once `worked`. Returns the rows landed and whether the table is complete.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn merge_by_chunk(
+    store: &dyn ReadStore,
+    client: &Client,
+    entry: &TableEntry,
+    progress: &MergeProgress<'_>,
+    record: &str,
+    deadline: Option<std::time::Instant>,
+    worked: &mut bool,
+    meter: &RestoreMeter,
+) -> Result<(u64, bool), RestoreError> {
+    let name = entry.name.quoted();
+    let table = entry.name.to_string();
+    let fail = |what: &'static str| {
+        let t = entry.name.clone();
+        move |e: tokio_postgres::Error| load_error(&t, what, &e)
+    };
+    let cols = column_list(&entry.columns);
+    let keys = column_list(&entry.key);
+    let seen = format!("{}.seen_{}", progress.schema, progress.tag);
+    let live = format!("{}.live_{}", progress.schema, progress.tag);
+    let on = |a: &str, b: &str| {
+        entry
+            .key
+            .iter()
+            .map(|k| format!("{a}.{k} = {b}.{k}", k = quote_ident(k)))
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    };
+    // The merge tables, once per table (idempotent on resume).
+    let mut setup = format!(
+        "CREATE TABLE IF NOT EXISTS {seen} AS SELECT {keys} FROM {name} WITH NO DATA; \
+         CREATE INDEX IF NOT EXISTS seen_{tag}_key ON {seen} ({keys});",
+        tag = progress.tag
+    );
+    if entry.has_key_set() {
+        setup.push_str(&format!(
+            "CREATE TABLE IF NOT EXISTS {live} AS SELECT {keys} FROM {name} WITH NO DATA; \
+             CREATE INDEX IF NOT EXISTS live_{tag}_key ON {live} ({keys});",
+            tag = progress.tag
+        ));
+    }
+    client
+        .batch_execute(&setup)
+        .await
+        .map_err(fail("creating the merge tables"))?;
+    let mut rows = 0;
+    let steps = entry
+        .key_chunks
+        .iter()
+        .map(|c| (c, true))
+        .chain(entry.chunks.iter().rev().map(|c| (c, false)));
+    for (chunk, is_key) in steps {
+        if progress.done.contains(&chunk.key) {
+            continue;
+        }
+        if *worked && deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+            return Ok((rows, false));
+        }
+        client
+            .batch_execute("BEGIN")
+            .await
+            .map_err(fail("starting a merge step"))?;
+        let step = async {
+            if is_key {
+                copy_chunk(
+                    store,
+                    client,
+                    &entry.name,
+                    &format!("COPY {live} ({keys}) FROM STDIN"),
+                    chunk,
+                    meter,
+                )
+                .await?;
+                client
+                    .batch_execute(&format!("ANALYZE {live}"))
+                    .await
+                    .map_err(fail("analysing the key set"))?;
+                return Ok(0);
+            }
+            client
+                .batch_execute(&format!(
+                    "CREATE TEMP TABLE tidemark_chunk ON COMMIT DROP AS SELECT {cols} FROM {name} WITH NO DATA"
+                ))
+                .await
+                .map_err(fail("creating the chunk table"))?;
+            copy_chunk(
+                store,
+                client,
+                &entry.name,
+                &format!("COPY tidemark_chunk ({cols}) FROM STDIN"),
+                chunk,
+                meter,
+            )
+            .await?;
+            client
+                .batch_execute("ANALYZE tidemark_chunk")
+                .await
+                .map_err(fail("analysing a chunk"))?;
+            let live_filter = if entry.has_key_set() {
+                format!(" AND EXISTS (SELECT 1 FROM {live} l WHERE {})", on("l", "c"))
+            } else {
+                String::new()
+            };
+            let landed = client
+                .execute(
+                    &format!(
+                        "INSERT INTO {name} ({cols}) OVERRIDING SYSTEM VALUE SELECT {cols} FROM tidemark_chunk c \
+                         WHERE NOT EXISTS (SELECT 1 FROM {seen} s WHERE {}){live_filter}",
+                        on("s", "c")
+                    ),
+                    &[],
+                )
+                .await
+                .map_err(|e| load_error(&entry.name, "merging a chunk", &e))?;
+            client
+                .batch_execute(&format!(
+                    "INSERT INTO {seen} SELECT {keys} FROM tidemark_chunk; ANALYZE {seen}"
+                ))
+                .await
+                .map_err(fail("merging a chunk"))?;
+            Ok::<u64, RestoreError>(landed)
+        }
+        .await;
+        let landed = match step {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = client.batch_execute("ROLLBACK").await;
+                return Err(e);
+            }
+        };
+        let recorded = client.execute(record, &[&table, &chunk.key]).await;
+        if let Err(e) = recorded {
+            let _ = client.batch_execute("ROLLBACK").await;
+            return Err(load_error(&entry.name, "recording the chunk", &e));
+        }
+        client
+            .batch_execute("COMMIT")
+            .await
+            .map_err(fail("committing a merge step"))?;
+        rows += landed;
+        *worked = true;
+    }
+    Ok((rows, true))
+}

@@ -632,10 +632,11 @@ const PROGRESS_SCHEMA: &str = "tidemark_restore_progress";
 
 /// Whether `entry` lands chunk by chunk, each chunk in its own transaction with its
 /// progress record: in a time-boxed restore (verify's slices), a plain table of several
-/// chunks, so a table bigger than one slice finishes across slices and a slice killed
-/// anywhere resumes inside it exactly. Everything else lands whole in one transaction.
+/// chunks or a `changes` chain to merge, so a table bigger than one slice finishes across
+/// slices and a slice killed anywhere resumes inside it exactly. Everything else lands
+/// whole in one transaction.
 fn lands_by_chunk(entry: &TableEntry, opts: &RestoreOptions) -> bool {
-    opts.deadline.is_some() && !opts.data_only && !needs_merge(entry) && entry.chunks.len() > 1
+    opts.deadline.is_some() && !opts.data_only && (needs_merge(entry) || entry.chunks.len() > 1)
 }
 
 /// Whether the chunk progress table exists in the target.
@@ -677,6 +678,24 @@ async fn load_by_chunk(
         entry.name.quoted(),
         load::column_list(&entry.columns)
     );
+    if needs_merge(entry) {
+        let tag = format!("t{}", &crate::store::sha256_hex(name.as_bytes())[..16]);
+        return load::merge_by_chunk(
+            store,
+            client,
+            entry,
+            &load::MergeProgress {
+                schema: PROGRESS_SCHEMA,
+                tag,
+                done: &landed,
+            },
+            &format!("INSERT INTO {PROGRESS_SCHEMA}.chunks VALUES ($1, $2)"),
+            deadline,
+            worked,
+            meter,
+        )
+        .await;
+    }
     let mut rows = 0;
     for chunk in entry.chunks.iter().filter(|c| !landed.contains(&c.key)) {
         if *worked && deadline.is_some_and(|d| Instant::now() >= d) {
