@@ -247,14 +247,6 @@ pub(super) async fn load_into(
     };
     if merge {
         let keys = column_list(&entry.key);
-        let on = |a: &str, b: &str| {
-            entry
-                .key
-                .iter()
-                .map(|k| format!("{a}.{k} = {b}.{k}", k = quote_ident(k)))
-                .collect::<Vec<_>>()
-                .join(" AND ")
-        };
         client
             .batch_execute(&format!(
                 "{}; CREATE INDEX ON tidemark_seen ({keys}); {}",
@@ -263,67 +255,26 @@ pub(super) async fn load_into(
             ))
             .await
             .map_err(q("creating the merge tables"))?;
-        let mut live = String::new();
-        if entry.has_key_set() {
+        let tables = MergeTables {
+            seen: "tidemark_seen".to_owned(),
+            live: entry.has_key_set().then(|| "tidemark_live".to_owned()),
+        };
+        if let Some(live) = &tables.live {
             client
                 .batch_execute(&format!(
-                    "{}; CREATE INDEX ON tidemark_live ({keys})",
-                    shaped("tidemark_live", &keys)
+                    "{}; CREATE INDEX ON {live} ({keys})",
+                    shaped(live, &keys)
                 ))
                 .await
                 .map_err(q("creating the key set table"))?;
             for chunk in &entry.key_chunks {
-                copy_chunk(
-                    store,
-                    client,
-                    &entry.name,
-                    &format!("COPY tidemark_live ({keys}) FROM STDIN"),
-                    chunk,
-                    meter,
-                )
-                .await?;
+                load_key_chunk(store, client, entry, &tables, chunk, meter).await?;
             }
-            client
-                .batch_execute("ANALYZE tidemark_live")
-                .await
-                .map_err(q("analysing the key set"))?;
-            live = format!(
-                " AND EXISTS (SELECT 1 FROM tidemark_live l WHERE {})",
-                on("l", "c")
-            );
+            analyse_key_set(client, entry, &tables).await?;
         }
         let mut landed = 0;
         for chunk in entry.chunks.iter().rev() {
-            copy_chunk(
-                store,
-                client,
-                &entry.name,
-                &copy("tidemark_chunk"),
-                chunk,
-                meter,
-            )
-            .await?;
-            client
-                .batch_execute("ANALYZE tidemark_chunk")
-                .await
-                .map_err(q("analysing a chunk"))?;
-            landed += client
-                .execute(
-                    &format!(
-                        "INSERT INTO {into} ({cols}) OVERRIDING SYSTEM VALUE SELECT {cols} FROM tidemark_chunk c \
-                         WHERE NOT EXISTS (SELECT 1 FROM tidemark_seen s WHERE {}){live}",
-                        on("s", "c")
-                    ),
-                    &[],
-                )
-                .await
-                .map_err(|e| load_error(&entry.name, "merging a chunk", &e))?;
-            client
-                .batch_execute(&format!(
-                    "INSERT INTO tidemark_seen SELECT {keys} FROM tidemark_chunk; TRUNCATE tidemark_chunk"
-                ))
-                .await
-                .map_err(q("merging a chunk"))?;
+            landed += merge_chunk(store, client, entry, &into, &tables, chunk, meter).await?;
         }
         if landing == Landing::Direct {
             return Ok(landed);
@@ -345,164 +296,180 @@ pub(super) async fn load_into(
     Ok(landed)
 }
 
-/// Progress of a chain merged chunk by chunk ([`merge_by_chunk`]): persistent tables in
-/// `schema` hold the keys seen so far and the live key set, and `done` the chunks (key
-/// chunks and data chunks) already merged.
-pub(super) struct MergeProgress<'a> {
-    pub schema: &'a str,
-    /// A short name unique to the table within `schema` (`t<hash>`).
-    pub tag: String,
-    pub done: &'a std::collections::HashSet<String>,
+/// `a.k = b.k AND ...` over the table's key columns.
+fn key_join(entry: &TableEntry, a: &str, b: &str) -> String {
+    entry
+        .key
+        .iter()
+        .map(|k| format!("{a}.{k} = {b}.{k}", k = quote_ident(k)))
+        .collect::<Vec<_>>()
+        .join(" AND ")
 }
 
-/// Merges a `changes` chain chunk by chunk, each step in its own transaction that also
-/// records it in `record` (an `INSERT` of the chunk's key into the progress table), so a
-/// time-boxed restore resumes exactly where a killed slice stopped: the live key set first
-/// (one key chunk per step), then the chunks newest first (each lands only rows whose key
-/// no newer chunk had and, with a key set, whose key is live). Stops between steps at
-/// `deadline` once `worked`. Returns the rows landed and whether the table is complete.
-#[allow(clippy::too_many_arguments)]
-pub(super) async fn merge_by_chunk(
+/// The tables a chain's merge keeps: the keys landed so far, and the live key set (when
+/// the backup has one).
+pub(super) struct MergeTables {
+    pub seen: String,
+    pub live: Option<String>,
+}
+
+/// Adds one chunk of the live key set to `tables.live` (the caller analyses it).
+pub(super) async fn load_key_chunk(
     store: &dyn ReadStore,
     client: &Client,
     entry: &TableEntry,
-    progress: &MergeProgress<'_>,
-    record: &str,
-    deadline: Option<std::time::Instant>,
-    worked: &mut bool,
+    tables: &MergeTables,
+    chunk: &ChunkRef,
     meter: &RestoreMeter,
-) -> Result<(u64, bool), RestoreError> {
-    let name = entry.name.quoted();
-    let table = entry.name.to_string();
-    let fail = |what: &'static str| {
-        let t = entry.name.clone();
-        move |e: tokio_postgres::Error| load_error(&t, what, &e)
+) -> Result<(), RestoreError> {
+    let Some(live) = &tables.live else {
+        return Ok(());
     };
+    let keys = column_list(&entry.key);
+    copy_chunk(
+        store,
+        client,
+        &entry.name,
+        &format!("COPY {live} ({keys}) FROM STDIN"),
+        chunk,
+        meter,
+    )
+    .await
+    .map(|_| ())
+}
+
+/// `ANALYZE` of the live key set, once loaded.
+pub(super) async fn analyse_key_set(
+    client: &Client,
+    entry: &TableEntry,
+    tables: &MergeTables,
+) -> Result<(), RestoreError> {
+    let Some(live) = &tables.live else {
+        return Ok(());
+    };
+    client
+        .batch_execute(&format!("ANALYZE {live}"))
+        .await
+        .map_err(|e| load_error(&entry.name, "analysing the key set", &e))
+}
+
+/// Merges one chunk of a chain (called newest chunk first): copies it into
+/// `tidemark_chunk` (an empty temporary table shaped like the target), lands into `into`
+/// the rows whose key no newer chunk had and, with a key set, whose key is live, adds its
+/// keys to the seen ones and empties `tidemark_chunk` again. Returns the rows landed.
+pub(super) async fn merge_chunk(
+    store: &dyn ReadStore,
+    client: &Client,
+    entry: &TableEntry,
+    into: &str,
+    tables: &MergeTables,
+    chunk: &ChunkRef,
+    meter: &RestoreMeter,
+) -> Result<u64, RestoreError> {
+    let fail =
+        |what: &'static str| move |e: tokio_postgres::Error| load_error(&entry.name, what, &e);
     let cols = column_list(&entry.columns);
     let keys = column_list(&entry.key);
-    let seen = format!("{}.seen_{}", progress.schema, progress.tag);
-    let live = format!("{}.live_{}", progress.schema, progress.tag);
-    let on = |a: &str, b: &str| {
-        entry
-            .key
-            .iter()
-            .map(|k| format!("{a}.{k} = {b}.{k}", k = quote_ident(k)))
-            .collect::<Vec<_>>()
-            .join(" AND ")
+    let seen = &tables.seen;
+    copy_chunk(
+        store,
+        client,
+        &entry.name,
+        &format!("COPY tidemark_chunk ({cols}) FROM STDIN"),
+        chunk,
+        meter,
+    )
+    .await?;
+    client
+        .batch_execute("ANALYZE tidemark_chunk")
+        .await
+        .map_err(fail("analysing a chunk"))?;
+    let live = match &tables.live {
+        Some(live) => format!(
+            " AND EXISTS (SELECT 1 FROM {live} l WHERE {})",
+            key_join(entry, "l", "c")
+        ),
+        None => String::new(),
     };
-    // The merge tables, once per table (idempotent on resume).
-    let mut setup = format!(
-        "CREATE TABLE IF NOT EXISTS {seen} AS SELECT {keys} FROM {name} WITH NO DATA; \
-         CREATE INDEX IF NOT EXISTS seen_{tag}_key ON {seen} ({keys});",
-        tag = progress.tag
-    );
-    if entry.has_key_set() {
+    let landed = client
+        .execute(
+            &format!(
+                "INSERT INTO {into} ({cols}) OVERRIDING SYSTEM VALUE SELECT {cols} FROM tidemark_chunk c \
+                 WHERE NOT EXISTS (SELECT 1 FROM {seen} s WHERE {}){live}",
+                key_join(entry, "s", "c")
+            ),
+            &[],
+        )
+        .await
+        .map_err(fail("merging a chunk"))?;
+    client
+        .batch_execute(&format!(
+            "INSERT INTO {seen} SELECT {keys} FROM tidemark_chunk; TRUNCATE tidemark_chunk"
+        ))
+        .await
+        .map_err(fail("merging a chunk"))?;
+    Ok(landed)
+}
+
+/// The merge tables of a chain merged one step per transaction (a time-boxed restore):
+/// regular tables in `schema`, named by `tag`, created once and kept across slices.
+pub(super) async fn persistent_merge_tables(
+    client: &Client,
+    entry: &TableEntry,
+    schema: &str,
+    tag: &str,
+) -> Result<MergeTables, RestoreError> {
+    let name = entry.name.quoted();
+    let keys = column_list(&entry.key);
+    let tables = MergeTables {
+        seen: format!("{schema}.seen_{tag}"),
+        live: entry.has_key_set().then(|| format!("{schema}.live_{tag}")),
+    };
+    let mut setup = String::new();
+    for (table, kind) in
+        std::iter::once((&tables.seen, "seen")).chain(tables.live.iter().map(|l| (l, "live")))
+    {
         setup.push_str(&format!(
-            "CREATE TABLE IF NOT EXISTS {live} AS SELECT {keys} FROM {name} WITH NO DATA; \
-             CREATE INDEX IF NOT EXISTS live_{tag}_key ON {live} ({keys});",
-            tag = progress.tag
+            "CREATE TABLE IF NOT EXISTS {table} AS SELECT {keys} FROM {name} WITH NO DATA; \
+             CREATE INDEX IF NOT EXISTS {kind}_{tag}_key ON {table} ({keys});"
         ));
     }
     client
         .batch_execute(&setup)
         .await
-        .map_err(fail("creating the merge tables"))?;
-    let mut rows = 0;
-    let steps = entry
-        .key_chunks
-        .iter()
-        .map(|c| (c, true))
-        .chain(entry.chunks.iter().rev().map(|c| (c, false)));
-    for (chunk, is_key) in steps {
-        if progress.done.contains(&chunk.key) {
-            continue;
-        }
-        if *worked && deadline.is_some_and(|d| std::time::Instant::now() >= d) {
-            return Ok((rows, false));
-        }
-        client
-            .batch_execute("BEGIN")
-            .await
-            .map_err(fail("starting a merge step"))?;
-        let step = async {
-            if is_key {
-                copy_chunk(
-                    store,
-                    client,
-                    &entry.name,
-                    &format!("COPY {live} ({keys}) FROM STDIN"),
-                    chunk,
-                    meter,
-                )
-                .await?;
-                client
-                    .batch_execute(&format!("ANALYZE {live}"))
-                    .await
-                    .map_err(fail("analysing the key set"))?;
-                return Ok(0);
-            }
-            client
-                .batch_execute(&format!(
-                    "CREATE TEMP TABLE tidemark_chunk ON COMMIT DROP AS SELECT {cols} FROM {name} WITH NO DATA"
-                ))
-                .await
-                .map_err(fail("creating the chunk table"))?;
-            copy_chunk(
-                store,
-                client,
-                &entry.name,
-                &format!("COPY tidemark_chunk ({cols}) FROM STDIN"),
-                chunk,
-                meter,
-            )
-            .await?;
-            client
-                .batch_execute("ANALYZE tidemark_chunk")
-                .await
-                .map_err(fail("analysing a chunk"))?;
-            let live_filter = if entry.has_key_set() {
-                format!(" AND EXISTS (SELECT 1 FROM {live} l WHERE {})", on("l", "c"))
-            } else {
-                String::new()
-            };
-            let landed = client
-                .execute(
-                    &format!(
-                        "INSERT INTO {name} ({cols}) OVERRIDING SYSTEM VALUE SELECT {cols} FROM tidemark_chunk c \
-                         WHERE NOT EXISTS (SELECT 1 FROM {seen} s WHERE {}){live_filter}",
-                        on("s", "c")
-                    ),
-                    &[],
-                )
-                .await
-                .map_err(|e| load_error(&entry.name, "merging a chunk", &e))?;
-            client
-                .batch_execute(&format!(
-                    "INSERT INTO {seen} SELECT {keys} FROM tidemark_chunk; ANALYZE {seen}"
-                ))
-                .await
-                .map_err(fail("merging a chunk"))?;
-            Ok::<u64, RestoreError>(landed)
-        }
-        .await;
-        let landed = match step {
-            Ok(n) => n,
-            Err(e) => {
-                let _ = client.batch_execute("ROLLBACK").await;
-                return Err(e);
-            }
-        };
-        let recorded = client.execute(record, &[&table, &chunk.key]).await;
-        if let Err(e) = recorded {
-            let _ = client.batch_execute("ROLLBACK").await;
-            return Err(load_error(&entry.name, "recording the chunk", &e));
-        }
-        client
-            .batch_execute("COMMIT")
-            .await
-            .map_err(fail("committing a merge step"))?;
-        rows += landed;
-        *worked = true;
+        .map_err(|e| load_error(&entry.name, "creating the merge tables", &e))?;
+    Ok(tables)
+}
+
+/// One step of a chain merged one step per transaction: a key-set chunk, or a data chunk
+/// (merged into the table through a `tidemark_chunk` dropped at commit). Returns the rows
+/// landed.
+pub(super) async fn merge_step(
+    store: &dyn ReadStore,
+    client: &Client,
+    entry: &TableEntry,
+    tables: &MergeTables,
+    chunk: &ChunkRef,
+    is_key: bool,
+    meter: &RestoreMeter,
+) -> Result<u64, RestoreError> {
+    if is_key {
+        load_key_chunk(store, client, entry, tables, chunk, meter).await?;
+        analyse_key_set(client, entry, tables).await?;
+        return Ok(0);
     }
-    Ok((rows, true))
+    let name = entry.name.quoted();
+    client
+        .batch_execute(&format!(
+            "CREATE TEMP TABLE IF NOT EXISTS tidemark_chunk ON COMMIT DROP AS SELECT {} FROM {name} WITH NO DATA",
+            column_list(&entry.columns)
+        ))
+        .await
+        .map_err(|e| load_error(&entry.name, "creating the chunk table", &e))?;
+    let landed = merge_chunk(store, client, entry, &name, tables, chunk, meter).await?;
+    client
+        .batch_execute(&format!("ANALYZE {}", tables.seen))
+        .await
+        .map_err(|e| load_error(&entry.name, "analysing the seen keys", &e))?;
+    Ok(landed)
 }

@@ -35,7 +35,7 @@ use self::load::{load_error, load_into, needs_merge, Landing};
 use crate::catalog::parse_table_name;
 use crate::db::{self, DbError, DbSettings};
 use crate::format::manifest::{Manifest, TableEntry};
-use crate::format::{manifest_key, quote_ident, quote_literal, FormatError, TableName};
+use crate::format::{manifest_key, quote_ident, quote_literal, ChunkRef, FormatError, TableName};
 use crate::schema::apply::{self, ApplyError, ApplyOptions, Decision, SubsetPlan};
 use crate::schema::{self, SchemaError, Script};
 use crate::store::{ReadStore, StoreError};
@@ -651,9 +651,10 @@ async fn by_chunk_any(client: &Client) -> bool {
         .unwrap_or(false)
 }
 
-/// Loads the chunks of `entry` that its progress records do not hold, each chunk in its
-/// own transaction with its record; stops between chunks at `deadline` once `worked`.
-/// Returns the rows landed and whether every chunk is in.
+/// Loads the steps of `entry` that its progress records do not hold, each step in its own
+/// transaction with its record: a plain table's chunks, or a chain's key-set chunks and
+/// then its chunks newest first (merged against persistent merge tables). Stops between
+/// steps at `deadline` once `worked`. Returns the rows landed and whether every step is in.
 async fn load_by_chunk(
     store: &dyn ReadStore,
     client: &Client,
@@ -673,36 +674,39 @@ async fn load_by_chunk(
         .iter()
         .map(|r| r.get(0))
         .collect();
+    let merge = if needs_merge(entry) {
+        let tag = format!("t{}", &crate::store::sha256_hex(name.as_bytes())[..16]);
+        Some(load::persistent_merge_tables(client, entry, PROGRESS_SCHEMA, &tag).await?)
+    } else {
+        None
+    };
+    // (chunk, is a key-set chunk)
+    let steps: Vec<(&ChunkRef, bool)> = match &merge {
+        Some(_) => entry
+            .key_chunks
+            .iter()
+            .map(|c| (c, true))
+            .chain(entry.chunks.iter().rev().map(|c| (c, false)))
+            .collect(),
+        None => entry.chunks.iter().map(|c| (c, false)).collect(),
+    };
     let copy = format!(
         "COPY {} ({}) FROM STDIN",
         entry.name.quoted(),
         load::column_list(&entry.columns)
     );
-    if needs_merge(entry) {
-        let tag = format!("t{}", &crate::store::sha256_hex(name.as_bytes())[..16]);
-        return load::merge_by_chunk(
-            store,
-            client,
-            entry,
-            &load::MergeProgress {
-                schema: PROGRESS_SCHEMA,
-                tag,
-                done: &landed,
-            },
-            &format!("INSERT INTO {PROGRESS_SCHEMA}.chunks VALUES ($1, $2)"),
-            deadline,
-            worked,
-            meter,
-        )
-        .await;
-    }
     let mut rows = 0;
-    for chunk in entry.chunks.iter().filter(|c| !landed.contains(&c.key)) {
+    for (chunk, is_key) in steps.into_iter().filter(|(c, _)| !landed.contains(&c.key)) {
         if *worked && deadline.is_some_and(|d| Instant::now() >= d) {
             return Ok((rows, false));
         }
         rows += in_transaction(client, &entry.name, || async {
-            let n = load::copy_chunk(store, client, &entry.name, &copy, chunk, meter).await?;
+            let n = match &merge {
+                Some(tables) => {
+                    load::merge_step(store, client, entry, tables, chunk, is_key, meter).await?
+                }
+                None => load::copy_chunk(store, client, &entry.name, &copy, chunk, meter).await?,
+            };
             client
                 .execute(
                     &format!("INSERT INTO {PROGRESS_SCHEMA}.chunks VALUES ($1, $2)"),

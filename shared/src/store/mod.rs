@@ -135,6 +135,8 @@ pub enum StoreError {
         expected: String,
         actual: String,
     },
+    #[error("the multipart upload of {key} is gone (completed or aborted)")]
+    UploadGone { key: String },
     #[error("the store kept {stored} bytes of {key}, {sent} were sent")]
     SizeMismatch { key: String, sent: u64, stored: u64 },
     #[error("{operation} {key}: {source}")]

@@ -130,9 +130,25 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, StoreError>>,
 {
+    with_retry_counting(policy, operation, key, |_| attempt()).await
+}
+
+/// [`with_retry`], telling each attempt its number (1 for the first): any later attempt
+/// follows one that failed with an error that could pass, whose request may therefore
+/// have been applied without the answer arriving.
+pub(crate) async fn with_retry_counting<T, F, Fut>(
+    policy: &RetryPolicy,
+    operation: &'static str,
+    key: &str,
+    mut attempt: F,
+) -> Result<T, StoreError>
+where
+    F: FnMut(u32) -> Fut,
+    Fut: Future<Output = Result<T, StoreError>>,
+{
     let mut attempts = Attempts::new();
     loop {
-        match attempt().await {
+        match attempt(attempts.made + 1).await {
             Ok(value) => return Ok(value),
             Err(err) => match attempts.next_delay(policy, &err) {
                 Some(delay) => {

@@ -28,7 +28,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::task::JoinSet;
 
-use super::retry::{with_retry, Attempts, RetryPolicy};
+use super::retry::{with_retry, with_retry_counting, Attempts, RetryPolicy};
 use super::{
     fill_part, validate_key, validate_prefix, ETag, ListedObject, ObjectMeta, ObjectStream,
     PendingUpload, PutReceipt, ReadStore, StoreError, StoredObject, WriteCondition, WriteStore,
@@ -165,12 +165,8 @@ impl S3Store {
                     key: key.to_owned(),
                 }
             }
-            (_, Some("NoSuchUpload")) => StoreError::S3 {
-                operation,
-                location,
-                message: "NoSuchUpload (the multipart upload is gone)".into(),
-                retryable: false,
-                source: None,
+            (_, Some("NoSuchUpload")) => StoreError::UploadGone {
+                key: key.to_owned(),
             },
             (Some(404), _) | (_, Some("NoSuchKey" | "NotFound")) => StoreError::NotFound {
                 key: key.to_owned(),
@@ -243,87 +239,80 @@ impl S3Store {
         let digest = Sha256::digest(&body);
         let checksum = base64::engine::general_purpose::STANDARD.encode(digest);
         let size = body.len() as u64;
-        let mut attempts = Attempts::new();
-        // Whether an earlier attempt may have been applied without our hearing of it.
-        let mut maybe_applied = false;
-        loop {
-            let mut request = self
-                .client
-                .put_object()
-                .bucket(&self.bucket)
-                .key(&full)
-                .checksum_sha256(&checksum)
-                .body(ByteStream::from(body.clone()));
-            request = match condition {
-                WriteCondition::Always => request,
-                WriteCondition::IfAbsent => request.if_none_match("*"),
-                WriteCondition::IfMatch(etag) => request.if_match(&etag.0),
-            };
-            let sent = match condition {
-                WriteCondition::Always => request.send().await,
-                // Every attempt of a conditional write is ours, so that a 412 after one
-                // whose answer was lost is told from a real conflict.
-                _ => {
-                    request
-                        .customize()
-                        .config_override(
-                            aws_sdk_s3::config::Builder::default()
-                                .retry_config(aws_sdk_s3::config::retry::RetryConfig::disabled()),
-                        )
-                        .send()
-                        .await
-                }
-            };
-            let err = match sent {
-                Ok(out) => {
-                    if let Some(stored) = out.checksum_sha256().filter(|c| *c != checksum) {
-                        return Err(StoreError::ChecksumMismatch {
-                            key: key.to_owned(),
-                            expected: hex::encode(digest),
-                            actual: format!("{stored} (base64, as the store reported it)"),
+        let policy = self.options.retry;
+        with_retry_counting(&policy, "PutObject", key, |attempt| {
+            let body = body.clone();
+            let (full, checksum) = (&full, &checksum);
+            async move {
+                let mut request = self
+                    .client
+                    .put_object()
+                    .bucket(&self.bucket)
+                    .key(full)
+                    .checksum_sha256(checksum)
+                    .body(ByteStream::from(body));
+                request = match condition {
+                    WriteCondition::Always => request,
+                    WriteCondition::IfAbsent => request.if_none_match("*"),
+                    WriteCondition::IfMatch(etag) => request.if_match(&etag.0),
+                };
+                let sent = match condition {
+                    WriteCondition::Always => request.send().await,
+                    // Every attempt of a conditional write is ours, so that a 412 after one
+                    // whose answer was lost is told from a real conflict.
+                    _ => {
+                        request
+                            .customize()
+                            .config_override(
+                                aws_sdk_s3::config::Builder::default().retry_config(
+                                    aws_sdk_s3::config::retry::RetryConfig::disabled(),
+                                ),
+                            )
+                            .send()
+                            .await
+                    }
+                };
+                let err = match sent {
+                    Ok(out) => {
+                        if let Some(stored) = out.checksum_sha256().filter(|c| c != checksum) {
+                            return Err(StoreError::ChecksumMismatch {
+                                key: key.to_owned(),
+                                expected: hex::encode(digest),
+                                actual: format!("{stored} (base64, as the store reported it)"),
+                            });
+                        }
+                        tracing::debug!(key, size, request_id = out.request_id(), "put object");
+                        return Ok(PutReceipt {
+                            etag: ETag(out.e_tag().unwrap_or_default().to_owned()),
+                            sha256: hex::encode(digest),
+                            size,
                         });
                     }
-                    tracing::debug!(key, size, request_id = out.request_id(), "put object");
-                    return Ok(PutReceipt {
-                        etag: ETag(out.e_tag().unwrap_or_default().to_owned()),
-                        sha256: hex::encode(digest),
-                        size,
-                    });
-                }
-                Err(e) => match (self.error("PutObject", key, e), condition) {
-                    // S3 answers 404 to If-Match on a missing key: the condition failed.
-                    (StoreError::NotFound { key }, WriteCondition::IfMatch(_)) => {
-                        StoreError::PreconditionFailed { key }
-                    }
-                    (other, _) => other,
-                },
-            };
-            if let StoreError::PreconditionFailed { .. } = err {
+                    Err(e) => match (self.error("PutObject", key, e), condition) {
+                        // S3 answers 404 to If-Match on a missing key: the condition failed.
+                        (StoreError::NotFound { key }, WriteCondition::IfMatch(_)) => {
+                            StoreError::PreconditionFailed { key }
+                        }
+                        (other, _) => other,
+                    },
+                };
                 // A retry of a write whose acknowledgement was lost finds its own write in
-                // place: that is success, not a conflict. (Only after such an attempt: a
-                // first-attempt 412 is a real conflict, even if the winner wrote the same
-                // bytes — a read-modify-write must not take another's write for its own.)
-                if !maybe_applied {
-                    return Err(err);
+                // place: that is success, not a conflict. (Only on a retry: a first-attempt
+                // 412 is a real conflict, even if the winner wrote the same bytes — a
+                // read-modify-write must not take another's write for its own.)
+                if matches!(err, StoreError::PreconditionFailed { .. }) && attempt > 1 {
+                    if let Some(receipt) = self.already_written(key, &digest, size).await? {
+                        tracing::info!(
+                            key,
+                            "a retried conditional write found its own write in place"
+                        );
+                        return Ok(receipt);
+                    }
                 }
-                if let Some(receipt) = self.already_written(key, &digest, size).await? {
-                    tracing::info!(
-                        key,
-                        "a retried conditional write found its own write in place"
-                    );
-                    return Ok(receipt);
-                }
-                return Err(err);
+                Err(err)
             }
-            maybe_applied |= err.is_retryable();
-            match attempts.next_delay(&self.options.retry, &err) {
-                Some(delay) => {
-                    tracing::warn!(key, operation = "PutObject", error = %err, retry_in_ms = delay.as_millis() as u64, "store request failed; trying again");
-                    tokio::time::sleep(delay).await;
-                }
-                None => return Err(attempts.give_up(err)),
-            }
-        }
+        })
+        .await
     }
 
     /// The receipt of the object under `key` if it holds exactly these bytes.
@@ -452,53 +441,51 @@ impl S3Store {
         let sha256 = hasher.finalize();
         let whole = b64.encode(sha256);
         let parts: Vec<CompletedPart> = parts.into_iter().map(|(p, _)| p).collect();
-        let mut attempts = Attempts::new();
-        let etag = loop {
-            let completed = self
-                .client
-                .complete_multipart_upload()
-                .bucket(&self.bucket)
-                .key(full)
-                .upload_id(upload_id)
-                .multipart_upload(
-                    CompletedMultipartUpload::builder()
-                        .set_parts(Some(parts.clone()))
-                        .build(),
-                )
-                .send()
-                .await;
-            let err = match completed {
-                Ok(out) => {
-                    if let Some(stored) = out.checksum_sha256() {
-                        let stored_digest = stored.split('-').next().unwrap_or(stored);
-                        if stored_digest != composite && stored_digest != whole {
-                            return Err(StoreError::ChecksumMismatch {
-                                key: key.to_owned(),
-                                expected: hex::encode(sha256),
-                                actual: format!("{stored} (base64, as the store reported it)"),
-                            });
+        let etag = with_retry(
+            &self.options.retry,
+            "CompleteMultipartUpload",
+            key,
+            || async {
+                let completed = self
+                    .client
+                    .complete_multipart_upload()
+                    .bucket(&self.bucket)
+                    .key(full)
+                    .upload_id(upload_id)
+                    .multipart_upload(
+                        CompletedMultipartUpload::builder()
+                            .set_parts(Some(parts.clone()))
+                            .build(),
+                    )
+                    .send()
+                    .await;
+                match completed {
+                    Ok(out) => {
+                        if let Some(stored) = out.checksum_sha256() {
+                            let stored_digest = stored.split('-').next().unwrap_or(stored);
+                            if stored_digest != composite && stored_digest != whole {
+                                return Err(StoreError::ChecksumMismatch {
+                                    key: key.to_owned(),
+                                    expected: hex::encode(sha256),
+                                    actual: format!("{stored} (base64, as the store reported it)"),
+                                });
+                            }
                         }
+                        Ok(ETag(out.e_tag().unwrap_or_default().to_owned()))
                     }
-                    break ETag(out.e_tag().unwrap_or_default().to_owned());
+                    // A retry of a completion whose answer was lost finds the upload gone:
+                    // the object's size (checked by `upload`) tells whether it is in place.
+                    Err(e) => match self.error("CompleteMultipartUpload", key, e) {
+                        err @ StoreError::UploadGone { .. } => match self.head(key).await? {
+                            Some(meta) => Ok(meta.etag),
+                            None => Err(err),
+                        },
+                        err => Err(err),
+                    },
                 }
-                Err(e) => self.error("CompleteMultipartUpload", key, e),
-            };
-            // A retry of a completion whose answer was lost finds the upload gone: the
-            // object's size (checked below) tells whether it is in place.
-            if err.to_string().contains("NoSuchUpload") {
-                match self.head(key).await? {
-                    Some(meta) => break meta.etag,
-                    None => return Err(err),
-                }
-            }
-            match attempts.next_delay(&self.options.retry, &err) {
-                Some(delay) => {
-                    tracing::warn!(key, operation = "CompleteMultipartUpload", error = %err, retry_in_ms = delay.as_millis() as u64, "store request failed; trying again");
-                    tokio::time::sleep(delay).await;
-                }
-                None => return Err(attempts.give_up(err)),
-            }
-        };
+            },
+        )
+        .await?;
         Ok(PutReceipt {
             etag,
             sha256: hex::encode(sha256),
@@ -1034,8 +1021,7 @@ impl WriteStore for S3Store {
         match outcome {
             Ok(_) => Ok(()),
             // Already completed or aborted.
-            Err(StoreError::NotFound { .. }) => Ok(()),
-            Err(e) if e.to_string().contains("NoSuchUpload") => Ok(()),
+            Err(StoreError::NotFound { .. } | StoreError::UploadGone { .. }) => Ok(()),
             Err(e) => Err(e),
         }
     }
