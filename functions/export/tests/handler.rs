@@ -37,6 +37,27 @@ async fn seal(store: &Arc<dyn WriteStore>, run_id: &str) -> Value {
         .expect("seal")
 }
 
+/// The state machine's failure payload for a run it knows only by `execution`; the cause
+/// is the Lambda error document when `message` is given.
+fn failure_event(error: &str, message: &str, execution: &str) -> Value {
+    let cause = if message.is_empty() {
+        String::new()
+    } else {
+        json!({"errorType": error, "errorMessage": message}).to_string()
+    };
+    json!({"failure": {"run_id": null, "execution": execution, "error": {"Error": error, "Cause": cause}}})
+}
+
+/// Runs the failure step (the manifest function) on `event`.
+async fn record_failure(store: &Arc<dyn WriteStore>, event: Value) -> Value {
+    let deps = tidemark_manifest::Deps {
+        store: store.clone(),
+    };
+    tidemark_manifest::handle(LambdaEvent::new(event, lambda_context(60)), &deps)
+        .await
+        .expect("recorded")
+}
+
 #[test]
 fn every_sample_event_parses() {
     for (name, event) in sample_events("export.") {
@@ -277,24 +298,11 @@ async fn a_refused_table_fails_the_run_and_the_run_after_the_grant_starts_at_onc
     assert!(err.message.contains("secrets"), "{}", err.message);
 
     // The failure step (run id unknown to the state machine) records the cause.
-    let manifest = tidemark_manifest::Deps {
-        store: deps.store.clone(),
-    };
-    let failure = |error: &str, message: &str, execution: &str| {
-        json!({"failure": {"run_id": null, "execution": execution, "error": {
-            "Error": error,
-            "Cause": json!({"errorType": error, "errorMessage": message}).to_string(),
-        }}})
-    };
-    let recorded = tidemark_manifest::handle(
-        LambdaEvent::new(
-            failure("Tidemark.Fatal", &err.message, execution),
-            lambda_context(60),
-        ),
-        &manifest,
+    let recorded = record_failure(
+        &deps.store,
+        failure_event("Tidemark.Fatal", &err.message, execution),
     )
-    .await
-    .expect("recorded");
+    .await;
     assert!(recorded["cause"]
         .as_str()
         .is_some_and(|c| c.contains("secrets")));
@@ -333,30 +341,19 @@ async fn the_failure_step_releases_a_run_known_only_by_its_execution() {
     .await
     .expect("slice");
     assert_eq!(first["done"], false);
-    let manifest = tidemark_manifest::Deps {
-        store: deps.store.clone(),
-    };
-    let failure = |error: &str, execution: &str| json!({"failure": {"run_id": null, "execution": execution, "error": {"Error": error, "Cause": ""}}});
     // Another execution refused by the lease first: recorded (nothing else is), lease kept.
-    let locked = tidemark_manifest::handle(
-        LambdaEvent::new(
-            failure(
-                "Tidemark.Locked",
-                "arn:aws:states:us-east-1:1:execution:tidemark:other",
-            ),
-            lambda_context(60),
+    let locked = record_failure(
+        &deps.store,
+        failure_event(
+            "Tidemark.Locked",
+            "",
+            "arn:aws:states:us-east-1:1:execution:tidemark:other",
         ),
-        &manifest,
     )
-    .await
-    .expect("recorded");
+    .await;
     assert_eq!(locked["lease_released"], false);
-    let timed_out = tidemark_manifest::handle(
-        LambdaEvent::new(failure("States.Timeout", execution), lambda_context(60)),
-        &manifest,
-    )
-    .await
-    .expect("recorded");
+    let timed_out =
+        record_failure(&deps.store, failure_event("States.Timeout", "", execution)).await;
     assert_eq!(timed_out["lease_released"], true, "{timed_out}");
     assert_eq!(timed_out["run_id"], first["run_id"]);
     let record = tidemark_core::failure::last_failure(deps.store.as_ref())
@@ -398,18 +395,11 @@ async fn a_locked_run_does_not_overwrite_the_failure_that_locked_it() {
     )
     .await
     .expect("write");
-    let manifest = tidemark_manifest::Deps {
-        store: deps.store.clone(),
-    };
-    tidemark_manifest::handle(
-        LambdaEvent::new(
-            json!({"failure": {"run_id": null, "execution": "arn:x:other", "error": {"Error": "Tidemark.Locked", "Cause": ""}}}),
-            lambda_context(60),
-        ),
-        &manifest,
+    record_failure(
+        &deps.store,
+        failure_event("Tidemark.Locked", "", "arn:x:other"),
     )
-    .await
-    .expect("recorded");
+    .await;
     let record = tidemark_core::failure::last_failure(deps.store.as_ref())
         .await
         .expect("read")

@@ -140,6 +140,40 @@ async fn a_short_deadline_verifies_in_slices() {
     );
 }
 
+/// Verifies `backup_id` one minimal slice at a time (one connection, past its deadline at
+/// once), checking each unfinished slice's output with `each`, until done or `limit`
+/// slices; returns the last output and the slices taken.
+async fn verify_in_minimal_slices(
+    store: &Arc<dyn WriteStore>,
+    cluster: &TestCluster,
+    backup_id: &str,
+    limit: usize,
+    each: impl Fn(&serde_json::Value),
+) -> (serde_json::Value, usize) {
+    let deps = Deps {
+        store: store.clone(),
+        server: cluster.settings("postgres"),
+        options: VerifyOptions {
+            workers: 1,
+            ..VerifyOptions::default()
+        },
+        margin: std::time::Duration::from_secs(60),
+    };
+    let mut slices = 0;
+    loop {
+        slices += 1;
+        assert!(slices < limit, "verification never finished");
+        let event = json!({"backup_id": backup_id});
+        let out = handle(LambdaEvent::new(event, lambda_context(60)), &deps)
+            .await
+            .expect("slice");
+        if out["done"] == true {
+            return (out, slices);
+        }
+        each(&out);
+    }
+}
+
 /// A table bigger than one slice: verify lands it chunk by chunk across slices (each
 /// chunk with its progress record, in one transaction), and finishes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -162,29 +196,11 @@ async fn a_table_bigger_than_a_slice_finishes_across_slices() {
         },
     )
     .await;
-    let deps = Deps {
-        store: store.clone(),
-        server: cluster.settings("postgres"),
-        options: VerifyOptions {
-            workers: 1,
-            ..VerifyOptions::default()
-        },
-        margin: std::time::Duration::from_secs(60),
-    };
     // Past the deadline at once: each slice lands one chunk of the one table.
-    let mut slices = 0;
-    let out = loop {
-        slices += 1;
-        assert!(slices < 30, "verification never finished");
-        let event = json!({"backup_id": sealed.backup_id});
-        let out = handle(LambdaEvent::new(event, lambda_context(60)), &deps)
-            .await
-            .expect("slice");
-        if out["done"] == true {
-            break out;
-        }
+    let (out, slices) = verify_in_minimal_slices(&store, &cluster, &sealed.backup_id, 30, |out| {
         assert_eq!(out["tables_done"], 0, "{out}");
-    };
+    })
+    .await;
     assert!(slices >= 12, "one chunk per slice: {slices} slices");
     assert_eq!(out["ok"], true, "{out}");
     assert_eq!(out["rows"], 60000, "{out}");
@@ -218,27 +234,8 @@ async fn a_merged_chain_bigger_than_a_slice_finishes_across_slices() {
     .await;
     let (sealed, _) = backup(&store, &db, &opts).await;
     assert_eq!(sealed.kind.to_string(), "incremental");
-    let deps = Deps {
-        store: store.clone(),
-        server: cluster.settings("postgres"),
-        options: VerifyOptions {
-            workers: 1,
-            ..VerifyOptions::default()
-        },
-        margin: std::time::Duration::from_secs(60),
-    };
-    let mut slices = 0;
-    let out = loop {
-        slices += 1;
-        assert!(slices < 40, "verification never finished");
-        let event = json!({"backup_id": sealed.backup_id});
-        let out = handle(LambdaEvent::new(event, lambda_context(60)), &deps)
-            .await
-            .expect("slice");
-        if out["done"] == true {
-            break out;
-        }
-    };
+    let (out, slices) =
+        verify_in_minimal_slices(&store, &cluster, &sealed.backup_id, 40, |_| {}).await;
     assert!(slices >= 6, "one merge step per slice: {slices} slices");
     assert_eq!(out["ok"], true, "{out}");
 }
