@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 use tidemark_core::check::{self, DatabaseCheck, PgDumpCheck, StoreCheck};
-use tidemark_core::db::{DatabaseSource, SslMode};
+use tidemark_core::db::{DatabaseSource, SslMode, Support};
 use tidemark_core::error_chain;
 use tidemark_core::store::{self, StoreUrl};
 use tidemark_core::telemetry::{self, LogFormat};
@@ -251,11 +251,17 @@ fn outcome_json<T: serde::Serialize>(outcome: &Result<T, String>) -> serde_json:
 fn database_line(outcome: &Result<DatabaseCheck, String>) -> String {
     match outcome {
         Ok(db) => format!(
-            "database  ok    PostgreSQL {} at {}, TLS {} (sslmode {})",
+            "database  {}PostgreSQL {} at {}, TLS {} (sslmode {}); {}",
+            if db.server.support == Support::Supported {
+                "ok    "
+            } else {
+                "warn  "
+            },
             db.server.server_version,
             db.target,
             if db.server.tls { "on" } else { "off" },
-            db.sslmode
+            db.sslmode,
+            db.server.support.describe(db.server.version())
         ),
         Err(e) => format!("database  FAIL  {e}"),
     }

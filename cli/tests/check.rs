@@ -36,6 +36,13 @@ async fn check_passes_against_s3_with_verified_tls() {
         stdout.contains("database  ok") && stdout.contains("TLS on (sslmode verify-full)"),
         "{stdout}"
     );
+    // The server's version and whether Tidemark supports it.
+    let version = tidemark_core::db::ServerVersion(cluster.server_version_num().await);
+    assert!(
+        stdout.contains(&format!("PostgreSQL {version}"))
+            && stdout.contains("; supported (PostgreSQL 13 to 18)"),
+        "{stdout}"
+    );
     assert!(
         stdout.contains(&format!("store     ok    {store}")),
         "{stdout}"

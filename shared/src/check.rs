@@ -45,6 +45,12 @@ pub async fn check_database(settings: &DbSettings) -> Result<DatabaseCheck, DbEr
     tracing::debug!(target = %settings, sslmode = %settings.sslmode, "checking the database");
     let client = db::connect(settings).await?;
     let server = db::probe(&client, settings).await?;
+    if server.support == db::Support::TooOld {
+        return Err(DbError::UnsupportedServer {
+            target: settings.to_string(),
+            detail: server.support.describe(server.version()),
+        });
+    }
     tracing::info!(target = %settings, version = %server.server_version, tls = server.tls, "database reachable");
     Ok(DatabaseCheck {
         target: settings.to_string(),

@@ -9,6 +9,7 @@
 
 pub mod relay;
 mod settings;
+pub mod version;
 
 use std::path::{Path, PathBuf};
 
@@ -17,6 +18,7 @@ use tokio_postgres::config::SslMode as PgSslMode;
 use tokio_postgres::{Client, NoTls};
 
 pub use self::settings::{DbSettings, SslMode};
+pub use self::version::{ServerVersion, Support};
 
 /// Settings every Tidemark session pins, as `pg_dump` does, so that COPY text is the same
 /// on every server and client. `row_security = off` makes a table whose row-level security
@@ -56,6 +58,8 @@ pub enum DbError {
         #[source]
         source: tokio_postgres::Error,
     },
+    #[error("{target}: {detail}")]
+    UnsupportedServer { target: String, detail: String },
     #[error("{what} on {target}: {detail}")]
     Query {
         what: &'static str,
@@ -325,8 +329,18 @@ fn connect_hint(settings: &DbSettings, text: &str) -> &'static str {
 pub struct ServerInfo {
     /// `server_version`, e.g. `15.18 (Debian 15.18-0+deb12u1)`.
     pub server_version: String,
+    /// `server_version_num`, e.g. `150018`.
+    pub server_version_num: u32,
+    /// Whether Tidemark serves this version.
+    pub support: Support,
     /// Whether this session is encrypted, as the server sees it (`pg_stat_ssl`).
     pub tls: bool,
+}
+
+impl ServerInfo {
+    pub fn version(&self) -> ServerVersion {
+        ServerVersion(self.server_version_num)
+    }
 }
 
 /// Asks the server its version and whether this session uses TLS.
@@ -337,14 +351,18 @@ pub async fn probe(client: &Client, settings: &DbSettings) -> Result<ServerInfo,
     let row = client
         .query_one(
             "SELECT current_setting('server_version'), \
+             current_setting('server_version_num')::int4, \
              coalesce((SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()), false)",
             &[],
         )
         .await
         .map_err(|source| DbError::query("reading the server version", settings, source))?;
     let read = |source| DbError::query("reading the server version", settings, source);
+    let num = row.try_get::<_, i32>(1).map_err(read)?.max(0) as u32;
     Ok(ServerInfo {
         server_version: row.try_get(0).map_err(read)?,
-        tls: row.try_get(1).map_err(read)?,
+        server_version_num: num,
+        support: ServerVersion(num).support(),
+        tls: row.try_get(2).map_err(read)?,
     })
 }

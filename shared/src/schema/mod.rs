@@ -40,7 +40,7 @@ pub enum SchemaError {
         version: String,
         server_major: u32,
     },
-    #[error("PostgreSQL server_version_num {server} is not supported (Tidemark supports PostgreSQL {} and newer)", tool::OLDEST_SERVER_MAJOR)]
+    #[error("{}", crate::db::Support::TooOld.describe(crate::db::ServerVersion(*.server)))]
     ServerTooOld { server: u32 },
     #[error("{program} ({}) failed: {detail}", path.display())]
     PgDumpFailed {

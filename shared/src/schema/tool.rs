@@ -17,8 +17,7 @@ use super::SchemaError;
 use crate::db::relay::Relay;
 use crate::db::DbSettings;
 
-/// The oldest server Tidemark's schema capture supports.
-pub const OLDEST_SERVER_MAJOR: u32 = 13;
+pub use crate::db::version::OLDEST_SUPPORTED_MAJOR as OLDEST_SERVER_MAJOR;
 
 /// A located pg_dump and its version.
 #[derive(Debug, Clone, PartialEq, Eq)]
