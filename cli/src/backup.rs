@@ -131,6 +131,10 @@ pub struct RestoreArgs {
     /// pg_dumpall --globals-only, without passwords).
     #[arg(long, conflicts_with = "data_only")]
     roles: bool,
+    /// Restore into a server of an older major version than the backup's source (refused
+    /// by default); objects the older server cannot create then fail by name.
+    #[arg(long)]
+    allow_older_target: bool,
 }
 
 #[derive(Args)]
@@ -556,6 +560,7 @@ pub async fn restore(global: &GlobalArgs, args: &RestoreArgs) -> Result<(), Stri
         meter: Some(meter.clone()),
         with_privileges: args.with_privileges,
         create_roles: args.roles,
+        allow_older_target: args.allow_older_target,
         ..RestoreOptions::default()
     };
     let bar = spinner(move || {

@@ -33,7 +33,7 @@ use tokio_postgres::Client;
 use self::data_only::Method;
 use self::load::{load_error, load_into, needs_merge, Landing};
 use crate::catalog::parse_table_name;
-use crate::db::{self, DbError, DbSettings};
+use crate::db::{self, DbError, DbSettings, ServerVersion, Support};
 use crate::format::manifest::{Manifest, TableEntry};
 use crate::format::{manifest_key, quote_ident, quote_literal, ChunkRef, FormatError, TableName};
 use crate::schema::apply::{self, ApplyError, ApplyOptions, Decision, SubsetPlan};
@@ -88,6 +88,9 @@ pub struct RestoreOptions {
     /// the post-data transaction), so that a verification slice that dies afterwards
     /// knows (see [`is_marked_finished`]).
     pub mark_finished: bool,
+    /// Restore into a server of an older major version than the backup's source (refused
+    /// otherwise): objects the older server cannot create then fail by name.
+    pub allow_older_target: bool,
 }
 
 const FINISHED_MARK: &str = "tidemark: restore finished";
@@ -181,6 +184,17 @@ pub enum RestoreError {
     TargetNotEmpty(TableName),
     #[error("tables {} reference each other through foreign keys that are not DEFERRABLE: a role that is not a superuser cannot load them without violating one; restore as a superuser, or make those constraints DEFERRABLE", .tables.join(", "))]
     ForeignKeyCycle { tables: Vec<String> },
+    #[error("backup {backup} was taken on PostgreSQL {source_version} and the target runs PostgreSQL {target_version}: a restore into an older major version is refused, because the schema may use what {target_major} lacks; restore into PostgreSQL {source_major} or newer, or pass --allow-older-target to try (objects the target cannot create then fail by name)", source_major = .source_version.major(), target_major = .target_version.major())]
+    OlderTarget {
+        backup: String,
+        source_version: ServerVersion,
+        target_version: ServerVersion,
+    },
+    #[error("the target runs PostgreSQL {target}: {detail}")]
+    UnsupportedTarget {
+        target: ServerVersion,
+        detail: String,
+    },
     #[error("chunk {key} is missing from the store")]
     ChunkMissing { key: String },
     #[error("chunk {key} is corrupt: {detail}")]
@@ -359,6 +373,9 @@ pub async fn restore(
         })
     };
     let admin = db::connect(target).await?;
+    if let Some(warning) = check_target_version(&admin, target, manifest, opts).await? {
+        warnings.push(warning);
+    }
     let existing_schemas = preflight(
         store.as_ref(),
         &admin,
@@ -1048,6 +1065,53 @@ fn select_tables(manifest: &Manifest, wanted: &[String]) -> Result<Vec<TableEntr
 /// Checks what can be checked before anything is written; returns the schemas the
 /// backup creates that already exist, empty, in the target (their `CREATE SCHEMA` is
 /// skipped).
+/// The source's server version, as the backup recorded it.
+fn source_version(manifest: &Manifest) -> Option<ServerVersion> {
+    manifest
+        .schema_dump
+        .as_ref()
+        .map(|d| ServerVersion(d.server_version_num))
+        .or_else(|| ServerVersion::parse(&manifest.server_version))
+}
+
+/// Preflight: the target must be a supported server, and not of an older major than the
+/// backup's source unless `allow_older_target`; returns the warning for such a restore.
+async fn check_target_version(
+    client: &Client,
+    target: &DbSettings,
+    manifest: &Manifest,
+    opts: &RestoreOptions,
+) -> Result<Option<String>, RestoreError> {
+    let num: i32 = client
+        .query_one("SELECT current_setting('server_version_num')::int4", &[])
+        .await
+        .and_then(|r| r.try_get(0))
+        .map_err(|e| DbError::query("reading the target's server version", target, e))?;
+    let target_version = ServerVersion(num.max(0) as u32);
+    if target_version.support() == Support::TooOld {
+        return Err(RestoreError::UnsupportedTarget {
+            target: target_version,
+            detail: Support::TooOld.describe(target_version),
+        });
+    }
+    let Some(source) = source_version(manifest) else {
+        return Ok(None);
+    };
+    if target_version.major() >= source.major() {
+        return Ok(None);
+    }
+    if !opts.allow_older_target {
+        return Err(RestoreError::OlderTarget {
+            backup: manifest.id.clone(),
+            source_version: source,
+            target_version,
+        });
+    }
+    Ok(Some(format!(
+        "restored a backup of PostgreSQL {source} into PostgreSQL {target_version}, an older major (--allow-older-target)"
+    )))
+}
+
 async fn preflight(
     store: &dyn ReadStore,
     client: &Client,
