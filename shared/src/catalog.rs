@@ -268,7 +268,8 @@ async fn describe(
         .into_iter()
         .map(|r| {
             let expr: Option<String> = r.get(3);
-            let generated = r.get::<_, String>(4) == "s";
+            // 's' stored (12+), 'v' virtual (18+): neither is loaded by COPY FROM.
+            let generated = !r.get::<_, String>(4).is_empty();
             let identity = match r.get::<_, String>(5).as_str() {
                 "a" => Some("always".to_owned()),
                 "d" => Some("by default".to_owned()),
