@@ -31,22 +31,52 @@ pub struct TestCluster {
     pub user: String,
     pub password: String,
     pub ca_file: PathBuf,
+    /// The server's programs (initdb, pg_ctl, pg_resetwal, pgbench where present).
     pub bin_dir: PathBuf,
+    /// The client tools the oracles run (pg_dump, pg_restore, psql):
+    /// `TIDEMARK_TEST_PG_CLIENT_BIN`, else the server's own. The version matrix points it
+    /// at pg_dump 18, which serves every older server but is built without TLS.
+    pub client_bin_dir: PathBuf,
 }
 
 impl TestCluster {
     pub fn from_env() -> Self {
+        Self::from_env_prefixed("TIDEMARK_TEST_PG_")
+    }
+
+    /// A cluster described by `{prefix}HOST`, `{prefix}PORT`, ... (the version matrix
+    /// starts a second one, `TIDEMARK_COMPAT_TARGET_PG_*`, to restore into).
+    pub fn from_env_prefixed(prefix: &str) -> Self {
+        let var = |name: &str| env(&format!("{prefix}{name}"));
         Self {
-            host: env("TIDEMARK_TEST_PG_HOST"),
-            alt_host: env("TIDEMARK_TEST_PG_ALT_HOST"),
-            port: env("TIDEMARK_TEST_PG_PORT")
+            host: var("HOST"),
+            alt_host: var("ALT_HOST"),
+            port: var("PORT")
                 .parse()
-                .expect("TIDEMARK_TEST_PG_PORT is a port number"),
-            user: env("TIDEMARK_TEST_PG_USER"),
-            password: env("TIDEMARK_TEST_PG_PASSWORD"),
-            ca_file: env("TIDEMARK_TEST_PG_CA").into(),
-            bin_dir: env("TIDEMARK_TEST_PG_BIN").into(),
+                .unwrap_or_else(|_| panic!("{prefix}PORT is a port number")),
+            user: var("USER"),
+            password: var("PASSWORD"),
+            ca_file: var("CA").into(),
+            bin_dir: var("BIN").into(),
+            client_bin_dir: std::env::var(format!("{prefix}CLIENT_BIN"))
+                .ok()
+                .filter(|v| !v.is_empty())
+                .unwrap_or_else(|| var("BIN"))
+                .into(),
         }
+    }
+
+    /// The server's `server_version_num`.
+    pub async fn server_version_num(&self) -> u32 {
+        let client = tidemark_core::db::connect(&self.settings("postgres"))
+            .await
+            .expect("connect to the test cluster");
+        let num: i32 = client
+            .query_one("SELECT current_setting('server_version_num')::int4", &[])
+            .await
+            .expect("server_version_num")
+            .get(0);
+        num as u32
     }
 
     /// `postgres://user:password@host:port/dbname?sslmode=...`.
@@ -372,16 +402,20 @@ pub async fn replay_table(
     }
 }
 
+/// How the oracles' client tools connect: TLS when they have it (the cluster's own
+/// tools), in the clear when they do not (pg_dump 18 of the version matrix).
+pub const CLIENT_SSLMODE: &str = "prefer";
+
 /// Runs the cluster's own pg_dump on `dbname` with `args`; returns its output.
 pub fn cluster_pg_dump(cluster: &TestCluster, dbname: &str, args: &[&str]) -> String {
-    let out = std::process::Command::new(cluster.bin_dir.join("pg_dump"))
+    let out = std::process::Command::new(cluster.client_bin_dir.join("pg_dump"))
         .args(args)
         .args(["-d", dbname])
         .env("PGHOST", &cluster.host)
         .env("PGPORT", cluster.port.to_string())
         .env("PGUSER", &cluster.user)
         .env("PGPASSWORD", &cluster.password)
-        .env("PGSSLMODE", "require")
+        .env("PGSSLMODE", CLIENT_SSLMODE)
         .output()
         .expect("run pg_dump");
     assert!(
@@ -424,6 +458,12 @@ pub async fn migrated_copy(
         source,
         &["--schema-only", "--no-owner", "--no-privileges"],
     );
+    // A newer pg_dump than the server (the version matrix) sets what it does not know.
+    let script: String = script
+        .lines()
+        .filter(|l| !l.starts_with("SET transaction_timeout"))
+        .map(|l| format!("{l}\n"))
+        .collect();
     psql_script(cluster, &target.name, user, password, &script);
     target
 }
@@ -459,13 +499,13 @@ pub async fn verify_on(
 /// first error.
 pub fn psql_script(cluster: &TestCluster, dbname: &str, user: &str, password: &str, script: &str) {
     use std::io::Write;
-    let mut child = std::process::Command::new(cluster.bin_dir.join("psql"))
+    let mut child = std::process::Command::new(cluster.client_bin_dir.join("psql"))
         .args(["-q", "-X", "-v", "ON_ERROR_STOP=1", "-d", dbname, "-f", "-"])
         .env("PGHOST", &cluster.host)
         .env("PGPORT", cluster.port.to_string())
         .env("PGUSER", user)
         .env("PGPASSWORD", password)
-        .env("PGSSLMODE", "require")
+        .env("PGSSLMODE", CLIENT_SSLMODE)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -694,9 +734,9 @@ pub mod fixtures {
     CREATE TABLE settings (k text, v text);
     "#;
 
-    /// A schema with every common object kind: extensions, enum, domains (one with a
-    /// check), composite and range types, SQL (incl. `BEGIN ATOMIC`) and plpgsql
-    /// functions, a procedure, an aggregate, identity and generated columns, row and
+    /// A schema with every common object kind that PostgreSQL 13 has (what later
+    /// versions added is in [`VERSION_FEATURES`]): extensions, enum, domains (one with a
+    /// check), composite and range types, SQL and plpgsql functions, a procedure, an aggregate, identity and generated columns, row and
     /// statement triggers (one disabled), a rule, row-level security with a policy,
     /// comments, views on views, a populated materialized view with an index and an
     /// unpopulated one, a self-referencing foreign key, a deferrable foreign-key cycle,
@@ -731,8 +771,6 @@ CREATE TABLE app.people (
   updated_at timestamptz);
 CREATE PROCEDURE app.reset_moods() LANGUAGE sql AS $$ UPDATE app.people SET mood = 'ok' $$;
 CREATE INDEX people_search ON app.people USING gin (search);
-CREATE FUNCTION app.people_count() RETURNS bigint LANGUAGE sql STABLE
-  BEGIN ATOMIC SELECT count(*) FROM app.people WHERE CASE WHEN born IS NULL THEN true ELSE born > 0 END; END;
 COMMENT ON INDEX app.people_search IS 'full text';
 CREATE STATISTICS app.people_born_mood (dependencies) ON born, mood FROM app.people;
 CREATE TRIGGER people_touch BEFORE UPDATE ON app.people FOR EACH ROW EXECUTE FUNCTION app.touch();
@@ -784,6 +822,105 @@ INSERT INTO app.invoices (person) VALUES (100), (105);
 INSERT INTO public.plain VALUES ('a', 1), ('a', 1);
 REFRESH MATERIALIZED VIEW app.mood_counts;
 "#;
+
+    /// What each major version added that a schema may use, for servers that have it
+    /// (see [`whole_schema_for`]): objects, their rows, and changes for an incremental.
+    #[derive(Debug)]
+    pub struct VersionFeatures {
+        pub since: u32,
+        pub ddl: &'static str,
+        pub changes: &'static str,
+    }
+
+    pub const VERSION_FEATURES: &[VersionFeatures] = &[
+        // 14: SQL-standard function bodies, multiranges (a range type's own included).
+        VersionFeatures {
+            since: 14,
+            ddl: r#"CREATE FUNCTION app.people_count() RETURNS bigint LANGUAGE sql STABLE
+  BEGIN ATOMIC SELECT count(*) FROM app.people WHERE CASE WHEN born IS NULL THEN true ELSE born > 0 END; END;
+CREATE TABLE app.rooms (id int PRIMARY KEY, free int4multirange NOT NULL DEFAULT '{}', busy app.floatmultirange);
+CREATE PROCEDURE app.book(room int, slot int4range) LANGUAGE sql
+  BEGIN ATOMIC UPDATE app.rooms SET free = free - int4multirange(slot) WHERE id = room; END;
+INSERT INTO app.rooms VALUES (1, '{[1,3), [5,8)}', '{[1.5,2.5), [3,4]}'), (2, '{}', NULL), (3, '{[10,20)}', '{}');
+"#,
+            changes: "CALL app.book(1, '[5,6)'); DELETE FROM app.rooms WHERE id = 2;                       INSERT INTO app.rooms VALUES (4, '{[0,1)}', '{(,0)}');",
+        },
+        // 15: UNIQUE NULLS NOT DISTINCT, security_invoker views.
+        VersionFeatures {
+            since: 15,
+            ddl: r#"CREATE TABLE app.codes (code text, region text, UNIQUE NULLS NOT DISTINCT (code, region));
+CREATE VIEW app.people_invoker WITH (security_invoker = true) AS SELECT id, name FROM app.people;
+INSERT INTO app.codes VALUES ('a', NULL), ('b', 'eu'), ('c', NULL);
+"#,
+            changes: "MERGE INTO app.codes c USING (VALUES ('a', 'us'), ('d', NULL)) v(code, region)                       ON c.code = v.code WHEN MATCHED THEN UPDATE SET region = v.region                       WHEN NOT MATCHED THEN INSERT VALUES (v.code, v.region);                       DELETE FROM app.codes WHERE code = 'c';",
+        },
+        // 16: SYSTEM_USER, any_value(), underscores in numeric literals.
+        VersionFeatures {
+            since: 16,
+            ddl: r#"CREATE TABLE app.logins (id int PRIMARY KEY, who text DEFAULT SYSTEM_USER, quota bigint DEFAULT 1_000_000);
+CREATE VIEW app.any_mood AS SELECT boss, any_value(mood) AS mood FROM app.people GROUP BY boss;
+INSERT INTO app.logins (id) SELECT g FROM generate_series(1, 30) g;
+"#,
+            changes: "DELETE FROM app.logins WHERE id % 4 = 0; UPDATE app.logins SET quota = 0x10 WHERE id = 1;                       INSERT INTO app.logins (id) VALUES (31);",
+        },
+        // 17: identity columns on partitioned tables, JSON_TABLE.
+        VersionFeatures {
+            since: 17,
+            ddl: r#"CREATE TABLE app.readings (id bigint GENERATED ALWAYS AS IDENTITY, at date NOT NULL, value numeric, PRIMARY KEY (id, at)) PARTITION BY RANGE (at);
+CREATE TABLE app.readings_2024 PARTITION OF app.readings FOR VALUES FROM ('2024-01-01') TO ('2025-01-01');
+CREATE TABLE app.readings_2025 PARTITION OF app.readings FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');
+CREATE VIEW app.json_rows AS SELECT jt.* FROM JSON_TABLE('[{"a": 1, "b": "x"}, {"a": 2}]', '$[*]' COLUMNS (a int PATH '$.a', b text PATH '$.b' DEFAULT 'none' ON EMPTY)) jt;
+INSERT INTO app.readings (at, value) SELECT date '2024-06-01' + g * 2, g FROM generate_series(1, 200) g;
+"#,
+            changes: "UPDATE app.readings SET value = -value WHERE id % 9 = 0; DELETE FROM app.readings WHERE id % 10 = 0;                       INSERT INTO app.readings (at, value) VALUES ('2025-12-31', 0.5);",
+        },
+        // 18: virtual generated columns, uuidv7(), NOT ENFORCED constraints, temporal keys.
+        VersionFeatures {
+            since: 18,
+            ddl: r#"CREATE EXTENSION btree_gist;
+CREATE TABLE app.orders (id uuid DEFAULT uuidv7() PRIMARY KEY, qty int NOT NULL, price numeric NOT NULL,
+  total numeric GENERATED ALWAYS AS (qty * price) VIRTUAL,
+  CONSTRAINT qty_small CHECK (qty < 1000) NOT ENFORCED);
+CREATE TABLE app.rates (room int, valid daterange, rate numeric, PRIMARY KEY (room, valid WITHOUT OVERLAPS));
+INSERT INTO app.orders (qty, price) SELECT g, g * 1.5 FROM generate_series(1, 50) g;
+INSERT INTO app.orders (qty, price) VALUES (5000, 1);
+INSERT INTO app.rates VALUES (1, '[2024-01-01,2024-07-01)', 10), (1, '[2024-07-01,2025-01-01)', 12), (2, '[2024-01-01,)', 9);
+"#,
+            changes: "UPDATE app.orders SET qty = qty + 1 WHERE qty % 3 = 0; DELETE FROM app.orders WHERE qty % 7 = 0;                       INSERT INTO app.orders (qty, price) VALUES (77, 7);                       UPDATE app.rates SET rate = 13 WHERE room = 1 AND valid = '[2024-07-01,2025-01-01)';",
+        },
+    ];
+
+    /// [`WHOLE_SCHEMA`] (which runs on every supported version) and the features of
+    /// every version up to `major`.
+    pub fn whole_schema_for(major: u32) -> String {
+        let mut sql = WHOLE_SCHEMA.to_owned();
+        for f in VERSION_FEATURES.iter().filter(|f| f.since <= major) {
+            sql.push_str(f.ddl);
+        }
+        sql
+    }
+
+    /// The changes [`whole_schema_for`]`(major)` gets between two backups.
+    pub fn whole_schema_changes_for(major: u32) -> String {
+        let mut sql = String::from(
+            r#"UPDATE app.people SET mood = 'happy' WHERE name = 'Bob';
+INSERT INTO app.people (name, email, born, boss) VALUES ('Cid', 'cid@x.org', 1990, 105);
+DELETE FROM app.members WHERE team = 2;
+DELETE FROM app.measurements WHERE id % 7 = 0;
+UPDATE app.measurements SET value = value + 1 WHERE id % 5 = 0;
+INSERT INTO app.measurements VALUES (9001, '2025-06-01', 'eu', 5, 100);
+UPDATE app.tags SET note = 'changed' WHERE tag = 'x';
+INSERT INTO app.invoices (person) VALUES (110);
+INSERT INTO public.plain VALUES ('b', 2);
+REFRESH MATERIALIZED VIEW app.mood_counts;
+"#,
+        );
+        for f in VERSION_FEATURES.iter().filter(|f| f.since <= major) {
+            sql.push_str(f.changes);
+            sql.push('\n');
+        }
+        sql
+    }
 
     /// The schemas of [`WHOLE_SCHEMA`].
     pub const WHOLE_SCHEMA_SCHEMAS: &[&str] = &["Audit Log", "app", "public"];
