@@ -3,7 +3,7 @@
 //! Every major from [`OLDEST_SUPPORTED_MAJOR`] to [`NEWEST_TESTED_MAJOR`] runs the whole
 //! round trip in `scripts/compat` (backup, incremental, verify, restore, compared with
 //! pg_dump 18 and ordered COPY). The floor is a hard one: the run's snapshot bookkeeping
-//! uses `pg_current_snapshot()` and `xid8` (PostgreSQL 13), and the restore drops scratch
+//! uses `pg_current_snapshot()` and `xid8` (PostgreSQL 13), and verify drops its scratch
 //! databases `WITH (FORCE)` (13). A newer major than the newest tested is served (pg_dump
 //! must be at least that major, which the schema capture checks), with a warning.
 
