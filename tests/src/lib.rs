@@ -557,6 +557,59 @@ pub async fn all_data(settings: &DbSettings) -> std::collections::BTreeMap<Strin
     out
 }
 
+/// Every table and populated materialized view of `a` and `b` holds the same rows (sorted
+/// COPY, compared table by table, naming the first that differs).
+pub async fn assert_same_data(a: &TestDatabase, b: &TestDatabase) {
+    let (want, got) = (all_data(&a.settings()).await, all_data(&b.settings()).await);
+    assert_eq!(
+        want.keys().collect::<Vec<_>>(),
+        got.keys().collect::<Vec<_>>(),
+        "tables and populated materialized views"
+    );
+    for (table, rows) in &want {
+        assert!(
+            rows == &got[table],
+            "{table} differs: {} vs {} rows",
+            rows.len(),
+            got[table].len()
+        );
+    }
+}
+
+/// `a` and `b` (on the same cluster or not) agree on schema (`pg_dump --schema-only` by
+/// the clusters' client tools), data (see [`assert_same_data`]), sequences, materialized
+/// views' populated state and trigger states. A schema difference is shown as the lines
+/// only one side has.
+pub async fn assert_identical(a: &TestDatabase, b: &TestDatabase) {
+    let (want, got) = (
+        schema_dump(&a.cluster, &a.name),
+        schema_dump(&b.cluster, &b.name),
+    );
+    if want != got {
+        let want_lines: std::collections::BTreeSet<&str> = want.lines().collect();
+        let got_lines: std::collections::BTreeSet<&str> = got.lines().collect();
+        let mut diff: Vec<String> = want_lines
+            .difference(&got_lines)
+            .map(|l| format!("- {l}"))
+            .collect();
+        diff.extend(got_lines.difference(&want_lines).map(|l| format!("+ {l}")));
+        diff.truncate(20);
+        panic!(
+            "schema dumps of {} and {} differ ({} vs {} lines):\n{}",
+            a.name,
+            b.name,
+            want.lines().count(),
+            got.lines().count(),
+            diff.join("\n")
+        );
+    }
+    assert_same_data(a, b).await;
+    assert_eq!(
+        state_facts(&a.settings()).await,
+        state_facts(&b.settings()).await
+    );
+}
+
 /// Sequences, materialized views' populated state, trigger states and invalid indexes:
 /// what a schema dump does not show.
 ///
@@ -898,6 +951,33 @@ INSERT INTO app.rates VALUES (1, '[2024-01-01,2024-07-01)', 10), (1, '[2024-07-0
             sql.push_str(f.ddl);
         }
         sql
+    }
+
+    /// Backs up every schema of [`WHOLE_SCHEMA`] (so the schema is captured whole, `pg_dump`
+    /// without `-n`), in chunks of 200 rows.
+    pub fn whole_schema_options() -> ExportOptions {
+        ExportOptions {
+            chunk_rows: 200,
+            workers: 2,
+            progress_interval: Duration::ZERO,
+            selection: tidemark_core::catalog::TableSelection {
+                schemas: WHOLE_SCHEMA_SCHEMAS
+                    .iter()
+                    .map(|s| (*s).to_owned())
+                    .collect(),
+                ..Default::default()
+            },
+            ..ExportOptions::default()
+        }
+    }
+
+    /// A new database on `cluster` with [`whole_schema_for`] its major, analyzed.
+    pub async fn whole_schema_db(cluster: &super::TestCluster) -> TestDatabase {
+        let major = cluster.server_version_num().await / 10_000;
+        let db = cluster.create_database().await;
+        exec(&db.settings(), &whole_schema_for(major)).await;
+        exec(&db.settings(), "ANALYZE").await;
+        db
     }
 
     /// The changes [`whole_schema_for`]`(major)` gets between two backups.

@@ -13,8 +13,8 @@ use tidemark_core::export::ExportOptions;
 use tidemark_core::restore::{self, RestoreOptions};
 use tidemark_tests::fixtures::*;
 use tidemark_tests::{
-    all_data, exec, local_store, migrated_copy, psql_script, restore_fresh, schema_dump,
-    state_facts, verify_backup, TestCluster, TestDatabase,
+    assert_identical, exec, local_store, migrated_copy, psql_script, restore_fresh, verify_backup,
+    TestCluster, TestDatabase,
 };
 
 fn app_dir(app: &str) -> PathBuf {
@@ -43,29 +43,6 @@ async fn load(cluster: &TestCluster, app: &str) -> TestDatabase {
     db
 }
 
-async fn assert_identical(cluster: &TestCluster, source: &TestDatabase, restored: &TestDatabase) {
-    assert!(
-        schema_dump(cluster, &source.name) == schema_dump(cluster, &restored.name),
-        "pg_dump --schema-only differs between {} and its restore",
-        source.name
-    );
-    let (want, got) = (
-        all_data(&source.settings()).await,
-        all_data(&restored.settings()).await,
-    );
-    assert_eq!(
-        want.keys().collect::<Vec<_>>(),
-        got.keys().collect::<Vec<_>>()
-    );
-    for (table, rows) in &want {
-        assert!(rows == &got[table], "{table} differs after restore");
-    }
-    assert_eq!(
-        state_facts(&source.settings()).await,
-        state_facts(&restored.settings()).await
-    );
-}
-
 /// Full, `changes`, incremental, restore, compare, verify, data-only.
 async fn round_trip(app: &str, changes: &str) {
     let cluster = TestCluster::from_env();
@@ -81,7 +58,7 @@ async fn round_trip(app: &str, changes: &str) {
     exec(&db.settings(), changes).await;
     let (incr, _) = backup(&store, &db, &opts).await;
     let restored = restore_fresh(&store, &cluster, &incr.backup_id).await;
-    assert_identical(&cluster, &db, &restored).await;
+    assert_identical(&db, &restored).await;
 
     let record = verify_backup(&store, &cluster, &incr.backup_id).await;
     assert!(
@@ -109,7 +86,7 @@ async fn round_trip(app: &str, changes: &str) {
     )
     .await
     .unwrap_or_else(|e| panic!("{app}: data-only restore: {e}"));
-    assert_identical(&cluster, &db, &target).await;
+    assert_identical(&db, &target).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

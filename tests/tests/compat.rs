@@ -9,83 +9,12 @@
 //! server (`TIDEMARK_COMPAT_TARGET_PG_*`) and are run by `scripts/compat` only.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use tidemark_core::catalog::TableSelection;
 use tidemark_core::db::Support;
-use tidemark_core::export::ExportOptions;
 use tidemark_core::restore::{self, BackupSelector, RestoreError, RestoreOptions};
 use tidemark_core::store::S3StoreOptions;
 use tidemark_tests::fixtures::*;
-use tidemark_tests::{
-    all_data, exec, s3_store, schema_dump, state_facts, verify_backup, TestCluster, TestDatabase,
-};
-
-/// Every schema of the fixtures, so the schema is captured whole (`pg_dump` without `-n`).
-fn options() -> ExportOptions {
-    ExportOptions {
-        chunk_rows: 100,
-        workers: 2,
-        progress_interval: Duration::ZERO,
-        selection: TableSelection {
-            schemas: WHOLE_SCHEMA_SCHEMAS
-                .iter()
-                .map(|s| (*s).to_owned())
-                .collect(),
-            ..TableSelection::default()
-        },
-        ..ExportOptions::default()
-    }
-}
-
-/// A database with every object kind the server's major has, and rows in it.
-async fn versioned_db(cluster: &TestCluster, major: u32) -> TestDatabase {
-    let db = cluster.create_database().await;
-    exec(&db.settings(), &whole_schema_for(major)).await;
-    exec(&db.settings(), "ANALYZE").await;
-    db
-}
-
-/// `a` (on cluster `ca`) and `b` (on `cb`) have the same schema by pg_dump 18, the same
-/// rows by sorted COPY of every table and populated materialized view, and the same
-/// sequences, materialized view and trigger states.
-async fn assert_identical(ca: &TestCluster, a: &TestDatabase, cb: &TestCluster, b: &TestDatabase) {
-    let (want, got) = (schema_dump(ca, &a.name), schema_dump(cb, &b.name));
-    if want != got {
-        let want_lines: std::collections::BTreeSet<&str> = want.lines().collect();
-        let got_lines: std::collections::BTreeSet<&str> = got.lines().collect();
-        let mut diff: Vec<String> = want_lines
-            .difference(&got_lines)
-            .map(|l| format!("- {l}"))
-            .collect();
-        diff.extend(got_lines.difference(&want_lines).map(|l| format!("+ {l}")));
-        diff.truncate(20);
-        panic!(
-            "schema dumps differ ({} vs {} lines):\n{}",
-            want.lines().count(),
-            got.lines().count(),
-            diff.join("\n")
-        );
-    }
-    let (want, got) = (all_data(&a.settings()).await, all_data(&b.settings()).await);
-    assert_eq!(
-        want.keys().collect::<Vec<_>>(),
-        got.keys().collect::<Vec<_>>(),
-        "tables and populated materialized views"
-    );
-    for (table, rows) in &want {
-        assert!(
-            rows == &got[table],
-            "{table} differs: {} vs {} rows",
-            rows.len(),
-            got[table].len()
-        );
-    }
-    assert_eq!(
-        state_facts(&a.settings()).await,
-        state_facts(&b.settings()).await
-    );
-}
+use tidemark_tests::{assert_identical, exec, s3_store, verify_backup, TestCluster, TestDatabase};
 
 /// Full backup, changes (updates, deletes, inserts, a transaction that commits only after
 /// the next backup has passed it), two incrementals; the last verifies and restores equal
@@ -100,9 +29,9 @@ async fn the_round_trip_holds_on_this_server_version() {
     assert_eq!(check.server.version().major(), major);
     assert_eq!(check.server.support, Support::Supported, "{check:?}");
 
-    let db = versioned_db(&cluster, major).await;
+    let db = whole_schema_db(&cluster).await;
     let store: Store = Arc::new(s3_store(S3StoreOptions::default()).await);
-    let opts = options();
+    let opts = whole_schema_options();
     let (full, _) = backup(&store, &db, &opts).await;
     let m = manifest(&store, &full.backup_id).await;
     let dump = m.schema_dump.as_ref().expect("schema captured");
@@ -143,7 +72,7 @@ async fn the_round_trip_holds_on_this_server_version() {
     assert!(record.ok && schema.ok, "{record:?}");
 
     let restored = tidemark_tests::restore_fresh(&store, &cluster, &last.backup_id).await;
-    assert_identical(&cluster, &db, &cluster, &restored).await;
+    assert_identical(&db, &restored).await;
 }
 
 /// The second server of a cross-version run.
@@ -224,18 +153,18 @@ async fn a_backup_restores_into_a_newer_major_like_pg_restore() {
         target_major > source_major,
         "{source_major} -> {target_major}"
     );
-    let db = versioned_db(&source_cluster, source_major).await;
+    let db = whole_schema_db(&source_cluster).await;
     let store: Store = Arc::new(s3_store(S3StoreOptions::default()).await);
-    backup(&store, &db, &options()).await;
+    backup(&store, &db, &whole_schema_options()).await;
     exec(&db.settings(), &whole_schema_changes_for(source_major)).await;
-    let (last, _) = backup(&store, &db, &options()).await;
+    let (last, _) = backup(&store, &db, &whole_schema_options()).await;
 
     let (restored, result) =
         restore_into(&store, &target, &last.backup_id, &RestoreOptions::default()).await;
     let report = result.unwrap_or_else(|e| panic!("restore {source_major} -> {target_major}: {e}"));
     assert!(report.done && report.warnings.is_empty(), "{report:?}");
     let oracle = pg_restore_copy(&source_cluster, &db, &target).await;
-    assert_identical(&target, &oracle, &target, &restored).await;
+    assert_identical(&oracle, &restored).await;
 }
 
 /// A restore into an older major than the backup's source is refused before anything is
@@ -280,8 +209,8 @@ async fn a_restore_into_an_older_major_is_refused_unless_allowed() {
     };
 
     // Everything the source's major has, some of which the target lacks.
-    let newest = versioned_db(&source_cluster, source_major).await;
-    let (full, _) = backup(&store, &newest, &options()).await;
+    let newest = whole_schema_db(&source_cluster).await;
+    let (full, _) = backup(&store, &newest, &whole_schema_options()).await;
     let (refused, result) =
         restore_into(&store, &target, &full.backup_id, &RestoreOptions::default()).await;
     let error = result.expect_err("an older target is refused");
@@ -336,7 +265,7 @@ async fn a_restore_into_an_older_major_is_refused_unless_allowed() {
          UPDATE accounts SET note = NULL WHERE id % 3 = 0; DELETE FROM events WHERE id % 11 = 0;",
     )
     .await;
-    let (plain_backup, _) = backup(&store, &plain, &options()).await;
+    let (plain_backup, _) = backup(&store, &plain, &whole_schema_options()).await;
     let restored = target.create_database().await;
     let out = cli_restore(
         &plain_backup.backup_id,
@@ -353,7 +282,7 @@ async fn a_restore_into_an_older_major_is_refused_unless_allowed() {
         "the restore says what it did: {stdout}{stderr}"
     );
     let oracle = pg_restore_copy(&source_cluster, &plain, &target).await;
-    assert_identical(&target, &oracle, &target, &restored).await;
+    assert_identical(&oracle, &restored).await;
 }
 
 /// A server older than the oldest supported major (the second server; the main one is a
@@ -399,10 +328,11 @@ async fn an_unsupported_server_is_refused_by_name() {
     let db = old.create_database().await;
     chain_fixture(&db).await;
     let store: Store = Arc::new(local);
-    let error = tidemark_core::export::export_slice(store.clone(), &db.settings(), &options())
-        .await
-        .expect_err("a backup of an unsupported server")
-        .to_string();
+    let error =
+        tidemark_core::export::export_slice(store.clone(), &db.settings(), &whole_schema_options())
+            .await
+            .expect_err("a backup of an unsupported server")
+            .to_string();
     assert!(error.contains(&refusal), "{error}");
     assert!(
         store.list("").await.expect("list").is_empty(),
@@ -412,7 +342,7 @@ async fn an_unsupported_server_is_refused_by_name() {
     // A restore into it, even allowed into an older major, is refused in the preflight.
     let source = source_cluster.create_database().await;
     chain_fixture(&source).await;
-    let (full, _) = backup(&store, &source, &options()).await;
+    let (full, _) = backup(&store, &source, &whole_schema_options()).await;
     let allowed = RestoreOptions {
         allow_older_target: true,
         ..RestoreOptions::default()

@@ -6,7 +6,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tidemark_core::catalog::TableSelection;
 use tidemark_core::db::relay::Relay;
 use tidemark_core::db::DbSettings;
 use tidemark_core::export::ExportOptions;
@@ -16,86 +15,16 @@ use tidemark_core::store::S3StoreOptions;
 use tidemark_core::verify;
 use tidemark_tests::fixtures::*;
 use tidemark_tests::{
-    all_data, exec, local_store, migrated_copy, restore_fresh, s3_store, schema_dump, state_facts,
-    verify_backup, TestCluster, TestDatabase,
+    all_data, assert_identical, assert_same_data, exec, local_store, migrated_copy, restore_fresh,
+    s3_store, state_facts, verify_backup, TestCluster, TestDatabase,
 };
-
-fn options() -> ExportOptions {
-    ExportOptions {
-        chunk_rows: 200,
-        workers: 2,
-        progress_interval: Duration::ZERO,
-        selection: TableSelection {
-            schemas: WHOLE_SCHEMA_SCHEMAS
-                .iter()
-                .map(|s| (*s).to_owned())
-                .collect(),
-            ..TableSelection::default()
-        },
-        ..ExportOptions::default()
-    }
-}
-
-async fn whole_schema_db(cluster: &TestCluster) -> TestDatabase {
-    let db = cluster.create_database().await;
-    let major = cluster.server_version_num().await / 10_000;
-    exec(&db.settings(), &whole_schema_for(major)).await;
-    exec(&db.settings(), "ANALYZE").await;
-    db
-}
-
-/// Every table and populated materialized view holds the same rows (compared table by
-/// table, naming the first that differs).
-async fn assert_same_data(source: &TestDatabase, restored: &TestDatabase) {
-    let (want, got) = (
-        all_data(&source.settings()).await,
-        all_data(&restored.settings()).await,
-    );
-    assert_eq!(
-        want.keys().collect::<Vec<_>>(),
-        got.keys().collect::<Vec<_>>(),
-        "tables and populated materialized views"
-    );
-    for (table, rows) in &want {
-        assert!(rows == &got[table], "{table} differs after restore");
-    }
-}
-
-/// Source and restore agree on schema (pg_dump), data (sorted COPY of every table and
-/// populated materialized view), sequences, views' populated state and trigger states.
-async fn assert_identical(cluster: &TestCluster, source: &TestDatabase, restored: &TestDatabase) {
-    let (want, got) = (
-        schema_dump(cluster, &source.name),
-        schema_dump(cluster, &restored.name),
-    );
-    if want != got {
-        let diff: Vec<String> = want
-            .lines()
-            .zip(got.lines())
-            .filter(|(a, b)| a != b)
-            .take(10)
-            .map(|(a, b)| format!("- {a}\n+ {b}"))
-            .collect();
-        panic!(
-            "schema dumps differ ({} vs {} lines):\n{}",
-            want.lines().count(),
-            got.lines().count(),
-            diff.join("\n")
-        );
-    }
-    assert_same_data(source, restored).await;
-    assert_eq!(
-        state_facts(&source.settings()).await,
-        state_facts(&restored.settings()).await
-    );
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_object_kind_restores_identical_to_the_source_and_verify_checks_the_schema() {
     let cluster = TestCluster::from_env();
     let db = whole_schema_db(&cluster).await;
     let store: Store = Arc::new(s3_store(S3StoreOptions::default()).await);
-    let opts = options();
+    let opts = whole_schema_options();
     let (full, _) = backup(&store, &db, &opts).await;
     let m = manifest(&store, &full.backup_id).await;
     let dump = m.schema_dump.as_ref().expect("schema captured");
@@ -118,7 +47,7 @@ async fn every_object_kind_restores_identical_to_the_source_and_verify_checks_th
     assert_eq!(incr.kind.to_string(), "incremental");
 
     let restored = restore_fresh(&store, &cluster, &incr.backup_id).await;
-    assert_identical(&cluster, &db, &restored).await;
+    assert_identical(&db, &restored).await;
 
     let record = verify_backup(&store, &cluster, &incr.backup_id).await;
     let schema = record.schema.clone().expect("schema compared");
@@ -162,7 +91,7 @@ async fn a_verification_fails_naming_an_object_the_restore_did_not_bring_back() 
     .await;
     let (_dir, store) = local_store();
     let store: Store = Arc::new(store);
-    let (sealed, _) = backup(&store, &db, &options()).await;
+    let (sealed, _) = backup(&store, &db, &whole_schema_options()).await;
     // Rewrite the recorded pre-data with an extension that does not exist, as a backup
     // from a server with more extensions would be; re-seal so only the extension differs.
     let mut m = manifest(&store, &sealed.backup_id).await;
@@ -241,7 +170,7 @@ async fn data_only_into_a_migrated_schema_keeps_foreign_keys_and_triggers_quiet(
     let db = whole_schema_db(&cluster).await;
     let (_dir, store) = local_store();
     let store: Store = Arc::new(store);
-    let (sealed, _) = backup(&store, &db, &options()).await;
+    let (sealed, _) = backup(&store, &db, &whole_schema_options()).await;
     let m = manifest(&store, &sealed.backup_id).await;
     let data_only = RestoreOptions {
         data_only: true,
@@ -333,7 +262,7 @@ async fn a_table_subset_brings_its_own_objects_and_skips_foreign_keys_out_of_it(
     let db = whole_schema_db(&cluster).await;
     let (_dir, store) = local_store();
     let store: Store = Arc::new(store);
-    let (sealed, _) = backup(&store, &db, &options()).await;
+    let (sealed, _) = backup(&store, &db, &whole_schema_options()).await;
     let m = manifest(&store, &sealed.backup_id).await;
     let target = cluster.create_database().await;
     let report = restore::restore(
@@ -544,7 +473,7 @@ async fn a_full_backup_restores_by_hand_with_zstd_and_psql() {
     let (_dir, local) = local_store();
     let root = local.root().to_path_buf();
     let store: Store = Arc::new(local);
-    let (sealed, _) = backup(&store, &db, &options()).await;
+    let (sealed, _) = backup(&store, &db, &whole_schema_options()).await;
     let m = manifest(&store, &sealed.backup_id).await;
     let dump = m.schema_dump.clone().expect("schema");
     let target = cluster.create_database().await;
@@ -606,7 +535,7 @@ async fn a_full_backup_restores_by_hand_with_zstd_and_psql() {
         })
         .collect();
     exec(&target.settings(), &setvals.join("\n")).await;
-    assert_identical(&cluster, &db, &target).await;
+    assert_identical(&db, &target).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
