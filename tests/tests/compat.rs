@@ -36,6 +36,17 @@ async fn the_round_trip_holds_on_this_server_version() {
     let m = manifest(&store, &full.backup_id).await;
     let dump = m.schema_dump.as_ref().expect("schema captured");
     assert_eq!(dump.server_version_num / 10_000, major);
+    // The stored pre-data script runs as stored, by psql with ON_ERROR_STOP, on the
+    // source's own version (as the README's restore by hand does).
+    let pre_data = tidemark_tests::chunk_text(store.as_ref(), &dump.pre_data.key).await;
+    let by_hand = cluster.create_database().await;
+    tidemark_tests::psql_script(
+        &cluster,
+        &by_hand.name,
+        &cluster.user,
+        &cluster.password,
+        &String::from_utf8(pre_data).expect("UTF-8 script"),
+    );
     assert!(
         m.consistency.as_ref().is_some_and(|c| c.consistent),
         "{:?}",

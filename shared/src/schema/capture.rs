@@ -132,6 +132,16 @@ pub async fn capture(
             .run(Program::PgDump, &relay, settings, &post_args),
     );
     let (pre, post) = (pre?, post?);
+    // Session settings the source does not know (a newer pg_dump's) are left out of the
+    // stored scripts, so each runs as stored on a server of the source's version.
+    let known = super::apply::known_settings(client)
+        .await
+        .map_err(|e| DbError::query("reading the server's settings", settings, e))?;
+    let keep = |name: &str| known.contains(name);
+    let (pre, post) = (
+        fit_settings(pre, &keep, "pre-data")?,
+        fit_settings(post, &keep, "post-data")?,
+    );
     let mut warnings = Vec::new();
     let globals = match request
         .tool
@@ -193,6 +203,28 @@ pub async fn capture(
         },
         warnings,
     ))
+}
+
+/// `text` without the session settings `keep` refuses.
+fn fit_settings(
+    text: Vec<u8>,
+    keep: &dyn Fn(&str) -> bool,
+    section: &str,
+) -> Result<Vec<u8>, SchemaError> {
+    let script = std::str::from_utf8(&text).map_err(|_| SchemaError::Corrupt {
+        key: section.to_owned(),
+        detail: "pg_dump output is not UTF-8".into(),
+    })?;
+    let (fitted, dropped) =
+        super::script::without_settings(script, keep).map_err(|source| SchemaError::Script {
+            key: section.to_owned(),
+            source,
+        })?;
+    if dropped.is_empty() {
+        return Ok(text);
+    }
+    tracing::debug!(section, settings = ?dropped, "left out settings the server does not know");
+    Ok(fitted.into_bytes())
 }
 
 /// Checks that `text` splits (when `toc`: as a pg_dump script), compresses and stores it.

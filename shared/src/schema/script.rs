@@ -84,74 +84,7 @@ impl Script {
     /// [`ScriptError`] for an unterminated quote, comment or statement, and for data
     /// (`COPY ... FROM stdin`), which a schema script must not hold.
     pub fn parse(text: &str) -> Result<Script, ScriptError> {
-        let mut items = Vec::new();
-        let mut current: Option<Entry> = None;
-        let bytes = text.as_bytes();
-        let mut pos = 0;
-        while pos < bytes.len() {
-            // Between statements: whitespace, comment lines, meta-commands, headers.
-            let line_end = memchr::memchr(b'\n', &bytes[pos..]).map_or(bytes.len(), |i| pos + i);
-            let line = &text[pos..line_end];
-            let trimmed = line.trim_start();
-            if trimmed.is_empty() {
-                pos = line_end + 1;
-                continue;
-            }
-            if trimmed.starts_with('\\') {
-                items.push(Item::Meta(trimmed.trim_end().to_owned()));
-                pos = line_end + 1;
-                continue;
-            }
-            if trimmed.starts_with("--") {
-                if let Some((header, next)) = header_at(text, pos) {
-                    if let Some(entry) = current.take() {
-                        items.push(Item::Entry(entry));
-                    }
-                    current = Some(header);
-                    pos = next;
-                } else {
-                    pos = line_end + 1;
-                }
-                continue;
-            }
-            let start = pos + (line.len() - trimmed.len());
-            let end = statement_end(text, start)?;
-            let statement = Statement {
-                text: text[start..end].to_owned(),
-            };
-            let words = statement.words(4);
-            if words.first().map(String::as_str) == Some("copy")
-                && statement
-                    .text
-                    .trim_end_matches(';')
-                    .trim_end()
-                    .to_lowercase()
-                    .ends_with("from stdin")
-            {
-                return Err(ScriptError::UnexpectedData {
-                    line: line_number(text, start),
-                });
-            }
-            if statement.is_setting() {
-                items.push(Item::Setting(statement));
-            } else {
-                current
-                    .get_or_insert_with(|| Entry {
-                        name: String::new(),
-                        kind: "PREAMBLE".to_owned(),
-                        schema: None,
-                        owner: None,
-                        statements: Vec::new(),
-                    })
-                    .statements
-                    .push(statement);
-            }
-            pos = end;
-        }
-        if let Some(entry) = current.take() {
-            items.push(Item::Entry(entry));
-        }
-        Ok(Script { items })
+        parse_spans(text, &mut |_, _| {})
     }
 
     /// The entries, in order.
@@ -161,6 +94,121 @@ impl Script {
             _ => None,
         })
     }
+}
+
+/// `text` without the session settings (`SET name = ...;` between statements, never inside
+/// a body) that `keep` refuses, each with the rest of its line; returns the new text and
+/// the names left out. pg_dump 18 writes `SET transaction_timeout = 0;` for every server,
+/// which a server before 17 refuses: a script stored without it runs with psql's
+/// `ON_ERROR_STOP` on the source's own version.
+///
+/// # Errors
+/// As [`Script::parse`].
+pub fn without_settings(
+    text: &str,
+    keep: &dyn Fn(&str) -> bool,
+) -> Result<(String, Vec<String>), ScriptError> {
+    let mut cuts: Vec<(usize, usize)> = Vec::new();
+    let mut dropped = Vec::new();
+    parse_spans(text, &mut |span, statement| {
+        if let Some(name) = statement.setting_name() {
+            if !keep(&name) {
+                // With the newline that ends its line, if nothing else is on it.
+                let mut end = span.1;
+                let rest = &text[end..];
+                let line_rest = rest.find('\n').map_or(rest, |i| &rest[..=i]);
+                if line_rest.trim().is_empty() {
+                    end += line_rest.len();
+                }
+                cuts.push((span.0, end));
+                dropped.push(name);
+            }
+        }
+    })?;
+    let mut out = String::with_capacity(text.len());
+    let mut at = 0;
+    for (start, end) in cuts {
+        out.push_str(&text[at..start]);
+        at = end;
+    }
+    out.push_str(&text[at..]);
+    Ok((out, dropped))
+}
+
+/// [`Script::parse`], telling `on_setting` where each session setting statement lies.
+fn parse_spans(
+    text: &str,
+    on_setting: &mut dyn FnMut((usize, usize), &Statement),
+) -> Result<Script, ScriptError> {
+    let mut items = Vec::new();
+    let mut current: Option<Entry> = None;
+    let bytes = text.as_bytes();
+    let mut pos = 0;
+    while pos < bytes.len() {
+        // Between statements: whitespace, comment lines, meta-commands, headers.
+        let line_end = memchr::memchr(b'\n', &bytes[pos..]).map_or(bytes.len(), |i| pos + i);
+        let line = &text[pos..line_end];
+        let trimmed = line.trim_start();
+        if trimmed.is_empty() {
+            pos = line_end + 1;
+            continue;
+        }
+        if trimmed.starts_with('\\') {
+            items.push(Item::Meta(trimmed.trim_end().to_owned()));
+            pos = line_end + 1;
+            continue;
+        }
+        if trimmed.starts_with("--") {
+            if let Some((header, next)) = header_at(text, pos) {
+                if let Some(entry) = current.take() {
+                    items.push(Item::Entry(entry));
+                }
+                current = Some(header);
+                pos = next;
+            } else {
+                pos = line_end + 1;
+            }
+            continue;
+        }
+        let start = pos + (line.len() - trimmed.len());
+        let end = statement_end(text, start)?;
+        let statement = Statement {
+            text: text[start..end].to_owned(),
+        };
+        let words = statement.words(4);
+        if words.first().map(String::as_str) == Some("copy")
+            && statement
+                .text
+                .trim_end_matches(';')
+                .trim_end()
+                .to_lowercase()
+                .ends_with("from stdin")
+        {
+            return Err(ScriptError::UnexpectedData {
+                line: line_number(text, start),
+            });
+        }
+        if statement.is_setting() {
+            on_setting((start, end), &statement);
+            items.push(Item::Setting(statement));
+        } else {
+            current
+                .get_or_insert_with(|| Entry {
+                    name: String::new(),
+                    kind: "PREAMBLE".to_owned(),
+                    schema: None,
+                    owner: None,
+                    statements: Vec::new(),
+                })
+                .statements
+                .push(statement);
+        }
+        pos = end;
+    }
+    if let Some(entry) = current.take() {
+        items.push(Item::Entry(entry));
+    }
+    Ok(Script { items })
 }
 
 fn line_number(text: &str, pos: usize) -> usize {
@@ -546,6 +594,30 @@ impl Statement {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn settings_the_server_does_not_know_are_left_out_but_bodies_are_untouched() {
+        let text = "--\n-- PostgreSQL database dump\n--\n\nSET statement_timeout = 0;\n\
+SET transaction_timeout = 0;\nSET client_encoding = 'UTF8';\n\n--\n\
+-- Name: f(); Type: FUNCTION; Schema: public; Owner: postgres\n--\n\n\
+CREATE FUNCTION public.f() RETURNS void LANGUAGE sql AS $$\nSET transaction_timeout = 0;\n$$;\n\n\
+SET transaction_timeout = 5;   \nSET default_tablespace = '';\n";
+        let known = |name: &str| name != "transaction_timeout";
+        let (out, dropped) = without_settings(text, &known).expect("parses");
+        assert_eq!(dropped, vec!["transaction_timeout", "transaction_timeout"]);
+        assert_eq!(
+            out,
+            text.replacen("SET transaction_timeout = 0;\n", "", 1)
+                .replace("SET transaction_timeout = 5;   \n", "")
+        );
+        assert!(
+            out.contains("AS $$\nSET transaction_timeout = 0;\n$$;"),
+            "{out}"
+        );
+        let (same, none) = without_settings(text, &|_| true).expect("parses");
+        assert_eq!((same.as_str(), none.len()), (text, 0));
+        assert_eq!(Script::parse(&out).expect("parses").entries().count(), 1);
+    }
     use super::*;
 
     const SAMPLE: &str = r#"--
