@@ -3,7 +3,8 @@
 use bytes::Bytes;
 use tokio_postgres::Client;
 
-use super::{PgDump, Program, SchemaError, Script};
+use super::script::without_settings;
+use super::{PgDump, Program, SchemaError};
 use crate::db::relay::Relay;
 use crate::db::{DbError, DbSettings};
 use crate::format::manifest::{SchemaDump, StoredObject};
@@ -138,10 +139,6 @@ pub async fn capture(
         .await
         .map_err(|e| DbError::query("reading the server's settings", settings, e))?;
     let keep = |name: &str| known.contains(name);
-    let (pre, post) = (
-        fit_settings(pre, &keep, "pre-data")?,
-        fit_settings(post, &keep, "post-data")?,
-    );
     let mut warnings = Vec::new();
     let globals = match request
         .tool
@@ -179,10 +176,10 @@ pub async fn capture(
             &token[..8]
         )
     };
-    let pre_data = store_script(store, &key("pre-data"), pre, true).await?;
-    let post_data = store_script(store, &key("post-data"), post, true).await?;
+    let pre_data = store_script(store, &key("pre-data"), pre, true, &keep).await?;
+    let post_data = store_script(store, &key("post-data"), post, true, &keep).await?;
     let globals = match globals {
-        Some(text) => Some(store_script(store, &key("globals"), text, false).await?),
+        Some(text) => Some(store_script(store, &key("globals"), text, false, &keep).await?),
         None => None,
     };
     tracing::info!(
@@ -205,43 +202,30 @@ pub async fn capture(
     ))
 }
 
-/// `text` without the session settings `keep` refuses.
-fn fit_settings(
-    text: Vec<u8>,
-    keep: &dyn Fn(&str) -> bool,
-    section: &str,
-) -> Result<Vec<u8>, SchemaError> {
-    let script = std::str::from_utf8(&text).map_err(|_| SchemaError::Corrupt {
-        key: section.to_owned(),
-        detail: "pg_dump output is not UTF-8".into(),
-    })?;
-    let (fitted, dropped) =
-        super::script::without_settings(script, keep).map_err(|source| SchemaError::Script {
-            key: section.to_owned(),
-            source,
-        })?;
-    if dropped.is_empty() {
-        return Ok(text);
-    }
-    tracing::debug!(section, settings = ?dropped, "left out settings the server does not know");
-    Ok(fitted.into_bytes())
-}
-
-/// Checks that `text` splits (when `toc`: as a pg_dump script), compresses and stores it.
+/// Checks that `text` splits (when `toc`: as a pg_dump script), leaves out the session
+/// settings `keep` refuses (those the source server does not know: a newer pg_dump's), so
+/// the script runs as stored on a server of the source's version, then compresses and
+/// stores it.
 async fn store_script(
     store: &dyn WriteStore,
     key: &str,
     text: Vec<u8>,
     toc: bool,
+    keep: &(dyn Fn(&str) -> bool + Sync),
 ) -> Result<StoredObject, SchemaError> {
     let script = std::str::from_utf8(&text).map_err(|_| SchemaError::Corrupt {
         key: key.to_owned(),
         detail: "pg_dump output is not UTF-8".into(),
     })?;
-    let parsed = Script::parse(script).map_err(|source| SchemaError::Script {
-        key: key.to_owned(),
-        source,
-    })?;
+    let (fitted, parsed, dropped) =
+        without_settings(script, keep).map_err(|source| SchemaError::Script {
+            key: key.to_owned(),
+            source,
+        })?;
+    if !dropped.is_empty() {
+        tracing::debug!(key, settings = ?dropped, "left out settings the server does not know");
+    }
+    let text = fitted.into_bytes();
     if toc && parsed.entries().any(|e| e.kind == "PREAMBLE") {
         return Err(SchemaError::Corrupt {
             key: key.to_owned(),

@@ -84,7 +84,7 @@ impl Script {
     /// [`ScriptError`] for an unterminated quote, comment or statement, and for data
     /// (`COPY ... FROM stdin`), which a schema script must not hold.
     pub fn parse(text: &str) -> Result<Script, ScriptError> {
-        parse_spans(text, &mut |_, _| {})
+        parse_spans(text, &mut |_, _| true)
     }
 
     /// The entries, in order.
@@ -97,9 +97,9 @@ impl Script {
 }
 
 /// `text` without the session settings (`SET name = ...;` between statements, never inside
-/// a body) that `keep` refuses, each with the rest of its line; returns the new text and
-/// the names left out. pg_dump 18 writes `SET transaction_timeout = 0;` for every server,
-/// which a server before 17 refuses: a script stored without it runs with psql's
+/// a body) that `keep` refuses, each with the rest of its line, and that text parsed;
+/// also the names left out. pg_dump 18 writes `SET transaction_timeout = 0;` for every
+/// server, which a server before 17 refuses: a script stored without it runs with psql's
 /// `ON_ERROR_STOP` on the source's own version.
 ///
 /// # Errors
@@ -107,23 +107,23 @@ impl Script {
 pub fn without_settings(
     text: &str,
     keep: &dyn Fn(&str) -> bool,
-) -> Result<(String, Vec<String>), ScriptError> {
+) -> Result<(String, Script, Vec<String>), ScriptError> {
     let mut cuts: Vec<(usize, usize)> = Vec::new();
     let mut dropped = Vec::new();
-    parse_spans(text, &mut |span, statement| {
-        if let Some(name) = statement.setting_name() {
-            if !keep(&name) {
-                // With the newline that ends its line, if nothing else is on it.
-                let mut end = span.1;
-                let rest = &text[end..];
-                let line_rest = rest.find('\n').map_or(rest, |i| &rest[..=i]);
-                if line_rest.trim().is_empty() {
-                    end += line_rest.len();
-                }
-                cuts.push((span.0, end));
-                dropped.push(name);
-            }
+    let script = parse_spans(text, &mut |span, statement| {
+        let Some(name) = statement.setting_name().filter(|n| !keep(n)) else {
+            return true;
+        };
+        // With the newline that ends its line, if nothing else is on it.
+        let mut end = span.1;
+        let rest = &text[end..];
+        let line_rest = rest.find('\n').map_or(rest, |i| &rest[..=i]);
+        if line_rest.trim().is_empty() {
+            end += line_rest.len();
         }
+        cuts.push((span.0, end));
+        dropped.push(name);
+        false
     })?;
     let mut out = String::with_capacity(text.len());
     let mut at = 0;
@@ -132,13 +132,14 @@ pub fn without_settings(
         at = end;
     }
     out.push_str(&text[at..]);
-    Ok((out, dropped))
+    Ok((out, script, dropped))
 }
 
-/// [`Script::parse`], telling `on_setting` where each session setting statement lies.
+/// [`Script::parse`], telling `on_setting` where each session setting statement lies;
+/// a setting it answers `false` for is left out of the script.
 fn parse_spans(
     text: &str,
-    on_setting: &mut dyn FnMut((usize, usize), &Statement),
+    on_setting: &mut dyn FnMut((usize, usize), &Statement) -> bool,
 ) -> Result<Script, ScriptError> {
     let mut items = Vec::new();
     let mut current: Option<Entry> = None;
@@ -189,8 +190,9 @@ fn parse_spans(
             });
         }
         if statement.is_setting() {
-            on_setting((start, end), &statement);
-            items.push(Item::Setting(statement));
+            if on_setting((start, end), &statement) {
+                items.push(Item::Setting(statement));
+            }
         } else {
             current
                 .get_or_insert_with(|| Entry {
@@ -603,7 +605,7 @@ SET transaction_timeout = 0;\nSET client_encoding = 'UTF8';\n\n--\n\
 CREATE FUNCTION public.f() RETURNS void LANGUAGE sql AS $$\nSET transaction_timeout = 0;\n$$;\n\n\
 SET transaction_timeout = 5;   \nSET default_tablespace = '';\n";
         let known = |name: &str| name != "transaction_timeout";
-        let (out, dropped) = without_settings(text, &known).expect("parses");
+        let (out, script, dropped) = without_settings(text, &known).expect("parses");
         assert_eq!(dropped, vec!["transaction_timeout", "transaction_timeout"]);
         assert_eq!(
             out,
@@ -614,9 +616,10 @@ SET transaction_timeout = 5;   \nSET default_tablespace = '';\n";
             out.contains("AS $$\nSET transaction_timeout = 0;\n$$;"),
             "{out}"
         );
-        let (same, none) = without_settings(text, &|_| true).expect("parses");
+        let (same, _, none) = without_settings(text, &|_| true).expect("parses");
         assert_eq!((same.as_str(), none.len()), (text, 0));
         assert_eq!(Script::parse(&out).expect("parses").entries().count(), 1);
+        assert_eq!(script, Script::parse(&out).expect("parses"));
     }
     use super::*;
 
