@@ -1062,9 +1062,6 @@ fn select_tables(manifest: &Manifest, wanted: &[String]) -> Result<Vec<TableEntr
     Ok(out)
 }
 
-/// Checks what can be checked before anything is written; returns the schemas the
-/// backup creates that already exist, empty, in the target (their `CREATE SCHEMA` is
-/// skipped).
 /// The source's server version, as the backup recorded it.
 fn source_version(manifest: &Manifest) -> Option<ServerVersion> {
     manifest
@@ -1082,16 +1079,12 @@ async fn check_target_version(
     manifest: &Manifest,
     opts: &RestoreOptions,
 ) -> Result<Option<String>, RestoreError> {
-    let num: i32 = client
-        .query_one("SELECT current_setting('server_version_num')::int4", &[])
-        .await
-        .and_then(|r| r.try_get(0))
-        .map_err(|e| DbError::query("reading the target's server version", target, e))?;
-    let target_version = ServerVersion(num.max(0) as u32);
-    if target_version.support() == Support::TooOld {
+    let server = db::probe(client, target).await?;
+    let target_version = server.version();
+    if server.support == Support::TooOld {
         return Err(RestoreError::UnsupportedTarget {
             target: target_version,
-            detail: Support::TooOld.describe(target_version),
+            detail: server.support.describe(target_version),
         });
     }
     let Some(source) = source_version(manifest) else {
@@ -1112,6 +1105,9 @@ async fn check_target_version(
     )))
 }
 
+/// Checks what can be checked before anything is written; returns the schemas the
+/// backup creates that already exist, empty, in the target (their `CREATE SCHEMA` is
+/// skipped).
 async fn preflight(
     store: &dyn ReadStore,
     client: &Client,
