@@ -102,7 +102,7 @@ pub async fn last_failure(store: &dyn WriteStore) -> Result<Option<FailureRecord
 }
 
 /// Cuts `text` to at most `max` bytes on a character boundary, marking the cut.
-fn shorten(mut text: String, max: usize) -> String {
+pub(crate) fn shorten(mut text: String, max: usize) -> String {
     if text.len() <= max {
         return text;
     }

@@ -78,6 +78,8 @@ pub struct TableVerification {
 
 /// Most failed tables a [`VerificationSummary`] names.
 const SUMMARY_FAILED_TABLES: usize = 10;
+/// Longest error a [`VerificationSummary`] carries (cut on a character boundary).
+const SUMMARY_ERROR_BYTES: usize = 1000;
 
 /// What a verification found, in a size that does not grow with the database (the Lambda
 /// result; Step Functions caps a task result at 256 KiB). The whole record is in the store
@@ -126,13 +128,10 @@ impl Verification {
                 .map(|t| t.name.to_string())
                 .collect(),
             schema_differences: self.schema.as_ref().map_or(0, |s| s.differences.len()),
-            error: self.error.as_ref().map(|e| {
-                let mut cut: String = e.chars().take(1000).collect();
-                if cut.len() < e.len() {
-                    cut.push_str(" [...]");
-                }
-                cut
-            }),
+            error: self
+                .error
+                .clone()
+                .map(|e| crate::failure::shorten(e, SUMMARY_ERROR_BYTES)),
             record: verification_key(&self.backup_id),
         }
     }
