@@ -58,6 +58,18 @@ async fn record_failure(store: &Arc<dyn WriteStore>, event: Value) -> Value {
         .expect("recorded")
 }
 
+/// Deps with 100-row chunks, and the report of a first slice of `event` given 30 s with a
+/// 60 s margin: it exports a range per connection and stops, leaving the run in flight
+/// with its lease held (as a slice that was killed would).
+async fn run_in_flight(db: &TestDatabase, event: Value) -> (Deps, Value) {
+    let mut deps = deps(db).await;
+    deps.options.chunk_rows = 100;
+    let first = handle(LambdaEvent::new(event, lambda_context(30)), &deps)
+        .await
+        .expect("slice");
+    (deps, first)
+}
+
 #[test]
 fn every_sample_event_parses() {
     for (name, event) in sample_events("export.") {
@@ -196,15 +208,8 @@ async fn malformed_events_are_bad_input_and_unknown_runs_fatal_with_nothing_writ
 async fn the_failure_step_records_the_failure_and_frees_the_run_for_the_next_execution() {
     let cluster = TestCluster::from_env();
     let db = cluster.create_database().await;
-    let mut deps = deps(&db).await;
-    deps.options.chunk_rows = 100;
     // A run in flight: one slice done, the lease held.
-    let first = handle(
-        LambdaEvent::new(json!({"mode": "full"}), lambda_context(30)),
-        &deps,
-    )
-    .await
-    .expect("slice");
+    let (deps, first) = run_in_flight(&db, json!({"mode": "full"})).await;
     assert_eq!(first["done"], false);
     let run_id = first["run_id"].as_str().expect("id").to_owned();
     let locked = handle(LambdaEvent::new(json!({}), lambda_context(900)), &deps)
@@ -327,19 +332,13 @@ async fn a_refused_table_fails_the_run_and_the_run_after_the_grant_starts_at_onc
 async fn the_failure_step_releases_a_run_known_only_by_its_execution() {
     let cluster = TestCluster::from_env();
     let db = cluster.create_database().await;
-    let mut deps = deps(&db).await;
-    deps.options.chunk_rows = 100;
     let execution = "arn:aws:states:us-east-1:1:execution:tidemark:killed";
     // One slice that stops early stands for the killed one: the run holds the lease.
-    let first = handle(
-        LambdaEvent::new(
-            json!({"mode": "full", "run_id": null, "execution": execution}),
-            lambda_context(30),
-        ),
-        &deps,
+    let (deps, first) = run_in_flight(
+        &db,
+        json!({"mode": "full", "run_id": null, "execution": execution}),
     )
-    .await
-    .expect("slice");
+    .await;
     assert_eq!(first["done"], false);
     // Another execution refused by the lease first: recorded (nothing else is), lease kept.
     let locked = record_failure(
@@ -369,14 +368,7 @@ async fn the_failure_step_releases_a_run_known_only_by_its_execution() {
 async fn a_locked_run_does_not_overwrite_the_failure_that_locked_it() {
     let cluster = TestCluster::from_env();
     let db = cluster.create_database().await;
-    let mut deps = deps(&db).await;
-    deps.options.chunk_rows = 100;
-    let first = handle(
-        LambdaEvent::new(json!({"mode": "full"}), lambda_context(30)),
-        &deps,
-    )
-    .await
-    .expect("slice");
+    let (deps, first) = run_in_flight(&db, json!({"mode": "full"})).await;
     let run_id = first["run_id"].as_str().expect("id").to_owned();
     // The failure of that run, recorded without releasing (as if the release failed).
     tidemark_core::format::write_doc(
