@@ -458,14 +458,24 @@ pub async fn migrated_copy(
         source,
         &["--schema-only", "--no-owner", "--no-privileges"],
     );
-    // A newer pg_dump than the server (the version matrix) sets what it does not know.
-    let script: String = script
+    let script = fit_client_script(cluster, &script).await;
+    psql_script(cluster, &target.name, user, password, &script);
+    target
+}
+
+/// `script`, written by the client tools' pg_dump or pg_restore, for `cluster`: before
+/// PostgreSQL 17 without the one line pg_dump 18 writes for every server
+/// (`SET transaction_timeout`), which those servers refuse. For the oracles' own scripts
+/// only: what Tidemark stores must run as it is.
+pub async fn fit_client_script(cluster: &TestCluster, script: &str) -> String {
+    if cluster.server_version_num().await >= 170_000 {
+        return script.to_owned();
+    }
+    script
         .lines()
         .filter(|l| !l.starts_with("SET transaction_timeout"))
         .map(|l| format!("{l}\n"))
-        .collect();
-    psql_script(cluster, &target.name, user, password, &script);
-    target
+        .collect()
 }
 
 /// Verifies backup `id` on the cluster; returns the record.

@@ -93,8 +93,8 @@ fn target_cluster() -> TestCluster {
 
 /// What pg_dump 18 (custom format) + pg_restore 18 of `source` make in a new database on
 /// `target`, without owners and grants as Tidemark restores by default. pg_restore writes
-/// a script that psql runs, stopping at the first error; the one line pg_dump 18 writes
-/// for every target (`SET transaction_timeout`, unknown before 17) is left out there.
+/// a script that psql runs, stopping at the first error (fitted to an older target by
+/// [`tidemark_tests::fit_client_script`]).
 async fn pg_restore_copy(
     source_cluster: &TestCluster,
     source: &TestDatabase,
@@ -112,12 +112,8 @@ async fn pg_restore_copy(
         "pg_restore: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let old_target = target.server_version_num().await < 170_000;
-    let script: String = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| !(old_target && l.starts_with("SET transaction_timeout")))
-        .map(|l| format!("{l}\n"))
-        .collect();
+    let script =
+        tidemark_tests::fit_client_script(target, &String::from_utf8_lossy(&out.stdout)).await;
     let copy = target.create_database().await;
     tidemark_tests::psql_script(target, &copy.name, &target.user, &target.password, &script);
     copy
