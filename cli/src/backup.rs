@@ -135,6 +135,15 @@ pub struct RestoreArgs {
     /// by default); objects the older server cannot create then fail by name.
     #[arg(long)]
     allow_older_target: bool,
+    /// Move a sequence that the source held behind its column's largest key past that
+    /// key (by default the restore keeps every sequence exactly as the source had it,
+    /// and names such a sequence in a warning).
+    #[arg(long)]
+    advance_sequences: bool,
+    /// With --data-only: stop at the first table that fails to load (by default every
+    /// other table is loaded, then the failed ones are listed and the exit is non-zero).
+    #[arg(long, requires = "data_only")]
+    exit_on_error: bool,
 }
 
 #[derive(Args)]
@@ -561,6 +570,8 @@ pub async fn restore(global: &GlobalArgs, args: &RestoreArgs) -> Result<(), Stri
         with_privileges: args.with_privileges,
         create_roles: args.roles,
         allow_older_target: args.allow_older_target,
+        advance_sequences: args.advance_sequences,
+        exit_on_error: args.exit_on_error,
         ..RestoreOptions::default()
     };
     let bar = spinner(move || {

@@ -240,6 +240,9 @@ fn check_mode(table: &CatalogTable, mode: TableMode) -> Result<(), CatalogError>
         }
         TableMode::Changes => Ok(()),
         TableMode::Append => match table.key.as_slice() {
+            [(name, _)] if !table.columns.contains(name) => Err(not_possible(
+                "append mode needs a primary key column that is not generated",
+            )),
             [(_, ty)] if matches!(ty.as_str(), "smallint" | "integer" | "bigint") => Ok(()),
             _ => Err(not_possible(
                 "append mode needs a single-column integer primary key (identity or serial)",
@@ -290,7 +293,7 @@ async fn describe(
             "SELECT a.attname, format_type(a.atttypid, a.atttypmod) \
              FROM pg_index i CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY k(attnum, ord) \
              JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
-             WHERE i.indrelid = $1 AND i.indisprimary ORDER BY k.ord",
+             WHERE i.indrelid = $1 AND i.indisprimary AND k.ord <= i.indnkeyatts ORDER BY k.ord",
             &[&oid],
         )
         .await

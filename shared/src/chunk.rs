@@ -284,9 +284,30 @@ pub fn copy_field(line: &[u8], index: usize) -> Option<&[u8]> {
     line.split(|&b| b == b'\t').nth(index)
 }
 
+/// The first `count` fields of a COPY text line, without the tab after them or the
+/// newline (empty for `count` 0; the whole line, less its newline, if it has fewer).
+pub fn leading_fields(line: &[u8], count: usize) -> &[u8] {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    if count == 0 {
+        return &[];
+    }
+    match memchr::memchr_iter(b'\t', line).nth(count - 1) {
+        Some(end) => &line[..end],
+        None => line,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn leading_fields_cut_at_a_tab() {
+        assert_eq!(leading_fields(b"a\tb\\tc\tk\n", 2), b"a\tb\\tc");
+        assert_eq!(leading_fields(b"a\tb\n", 0), b"");
+        assert_eq!(leading_fields(b"a\tb\n", 2), b"a\tb");
+        assert_eq!(leading_fields(b"\t\n", 1), b"");
+    }
 
     #[test]
     fn lines_split_across_blocks() {

@@ -43,7 +43,7 @@ use tokio::sync::Mutex;
 use tokio_postgres::Client;
 
 use crate::catalog::{self, CatalogTable, TableSelection};
-use crate::chunk::{chunk_key, copy_field, ChunkSink, LineSplitter};
+use crate::chunk::{chunk_key, copy_field, leading_fields, ChunkSink, LineSplitter};
 use crate::db::{self, DbError, DbSettings};
 use crate::format::checkpoint::{Checkpoint, GapRange, TableCheckpoint};
 use crate::format::manifest::Manifest;
@@ -752,7 +752,8 @@ async fn prepare_pass(
                 ExportScope::Appended { upto, .. } => upto,
                 _ => None,
             };
-            let mark = append_mark(client, db, &table.name, &table.key[0]).await?;
+            let relation = table.own_rows();
+            let mark = append_mark(client, db, &table.name, &relation, &table.key[0]).await?;
             table.scope = ExportScope::Appended {
                 after,
                 upto: mark.max(after),
@@ -774,15 +775,12 @@ async fn append_mark(
     client: &Client,
     db: &DbSettings,
     table: &TableName,
+    relation: &str,
     key: &str,
 ) -> Result<Option<i64>, RunError> {
     let mark: Option<i64> = client
         .query_one(
-            &format!(
-                "SELECT max({})::int8 FROM {}",
-                quote_ident(key),
-                table.quoted()
-            ),
+            &format!("SELECT max({})::int8 FROM {relation}", quote_ident(key)),
             &[],
         )
         .await
@@ -1250,7 +1248,8 @@ async fn plan_table(
             }
         }
         TableMode::Append => {
-            let mark = append_mark(client, db, &table.name, &table.key[0].0).await?;
+            let relation = table.name.own_rows(table.schema.is_partitioned());
+            let mark = append_mark(client, db, &table.name, &relation, &table.key[0].0).await?;
             match previous {
                 Some((cp, entry)) if cp.append_cursor.is_some() && cp.key_fingerprint.is_some() => {
                     let after = cp.append_cursor;
@@ -1339,7 +1338,7 @@ async fn plan_lanes(
         let sql = format!(
             "SELECT {} FROM {} WHERE {condition} ORDER BY {} OFFSET {} LIMIT 1",
             bound_columns(table),
-            table.name.quoted(),
+            table.own_rows(),
             column_list(&table.key),
             step * i as u64
         );
@@ -1867,7 +1866,7 @@ async fn export_range(
     lane: &Lane,
     seq: u32,
 ) -> Result<(Delta, Lane), RunError> {
-    let name = table.name.quoted();
+    let name = table.own_rows();
     let keys = column_list(&table.key);
     let lower = lane.cursor.as_ref().or(lane.after.as_ref());
     let mut conditions = Vec::new();
@@ -1919,6 +1918,16 @@ async fn export_range(
         ExportScope::Changed { since_xmin } => Some(since_xmin),
         _ => None,
     };
+    // Key columns that are not exported (generated ones, which COPY FROM refuses) are
+    // read after the row's columns, for the key set and the append keys, and cut off the
+    // row before it is written.
+    let hidden_keys: Vec<String> = table
+        .key
+        .iter()
+        .filter(|k| !table.columns.contains(k))
+        .cloned()
+        .collect();
+    let read_columns: Vec<String> = table.columns.iter().chain(&hidden_keys).cloned().collect();
     let select = match changed_since {
         // Everything written at or after the parent's snapshot xmin counts as changed:
         // xmin in the window [since, this snapshot's xmax) of 64-bit xids. xmin is 32-bit,
@@ -1926,30 +1935,24 @@ async fn export_range(
         // Not age(xmin): a frozen row keeps its raw xmin, and one written 2^31 or more
         // xids ago would look newer than the parent and be exported again every time.
         Some(since) => format!(
-            "SELECT {}, (xmin::text::bigint - {low} + {wrap}) % {wrap} \
+            "SELECT {}{}(xmin::text::bigint - {low} + {wrap}) % {wrap} \
                < (SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint - {since}) \
              FROM {name} WHERE {condition}",
-            column_list(&table.columns),
+            column_list(&read_columns),
+            if read_columns.is_empty() { "" } else { ", " },
             low = since % XID_WRAP,
             wrap = XID_WRAP,
         ),
         None => format!(
             "SELECT {} FROM {name} WHERE {condition}",
-            column_list(&table.columns)
+            column_list(&read_columns)
         ),
     };
     let key_positions: Vec<usize> = table
         .key
         .iter()
-        .filter_map(|k| table.columns.iter().position(|c| c == k))
+        .filter_map(|k| read_columns.iter().position(|c| c == k))
         .collect();
-    if key_positions.len() != table.key.len() {
-        return Err(RunError::Table {
-            table: table.name.clone(),
-            detail: "a primary key column is generated; use --table-mode NAME=snapshot".into(),
-            retryable: false,
-        });
-    }
     let collect_append = matches!(table.scope, ExportScope::Appended { .. });
     let mut rows_sink: Option<ChunkSink> = None;
     let mut keys_sink: Option<ChunkSink> = None;
@@ -1963,6 +1966,7 @@ async fn export_range(
         pin_mut!(stream);
         let mut splitter = LineSplitter::default();
         let mut stripped = Vec::new();
+        let mut row = Vec::new();
         let mut key_line = Vec::with_capacity(64);
         while let Some(block) =
             stream
@@ -1971,20 +1975,31 @@ async fn export_range(
                 .map_err(db_err(table, db, "reading COPY data"))?
         {
             for raw in splitter.feed(block) {
-                let (line, export): (&[u8], bool) = match changed_since {
+                let (full, export): (&[u8], bool) = match changed_since {
                     Some(_) => {
-                        // "...\tt\n" or "...\tf\n": strip the flag column.
-                        let changed = raw.len() >= 3 && raw[raw.len() - 2] == b't';
+                        // "...\tt\n" or "...\tf\n" ("t\n" alone with no columns):
+                        // strip the flag column.
+                        let changed = raw.len() >= 2 && raw[raw.len() - 2] == b't';
+                        let flag = if read_columns.is_empty() { 2 } else { 3 };
                         stripped.clear();
-                        stripped.extend_from_slice(&raw[..raw.len().saturating_sub(3)]);
+                        stripped.extend_from_slice(&raw[..raw.len().saturating_sub(flag)]);
                         stripped.push(b'\n');
                         (&stripped, changed)
                     }
                     None => (&raw, true),
                 };
+                // The row as stored: the exported columns only.
+                let line: &[u8] = if hidden_keys.is_empty() {
+                    full
+                } else {
+                    row.clear();
+                    row.extend_from_slice(leading_fields(full, table.columns.len()));
+                    row.push(b'\n');
+                    &row
+                };
                 delta.fingerprint.add_line(line);
                 if collect_append {
-                    if let Some(k) = copy_field(line, key_positions[0])
+                    if let Some(k) = copy_field(full, key_positions[0])
                         .and_then(|f| std::str::from_utf8(f).ok())
                         .and_then(|f| f.parse::<i64>().ok())
                     {
@@ -2003,7 +2018,7 @@ async fn export_range(
                         if i > 0 {
                             key_line.push(b'\t');
                         }
-                        key_line.extend_from_slice(copy_field(line, *pos).unwrap_or_default());
+                        key_line.extend_from_slice(copy_field(full, *pos).unwrap_or_default());
                     }
                     key_line.push(b'\n');
                     let sink = keys_sink
@@ -2111,7 +2126,7 @@ async fn probe_gaps(
             .map(|c| format!("t.{}", quote_ident(c)))
             .collect::<Vec<_>>()
             .join(", "),
-        name = table.name.quoted(),
+        name = table.own_rows(),
     );
     let key_pos = table
         .columns
@@ -2242,7 +2257,7 @@ async fn check_append(
         table,
         &format!(
             "SELECT {key} FROM {} WHERE {key} <= {upto}",
-            table.name.quoted()
+            table.own_rows()
         ),
     )
     .await?;
@@ -2283,7 +2298,7 @@ async fn check_append(
                 &format!(
                     "SELECT {} FROM {} WHERE {key} <= {upto}",
                     column_list(&table.columns),
-                    table.name.quoted()
+                    table.own_rows()
                 ),
             )
             .await?,
@@ -2333,7 +2348,7 @@ async fn export_keyless(
         .copy_out(&format!(
             "COPY (SELECT {} FROM {}) TO STDOUT",
             column_list(&table.columns),
-            table.name.quoted()
+            table.own_rows()
         ))
         .await
         .map_err(db_err(table, db, "starting COPY"))?;

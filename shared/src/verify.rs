@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::chunk::LineSplitter;
 use crate::db::{self, DbError, DbSettings};
-use crate::format::manifest::Manifest;
+use crate::format::manifest::{Manifest, TableEntry};
 use crate::format::{
     quote_ident, read_doc, write_doc, Fingerprint, FingerprintOf, FormatError, TableName,
     FORMAT_VERSION,
@@ -531,7 +531,7 @@ pub async fn compare_restored(
             FingerprintOf::Rows => &entry.columns,
             FingerprintOf::Keys => &entry.key,
         };
-        let actual = table_fingerprint(&client, restored, &entry.name, columns).await?;
+        let actual = table_fingerprint(&client, restored, entry, columns).await?;
         tables.push(TableVerification {
             name: entry.name.clone(),
             ok: actual == entry.fingerprint,
@@ -563,7 +563,7 @@ pub async fn compare_restored(
 pub async fn table_fingerprint(
     client: &tokio_postgres::Client,
     settings: &DbSettings,
-    table: &TableName,
+    table: &TableEntry,
     columns: &[String],
 ) -> Result<Fingerprint, RestoreError> {
     let cols = columns
@@ -572,14 +572,14 @@ pub async fn table_fingerprint(
         .collect::<Vec<_>>()
         .join(", ");
     let err = |e| RestoreError::Table {
-        table: table.clone(),
+        table: table.name.clone(),
         detail: DbError::query("computing the fingerprint", settings, e).to_string(),
         retryable: false,
     };
     let stream = client
         .copy_out(&format!(
             "COPY (SELECT {cols} FROM {}) TO STDOUT",
-            table.quoted()
+            table.own_rows()
         ))
         .await
         .map_err(err)?;

@@ -298,6 +298,11 @@ pub struct TableEntry {
 }
 
 impl TableEntry {
+    /// The table's own rows in SQL (see [`TableName::own_rows`]).
+    pub fn own_rows(&self) -> String {
+        self.name.own_rows(self.schema.is_partitioned())
+    }
+
     /// Whether rows must be filtered by the live key set (older manifests said so by
     /// having key chunks).
     pub fn has_key_set(&self) -> bool {
@@ -326,6 +331,13 @@ pub struct TableSchema {
     pub partition_key: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub partitions: Vec<PartitionDef>,
+}
+
+impl TableSchema {
+    /// A declaratively partitioned table (its rows live in its partitions).
+    pub fn is_partitioned(&self) -> bool {
+        self.kind == "partitioned"
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -135,6 +135,18 @@ impl TableName {
         format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
     }
 
+    /// The table's own rows as a SQL relation: `ONLY "schema"."name"` for an ordinary
+    /// table, so that an inheritance parent never reads (or truncates) its children's
+    /// rows; a partitioned table as is, since its rows are its partitions' (which `ONLY`
+    /// would hide, and `TRUNCATE ONLY` refuses).
+    pub fn own_rows(&self, partitioned: bool) -> String {
+        if partitioned {
+            self.quoted()
+        } else {
+            format!("ONLY {}", self.quoted())
+        }
+    }
+
     /// `schema.name` as one object-key segment: bytes outside `[A-Za-z0-9_-]` are
     /// percent-encoded (so a `.` or `/` inside a name cannot be confused with structure).
     pub fn key_segment(&self) -> String {
@@ -401,6 +413,8 @@ mod tests {
     fn names_quote_and_encode() {
         let t = TableName::new("Sales Data", "order.lines/\"x\"");
         assert_eq!(t.quoted(), "\"Sales Data\".\"order.lines/\"\"x\"\"\"");
+        assert_eq!(t.own_rows(false), format!("ONLY {}", t.quoted()));
+        assert_eq!(t.own_rows(true), t.quoted());
         assert_eq!(t.key_segment(), "Sales%20Data.order%2Elines%2F%22x%22");
         assert_eq!(
             TableName::new("public", "articles").to_string(),

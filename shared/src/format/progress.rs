@@ -206,6 +206,13 @@ pub struct TableProgress {
     pub new_chain: Option<String>,
 }
 
+impl TableProgress {
+    /// The table's own rows in SQL (see [`TableName::own_rows`]).
+    pub fn own_rows(&self) -> String {
+        self.name.own_rows(self.schema.is_partitioned())
+    }
+}
+
 /// One key range of a table that one worker exports, range after range.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Lane {

@@ -74,6 +74,45 @@ pub(super) fn column_list(columns: &[String]) -> String {
         .join(", ")
 }
 
+/// `COPY relation (columns) FROM STDIN`; with no columns (a table that has none, or only
+/// generated ones) no list at all, as pg_dump writes it: COPY then takes every column that
+/// is not generated, which is none, and each empty line is one row.
+pub(super) fn copy_from_stdin(relation: &str, columns: &[String]) -> String {
+    if columns.is_empty() {
+        format!("COPY {relation} FROM STDIN")
+    } else {
+        format!("COPY {relation} ({}) FROM STDIN", column_list(columns))
+    }
+}
+
+/// ` (a, b)` for an `INSERT INTO t (a, b) SELECT ...`, nothing for no columns.
+fn insert_columns(columns: &[String]) -> String {
+    if columns.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", column_list(columns))
+    }
+}
+
+/// Creates `tidemark_chunk`, the empty temporary table a chain's chunk is merged through:
+/// the target's exported columns, or, when the key has generated columns (which chunks
+/// do not hold), a copy of the target with its generation expressions, so that the key
+/// is computed on the way in exactly as the target computes it.
+fn chunk_table_sql(entry: &TableEntry, if_not_exists: bool) -> String {
+    let exists = if if_not_exists { "IF NOT EXISTS " } else { "" };
+    let name = entry.name.quoted();
+    if entry.key.iter().all(|k| entry.columns.contains(k)) {
+        format!(
+            "CREATE TEMP TABLE {exists}tidemark_chunk ON COMMIT DROP AS SELECT {} FROM {name} WITH NO DATA",
+            column_list(&entry.columns)
+        )
+    } else {
+        format!(
+            "CREATE TEMP TABLE {exists}tidemark_chunk (LIKE {name} INCLUDING GENERATED) ON COMMIT DROP"
+        )
+    }
+}
+
 /// A database error while loading `table`: the server's own words.
 pub(super) fn load_error(table: &TableName, what: &str, e: &tokio_postgres::Error) -> RestoreError {
     let retryable = e
@@ -220,7 +259,7 @@ pub(super) async fn load_into(
         }
     };
     let cols = column_list(&entry.columns);
-    let copy = |table: &str| format!("COPY {table} ({cols}) FROM STDIN");
+    let copy = |table: &str| copy_from_stdin(table, &entry.columns);
     let merge = needs_merge(entry);
     if !merge && landing == Landing::Direct {
         let mut rows = 0;
@@ -251,7 +290,7 @@ pub(super) async fn load_into(
             .batch_execute(&format!(
                 "{}; CREATE INDEX ON tidemark_seen ({keys}); {}",
                 shaped("tidemark_seen", &keys),
-                shaped("tidemark_chunk", &cols)
+                chunk_table_sql(entry, false)
             ))
             .await
             .map_err(q("creating the merge tables"))?;
@@ -287,7 +326,8 @@ pub(super) async fn load_into(
     let landed = client
         .execute(
             &format!(
-                "INSERT INTO {name} ({cols}) OVERRIDING SYSTEM VALUE SELECT {cols} FROM {into}"
+                "INSERT INTO {name}{} OVERRIDING SYSTEM VALUE SELECT {cols} FROM {into}",
+                insert_columns(&entry.columns)
             ),
             &[],
         )
@@ -375,7 +415,7 @@ pub(super) async fn merge_chunk(
         store,
         client,
         &entry.name,
-        &format!("COPY tidemark_chunk ({cols}) FROM STDIN"),
+        &copy_from_stdin("tidemark_chunk", &entry.columns),
         chunk,
         meter,
     )
@@ -394,8 +434,9 @@ pub(super) async fn merge_chunk(
     let landed = client
         .execute(
             &format!(
-                "INSERT INTO {into} ({cols}) OVERRIDING SYSTEM VALUE SELECT {cols} FROM tidemark_chunk c \
+                "INSERT INTO {into}{} OVERRIDING SYSTEM VALUE SELECT {cols} FROM tidemark_chunk c \
                  WHERE NOT EXISTS (SELECT 1 FROM {seen} s WHERE {}){live}",
+                insert_columns(&entry.columns),
                 key_join(entry, "s", "c")
             ),
             &[],
@@ -460,10 +501,7 @@ pub(super) async fn merge_step(
     }
     let name = entry.name.quoted();
     client
-        .batch_execute(&format!(
-            "CREATE TEMP TABLE IF NOT EXISTS tidemark_chunk ON COMMIT DROP AS SELECT {} FROM {name} WITH NO DATA",
-            column_list(&entry.columns)
-        ))
+        .batch_execute(&chunk_table_sql(entry, true))
         .await
         .map_err(|e| load_error(&entry.name, "creating the chunk table", &e))?;
     let landed = merge_chunk(store, client, entry, &name, tables, chunk, meter).await?;

@@ -33,6 +33,7 @@ use tokio_postgres::Client;
 use self::data_only::Method;
 use self::load::{load_error, load_into, needs_merge, Landing};
 use crate::catalog::parse_table_name;
+use crate::error_chain;
 use crate::db::{self, DbError, DbSettings, ServerVersion, Support};
 use crate::format::manifest::{Manifest, TableEntry};
 use crate::format::{manifest_key, quote_ident, quote_literal, ChunkRef, FormatError, TableName};
@@ -91,6 +92,13 @@ pub struct RestoreOptions {
     /// Restore into a server of an older major version than the backup's source (refused
     /// otherwise): objects the older server cannot create then fail by name.
     pub allow_older_target: bool,
+    /// Move a sequence that the source held behind its column's largest key past that
+    /// key (off by default: a restore equals the source, and such a sequence is only
+    /// named in a warning).
+    pub advance_sequences: bool,
+    /// With `data_only`: stop at the first table that fails (by default every other
+    /// table is loaded, then the failed ones are listed).
+    pub exit_on_error: bool,
 }
 
 const FINISHED_MARK: &str = "tidemark: restore finished";
@@ -214,6 +222,11 @@ pub enum RestoreError {
         tables: usize,
         /// What the target holds.
         state: &'static str,
+    },
+    #[error("{} of {total} tables failed to load (each rolled back; every other table was loaded): {}", .failed.iter().map(|f| f.tables.len()).sum::<usize>(), .failed.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    TablesFailed {
+        failed: Vec<FailedTables>,
+        total: usize,
     },
     #[error(transparent)]
     Apply(#[from] ApplyError),
@@ -470,7 +483,7 @@ pub async fn restore(
     let whole: Vec<String> = pending
         .iter()
         .filter(|&&t| !lands_by_chunk(&tables[t], opts))
-        .map(|&t| tables[t].name.quoted())
+        .map(|&t| tables[t].own_rows())
         .collect();
     if opts.resume.is_some() && !opts.data_only && !whole.is_empty() {
         // A slice that died mid-table left at most a rolled-back transaction; empty the
@@ -482,18 +495,22 @@ pub async fn restore(
             .map_err(|e| DbError::query("emptying half-loaded tables", target, e))?;
     }
     let mut data_only_note = None;
+    let mut failed_tables = Vec::new();
     let completed = if opts.data_only {
         let plan = data_only::plan(&admin, target, &tables).await?;
         data_only_note = Some(plan.describe());
         warnings.extend(plan.warnings.clone());
         if opts.clean {
-            let names: Vec<String> = tables.iter().map(|t| t.name.quoted()).collect();
+            let names: Vec<String> = tables.iter().map(TableEntry::own_rows).collect();
             admin
                 .batch_execute(&format!("TRUNCATE {}", names.join(", ")))
                 .await
                 .map_err(|e| DbError::query("emptying the target tables (--clean)", target, e))?;
         }
-        load_data_only(store.clone(), target, &tables, &plan, opts, &meter).await?
+        let (completed, failed) =
+            load_data_only(store.clone(), target, &tables, &plan, opts, &meter).await?;
+        failed_tables = failed;
+        completed
     } else {
         let completed = Arc::new(std::sync::Mutex::new(Vec::new()));
         let loaded = load_tables(
@@ -522,7 +539,8 @@ pub async fn restore(
         completed
     };
     let loaded = resume.loaded.len() + completed.len();
-    let mut done = loaded == tables.len();
+    let failed_count: usize = failed_tables.iter().map(|f| f.tables.len()).sum();
+    let mut done = loaded + failed_count == tables.len();
 
     if done && by_chunk_any(&admin).await {
         admin
@@ -533,7 +551,7 @@ pub async fn restore(
     if done {
         set_sequences(&admin, target, manifest, &tables, opts.data_only).await?;
         // Once the keys' indexes exist (post-data), or now if they already do.
-        let catch_up = sequence_catch_up(manifest, &tables);
+        let catch_up = sequence_catch_up(manifest, &tables, opts.advance_sequences);
         if scripts.is_some() {
             apply_opts.finish_queries = catch_up;
         } else {
@@ -591,6 +609,12 @@ pub async fn restore(
     }
     for warning in &warnings {
         tracing::warn!(backup_id = manifest.id, "{warning}");
+    }
+    if !failed_tables.is_empty() {
+        return Err(RestoreError::TablesFailed {
+            failed: failed_tables,
+            total: tables.len(),
+        });
     }
     let bytes = tables
         .iter()
@@ -707,11 +731,7 @@ async fn load_by_chunk(
             .collect(),
         None => entry.chunks.iter().map(|c| (c, false)).collect(),
     };
-    let copy = format!(
-        "COPY {} ({}) FROM STDIN",
-        entry.name.quoted(),
-        load::column_list(&entry.columns)
-    );
+    let copy = load::copy_from_stdin(&entry.name.quoted(), &entry.columns);
     let mut rows = 0;
     for (chunk, is_key) in steps.into_iter().filter(|(c, _)| !landed.contains(&c.key)) {
         if *worked && deadline.is_some_and(|d| Instant::now() >= d) {
@@ -880,7 +900,7 @@ async fn load_data_only(
     plan: &data_only::Plan,
     opts: &RestoreOptions,
     meter: &Arc<RestoreMeter>,
-) -> Result<Vec<TableName>, RestoreError> {
+) -> Result<(Vec<TableName>, Vec<FailedTables>), RestoreError> {
     let all = plan.method == Method::TriggersDisabled;
     // Superuser: independent tables, in parallel. Otherwise groups in order, one by one.
     let worker_count = if all { opts.workers.max(1) } else { 1 };
@@ -891,11 +911,13 @@ async fn load_data_only(
             .collect::<std::collections::VecDeque<_>>(),
     ));
     let completed = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let failed = Arc::new(std::sync::Mutex::new(Vec::new()));
     let tables: Arc<Vec<TableEntry>> = Arc::new(tables.to_vec());
     let plan = Arc::new(plan.clone());
+    let exit_on_error = opts.exit_on_error;
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..worker_count.min(plan.groups.len().max(1)) {
-        let (queue, store, target, meter, tables, plan, completed) = (
+        let (queue, store, target, meter, tables, plan, completed, failed) = (
             queue.clone(),
             store.clone(),
             target.clone(),
@@ -903,6 +925,7 @@ async fn load_data_only(
             tables.clone(),
             plan.clone(),
             completed.clone(),
+            failed.clone(),
         );
         workers.spawn(async move {
             let client = db::connect(&target).await?;
@@ -948,7 +971,24 @@ async fn load_data_only(
                     }
                     Ok(rows)
                 })
-                .await?;
+                .await;
+                // Like pg_restore: a table that fails is rolled back and listed, and
+                // every other table is still loaded (unless --exit-on-error, or the
+                // connection itself is gone).
+                let rows = match rows {
+                    Ok(rows) => rows,
+                    Err(e) if exit_on_error || client.is_closed() => return Err(e),
+                    Err(e) => {
+                        tracing::warn!(table = %first, error = %error_chain(&e), "a table failed to load; going on with the others");
+                        if let Ok(mut failed) = failed.lock() {
+                            failed.push(FailedTables {
+                                tables: group.iter().map(|&t| tables[t].name.clone()).collect(),
+                                error: error_chain(&e),
+                            });
+                        }
+                        continue;
+                    }
+                };
                 meter.rows.fetch_add(rows, Ordering::Relaxed);
                 meter.tables_done.fetch_add(group.len(), Ordering::Relaxed);
                 if let Ok(mut done) = completed.lock() {
@@ -960,7 +1000,23 @@ async fn load_data_only(
     }
     join_all(workers).await?;
     let completed = completed.lock().map(|c| c.clone()).unwrap_or_default();
-    Ok(completed)
+    let failed = failed.lock().map(|f| f.clone()).unwrap_or_default();
+    Ok((completed, failed))
+}
+
+/// Tables of a `--data-only` restore that failed to load together (one group: a table,
+/// or tables whose foreign keys form a cycle), rolled back, and the error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailedTables {
+    pub tables: Vec<TableName>,
+    pub error: String,
+}
+
+impl std::fmt::Display for FailedTables {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<String> = self.tables.iter().map(ToString::to_string).collect();
+        write!(f, "{}: {}", names.join(", "), self.error)
+    }
 }
 
 /// Creates the roles the globals script names that the target lacks (with their
@@ -1189,7 +1245,7 @@ async fn preflight(
             if !opts.clean {
                 let has_rows: bool = client
                     .query_one(
-                        &format!("SELECT EXISTS (SELECT 1 FROM {})", entry.name.quoted()),
+                        &format!("SELECT EXISTS (SELECT 1 FROM {})", entry.own_rows()),
                         &[],
                     )
                     .await
@@ -1225,21 +1281,6 @@ async fn preflight(
     Ok(existing_schemas)
 }
 
-fn is_identity_sequence(
-    manifest_tables: &[TableEntry],
-    owner: &Option<(TableName, String)>,
-) -> bool {
-    owner.as_ref().is_some_and(|(table, column)| {
-        manifest_tables.iter().any(|t| {
-            &t.name == table
-                && t.schema
-                    .columns
-                    .iter()
-                    .any(|c| &c.name == column && c.identity.is_some())
-        })
-    })
-}
-
 /// Sequences a restore of `tables` sets: all of them for a whole restore, those owned
 /// by a restored table for a subset.
 fn wanted_sequence(
@@ -1255,28 +1296,22 @@ fn wanted_sequence(
         .is_some_and(|(t, _)| tables.iter().any(|e| &e.name == t))
 }
 
-/// SQL naming `seq` in the target as text for `to_regclass`: identity sequences get their
-/// names from their table, so they are looked up by column.
-fn sequence_regclass(
-    seq: &crate::format::manifest::SequenceValue,
-    tables: &[TableEntry],
-) -> String {
-    match &seq.owned_by {
-        Some((table, column)) if is_identity_sequence(tables, &seq.owned_by) => format!(
-            "pg_get_serial_sequence({}, {})",
-            quote_literal(&table.quoted()),
-            quote_literal(column)
-        ),
-        _ => quote_literal(&seq.name.quoted()),
-    }
+/// SQL naming `seq` in the target as text for `to_regclass`: the sequence's own name
+/// (pg_dump keeps identity sequences' names), never what a column resolves to — after a
+/// serial column became an identity one, `pg_get_serial_sequence` names the old serial
+/// sequence it still owns, not the identity's.
+fn sequence_regclass(seq: &crate::format::manifest::SequenceValue) -> String {
+    quote_literal(&seq.name.quoted())
 }
 
-/// For each restored serial or identity sequence, a query that moves it past the keys
-/// its column already holds (rows written with explicit keys, or a sequence reset
-/// behind its data), so `nextval` never returns a key the restored data uses; each
-/// row it returns is a warning naming the sequence. Only integer columns, and only
-/// within the sequence's bounds.
-fn sequence_catch_up(manifest: &Manifest, tables: &[TableEntry]) -> Vec<String> {
+/// For each restored serial or identity sequence, a query that finds whether the source
+/// held it behind the keys its column holds (rows written with explicit keys, or a
+/// sequence reset behind its data), so that `nextval` would return a key the data
+/// already uses; each row it returns is a warning naming the sequence. With `advance`
+/// (`--advance-sequences`) it also moves the sequence past those keys, within its
+/// bounds; otherwise the sequence stays exactly as the source had it. Integer columns
+/// only.
+fn sequence_catch_up(manifest: &Manifest, tables: &[TableEntry], advance: bool) -> Vec<String> {
     let mut queries = Vec::new();
     for seq in manifest
         .sequences
@@ -1306,12 +1341,23 @@ fn sequence_catch_up(manifest: &Manifest, tables: &[TableEntry]) -> Vec<String> 
         } else {
             ("min", format!("<= {next}"), format!(">= {}", seq.min_value))
         };
-        let regclass = sequence_regclass(seq, tables);
+        let regclass = sequence_regclass(seq);
+        let (action, outcome) = if advance {
+            (
+                format!("setval(to_regclass({regclass}), m, true)"),
+                "moved past them",
+            )
+        } else {
+            (
+                "m".to_owned(),
+                "left as the source had it (--advance-sequences moves it past them)",
+            )
+        };
         queries.push(format!(
-            "SELECT format('sequence %s was behind the keys in %s: its next value %s is already used (the keys reach %s); moved past them', \
+            "SELECT format('sequence %s was behind the keys in %s: its next value %s is already used (the keys reach %s); {outcome}', \
                {name}, {col}, {next}, m) \
              FROM (SELECT m, CASE WHEN m {used} AND m {bound} \
-                     THEN setval(to_regclass({regclass}), m, true) END AS moved \
+                     THEN {action} END AS moved \
                    FROM (SELECT {extreme}({column})::bigint AS m FROM {table}) d) x \
              WHERE moved IS NOT NULL",
             name = quote_literal(&seq.name.to_string()),
@@ -1335,7 +1381,7 @@ async fn set_sequences(
         .iter()
         .filter(|s| wanted_sequence(s, tables, manifest.tables.len()))
     {
-        let regclass = sequence_regclass(seq, tables);
+        let regclass = sequence_regclass(seq);
         let sql = format!(
             "SELECT setval(to_regclass({regclass}), {}, {}) WHERE to_regclass({regclass}) IS NOT NULL",
             seq.last_value, seq.is_called
