@@ -539,9 +539,15 @@ pub fn psql_script(cluster: &TestCluster, dbname: &str, user: &str, password: &s
 /// root), each with its COPY output sorted: the data oracle.
 pub async fn all_data(settings: &DbSettings) -> std::collections::BTreeMap<String, Vec<String>> {
     let client = tidemark_core::db::connect(settings).await.expect("connect");
-    let tables: Vec<String> = client
+    // An ordinary table's own rows (ONLY: an inheritance parent's children are tables of
+    // their own); a partitioned table's rows are its partitions'. Columns by name: an
+    // inheritance child's column order is not always one CREATE TABLE can reproduce.
+    let tables: Vec<(String, String)> = client
         .query(
-            "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c \
+            "SELECT CASE WHEN c.relkind = 'r' THEN 'ONLY ' ELSE '' END || format('%I.%I', n.nspname, c.relname), \
+                    coalesce((SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY a.attname) FROM pg_attribute a \
+                              WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped), '') \
+             FROM pg_class c \
              JOIN pg_namespace n ON n.oid = c.relnamespace \
              WHERE c.relkind IN ('r', 'p', 'm') AND NOT c.relispartition \
                AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
@@ -552,11 +558,11 @@ pub async fn all_data(settings: &DbSettings) -> std::collections::BTreeMap<Strin
         .await
         .expect("list tables")
         .iter()
-        .map(|r| r.get(0))
+        .map(|r| (r.get(0), r.get(1)))
         .collect();
     let mut out = std::collections::BTreeMap::new();
-    for table in tables {
-        let text = ordered_copy(&client, &format!("SELECT * FROM {table}")).await;
+    for (table, columns) in tables {
+        let text = ordered_copy(&client, &format!("SELECT {columns} FROM {table}")).await;
         let mut lines: Vec<String> = String::from_utf8_lossy(&text)
             .lines()
             .map(str::to_owned)
@@ -623,10 +629,9 @@ pub async fn assert_identical(a: &TestDatabase, b: &TestDatabase) {
 /// Sequences, materialized views' populated state, trigger states and invalid indexes:
 /// what a schema dump does not show.
 ///
-/// A sequence is shown by its options and the next value `nextval` would hand out that
-/// its owning column does not already hold: equal to the source's own next value unless
-/// the source's sequence was behind its keys (rows written with explicit keys), which a
-/// restore moves past them.
+/// A sequence is shown by its options and its exact state (`last_value`, NULL before
+/// its first `nextval`): a restore keeps every sequence as the source had it, also one
+/// the source held behind its column's keys.
 pub async fn state_facts(settings: &DbSettings) -> Vec<String> {
     let client = tidemark_core::db::connect(settings).await.expect("connect");
     let mut facts: Vec<String> = client
@@ -644,49 +649,31 @@ pub async fn state_facts(settings: &DbSettings) -> Vec<String> {
     let sequences = client
         .query(
             "SELECT s.schemaname || '.' || s.sequencename, s.increment_by, s.min_value, s.max_value, \
-                    s.cycle, coalesce(s.last_value + s.increment_by, s.start_value), \
-                    (SELECT format('%s.%s', a.attrelid::regclass, quote_ident(a.attname)) \
-                       FROM pg_depend d JOIN pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid \
-                      WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass \
-                        AND d.deptype IN ('a', 'i') \
-                        AND d.objid = format('%I.%I', s.schemaname, s.sequencename)::regclass \
-                        AND format_type(a.atttypid, a.atttypmod) IN ('smallint', 'integer', 'bigint') \
-                      LIMIT 1) \
-             FROM pg_sequences s",
+                    s.cycle, s.start_value, s.last_value FROM pg_sequences s",
             &[],
         )
         .await
         .expect("sequences");
     for row in sequences {
-        let (name, inc, min, max, cycle, mut next): (String, i64, i64, i64, bool, i64) = (
+        let (name, inc, min, max, cycle, start, last): (
+            String,
+            i64,
+            i64,
+            i64,
+            bool,
+            i64,
+            Option<i64>,
+        ) = (
             row.get(0),
             row.get(1),
             row.get(2),
             row.get(3),
             row.get(4),
             row.get(5),
+            row.get(6),
         );
-        if let Some(column) = row.get::<_, Option<String>>(6) {
-            let (table, col) = column.rsplit_once('.').expect("table.column");
-            let extreme = if inc > 0 { "max" } else { "min" };
-            let used: Option<i64> = client
-                .query_one(
-                    &format!("SELECT {extreme}({col})::bigint FROM {table}"),
-                    &[],
-                )
-                .await
-                .expect("keys")
-                .get(0);
-            if let Some(used) = used {
-                next = if inc > 0 {
-                    next.max(used + inc)
-                } else {
-                    next.min(used + inc)
-                };
-            }
-        }
         facts.push(format!(
-            "sequence {name} increment {inc} min {min} max {max} cycle {cycle} next free {next}"
+            "sequence {name} increment {inc} min {min} max {max} cycle {cycle} start {start} last {last:?}"
         ));
     }
     facts.sort();

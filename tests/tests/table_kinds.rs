@@ -1,0 +1,318 @@
+//! Every relation kind and table feature the catalog can hold (`tests/fixtures/
+//! table_kinds.sql`): inheritance, typed and column-less tables, dropped and generated
+//! columns, keys with generated or INCLUDE columns, unlogged, foreign and RLS tables,
+//! exotic names and types, sequences. The oracles are PostgreSQL's: `pg_dump
+//! --schema-only` of what `pg_dump | psql` makes of the source, sorted `COPY` of every
+//! table read with `ONLY`, and `pg_sequences`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tidemark_core::export::ExportOptions;
+use tidemark_core::restore::{self, BackupSelector, RestoreError, RestoreOptions};
+use tidemark_core::store::S3StoreOptions;
+use tidemark_tests::fixtures::*;
+use tidemark_tests::{
+    all_data, cluster_pg_dump, exec, fit_client_script, migrated_copy, psql_script, restore_fresh,
+    s3_store, schema_dump, state_facts, verify_backup, TestCluster, TestDatabase,
+};
+
+const FIXTURE: &str = include_str!("../fixtures/table_kinds.sql");
+const FIXTURE_15: &str = include_str!("../fixtures/table_kinds_15.sql");
+
+/// Changes between the full and the incremental backup, in every kind of table.
+const CHANGES: &str = r#"
+UPDATE kinds.vehicle SET name = name || ' (updated)' WHERE id % 4 = 0;
+DELETE FROM kinds.vehicle WHERE id IN (3, 5);
+DELETE FROM kinds.car WHERE id = 102;
+UPDATE kinds.sports_car SET top_speed = 999 WHERE id = 201;
+INSERT INTO kinds.owned_car VALUES (303, 'new owned', 4, 'Cid', 'CD-2');
+INSERT INTO kinds.nothing DEFAULT VALUES;
+INSERT INTO kinds.emptied DEFAULT VALUES;
+UPDATE kinds.holes SET v = 'changed' WHERE id = 7;
+DELETE FROM kinds.holes WHERE id = 8;
+UPDATE kinds.gen_key SET b = 'changed' WHERE a % 10 = 0;
+DELETE FROM kinds.gen_key WHERE a = 11;
+INSERT INTO kinds.gen_key (a, b) VALUES (1000, 'new');
+UPDATE kinds.gen_only_key SET v = -v WHERE a < 5;
+DELETE FROM kinds.gen_only_key WHERE a = 6;
+UPDATE kinds.incl SET area = box(point(0, 0), point(9, 9)) WHERE id = 3;
+DELETE FROM kinds.incl WHERE id = 4;
+INSERT INTO kinds.migrated (v) VALUES ('d');
+INSERT INTO kinds.shapes (p) VALUES (point '(5,5)');
+UPDATE kinds."we""ird.table name" SET "Col ""Two""" = 'new "two"' WHERE "col.one" = 1;
+"#;
+
+fn options() -> ExportOptions {
+    ExportOptions {
+        chunk_rows: 50,
+        workers: 2,
+        progress_interval: Duration::ZERO,
+        selection: tidemark_core::catalog::TableSelection {
+            schemas: vec!["kinds".into(), "public".into()],
+            ..Default::default()
+        },
+        ..ExportOptions::default()
+    }
+}
+
+async fn fixture_db(cluster: &TestCluster) -> TestDatabase {
+    let db = cluster.create_database().await;
+    let mut sql = FIXTURE.to_owned();
+    if cluster.server_version_num().await >= 150_000 {
+        sql.push_str(FIXTURE_15);
+    }
+    exec(&db.settings(), &sql).await;
+    exec(&db.settings(), "ANALYZE").await;
+    db
+}
+
+/// What `pg_dump | psql` makes of `source`: the reference for what a restore can be.
+async fn pg_dump_copy(cluster: &TestCluster, source: &TestDatabase) -> TestDatabase {
+    let target = cluster.create_database().await;
+    let script = cluster_pg_dump(cluster, &source.name, &["--no-owner", "--no-privileges"]);
+    let script = fit_client_script(cluster, &script).await;
+    psql_script(
+        cluster,
+        &target.name,
+        &cluster.user,
+        &cluster.password,
+        &script,
+    );
+    target
+}
+
+/// `restored` has the schema `pg_dump | psql` gives the source, and the source's rows and
+/// sequences exactly.
+async fn assert_restores_like_pg_dump(
+    cluster: &TestCluster,
+    source: &TestDatabase,
+    restored: &TestDatabase,
+) {
+    let reference = pg_dump_copy(cluster, source).await;
+    let (want, got) = (
+        schema_dump(cluster, &reference.name),
+        schema_dump(cluster, &restored.name),
+    );
+    if want != got {
+        let w: std::collections::BTreeSet<&str> = want.lines().collect();
+        let g: std::collections::BTreeSet<&str> = got.lines().collect();
+        let mut diff: Vec<String> = w.difference(&g).map(|l| format!("- {l}")).collect();
+        diff.extend(g.difference(&w).map(|l| format!("+ {l}")));
+        panic!("schema differs from pg_dump | psql:\n{}", diff.join("\n"));
+    }
+    let (want, got) = (
+        all_data(&source.settings()).await,
+        all_data(&restored.settings()).await,
+    );
+    assert_eq!(
+        want.keys().collect::<Vec<_>>(),
+        got.keys().collect::<Vec<_>>()
+    );
+    for (table, rows) in &want {
+        assert_eq!(rows, &got[table], "{table}");
+    }
+    assert_eq!(
+        state_facts(&source.settings()).await,
+        state_facts(&restored.settings()).await
+    );
+}
+
+async fn count(db: &TestDatabase, sql: &str) -> i64 {
+    let client = tidemark_core::db::connect(&db.settings())
+        .await
+        .expect("connect");
+    client.query_one(sql, &[]).await.expect(sql).get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_table_kind_round_trips_full_and_incremental() {
+    let cluster = TestCluster::from_env();
+    let db = fixture_db(&cluster).await;
+    let store: Store = Arc::new(s3_store(S3StoreOptions::default()).await);
+    let opts = options();
+
+    let (full, _) = backup(&store, &db, &opts).await;
+    let m = manifest(&store, &full.backup_id).await;
+    let mode = |name: &str| {
+        m.tables
+            .iter()
+            .find(|t| t.name.name == name)
+            .map(|t| (t.mode.to_string(), t.key.clone()))
+            .unwrap_or_else(|| panic!("{name} backed up"))
+    };
+    // Generated and INCLUDE keys back up by default, keyed on the key alone.
+    assert_eq!(
+        mode("gen_key"),
+        ("changes".into(), vec!["a".into(), "g".into()])
+    );
+    assert_eq!(mode("gen_only_key"), ("changes".into(), vec!["k".into()]));
+    assert_eq!(mode("incl"), ("changes".into(), vec!["id".into()]));
+    assert_eq!(mode("nothing").0, "snapshot");
+    // The parent's own rows only.
+    let vehicle = m.tables.iter().find(|t| t.name.name == "vehicle").unwrap();
+    assert_eq!(vehicle.fingerprint.rows, 32);
+
+    let restored = restore_fresh(&store, &cluster, &full.backup_id).await;
+    assert_restores_like_pg_dump(&cluster, &db, &restored).await;
+    assert_eq!(
+        count(&restored, "SELECT count(*) FROM ONLY kinds.vehicle").await,
+        32
+    );
+    assert_eq!(
+        count(&restored, "SELECT count(*) FROM kinds.nothing").await,
+        3
+    );
+    // The identity sequence, not the old serial one it shares the column with, is where
+    // the source left it; so is the one behind its keys.
+    assert_eq!(
+        count(&restored, "SELECT last_value FROM kinds.migrated_id_seq1").await,
+        count(&db, "SELECT last_value FROM kinds.migrated_id_seq1").await
+    );
+    assert_eq!(
+        count(&restored, "SELECT last_value FROM kinds.behind_id_seq").await,
+        1
+    );
+    let record = verify_backup(&store, &cluster, &full.backup_id).await;
+    assert!(record.ok, "{record:?}");
+
+    exec(&db.settings(), CHANGES).await;
+    let (incr, _) = backup(&store, &db, &opts).await;
+    assert_eq!(incr.kind.to_string(), "incremental");
+    let restored = restore_fresh(&store, &cluster, &incr.backup_id).await;
+    assert_restores_like_pg_dump(&cluster, &db, &restored).await;
+    let record = verify_backup(&store, &cluster, &incr.backup_id).await;
+    assert!(record.ok, "{record:?}");
+    assert!(record.schema.as_ref().is_some_and(|s| s.ok), "{record:?}");
+
+    // --advance-sequences moves the sequence the source held behind its keys, and only it.
+    let target = cluster.create_database().await;
+    let manifest =
+        restore::load_manifest(store.as_ref(), &BackupSelector::Id(incr.backup_id.clone()))
+            .await
+            .expect("manifest");
+    let report = restore::restore(
+        store.clone(),
+        &manifest,
+        &target.settings(),
+        &RestoreOptions {
+            advance_sequences: true,
+            ..RestoreOptions::default()
+        },
+    )
+    .await
+    .expect("restore");
+    assert!(
+        report
+            .warnings
+            .iter()
+            .any(|w| w.contains("kinds.behind_id_seq") && w.contains("moved past them")),
+        "{:?}",
+        report.warnings
+    );
+    assert_eq!(
+        count(&target, "SELECT last_value FROM kinds.behind_id_seq").await,
+        11
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_only_loads_every_table_it_can_and_lists_the_failed_ones() {
+    let cluster = TestCluster::from_env();
+    let db = fixture_db(&cluster).await;
+    // A NOT VALID check that a row breaks: a schema-only script creates it before the
+    // data, so loading that table fails.
+    exec(
+        &db.settings(),
+        "CREATE TABLE kinds.checked (id int PRIMARY KEY, v int);
+         INSERT INTO kinds.checked VALUES (1, -1), (2, 2);
+         ALTER TABLE kinds.checked ADD CONSTRAINT v_positive CHECK (v > 0) NOT VALID;",
+    )
+    .await;
+    let store: Store = Arc::new(s3_store(S3StoreOptions::default()).await);
+    let (full, _) = backup(&store, &db, &options()).await;
+    let manifest =
+        restore::load_manifest(store.as_ref(), &BackupSelector::Id(full.backup_id.clone()))
+            .await
+            .expect("manifest");
+    let data_only = |exit_on_error| RestoreOptions {
+        data_only: true,
+        exit_on_error,
+        ..RestoreOptions::default()
+    };
+
+    let target = migrated_copy(&cluster, &db.name, None).await;
+    let err = restore::restore(
+        store.clone(),
+        &manifest,
+        &target.settings(),
+        &data_only(false),
+    )
+    .await
+    .expect_err("kinds.checked cannot load");
+    match &err {
+        RestoreError::TablesFailed { failed, .. } => {
+            assert_eq!(failed.len(), 1, "{err}");
+            assert_eq!(failed[0].tables[0].to_string(), "kinds.checked");
+            assert!(failed[0].error.contains("v_positive"), "{err}");
+        }
+        other => panic!("expected the failed tables listed, got {other}"),
+    }
+    // Every other table holds the source's rows.
+    let (want, got) = (
+        all_data(&db.settings()).await,
+        all_data(&target.settings()).await,
+    );
+    for (table, rows) in &want {
+        if table == "ONLY kinds.checked" || table.starts_with("ONLY kinds.passwd") {
+            continue;
+        }
+        assert_eq!(rows, &got[table], "{table}");
+    }
+    assert_eq!(
+        count(&target, "SELECT count(*) FROM kinds.checked").await,
+        0
+    );
+
+    // --exit-on-error stops at the first failure instead.
+    let target = migrated_copy(&cluster, &db.name, None).await;
+    let err = restore::restore(
+        store.clone(),
+        &manifest,
+        &target.settings(),
+        &data_only(true),
+    )
+    .await
+    .expect_err("stops");
+    assert!(
+        !matches!(err, RestoreError::TablesFailed { .. }) && err.to_string().contains("v_positive"),
+        "{err}"
+    );
+
+    // Without the broken row, --data-only gives the source's data exactly.
+    exec(&db.settings(), "DELETE FROM kinds.checked WHERE v < 0").await;
+    let (second, _) = backup(&store, &db, &options()).await;
+    let manifest = restore::load_manifest(
+        store.as_ref(),
+        &BackupSelector::Id(second.backup_id.clone()),
+    )
+    .await
+    .expect("manifest");
+    let target = migrated_copy(&cluster, &db.name, None).await;
+    restore::restore(
+        store.clone(),
+        &manifest,
+        &target.settings(),
+        &data_only(false),
+    )
+    .await
+    .expect("data-only restore");
+    assert_eq!(
+        all_data(&db.settings()).await,
+        all_data(&target.settings()).await
+    );
+    assert_eq!(
+        state_facts(&db.settings()).await,
+        state_facts(&target.settings()).await
+    );
+}
