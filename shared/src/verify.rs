@@ -550,7 +550,23 @@ pub async fn compare_restored(
             let recorded_pre = crate::schema::load_script(store, &dump.pre_data).await?;
             let recorded_post = crate::schema::load_script(store, &dump.post_data).await?;
             let (pre, post) = compare::dump_sections(tool, restored, &dump.selection).await?;
-            compare::compare(&[&recorded_pre, &recorded_post], &[&pre, &post])
+            let mut check = compare::compare(&[&recorded_pre, &recorded_post], &[&pre, &post]);
+            // Large objects: the source's count and fingerprint in the backup's snapshot.
+            let expected = dump.large_objects_fingerprint.unwrap_or_default();
+            let actual = crate::schema::capture::large_object_fingerprint(&client)
+                .await
+                .map_err(|e| {
+                    RestoreError::from(DbError::query("fingerprinting large objects", restored, e))
+                })?;
+            check.objects += expected.rows as usize;
+            if actual != expected {
+                check.ok = false;
+                check.differences.push(format!(
+                    "different: LARGE OBJECTS ({} in the backup, {} restored, or their contents or comments differ)",
+                    expected.rows, actual.rows
+                ));
+            }
+            check
         }
     };
     Ok((tables, schema))

@@ -324,11 +324,12 @@ async fn descending_and_stepped_identities_restore_exactly() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sequence_behind_its_column_is_moved_past_it() {
+/// Restores the backup of a source whose sequences stand behind their columns' keys
+/// (rows written with explicit keys the sequences never handed out), with or without
+/// `--advance-sequences`; returns the warnings and the state of both sequences.
+async fn restore_sequences_behind(advance: bool) -> (Vec<String>, Vec<(i64, bool)>) {
     let cluster = TestCluster::from_env();
     let db = cluster.create_database().await;
-    // Rows written with explicit keys the sequences never handed out.
     exec(
         &db.settings(),
         "CREATE TABLE up (id serial PRIMARY KEY, v text);
@@ -347,40 +348,56 @@ async fn a_sequence_behind_its_column_is_moved_past_it() {
         store.clone(),
         &m,
         &restored.settings(),
-        &tidemark_core::restore::RestoreOptions::default(),
+        &tidemark_core::restore::RestoreOptions {
+            advance_sequences: advance,
+            ..Default::default()
+        },
     )
     .await
     .expect("restore");
-    for sequence in ["public.up_id_seq", "public.down_id_seq"] {
-        assert!(
-            report
-                .warnings
-                .iter()
-                .any(|w| w.starts_with(&format!("sequence {sequence} was behind"))),
-            "{:?}",
-            report.warnings
-        );
-    }
-    // nextval in the restored database never hands out a key its data already holds.
-    exec(
-        &restored.settings(),
-        "INSERT INTO up (v) VALUES ('next'); INSERT INTO down VALUES (DEFAULT);",
-    )
-    .await;
     let client = tidemark_core::db::connect(&restored.settings())
         .await
         .expect("connect");
-    let up: i32 = client
-        .query_one("SELECT max(id) FROM up", &[])
-        .await
-        .expect("up")
-        .get(0);
-    let down: i32 = client
-        .query_one("SELECT min(id) FROM down", &[])
-        .await
-        .expect("down")
-        .get(0);
-    assert_eq!((up, down), (501, -301));
+    let mut states = Vec::new();
+    for sequence in ["up_id_seq", "down_id_seq"] {
+        let row = client
+            .query_one(
+                &format!("SELECT last_value, is_called FROM {sequence}"),
+                &[],
+            )
+            .await
+            .expect("sequence");
+        states.push((row.get(0), row.get(1)));
+    }
+    (report.warnings, states)
+}
+
+fn warns_of_both(warnings: &[String], outcome: &str) {
+    for sequence in ["public.up_id_seq", "public.down_id_seq"] {
+        assert!(
+            warnings.iter().any(
+                |w| w.starts_with(&format!("sequence {sequence} was behind"))
+                    && w.contains(outcome)
+            ),
+            "{warnings:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sequence_behind_its_column_is_restored_as_the_source_had_it() {
+    let (warnings, states) = restore_sequences_behind(false).await;
+    warns_of_both(&warnings, "left as the source had it");
+    // Exactly the source's: up handed out 1 and 2, down handed out -1.
+    assert_eq!(states, vec![(2, true), (-1, true)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn advance_sequences_moves_a_sequence_past_its_columns_keys() {
+    let (warnings, states) = restore_sequences_behind(true).await;
+    warns_of_both(&warnings, "moved past them");
+    // nextval then never hands out a key the data already holds.
+    assert_eq!(states, vec![(500, true), (-300, true)]);
 }
 
 // --- The transaction counter: a private cluster each, moved with pg_resetwal. ---

@@ -199,9 +199,18 @@ pub struct SchemaDump {
     /// `pg_dumpall --globals-only --no-role-passwords`: roles and tablespaces.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub globals: Option<StoredObject>,
-    /// Large objects in the database at the snapshot (their contents are not backed up).
+    /// Large objects in the database at the snapshot.
     #[serde(default)]
     pub large_objects: u64,
+    /// The large objects, as `pg_dump --data-only -b --exclude-table-data='*.*'` writes them
+    /// in the backup's snapshot: each object's contents, owner, comment and privileges.
+    /// None when the database has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub large_objects_script: Option<StoredObject>,
+    /// Count and fingerprint of the large objects (oid, MD5 of the contents, comment),
+    /// computed by the source in the backup's snapshot; verify compares the restore's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub large_objects_fingerprint: Option<super::Fingerprint>,
 }
 
 impl SchemaDump {
@@ -210,6 +219,7 @@ impl SchemaDump {
         [&self.pre_data, &self.post_data]
             .into_iter()
             .chain(self.globals.as_ref())
+            .chain(self.large_objects_script.as_ref())
     }
 }
 

@@ -186,6 +186,8 @@ pub enum RestoreError {
     TargetSchemaNotEmpty(String),
     #[error("the target server lacks extension(s) {} that the backup needs (not in pg_available_extensions); install them there first", .0.join(", "))]
     MissingExtensions(Vec<String>),
+    #[error("the target already holds {count} of the backup's large objects (oid {first} first); restore into a database without them, or pass --clean with --data-only to replace them")]
+    TargetLargeObjectsExist { count: usize, first: u32 },
     #[error("target has no table {0}; --data-only loads into existing tables")]
     TargetTableMissing(TableName),
     #[error("target table {0} already holds rows; pass --clean to empty it first")]
@@ -547,6 +549,17 @@ pub async fn restore(
             .batch_execute(&format!("DROP SCHEMA IF EXISTS {PROGRESS_SCHEMA} CASCADE"))
             .await
             .map_err(|e| DbError::query("dropping the chunk progress table", target, e))?;
+    }
+    if done && !subset {
+        if let Some(object) = manifest
+            .schema_dump
+            .as_ref()
+            .and_then(|d| d.large_objects_script.as_ref())
+        {
+            let script = schema::load_script(store.as_ref(), object).await?;
+            let applied = restore_large_objects(&admin, target, &script, &known, opts).await?;
+            warnings.extend(applied);
+        }
     }
     if done {
         set_sequences(&admin, target, manifest, &tables, opts.data_only).await?;
@@ -1002,6 +1015,68 @@ async fn load_data_only(
     let completed = completed.lock().map(|c| c.clone()).unwrap_or_default();
     let failed = failed.lock().map(|f| f.clone()).unwrap_or_default();
     Ok((completed, failed))
+}
+
+/// Restores the backup's large objects (contents, comments; owners and privileges with
+/// `with_privileges`) from its large-objects script, in one transaction. Objects of the
+/// backup that the target already holds are replaced when that is what was asked
+/// (`--data-only --clean`) or left by an earlier slice of this restore; otherwise the
+/// restore stops naming them. A `--tables` subset restores none (as `pg_restore -t`).
+async fn restore_large_objects(
+    client: &Client,
+    target: &DbSettings,
+    script: &schema::Script,
+    known: &HashSet<String>,
+    opts: &RestoreOptions,
+) -> Result<Vec<String>, RestoreError> {
+    let oids: Vec<u32> = apply::large_objects(script);
+    let present: Vec<u32> = client
+        .query(
+            "SELECT oid FROM pg_largeobject_metadata WHERE oid = ANY($1)",
+            &[&oids],
+        )
+        .await
+        .map_err(|e| DbError::query("checking the target's large objects", target, e))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if !present.is_empty() {
+        let replace = opts.resume.is_some() || (opts.data_only && opts.clean);
+        if !replace {
+            return Err(RestoreError::TargetLargeObjectsExist {
+                count: present.len(),
+                first: present[0],
+            });
+        }
+        client
+            .execute(
+                "SELECT lo_unlink(oid) FROM pg_largeobject_metadata WHERE oid = ANY($1)",
+                &[&present],
+            )
+            .await
+            .map_err(|e| DbError::query("replacing the target's large objects", target, e))?;
+    }
+    let decide = |entry: &schema::Entry| {
+        if apply::is_large_object_entry(entry) {
+            Decision::Apply
+        } else {
+            Decision::Skip(String::new())
+        }
+    };
+    let applied = apply::apply(
+        client,
+        script,
+        "large objects",
+        &ApplyOptions {
+            with_owners: opts.with_privileges,
+            with_privileges: opts.with_privileges,
+            ..ApplyOptions::default()
+        },
+        known,
+        &decide,
+    )
+    .await?;
+    Ok(applied.warnings)
 }
 
 /// Tables of a `--data-only` restore that failed to load together (one group: a table,

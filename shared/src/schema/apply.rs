@@ -168,6 +168,9 @@ pub async fn apply(
                         .statements
                         .iter()
                         .filter(|s| opts.with_owners || !s.is_owner_change())
+                        // pg_dump wraps each large objects' data entry in its own
+                        // transaction; here it runs inside the restore's.
+                        .filter(|s| !matches!(s.text.trim(), "BEGIN;" | "COMMIT;"))
                         .collect();
                     match decision {
                         Decision::Skip(reason) => {
@@ -255,6 +258,34 @@ pub async fn apply(
 }
 
 /// The extensions a script creates.
+/// The large objects a large-objects script creates (`lo_create('OID')`).
+pub fn large_objects(script: &Script) -> Vec<u32> {
+    let mut oids = Vec::new();
+    for entry in script.entries() {
+        for statement in &entry.statements {
+            let mut rest = statement.text.as_str();
+            while let Some(at) = rest.find("lo_create('") {
+                rest = &rest[at + "lo_create('".len()..];
+                let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+                if let Ok(oid) = digits.parse() {
+                    oids.push(oid);
+                }
+            }
+        }
+    }
+    oids
+}
+
+/// Whether `entry` of a large-objects script belongs to the large objects (its other
+/// entries, pg_dump's `SEQUENCE SET`s of a data-only dump, do not).
+pub fn is_large_object_entry(entry: &Entry) -> bool {
+    match entry.kind.as_str() {
+        "BLOB" | "BLOB METADATA" | "BLOBS" => true,
+        "COMMENT" | "ACL" | "SECURITY LABEL" => entry.name.starts_with("LARGE OBJECT "),
+        _ => false,
+    }
+}
+
 pub fn extensions(script: &Script) -> Vec<String> {
     script
         .entries()

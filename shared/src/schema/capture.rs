@@ -163,11 +163,33 @@ pub async fn capture(
             None
         }
     };
-    if large_objects > 0 {
-        warnings.push(format!(
-            "the database holds {large_objects} large object(s) (pg_largeobject); their contents are not backed up"
-        ));
-    }
+    // Large objects: pg_dump writes them (contents, owner, comment, privileges) only with
+    // data, so a data-only dump of no table's data; nothing at all without any.
+    let large_objects_text = if large_objects > 0 {
+        let args = [
+            "--data-only".to_owned(),
+            "-b".to_owned(),
+            "--exclude-table-data=*.*".to_owned(),
+            format!("--snapshot={}", request.snapshot_id),
+        ];
+        Some(
+            request
+                .tool
+                .run(Program::PgDump, &relay, settings, &args)
+                .await?,
+        )
+    } else {
+        None
+    };
+    let large_objects_fingerprint = if large_objects > 0 {
+        Some(
+            large_object_fingerprint(client)
+                .await
+                .map_err(|e| DbError::query("fingerprinting large objects", settings, e))?,
+        )
+    } else {
+        None
+    };
     let token = uuid::Uuid::new_v4().simple().to_string();
     let key = |name: &str| {
         format!(
@@ -180,6 +202,10 @@ pub async fn capture(
     let post_data = store_script(store, &key("post-data"), post, true, &keep).await?;
     let globals = match globals {
         Some(text) => Some(store_script(store, &key("globals"), text, false, &keep).await?),
+        None => None,
+    };
+    let large_objects_script = match large_objects_text {
+        Some(text) => Some(store_script(store, &key("large-objects"), text, true, &keep).await?),
         None => None,
     };
     tracing::info!(
@@ -197,9 +223,35 @@ pub async fn capture(
             post_data,
             globals,
             large_objects,
+            large_objects_script,
+            large_objects_fingerprint,
         },
         warnings,
     ))
+}
+
+/// Count and fingerprint of the large objects of the database `client` is on, in its
+/// transaction's snapshot: one line per object, its oid, the MD5 of its contents and its
+/// comment.
+///
+/// # Errors
+/// The query's error (e.g. no `SELECT` privilege on an object, as pg_dump would get).
+pub async fn large_object_fingerprint(
+    client: &Client,
+) -> Result<crate::format::Fingerprint, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT format(E'%s\\t%s\\t%s\\n', m.oid, md5(lo_get(m.oid)), \
+                    coalesce(obj_description(m.oid, 'pg_largeobject'), '')) \
+             FROM pg_largeobject_metadata m",
+            &[],
+        )
+        .await?;
+    let mut fingerprint = crate::format::Fingerprint::default();
+    for row in rows {
+        fingerprint.add_line(row.get::<_, String>(0).as_bytes());
+    }
+    Ok(fingerprint)
 }
 
 /// Checks that `text` splits (when `toc`: as a pg_dump script), leaves out the session
