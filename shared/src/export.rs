@@ -312,6 +312,7 @@ pub async fn export_slice(
                     snapshot_id: &snapshot_id,
                     run_id: &run_id,
                     schemas: &schemas,
+                    parent: progress.parent.as_deref(),
                 },
             )
             .await?;
@@ -863,11 +864,12 @@ async fn finalize_run(
     snapshot_id: &str,
 ) -> Result<(), RunError> {
     let slice = shared.slice;
-    let (schema_slice, schemas) = {
+    let (schema_slice, schemas, parent) = {
         let state = shared.state.lock().await;
         (
             state.doc.schema_slice,
             dump_schemas(&opts.selection, &state.doc),
+            state.doc.parent.clone(),
         )
     };
     let mut recaptured = None;
@@ -883,6 +885,7 @@ async fn finalize_run(
                     snapshot_id,
                     run_id: &shared.run_id,
                     schemas: &schemas,
+                    parent: parent.as_deref(),
                 },
             )
             .await?,

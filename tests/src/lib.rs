@@ -542,9 +542,9 @@ pub async fn all_data(settings: &DbSettings) -> std::collections::BTreeMap<Strin
     // An ordinary table's own rows (ONLY: an inheritance parent's children are tables of
     // their own); a partitioned table's rows are its partitions'. Columns by name: an
     // inheritance child's column order is not always one CREATE TABLE can reproduce.
-    let tables: Vec<(String, String)> = client
+    let tables: Vec<(String, bool, String)> = client
         .query(
-            "SELECT CASE WHEN c.relkind = 'r' THEN 'ONLY ' ELSE '' END || format('%I.%I', n.nspname, c.relname), \
+            "SELECT format('%I.%I', n.nspname, c.relname), c.relkind = 'r', \
                     coalesce((SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY a.attname) FROM pg_attribute a \
                               WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped), '') \
              FROM pg_class c \
@@ -558,11 +558,12 @@ pub async fn all_data(settings: &DbSettings) -> std::collections::BTreeMap<Strin
         .await
         .expect("list tables")
         .iter()
-        .map(|r| (r.get(0), r.get(1)))
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect();
     let mut out = std::collections::BTreeMap::new();
-    for (table, columns) in tables {
-        let text = ordered_copy(&client, &format!("SELECT {columns} FROM {table}")).await;
+    for (table, ordinary, columns) in tables {
+        let only = if ordinary { "ONLY " } else { "" };
+        let text = ordered_copy(&client, &format!("SELECT {columns} FROM {only}{table}")).await;
         let mut lines: Vec<String> = String::from_utf8_lossy(&text)
             .lines()
             .map(str::to_owned)

@@ -211,6 +211,10 @@ pub struct SchemaDump {
     /// computed by the source in the backup's snapshot; verify compares the restore's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub large_objects_fingerprint: Option<super::Fingerprint>,
+    /// The same with each object's owner and grants: when the next backup finds the same,
+    /// it keeps this backup's `large_objects_script` instead of dumping them again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub large_objects_state: Option<super::Fingerprint>,
 }
 
 impl SchemaDump {

@@ -258,10 +258,14 @@ pub async fn apply(
 }
 
 /// The extensions a script creates.
-/// The large objects a large-objects script creates (`lo_create('OID')`).
+/// The large objects a large-objects script creates (`lo_create('OID')` in its
+/// `BLOB`/`BLOB METADATA` entries).
 pub fn large_objects(script: &Script) -> Vec<u32> {
     let mut oids = Vec::new();
-    for entry in script.entries() {
+    for entry in script
+        .entries()
+        .filter(|e| matches!(e.kind.as_str(), "BLOB" | "BLOB METADATA"))
+    {
         for statement in &entry.statements {
             let mut rest = statement.text.as_str();
             while let Some(at) = rest.find("lo_create('") {
@@ -663,5 +667,34 @@ COMMENT ON TRIGGER audit ON app.people IS 't';
             ]
         );
         assert!(extensions(&pre).is_empty());
+    }
+
+    #[test]
+    fn a_large_objects_script_names_its_objects() {
+        let script = Script::parse(
+            "--
+-- Name: 16390..424243; Type: BLOB METADATA; Schema: -; Owner: postgres
+--
+
+SELECT pg_catalog.lo_create('16390');
+SELECT pg_catalog.lo_create('424243');
+
+--
+-- Name: LARGE OBJECT 16390; Type: COMMENT; Schema: -; Owner: postgres
+--
+
+COMMENT ON LARGE OBJECT 16390 IS 'lo_create(''1'')';
+
+--
+-- Name: s; Type: SEQUENCE SET; Schema: public; Owner: postgres
+--
+
+SELECT pg_catalog.setval('public.s', 3, true);
+",
+        )
+        .expect("parses");
+        assert_eq!(large_objects(&script), vec![16390, 424243]);
+        let kinds: Vec<bool> = script.entries().map(is_large_object_entry).collect();
+        assert_eq!(kinds, vec![true, true, false]);
     }
 }

@@ -25,6 +25,9 @@ pub struct CaptureRequest<'a> {
     /// Schemas whose objects the backup covers (the selected tables' schemas and their
     /// partitions').
     pub schemas: &'a [String],
+    /// The parent backup of an incremental run: its large-objects script is kept when no
+    /// large object changed since.
+    pub parent: Option<&'a str>,
 }
 
 /// The pg_dump switches that select what a backup's schema holds.
@@ -164,8 +167,28 @@ pub async fn capture(
         }
     };
     // Large objects: pg_dump writes them (contents, owner, comment, privileges) only with
-    // data, so a data-only dump of no table's data; nothing at all without any.
-    let large_objects_text = if large_objects > 0 {
+    // data, so a data-only dump of no table's data; nothing at all without any. When none
+    // changed since the parent backup (same oids, contents, comments, owners and grants),
+    // the parent's script is this backup's too: not dumped or stored again.
+    let (large_objects_fingerprint, large_objects_state) = if large_objects > 0 {
+        let (truth, state) = large_object_fingerprints(client)
+            .await
+            .map_err(|e| DbError::query("fingerprinting large objects", settings, e))?;
+        (Some(truth), Some(state))
+    } else {
+        (None, None)
+    };
+    let unchanged = match (large_objects_state, request.parent) {
+        (Some(state), Some(parent)) => crate::format::manifest::read_manifest(store, parent)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|m| m.schema_dump)
+            .filter(|d| d.large_objects_state == Some(state))
+            .and_then(|d| d.large_objects_script),
+        _ => None,
+    };
+    let large_objects_text = if large_objects > 0 && unchanged.is_none() {
         let args = [
             "--data-only".to_owned(),
             "-b".to_owned(),
@@ -177,15 +200,6 @@ pub async fn capture(
                 .tool
                 .run(Program::PgDump, &relay, settings, &args)
                 .await?,
-        )
-    } else {
-        None
-    };
-    let large_objects_fingerprint = if large_objects > 0 {
-        Some(
-            large_object_fingerprint(client)
-                .await
-                .map_err(|e| DbError::query("fingerprinting large objects", settings, e))?,
         )
     } else {
         None
@@ -204,9 +218,12 @@ pub async fn capture(
         Some(text) => Some(store_script(store, &key("globals"), text, false, &keep).await?),
         None => None,
     };
-    let large_objects_script = match large_objects_text {
-        Some(text) => Some(store_script(store, &key("large-objects"), text, true, &keep).await?),
-        None => None,
+    let large_objects_script = match (unchanged, large_objects_text) {
+        (Some(kept), _) => Some(kept),
+        (None, Some(text)) => {
+            Some(store_script(store, &key("large-objects"), text, true, &keep).await?)
+        }
+        (None, None) => None,
     };
     tracing::info!(
         pg_dump = request.tool.version,
@@ -225,6 +242,7 @@ pub async fn capture(
             large_objects,
             large_objects_script,
             large_objects_fingerprint,
+            large_objects_state,
         },
         warnings,
     ))
@@ -232,26 +250,40 @@ pub async fn capture(
 
 /// Count and fingerprint of the large objects of the database `client` is on, in its
 /// transaction's snapshot: one line per object, its oid, the MD5 of its contents and its
-/// comment.
+/// comment (what a restore brings back whatever its privilege options, and verify
+/// compares).
 ///
 /// # Errors
 /// The query's error (e.g. no `SELECT` privilege on an object, as pg_dump would get).
 pub async fn large_object_fingerprint(
     client: &Client,
 ) -> Result<crate::format::Fingerprint, tokio_postgres::Error> {
+    Ok(large_object_fingerprints(client).await?.0)
+}
+
+/// [`large_object_fingerprint`], and the same with each object's owner and grants (what
+/// tells whether anything pg_dump writes of them changed).
+async fn large_object_fingerprints(
+    client: &Client,
+) -> Result<(crate::format::Fingerprint, crate::format::Fingerprint), tokio_postgres::Error> {
     let rows = client
         .query(
-            "SELECT format(E'%s\\t%s\\t%s\\n', m.oid, md5(lo_get(m.oid)), \
-                    coalesce(obj_description(m.oid, 'pg_largeobject'), '')) \
-             FROM pg_largeobject_metadata m",
+            "SELECT format(E'%s\\t%s\\t%s\\n', m.oid, d.md5, c.comment), \
+                    format(E'%s\\t%s\\t%s\\t%s\\t%s\\n', m.oid, d.md5, c.comment, \
+                           pg_get_userbyid(m.lomowner), coalesce(m.lomacl::text, '')) \
+             FROM pg_largeobject_metadata m \
+             CROSS JOIN LATERAL (SELECT md5(lo_get(m.oid))) d(md5) \
+             CROSS JOIN LATERAL (SELECT coalesce(obj_description(m.oid, 'pg_largeobject'), '')) c(comment)",
             &[],
         )
         .await?;
-    let mut fingerprint = crate::format::Fingerprint::default();
+    let mut truth = crate::format::Fingerprint::default();
+    let mut state = crate::format::Fingerprint::default();
     for row in rows {
-        fingerprint.add_line(row.get::<_, String>(0).as_bytes());
+        truth.add_line(row.get::<_, String>(0).as_bytes());
+        state.add_line(row.get::<_, String>(1).as_bytes());
     }
-    Ok(fingerprint)
+    Ok((truth, state))
 }
 
 /// Checks that `text` splits (when `toc`: as a pg_dump script), leaves out the session
