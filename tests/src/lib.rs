@@ -598,6 +598,17 @@ pub async fn assert_same_data(a: &TestDatabase, b: &TestDatabase) {
 /// views' populated state and trigger states. A schema difference is shown as the lines
 /// only one side has.
 pub async fn assert_identical(a: &TestDatabase, b: &TestDatabase) {
+    assert_same_schema(a, b);
+    assert_same_data(a, b).await;
+    assert_eq!(
+        state_facts(&a.settings()).await,
+        state_facts(&b.settings()).await
+    );
+}
+
+/// `a` and `b` have the same `pg_dump --schema-only` (by the clusters' client tools); a
+/// difference is shown as the lines only one side has.
+pub fn assert_same_schema(a: &TestDatabase, b: &TestDatabase) {
     let (want, got) = (
         schema_dump(&a.cluster, &a.name),
         schema_dump(&b.cluster, &b.name),
@@ -620,11 +631,6 @@ pub async fn assert_identical(a: &TestDatabase, b: &TestDatabase) {
             diff.join("\n")
         );
     }
-    assert_same_data(a, b).await;
-    assert_eq!(
-        state_facts(&a.settings()).await,
-        state_facts(&b.settings()).await
-    );
 }
 
 /// Sequences, materialized views' populated state, trigger states and invalid indexes:

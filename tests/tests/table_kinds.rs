@@ -13,8 +13,8 @@ use tidemark_core::restore::{self, BackupSelector, RestoreError, RestoreOptions}
 use tidemark_core::store::S3StoreOptions;
 use tidemark_tests::fixtures::*;
 use tidemark_tests::{
-    all_data, cluster_pg_dump, exec, fit_client_script, migrated_copy, psql_script, restore_fresh,
-    s3_store, schema_dump, state_facts, verify_backup, TestCluster, TestDatabase,
+    all_data, assert_same_schema, cluster_pg_dump, exec, fit_client_script, migrated_copy,
+    psql_script, restore_fresh, s3_store, state_facts, verify_backup, TestCluster, TestDatabase,
 };
 
 const FIXTURE: &str = include_str!("../fixtures/table_kinds.sql");
@@ -122,17 +122,7 @@ async fn assert_restores_like_pg_dump(
     restored: &TestDatabase,
 ) {
     let reference = pg_dump_copy(cluster, source).await;
-    let (want, got) = (
-        schema_dump(cluster, &reference.name),
-        schema_dump(cluster, &restored.name),
-    );
-    if want != got {
-        let w: std::collections::BTreeSet<&str> = want.lines().collect();
-        let g: std::collections::BTreeSet<&str> = got.lines().collect();
-        let mut diff: Vec<String> = w.difference(&g).map(|l| format!("- {l}")).collect();
-        diff.extend(g.difference(&w).map(|l| format!("+ {l}")));
-        panic!("schema differs from pg_dump | psql:\n{}", diff.join("\n"));
-    }
+    assert_same_schema(&reference, restored);
     let (want, got) = (
         all_data(&source.settings()).await,
         all_data(&restored.settings()).await,
