@@ -378,6 +378,36 @@ async fn data_only_loads_every_table_it_can_and_lists_the_failed_ones() {
         all_data(&target.settings()).await
     );
     assert_eq!(large_objects(&db).await, large_objects(&target).await);
+    // Again with --clean: the tables are emptied and the large objects replaced.
+    let clean = RestoreOptions {
+        clean: true,
+        ..data_only(false)
+    };
+    restore::restore(store.clone(), &manifest, &target.settings(), &clean)
+        .await
+        .expect("data-only --clean restore");
+    assert_eq!(large_objects(&db).await, large_objects(&target).await);
+
+    // A target that already holds one of the backup's large objects is refused before
+    // anything is written.
+    let taken = migrated_copy(&cluster, &db.name, None).await;
+    exec(&taken.settings(), "SELECT lo_create(424242)").await;
+    let err = restore::restore(
+        store.clone(),
+        &manifest,
+        &taken.settings(),
+        &data_only(false),
+    )
+    .await
+    .expect_err("refused");
+    assert!(
+        matches!(
+            err,
+            RestoreError::TargetLargeObjectsExist { first: 424242, .. }
+        ),
+        "{err}"
+    );
+    assert_eq!(count(&taken, "SELECT count(*) FROM kinds.vehicle").await, 0);
     assert_eq!(
         state_facts(&db.settings()).await,
         state_facts(&target.settings()).await

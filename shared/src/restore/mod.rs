@@ -401,6 +401,26 @@ pub async fn restore(
         &resume,
     )
     .await?;
+    // The large objects, checked against the target before anything is written.
+    let large_objects = match manifest
+        .schema_dump
+        .as_ref()
+        .and_then(|d| d.large_objects_script.as_ref())
+    {
+        Some(object) if !subset => {
+            let script = schema::load_script(store.as_ref(), object).await?;
+            let present = present_large_objects(&admin, target, &script).await?;
+            let replace = opts.resume.is_some() || (opts.data_only && opts.clean);
+            if let (Some(first), false) = (present.first(), replace) {
+                return Err(RestoreError::TargetLargeObjectsExist {
+                    count: present.len(),
+                    first: *first,
+                });
+            }
+            Some(script)
+        }
+        _ => None,
+    };
     // Settings the target knows: pg_dump's that it does not are left out.
     let known = apply::known_settings(&admin)
         .await
@@ -550,16 +570,9 @@ pub async fn restore(
             .await
             .map_err(|e| DbError::query("dropping the chunk progress table", target, e))?;
     }
-    if done && !subset {
-        if let Some(object) = manifest
-            .schema_dump
-            .as_ref()
-            .and_then(|d| d.large_objects_script.as_ref())
-        {
-            let script = schema::load_script(store.as_ref(), object).await?;
-            let applied = restore_large_objects(&admin, target, &script, &known, opts).await?;
-            warnings.extend(applied);
-        }
+    if let (true, Some(script)) = (done, &large_objects) {
+        let applied = restore_large_objects(&admin, target, script, &known, opts).await?;
+        warnings.extend(applied);
     }
     if done {
         set_sequences(&admin, target, manifest, &tables, opts.data_only).await?;
@@ -1017,11 +1030,30 @@ async fn load_data_only(
     Ok((completed, failed))
 }
 
+/// Which of the large objects `script` creates the target already holds.
+async fn present_large_objects(
+    client: &Client,
+    target: &DbSettings,
+    script: &schema::Script,
+) -> Result<Vec<u32>, RestoreError> {
+    let oids: Vec<u32> = apply::large_objects(script);
+    Ok(client
+        .query(
+            "SELECT oid FROM pg_largeobject_metadata WHERE oid = ANY($1) ORDER BY oid",
+            &[&oids],
+        )
+        .await
+        .map_err(|e| DbError::query("checking the target's large objects", target, e))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
 /// Restores the backup's large objects (contents, comments; owners and privileges with
 /// `with_privileges`) from its large-objects script, in one transaction. Objects of the
-/// backup that the target already holds are replaced when that is what was asked
-/// (`--data-only --clean`) or left by an earlier slice of this restore; otherwise the
-/// restore stops naming them. A `--tables` subset restores none (as `pg_restore -t`).
+/// backup that the target already holds (the preflight allowed that only for
+/// `--data-only --clean`, or an earlier slice of this restore) are replaced. A `--tables`
+/// subset restores none (as `pg_restore -t`).
 async fn restore_large_objects(
     client: &Client,
     target: &DbSettings,
@@ -1029,25 +1061,8 @@ async fn restore_large_objects(
     known: &HashSet<String>,
     opts: &RestoreOptions,
 ) -> Result<Vec<String>, RestoreError> {
-    let oids: Vec<u32> = apply::large_objects(script);
-    let present: Vec<u32> = client
-        .query(
-            "SELECT oid FROM pg_largeobject_metadata WHERE oid = ANY($1)",
-            &[&oids],
-        )
-        .await
-        .map_err(|e| DbError::query("checking the target's large objects", target, e))?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let present = present_large_objects(client, target, script).await?;
     if !present.is_empty() {
-        let replace = opts.resume.is_some() || (opts.data_only && opts.clean);
-        if !replace {
-            return Err(RestoreError::TargetLargeObjectsExist {
-                count: present.len(),
-                first: present[0],
-            });
-        }
         client
             .execute(
                 "SELECT lo_unlink(oid) FROM pg_largeobject_metadata WHERE oid = ANY($1)",
