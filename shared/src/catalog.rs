@@ -53,7 +53,7 @@ pub struct CatalogTable {
     pub schema: TableSchema,
     /// Exported columns (not generated), in table order.
     pub columns: Vec<String>,
-    /// Primary key columns and their types.
+    /// Primary key columns and their types: the index's key columns, not its `INCLUDE` ones.
     pub key: Vec<(String, String)>,
     /// Heap bytes and estimated rows (all partitions), for sizing chunks.
     pub heap_bytes: i64,
