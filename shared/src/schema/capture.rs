@@ -35,9 +35,10 @@ pub struct CaptureRequest<'a> {
 /// When the backup covers every schema of the database (the usual case), none: pg_dump's
 /// own whole-database output, which restores by hand into a fresh database. Otherwise the
 /// covered schemas (`-n`), every extension (`-e`), and the schemas extensions live in
-/// (their functions and types, not their tables). Large objects are left out (`-B`): their
-/// contents are not backed up, and their bare definitions would restore them empty. A
-/// pg_dump older than 14 has no `-e`: it dumps the whole database.
+/// (their functions and types, not their tables). Large objects are left out (`-B`: a
+/// pg_dump before 17 would put their bare definitions in pre-data): they have a script of
+/// their own, with their contents (see [`capture`]). A pg_dump older than 14 has no `-e`:
+/// it dumps the whole database.
 pub async fn selection(
     client: &Client,
     settings: &DbSettings,
