@@ -140,9 +140,10 @@ pub struct RestoreArgs {
     /// and names such a sequence in a warning).
     #[arg(long)]
     advance_sequences: bool,
-    /// With --data-only: stop at the first table that fails to load (by default every
-    /// other table is loaded, then the failed ones are listed and the exit is non-zero).
-    #[arg(long, requires = "data_only")]
+    /// Stop at the first table that fails to load. A --data-only restore otherwise loads
+    /// every other table, then lists the failed ones and exits non-zero; a whole restore
+    /// always stops at the first failure.
+    #[arg(long)]
     exit_on_error: bool,
 }
 

@@ -393,6 +393,74 @@ async fn restore_and_verify_from_the_cli() {
         &env,
     );
     assert!(clean.status.success(), "{}", stderr(&clean));
+    // A table whose rows the target refuses: every other table is loaded, the failed one
+    // named, the exit non-zero; --exit-on-error stops at it instead.
+    exec(
+        &target.settings(),
+        "ALTER TABLE tags ADD CONSTRAINT small CHECK (n < 10) NOT VALID",
+    )
+    .await;
+    let refused = tidemark(
+        &[
+            "restore",
+            "--target-url",
+            &target_url,
+            "--data-only",
+            "--clean",
+        ],
+        &env,
+    );
+    assert_eq!(refused.status.code(), Some(1), "{}", stdout(&refused));
+    assert!(
+        stderr(&refused).contains("1 of 2 tables failed to load")
+            && stderr(&refused).contains("public.tags")
+            && stderr(&refused).contains("\"small\""),
+        "{}",
+        stderr(&refused)
+    );
+    let client = tidemark_core::db::connect(&target.settings())
+        .await
+        .expect("connect");
+    let counts: (i64, i64) = {
+        let row = client
+            .query_one(
+                "SELECT (SELECT count(*) FROM articles), (SELECT count(*) FROM tags)",
+                &[],
+            )
+            .await
+            .expect("counts");
+        (row.get(0), row.get(1))
+    };
+    assert_eq!(counts, (3000, 0));
+    let stopped = tidemark(
+        &[
+            "restore",
+            "--target-url",
+            &target_url,
+            "--data-only",
+            "--clean",
+            "--exit-on-error",
+        ],
+        &env,
+    );
+    assert_eq!(stopped.status.code(), Some(1));
+    assert!(
+        !stderr(&stopped).contains("failed to load") && stderr(&stopped).contains("public.tags"),
+        "{}",
+        stderr(&stopped)
+    );
+    // --advance-sequences is a restore option like any other.
+    let fresh = cluster.create_database().await;
+    let advanced = tidemark(
+        &[
+            "restore",
+            "--target-url",
+            &fresh.url(SslMode::Require),
+            "--advance-sequences",
+        ],
+        &env,
+    );
+    assert!(advanced.status.success(), "{}", stderr(&advanced));
     let unknown = tidemark(
         &[
             "restore",
