@@ -17,6 +17,7 @@
 //! - [`WriteStore::upload`] streams with bounded memory, whatever the object size.
 
 mod counting;
+mod faults;
 mod local;
 pub mod retry;
 mod s3;
@@ -32,6 +33,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 pub use self::counting::CountingStore;
+pub use self::faults::{Fault, FaultyStore};
 pub use self::local::{readable_by_others, LocalStore};
 pub use self::retry::RetryPolicy;
 pub use self::s3::{S3Store, S3StoreOptions};
