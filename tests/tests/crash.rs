@@ -11,7 +11,7 @@ use std::time::Duration;
 use tidemark_core::export::{export_slice, ExportOptions};
 use tidemark_core::format::TableMode;
 use tidemark_core::manifest::seal_run;
-use tidemark_core::restore::{self, BackupSelector, RestoreOptions};
+use tidemark_core::restore::{self, RestoreOptions};
 use tidemark_core::run::RunError;
 use tidemark_core::store::{Fault, FaultyStore, LocalStore, WriteStore};
 use tidemark_tests::fixtures::*;
@@ -105,9 +105,7 @@ where
 
 /// Restores backup `id` into a fresh database and compares it with `source`.
 async fn assert_restores_source(store: &Store, id: &str, source: &TestDatabase, what: &str) {
-    let manifest = restore::load_manifest(store.as_ref(), &BackupSelector::Id(id.to_owned()))
-        .await
-        .expect("manifest");
+    let manifest = manifest(store, id).await;
     let mut keys: Vec<&str> = manifest.all_chunks().map(|c| c.key.as_str()).collect();
     let total = keys.len();
     keys.sort_unstable();
@@ -206,9 +204,7 @@ async fn a_restore_killed_at_any_store_operation_fails_cleanly_and_runs_again() 
     run_through(store.clone(), &db).await.expect("full");
     exec(&db.settings(), CHANGE).await;
     let id = run_through(store.clone(), &db).await.expect("incremental");
-    let manifest = restore::load_manifest(store.as_ref(), &BackupSelector::Id(id.clone()))
-        .await
-        .expect("manifest");
+    let manifest = manifest(&store, &id).await;
     let restore_through = |s: Store, target: TestDatabase| {
         let manifest = manifest.clone();
         async move {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tidemark_core::export::ExportOptions;
-use tidemark_core::restore::{self, BackupSelector, RestoreError, RestoreOptions};
+use tidemark_core::restore::{self, RestoreError, RestoreOptions};
 use tidemark_core::store::S3StoreOptions;
 use tidemark_tests::fixtures::*;
 use tidemark_tests::{
@@ -253,10 +253,7 @@ async fn every_table_kind_round_trips_full_and_incremental() {
 
     // --advance-sequences moves the sequence the source held behind its keys, and only it.
     let target = cluster.create_database().await;
-    let manifest =
-        restore::load_manifest(store.as_ref(), &BackupSelector::Id(incr.backup_id.clone()))
-            .await
-            .expect("manifest");
+    let manifest = manifest(&store, &incr.backup_id).await;
     let report = restore::restore(
         store.clone(),
         &manifest,
@@ -297,10 +294,7 @@ async fn data_only_loads_every_table_it_can_and_lists_the_failed_ones() {
     .await;
     let store: Store = Arc::new(s3_store(S3StoreOptions::default()).await);
     let (full, _) = backup(&store, &db, &options()).await;
-    let manifest =
-        restore::load_manifest(store.as_ref(), &BackupSelector::Id(full.backup_id.clone()))
-            .await
-            .expect("manifest");
+    let first = manifest(&store, &full.backup_id).await;
     let data_only = |exit_on_error| RestoreOptions {
         data_only: true,
         exit_on_error,
@@ -308,14 +302,9 @@ async fn data_only_loads_every_table_it_can_and_lists_the_failed_ones() {
     };
 
     let target = migrated_copy(&cluster, &db.name, None).await;
-    let err = restore::restore(
-        store.clone(),
-        &manifest,
-        &target.settings(),
-        &data_only(false),
-    )
-    .await
-    .expect_err("kinds.checked cannot load");
+    let err = restore::restore(store.clone(), &first, &target.settings(), &data_only(false))
+        .await
+        .expect_err("kinds.checked cannot load");
     match &err {
         RestoreError::TablesFailed { failed, .. } => {
             assert_eq!(failed.len(), 1, "{err}");
@@ -342,14 +331,9 @@ async fn data_only_loads_every_table_it_can_and_lists_the_failed_ones() {
 
     // --exit-on-error stops at the first failure instead.
     let target = migrated_copy(&cluster, &db.name, None).await;
-    let err = restore::restore(
-        store.clone(),
-        &manifest,
-        &target.settings(),
-        &data_only(true),
-    )
-    .await
-    .expect_err("stops");
+    let err = restore::restore(store.clone(), &first, &target.settings(), &data_only(true))
+        .await
+        .expect_err("stops");
     assert!(
         !matches!(err, RestoreError::TablesFailed { .. }) && err.to_string().contains("v_positive"),
         "{err}"
@@ -358,12 +342,7 @@ async fn data_only_loads_every_table_it_can_and_lists_the_failed_ones() {
     // Without the broken row, --data-only gives the source's data exactly.
     exec(&db.settings(), "DELETE FROM kinds.checked WHERE v < 0").await;
     let (second, _) = backup(&store, &db, &options()).await;
-    let manifest = restore::load_manifest(
-        store.as_ref(),
-        &BackupSelector::Id(second.backup_id.clone()),
-    )
-    .await
-    .expect("manifest");
+    let manifest = manifest(&store, &second.backup_id).await;
     let target = migrated_copy(&cluster, &db.name, None).await;
     restore::restore(
         store.clone(),
