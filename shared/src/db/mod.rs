@@ -7,6 +7,7 @@
 //! settings that change how values are written as text, so a chunk means the same thing on
 //! any server.
 
+pub mod copy;
 pub mod relay;
 mod settings;
 pub mod version;

@@ -1,0 +1,530 @@
+//! One slice of a run: which run it continues, its one snapshot, the lease, and the loop of
+//! work steps until the deadline or the seal.
+
+use super::options::{ExportOptions, SliceReport};
+use super::pass::start_round;
+use super::plan::plan_run;
+use super::seal::{dump_schemas, finalize_run};
+use super::state::{work_left, Shared, Slice, Work};
+use super::worker::worker;
+use crate::db::{self, DbError, DbSettings};
+use crate::format::manifest::Manifest;
+use crate::format::progress::{RunProgress, SliceSnapshot};
+use crate::format::{manifest_key, progress_key, read_doc, write_doc, PgSnapshot, TableName};
+use crate::lease;
+use crate::run::RunError;
+use crate::schema::capture::CaptureRequest;
+use crate::schema::{self, PgDump};
+use crate::store::{CountingStore, ETag, StoreError, WriteCondition, WriteStore};
+use chrono::Utc;
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_postgres::Client;
+
+/// Runs one slice of a backup run.
+///
+/// # Errors
+/// [`RunError::Locked`] when another run holds the lease; catalog errors (unknown table)
+/// and connection errors before anything is written; store and query errors.
+pub async fn export_slice(
+    store: Arc<dyn WriteStore>,
+    db: &DbSettings,
+    opts: &ExportOptions,
+) -> Result<SliceReport, RunError> {
+    let started = Instant::now();
+    let counting = Arc::new(CountingStore::new(store));
+    let store: Arc<dyn WriteStore> = counting.clone();
+
+    let resume = match find_run(store.as_ref(), opts).await? {
+        Found::Sealed(manifest) => return Ok(sealed_report(&manifest, started, counting.count())),
+        Found::Resume(progress) => Some(progress),
+        Found::New => None,
+    };
+    let (mut coordinator, snapshot_id) = open_snapshot(db).await?;
+    // A new run captures the schema: find a fit pg_dump before anything is written.
+    let schema_tool = match resume {
+        Some(_) => None,
+        None => Some(locate_pg_dump(&coordinator, db, opts).await?),
+    };
+    let resumed = resume.is_some();
+    let (mut progress, progress_etag) = match resume {
+        Some((mut progress, etag)) => {
+            progress.slices += 1;
+            (progress, Some(etag))
+        }
+        None => {
+            let planned = plan_run(
+                &mut coordinator,
+                db,
+                store.as_ref(),
+                opts,
+                opts.run_id.clone(),
+            );
+            (planned.await?, None)
+        }
+    };
+    // Every slice cuts chunks the way the run started, whatever this invocation was given.
+    let opts = &ExportOptions {
+        chunk_rows: progress.settings.chunk_rows,
+        chunk_bytes: progress.settings.chunk_bytes,
+        zstd_level: progress.settings.zstd_level,
+        gap_ttl: Duration::from_secs(progress.settings.gap_ttl_secs),
+        ..opts.clone()
+    };
+    let run_id = progress.run_id.clone();
+    let held = lease::acquire(
+        store.as_ref(),
+        &run_id,
+        "backup",
+        &opts.holder,
+        opts.lease_ttl,
+    );
+    let held = held.await?;
+    if resumed {
+        abort_leftover_uploads(store.as_ref(), &run_id).await;
+    }
+    let result = async {
+        if let Some(tool) = &schema_tool {
+            capture_schema(store.as_ref(), &coordinator, db, tool, &snapshot_id, opts, &mut progress)
+                .await?;
+        }
+        record_slice_snapshot(&coordinator, db, &mut progress).await?;
+        let base_requests = progress.store_requests;
+        progress.store_requests = base_requests + counting.count();
+        let condition = match progress_etag {
+            Some(etag) => WriteCondition::IfMatch(etag),
+            None => WriteCondition::IfAbsent,
+        };
+        let etag = write_progress(store.as_ref(), &progress, condition).await?;
+        log_start(opts, &progress);
+        let slice = Slice {
+            snapshot_id: snapshot_id.clone(),
+            lease: held,
+            base_requests,
+            etag,
+        };
+        let shared = Arc::new(Shared::new(store.clone(), counting.clone(), opts, slice, progress));
+        shared.show_tables(&shared.state.lock().await.doc);
+
+        let outcome = work_loop(&shared, &coordinator, db, opts).await;
+        let _ = coordinator.batch_execute("COMMIT").await;
+        if let Err(e) = outcome {
+            // Keep what finished: the next slice resumes from it.
+            if !matches!(e, RunError::LeaseLost { .. } | RunError::Conflict { .. }) {
+                let mut state = shared.state.lock().await;
+                if let Err(flush) = shared.flush(&mut state).await {
+                    tracing::warn!(run_id, error = %flush, "could not save the progress of the failed slice");
+                }
+            }
+            return Err(e);
+        }
+        let mut state = shared.state.lock().await;
+        shared.flush(&mut state).await?;
+        Ok(slice_report(&shared, &state.doc, started))
+    }
+    .await;
+    if let Err(e) = &result {
+        release_after_failure(store.as_ref(), &run_id, e).await;
+    }
+    result
+}
+
+fn log_start(opts: &ExportOptions, progress: &RunProgress) {
+    let left = |deadline: Option<Instant>| {
+        deadline.map(|d| d.saturating_duration_since(Instant::now()).as_secs_f64())
+    };
+    tracing::info!(
+        run_id = progress.run_id,
+        slice = progress.slices,
+        kind = %progress.kind,
+        tables = progress.tables.len(),
+        seconds_left = left(opts.deadline),
+        pass_seconds_left = left(opts.pass_deadline),
+        "export slice started"
+    );
+}
+
+/// Which run a slice is for.
+enum Found {
+    /// The run asked for is sealed already: nothing to do.
+    Sealed(Manifest),
+    /// Continue this run, whose progress document has this ETag.
+    Resume((RunProgress, ETag)),
+    /// Start a new run (under the id asked for, if any).
+    New,
+}
+
+/// Finds the run this slice continues: the one named, else the run of a lease whose
+/// holder died, else none.
+async fn find_run(store: &dyn WriteStore, opts: &ExportOptions) -> Result<Found, RunError> {
+    let Some(run_id) = &opts.run_id else {
+        return match lease::current(store).await? {
+            Some((lease, _)) if lease::is_live(&lease, Utc::now()) => Err(RunError::Locked {
+                run_id: lease.run_id,
+                since: lease.acquired_at,
+                expires: lease.expires_at,
+            }),
+            // The previous holder died: finish its run rather than start another.
+            Some((lease, _)) if lease.operation == "backup" => {
+                if store.head(&manifest_key(&lease.run_id)).await?.is_some() {
+                    return Ok(Found::New);
+                }
+                let progress = read_doc::<RunProgress>(store, &progress_key(&lease.run_id)).await?;
+                Ok(progress.map_or(Found::New, Found::Resume))
+            }
+            _ => Ok(Found::New),
+        };
+    };
+    if let Some((manifest, _)) = read_doc::<Manifest>(store, &manifest_key(run_id)).await? {
+        return Ok(Found::Sealed(manifest));
+    }
+    lease::ensure_free_for(store, run_id).await?;
+    if let Some(found) = read_doc::<RunProgress>(store, &progress_key(run_id)).await? {
+        return Ok(Found::Resume(found));
+    }
+    // A first slice that died between taking the lease and writing its progress: start
+    // the run afresh under the same id.
+    match lease::current(store).await? {
+        Some((lease, _)) if &lease.run_id == run_id => Ok(Found::New),
+        _ => Err(RunError::NoSuchRun {
+            run_id: run_id.clone(),
+        }),
+    }
+}
+
+/// Opens the slice's one snapshot, which its workers and pg_dump import.
+async fn open_snapshot(db: &DbSettings) -> Result<(Client, String), RunError> {
+    let coordinator = db::connect(db).await?;
+    coordinator
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await
+        .map_err(|e| DbError::query("starting the export transaction", db, e))?;
+    let snapshot_id: String = coordinator
+        .query_one("SELECT pg_export_snapshot()", &[])
+        .await
+        .map_err(|e| DbError::query("exporting the snapshot", db, e))?
+        .try_get(0)
+        .map_err(|e| DbError::query("exporting the snapshot", db, e))?;
+    Ok((coordinator, snapshot_id))
+}
+
+/// Finds a pg_dump that can dump this server.
+async fn locate_pg_dump(
+    client: &Client,
+    db: &DbSettings,
+    opts: &ExportOptions,
+) -> Result<PgDump, RunError> {
+    let tool = PgDump::locate(opts.pg_dump.as_deref()).await?;
+    let server: i32 = client
+        .query_one("SELECT current_setting('server_version_num')::int4", &[])
+        .await
+        .and_then(|r| r.try_get(0))
+        .map_err(|e| DbError::query("reading the server version", db, e))?;
+    tool.check_server(server as u32)?;
+    Ok(tool)
+}
+
+/// Captures the schema (and large objects) in the slice's snapshot into the progress.
+async fn capture_schema(
+    store: &dyn WriteStore,
+    client: &Client,
+    db: &DbSettings,
+    tool: &PgDump,
+    snapshot_id: &str,
+    opts: &ExportOptions,
+    progress: &mut RunProgress,
+) -> Result<(), RunError> {
+    let schemas = dump_schemas(&opts.selection, progress);
+    let request = CaptureRequest {
+        tool,
+        settings: db,
+        snapshot_id,
+        run_id: &progress.run_id,
+        schemas: &schemas,
+        parent: progress.parent.as_deref(),
+    };
+    let (dump, warnings) = schema::capture::capture(store, client, &request).await?;
+    for warning in warnings {
+        tracing::warn!(run_id = progress.run_id, "{warning}");
+        progress.warnings.push(warning);
+    }
+    progress.schema_dump = Some(dump);
+    progress.schema_slice = progress.slices;
+    Ok(())
+}
+
+/// All in this slice's one snapshot: the ranges left, then, once every table is exported,
+/// consistency-pass rounds that bring every table to this snapshot.
+async fn work_loop(
+    shared: &Arc<Shared>,
+    coordinator: &Client,
+    db: &DbSettings,
+    opts: &ExportOptions,
+) -> Result<(), RunError> {
+    let slice = shared.slice;
+    loop {
+        let step = {
+            let mut state = shared.state.lock().await;
+            let past_deadline = shared.past_soft_deadline();
+            let step =
+                next_step(&mut state.doc, coordinator, db, opts, slice, past_deadline).await?;
+            let in_round = state.doc.pass.as_ref().is_some_and(|p| p.slice == slice);
+            shared.in_round.store(in_round, Ordering::Relaxed);
+            if let Step::Work(queue) = &step {
+                if let Ok(mut q) = shared.queue.lock() {
+                    *q = queue.clone();
+                }
+                shared.show_tables(&state.doc);
+            }
+            if !matches!(step, Step::Stop) {
+                shared.flush(&mut state).await?;
+            }
+            step
+        };
+        match step {
+            Step::Stop => return Ok(()),
+            Step::Finalize => {
+                return finalize_run(shared, coordinator, db, opts, &shared.snapshot_id).await;
+            }
+            Step::Work(_) => {
+                run_workers(shared, db, opts.workers).await?;
+                if shared.past_deadline() {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// What the slice did, from its counters and the progress document.
+fn slice_report(shared: &Shared, doc: &RunProgress, started: Instant) -> SliceReport {
+    let tables_done = doc.tables.iter().filter(|t| t.done).count();
+    let report = SliceReport {
+        run_id: doc.run_id.clone(),
+        done: doc.consistent_in_slice.is_some() || doc.inconsistent.is_some(),
+        kind: doc.kind,
+        parent: doc.parent.clone(),
+        sealed: false,
+        slice: doc.slices,
+        tables: doc.tables.len(),
+        tables_done,
+        pass_round: doc.pass.as_ref().map(|p| p.round),
+        consistent: match (&doc.consistent_in_slice, &doc.inconsistent) {
+            (Some(_), _) => Some(true),
+            (None, Some(_)) => Some(false),
+            _ => None,
+        },
+        chunks: shared.slice_chunks.load(Ordering::Relaxed),
+        rows: shared.slice_rows.load(Ordering::Relaxed),
+        bytes: shared.slice_bytes.load(Ordering::Relaxed),
+        raw_bytes: shared.slice_raw.load(Ordering::Relaxed),
+        store_requests: shared.counting.count(),
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    tracing::info!(
+        run_id = report.run_id,
+        done = report.done,
+        tables_done,
+        pass_round = report.pass_round,
+        rows = report.rows,
+        bytes = report.bytes,
+        "export slice finished"
+    );
+    report
+}
+
+/// A slice that fails on its own hands the run back at once (its progress is saved): a
+/// plain re-run resumes it instead of waiting out the lease.
+async fn release_after_failure(store: &dyn WriteStore, run_id: &str, error: &RunError) {
+    if matches!(
+        error,
+        RunError::LeaseLost { .. } | RunError::Conflict { .. }
+    ) {
+        return;
+    }
+    match lease::release(store, run_id).await {
+        Ok(_) => tracing::info!(
+            run_id,
+            "lease released after the failure; a re-run resumes this run"
+        ),
+        Err(release) => {
+            tracing::warn!(run_id, error = %release, "could not release the lease after the failure")
+        }
+    }
+}
+
+/// Aborts the multipart uploads a killed slice of this run left unfinished (they are
+/// billed until aborted). A failure here only delays that to prune.
+pub(super) async fn abort_leftover_uploads(store: &dyn WriteStore, run_id: &str) {
+    let prefix = format!("chunks/{run_id}/");
+    match store.incomplete_uploads(&prefix).await {
+        Ok(uploads) => {
+            for upload in &uploads {
+                if let Err(e) = store.abort_upload(upload).await {
+                    tracing::warn!(run_id, key = upload.key, error = %e, "could not abort a leftover upload; prune will");
+                    return;
+                }
+            }
+            if !uploads.is_empty() {
+                tracing::info!(
+                    run_id,
+                    count = uploads.len(),
+                    "aborted the unfinished uploads of an earlier slice"
+                );
+            }
+        }
+        Err(e) => {
+            tracing::warn!(run_id, error = %e, "could not list unfinished uploads; prune will abort them")
+        }
+    }
+}
+
+/// Records the snapshot this slice reads in (and the WAL position), replacing a record
+/// of the same slice number left by a first slice that died.
+pub(super) async fn record_slice_snapshot(
+    client: &Client,
+    db: &DbSettings,
+    progress: &mut RunProgress,
+) -> Result<(), RunError> {
+    let row = client
+        .query_one(
+            "SELECT pg_current_snapshot()::text, \
+                    (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
+                          ELSE pg_current_wal_lsn() END)::text",
+            &[],
+        )
+        .await
+        .map_err(|e| DbError::query("reading the slice's snapshot", db, e))?;
+    let text: String = row.get(0);
+    let snapshot: PgSnapshot = text.parse().map_err(|reason| RunError::Table {
+        table: TableName::new("pg_catalog", "pg_current_snapshot"),
+        detail: reason,
+        retryable: false,
+    })?;
+    let slice = progress.slices;
+    progress.slice_snapshots.retain(|s| s.slice != slice);
+    progress.slice_snapshots.push(SliceSnapshot {
+        slice,
+        snapshot,
+        lsn: row.get(1),
+        taken_at: Utc::now(),
+    });
+    Ok(())
+}
+
+/// Runs `count` workers over the shared queue until it is empty or the deadline passes.
+pub(super) async fn run_workers(
+    shared: &Arc<Shared>,
+    db: &DbSettings,
+    count: usize,
+) -> Result<(), RunError> {
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..count.max(1) {
+        let shared = shared.clone();
+        let db = db.clone();
+        workers.spawn(async move { worker(shared, db).await });
+    }
+    crate::join_workers(workers, |e| {
+        RunError::Store(StoreError::Io {
+            operation: "run export worker for",
+            key: shared.run_id.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })
+    })
+    .await
+}
+
+/// What a slice does next.
+#[derive(Debug, Clone)]
+pub(super) enum Step {
+    /// Export this work (ranges, or a pass round's).
+    Work(VecDeque<Work>),
+    /// Every table is of this slice's snapshot: record it as the backup's moment.
+    Finalize,
+    /// Nothing more in this slice (done, or the next slice starts the next round).
+    Stop,
+}
+
+/// Decides the slice's next step, starting a consistency-pass round when every table's
+/// ranges are exported but the tables are of several snapshots.
+pub(super) async fn next_step(
+    doc: &mut RunProgress,
+    client: &Client,
+    db: &DbSettings,
+    opts: &ExportOptions,
+    slice: u32,
+    past_deadline: bool,
+) -> Result<Step, RunError> {
+    if doc.consistent_in_slice.is_some() || doc.inconsistent.is_some() {
+        return Ok(Step::Stop);
+    }
+    // A round an earlier slice did not finish starts again, from this snapshot.
+    let stale_round = doc.pass.as_ref().is_some_and(|p| p.slice != slice);
+    if !stale_round {
+        let pending = work_left(&doc.tables);
+        if !pending.is_empty() {
+            return Ok(if past_deadline {
+                Step::Stop
+            } else {
+                Step::Work(pending)
+            });
+        }
+        // Every table is exported. Of this slice's snapshot already?
+        let this_slice_only = doc.pass.as_ref().is_some_and(|p| p.slice == slice)
+            || doc.tables.iter().all(|t| t.started_in_slice == slice);
+        if this_slice_only {
+            return Ok(Step::Finalize);
+        }
+    }
+    if past_deadline {
+        return Ok(Step::Stop);
+    }
+    if !start_round(doc, client, db, opts, slice).await? {
+        return Ok(Step::Stop);
+    }
+    let pending = work_left(&doc.tables);
+    Ok(if pending.is_empty() {
+        Step::Finalize
+    } else {
+        Step::Work(pending)
+    })
+}
+
+pub(super) fn sealed_report(manifest: &Manifest, started: Instant, requests: u64) -> SliceReport {
+    SliceReport {
+        run_id: manifest.id.clone(),
+        done: true,
+        kind: manifest.kind,
+        parent: manifest.parent.clone(),
+        sealed: true,
+        slice: manifest.totals.slices,
+        tables: manifest.tables.len(),
+        tables_done: manifest.tables.len(),
+        pass_round: manifest.consistency.as_ref().map(|c| c.pass_rounds),
+        consistent: Some(manifest.is_consistent()),
+        chunks: 0,
+        rows: 0,
+        bytes: 0,
+        raw_bytes: 0,
+        store_requests: requests,
+        seconds: started.elapsed().as_secs_f64(),
+    }
+}
+
+pub(super) async fn write_progress(
+    store: &dyn WriteStore,
+    progress: &RunProgress,
+    condition: WriteCondition,
+) -> Result<ETag, RunError> {
+    match write_doc(store, &progress_key(&progress.run_id), progress, condition).await {
+        Ok(receipt) => Ok(receipt.etag),
+        Err(crate::format::FormatError::Store(StoreError::PreconditionFailed { .. })) => {
+            Err(RunError::Conflict {
+                run_id: progress.run_id.clone(),
+            })
+        }
+        Err(e) => Err(e.into()),
+    }
+}

@@ -1,0 +1,166 @@
+//! The worker pool: one connection each in the slice's snapshot, reconnecting on a dropped
+//! connection, taking work from the shared queue.
+
+use super::append::{check_append, probe_gaps, AppendCheck};
+use super::keyless::export_keyless;
+use super::range::export_range;
+use super::state::{Shared, Work};
+use crate::db::{self, DbError, DbSettings};
+use crate::format::progress::{ExportScope, TableProgress};
+use crate::format::{quote_literal, Fingerprint};
+use crate::run::RunError;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_postgres::Client;
+
+/// Times a worker reconnects in one slice after losing its connection.
+pub(super) const RECONNECTS: u32 = 5;
+
+pub(super) async fn worker(shared: Arc<Shared>, db: DbSettings) -> Result<(), RunError> {
+    let mut client = db::connect(&db).await?;
+    let mut reconnects = 0;
+    while !shared.past_deadline() {
+        let Some(work) = shared.next_work() else {
+            break;
+        };
+        let result = async {
+            import_snapshot(&client, &db, &shared.snapshot_id).await?;
+            do_work(&shared, &client, &db, work).await
+        }
+        .await;
+        let _ = client.batch_execute("COMMIT").await;
+        let Err(err) = result else { continue };
+        if !(client.is_closed() && err.is_retryable()) || reconnects >= RECONNECTS {
+            return Err(err);
+        }
+        // The connection died (backend terminated, server restarted, failover): redo
+        // the work on a new one, in the same snapshot while the coordinator holds it.
+        reconnects += 1;
+        tracing::warn!(run_id = shared.run_id, attempt = reconnects, error = %err, "lost the database connection; redoing the work on a new one");
+        shared.push_front(work);
+        client = reconnect(&db, reconnects).await?;
+        import_snapshot(&client, &db, &shared.snapshot_id)
+            .await
+            .map_err(|e| RunError::SnapshotLost {
+                detail: e.to_string(),
+            })?;
+        let _ = client.batch_execute("COMMIT").await;
+    }
+    Ok(())
+}
+
+pub(super) async fn import_snapshot(
+    client: &Client,
+    db: &DbSettings,
+    snapshot_id: &str,
+) -> Result<(), RunError> {
+    client
+        .batch_execute(&format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+            quote_literal(snapshot_id)
+        ))
+        .await
+        .map_err(|e| DbError::query("importing the snapshot", db, e).into())
+}
+
+/// A new connection after the `attempt`-th loss, waiting a little longer each time for
+/// a restarting server (about a minute in all).
+pub(super) async fn reconnect(db: &DbSettings, attempt: u32) -> Result<Client, RunError> {
+    let started = Instant::now();
+    let mut delay = Duration::from_millis(500 * u64::from(attempt));
+    loop {
+        tokio::time::sleep(delay).await;
+        match db::connect(db).await {
+            Ok(client) => return Ok(client),
+            Err(e) if e.is_retryable() && started.elapsed() < Duration::from_secs(60) => {
+                tracing::warn!(error = %e, "the database is not reachable yet");
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+pub(super) async fn do_work(
+    shared: &Shared,
+    client: &Client,
+    db: &DbSettings,
+    work: Work,
+) -> Result<(), RunError> {
+    match work {
+        Work::Keyless(t) => {
+            // A keyless table has no cursor: it is exported whole within one slice.
+            let mut table = shared.begin(t).await;
+            reset(&mut table, shared.slice);
+            shared.replace(t, table.clone()).await?;
+            let delta = export_keyless(shared, client, db, &table, t).await?;
+            shared.record(t, None, delta, false).await?;
+            shared.mark_done(t).await
+        }
+        Work::Probe(t) => {
+            let table = shared.begin(t).await;
+            let delta = probe_gaps(shared, client, db, &table, t).await?;
+            if shared.record(t, None, delta, true).await? {
+                finalize(shared, client, db, t).await?;
+            }
+            Ok(())
+        }
+        Work::Lane(t, l) => {
+            let table = shared.begin(t).await;
+            let mut lane = table.lanes[l].clone();
+            while !lane.done {
+                if shared.past_deadline() {
+                    return Ok(());
+                }
+                let seq = shared.next_seq(t).await;
+                let (delta, next) = export_range(shared, client, db, &table, &lane, seq).await?;
+                lane = next;
+                if shared
+                    .record(t, Some((l, lane.clone())), delta, false)
+                    .await?
+                {
+                    finalize(shared, client, db, t).await?;
+                }
+            }
+            Ok(())
+        }
+        Work::Finalize(t) => finalize(shared, client, db, t).await,
+    }
+}
+
+/// Clears what a run exported of a table, to export it again.
+pub(super) fn reset(table: &mut TableProgress, slice: u32) {
+    table.chunks.clear();
+    table.key_chunks.clear();
+    table.fingerprint = Fingerprint::default();
+    table.exported_rows = 0;
+    table.gaps.clear();
+    table.key_fingerprint = Fingerprint::default();
+    table.truth = None;
+    table.started_in_slice = slice;
+}
+
+/// All of a table is exported: for an `append` table, take the source's truth and check
+/// the chain against it; then mark it done.
+pub(super) async fn finalize(
+    shared: &Shared,
+    client: &Client,
+    db: &DbSettings,
+    t: usize,
+) -> Result<(), RunError> {
+    let table = shared.begin(t).await;
+    if let ExportScope::Appended { upto, .. } = table.scope {
+        match check_append(shared, client, db, &table, upto).await? {
+            AppendCheck::ExportWhole(whole) => {
+                shared.replace(t, *whole).await?;
+                shared.push_work(Work::Lane(t, 0));
+                return Ok(());
+            }
+            AppendCheck::Truth(truth) => {
+                shared.state.lock().await.doc.tables[t].truth = Some(truth);
+            }
+            AppendCheck::Later => {}
+        }
+    }
+    shared.mark_done(t).await
+}
