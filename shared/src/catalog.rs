@@ -153,44 +153,7 @@ pub async fn discover(
         let name = TableName::new(row.get::<_, String>(1), row.get::<_, String>(2));
         all.insert(name, (row.get(0), row.get(3)));
     }
-    let resolve = |raw: &str| -> Result<TableName, CatalogError> {
-        let (schema, name) = parse_table_name(raw)?;
-        match schema {
-            Some(schema) => {
-                let t = TableName::new(schema, name);
-                if all.contains_key(&t) {
-                    Ok(t)
-                } else {
-                    Err(CatalogError::UnknownTable(t.to_string(), t.schema.clone()))
-                }
-            }
-            None => {
-                let found: Vec<_> = schemas
-                    .iter()
-                    .map(|s| TableName::new(s.clone(), name.clone()))
-                    .filter(|t| all.contains_key(t))
-                    .collect();
-                match found.len() {
-                    1 => Ok(found
-                        .into_iter()
-                        .next()
-                        .unwrap_or_else(|| TableName::new("", ""))),
-                    0 => Err(CatalogError::UnknownTable(
-                        raw.to_owned(),
-                        schemas.join(", "),
-                    )),
-                    _ => Err(CatalogError::Ambiguous(
-                        raw.to_owned(),
-                        found
-                            .iter()
-                            .map(|t| t.schema.clone())
-                            .collect::<Vec<_>>()
-                            .join(", "),
-                    )),
-                }
-            }
-        }
-    };
+    let resolve = |raw: &str| resolve_table(&all, &schemas, raw);
     let chosen: Vec<TableName> = if selection.tables.is_empty() {
         all.keys()
             .filter(|t| schemas.contains(&t.schema))
@@ -228,6 +191,42 @@ pub async fn discover(
     Ok(out)
 }
 
+/// The table `raw` names among `all`: schema-qualified, or in exactly one of `schemas`.
+fn resolve_table<V>(
+    all: &BTreeMap<TableName, V>,
+    schemas: &[String],
+    raw: &str,
+) -> Result<TableName, CatalogError> {
+    let (schema, name) = parse_table_name(raw)?;
+    if let Some(schema) = schema {
+        let t = TableName::new(schema, name);
+        return match all.contains_key(&t) {
+            true => Ok(t),
+            false => Err(CatalogError::UnknownTable(t.to_string(), t.schema.clone())),
+        };
+    }
+    let mut found: Vec<TableName> = schemas
+        .iter()
+        .map(|s| TableName::new(s.clone(), name.clone()))
+        .filter(|t| all.contains_key(t))
+        .collect();
+    match found.len() {
+        0 => Err(CatalogError::UnknownTable(
+            raw.to_owned(),
+            schemas.join(", "),
+        )),
+        1 => Ok(found.remove(0)),
+        _ => Err(CatalogError::Ambiguous(
+            raw.to_owned(),
+            found
+                .iter()
+                .map(|t| t.schema.clone())
+                .collect::<Vec<_>>()
+                .join(", "),
+        )),
+    }
+}
+
 fn check_mode(table: &CatalogTable, mode: TableMode) -> Result<(), CatalogError> {
     let not_possible = |reason: &str| CatalogError::ModeNotPossible {
         table: table.name.clone(),
@@ -251,6 +250,7 @@ fn check_mode(table: &CatalogTable, mode: TableMode) -> Result<(), CatalogError>
     }
 }
 
+/// Reads one table's definition, key, size and identity.
 async fn describe(
     client: &Client,
     settings: &DbSettings,
@@ -258,7 +258,57 @@ async fn describe(
     oid: u32,
     relkind: &str,
 ) -> Result<CatalogTable, CatalogError> {
-    let columns: Vec<ColumnDef> = client
+    let columns = read_columns(client, settings, oid).await?;
+    let key = read_key(client, settings, oid).await?;
+    let indexes = read_indexes(client, settings, oid).await?;
+    let checks = read_constraints(client, settings, oid, Constraints::Check).await?;
+    let foreign_keys = read_constraints(client, settings, oid, Constraints::ForeignKey).await?;
+    let partitioned = relkind == "p";
+    let (partition_key, partitions) = if partitioned {
+        read_partitioning(client, settings, oid).await?
+    } else {
+        (None, Vec::new())
+    };
+    let (heap_bytes, est_rows) = read_size(client, settings, oid).await?;
+    let mode = if key.is_empty() {
+        TableMode::Snapshot
+    } else {
+        TableMode::Changes
+    };
+    let identity = read_identity(client, settings, oid, &key).await?;
+    Ok(CatalogTable {
+        columns: columns
+            .iter()
+            .filter(|c| c.generated.is_none())
+            .map(|c| c.name.clone())
+            .collect(),
+        schema: TableSchema {
+            kind: if partitioned { "partitioned" } else { "table" }.to_owned(),
+            columns,
+            primary_key: key.iter().map(|(n, _)| n.clone()).collect(),
+            indexes,
+            checks,
+            foreign_keys,
+            partition_key,
+            partitions,
+        },
+        name,
+        oid,
+        mode,
+        key,
+        heap_bytes,
+        est_rows,
+        identity,
+    })
+}
+
+/// The table's columns, generated ones with their expression.
+async fn read_columns(
+    client: &Client,
+    settings: &DbSettings,
+    oid: u32,
+) -> Result<Vec<ColumnDef>, CatalogError> {
+    Ok(client
         .query(
             "SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull, \
                     pg_get_expr(d.adbin, d.adrelid), a.attgenerated::text, a.attidentity::text \
@@ -287,8 +337,16 @@ async fn describe(
                 identity,
             }
         })
-        .collect();
-    let key: Vec<(String, String)> = client
+        .collect())
+}
+
+/// The primary key's key columns (not its INCLUDE columns) and their types, in order.
+async fn read_key(
+    client: &Client,
+    settings: &DbSettings,
+    oid: u32,
+) -> Result<Vec<(String, String)>, CatalogError> {
+    Ok(client
         .query(
             "SELECT a.attname, format_type(a.atttypid, a.atttypmod) \
              FROM pg_index i CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY k(attnum, ord) \
@@ -300,8 +358,16 @@ async fn describe(
         .map_err(q(settings, "reading the primary key"))?
         .into_iter()
         .map(|r| (r.get(0), r.get(1)))
-        .collect();
-    let indexes = client
+        .collect())
+}
+
+/// The table's indexes, with the constraints they back.
+async fn read_indexes(
+    client: &Client,
+    settings: &DbSettings,
+    oid: u32,
+) -> Result<Vec<IndexDef>, CatalogError> {
+    Ok(client
         .query(
             "SELECT ic.relname, pg_get_indexdef(i.indexrelid), con.conname, pg_get_constraintdef(con.oid) \
              FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid \
@@ -321,67 +387,88 @@ async fn describe(
                 definition: r.get::<_, Option<String>>(3).unwrap_or_default(),
             }),
         })
-        .collect();
-    let checks = client
-        .query(
+        .collect())
+}
+
+/// Which constraints [`read_constraints`] reads.
+#[derive(Debug, Clone, Copy)]
+enum Constraints {
+    Check,
+    /// Foreign keys declared on the table itself (not those a partition inherits).
+    ForeignKey,
+}
+
+async fn read_constraints(
+    client: &Client,
+    settings: &DbSettings,
+    oid: u32,
+    which: Constraints,
+) -> Result<Vec<ConstraintDef>, CatalogError> {
+    let (sql, what) = match which {
+        Constraints::Check => (
             "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint \
              WHERE conrelid = $1 AND contype = 'c' ORDER BY conname",
-            &[&oid],
-        )
-        .await
-        .map_err(q(settings, "reading check constraints"))?
-        .into_iter()
-        .map(|r| ConstraintDef {
-            name: r.get(0),
-            definition: r.get(1),
-        })
-        .collect();
-    let foreign_keys = client
-        .query(
+            "reading check constraints",
+        ),
+        Constraints::ForeignKey => (
             "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint \
              WHERE conrelid = $1 AND contype = 'f' AND conparentid = 0 ORDER BY conname",
-            &[&oid],
-        )
+            "reading foreign keys",
+        ),
+    };
+    Ok(client
+        .query(sql, &[&oid])
         .await
-        .map_err(q(settings, "reading foreign keys"))?
+        .map_err(q(settings, what))?
         .into_iter()
         .map(|r| ConstraintDef {
             name: r.get(0),
             definition: r.get(1),
         })
+        .collect())
+}
+
+/// A partitioned table's partition key and its partitions (the whole tree).
+async fn read_partitioning(
+    client: &Client,
+    settings: &DbSettings,
+    oid: u32,
+) -> Result<(Option<String>, Vec<PartitionDef>), CatalogError> {
+    let key: Option<String> = client
+        .query_one("SELECT pg_get_partkeydef($1)", &[&oid])
+        .await
+        .map_err(q(settings, "reading the partition key"))?
+        .get(0);
+    let parts = client
+        .query(
+            "SELECT n.nspname, c.relname, pn.nspname, pc.relname, \
+                    pg_get_expr(c.relpartbound, c.oid), \
+                    CASE WHEN c.relkind = 'p' THEN pg_get_partkeydef(c.oid) END \
+             FROM pg_partition_tree($1::oid::regclass) t \
+             JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace \
+             JOIN pg_class pc ON pc.oid = t.parentrelid JOIN pg_namespace pn ON pn.oid = pc.relnamespace \
+             WHERE t.level > 0 ORDER BY t.level, n.nspname, c.relname",
+            &[&oid],
+        )
+        .await
+        .map_err(q(settings, "reading partitions"))?
+        .into_iter()
+        .map(|r| PartitionDef {
+            name: TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)),
+            parent: TableName::new(r.get::<_, String>(2), r.get::<_, String>(3)),
+            bound: r.get(4),
+            partition_key: r.get(5),
+        })
         .collect();
-    let partitioned = relkind == "p";
-    let (partition_key, partitions) = if partitioned {
-        let key: Option<String> = client
-            .query_one("SELECT pg_get_partkeydef($1)", &[&oid])
-            .await
-            .map_err(q(settings, "reading the partition key"))?
-            .get(0);
-        let parts = client
-            .query(
-                "SELECT n.nspname, c.relname, pn.nspname, pc.relname, \
-                        pg_get_expr(c.relpartbound, c.oid), \
-                        CASE WHEN c.relkind = 'p' THEN pg_get_partkeydef(c.oid) END \
-                 FROM pg_partition_tree($1::oid::regclass) t \
-                 JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace \
-                 JOIN pg_class pc ON pc.oid = t.parentrelid JOIN pg_namespace pn ON pn.oid = pc.relnamespace \
-                 WHERE t.level > 0 ORDER BY t.level, n.nspname, c.relname",
-                &[&oid],
-            )
-            .await
-            .map_err(q(settings, "reading partitions"))?
-            .into_iter()
-            .map(|r| PartitionDef {
-                name: TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)),
-                parent: TableName::new(r.get::<_, String>(2), r.get::<_, String>(3)),
-                bound: r.get(4),
-                partition_key: r.get(5),
-            })
-            .collect();
-        (key, parts)
-    } else {
-        (None, Vec::new())
-    };
+    Ok((key, parts))
+}
+
+/// Heap bytes and estimated rows of the table and its partitions.
+async fn read_size(
+    client: &Client,
+    settings: &DbSettings,
+    oid: u32,
+) -> Result<(i64, f64), CatalogError> {
     let size = client
         .query_one(
             // pg_partition_tree lists nothing for an ordinary table: count the table
@@ -394,11 +481,16 @@ async fn describe(
         )
         .await
         .map_err(q(settings, "reading the table size"))?;
-    let mode = if key.is_empty() {
-        TableMode::Snapshot
-    } else {
-        TableMode::Changes
-    };
+    Ok((size.get(0), size.get(1)))
+}
+
+/// What tells this table apart from another of the same name.
+async fn read_identity(
+    client: &Client,
+    settings: &DbSettings,
+    oid: u32,
+    key: &[(String, String)],
+) -> Result<TableIdentity, CatalogError> {
     let identity = TableIdentity {
         oid,
         columns: client
@@ -440,30 +532,7 @@ async fn describe(
             })
             .collect(),
     };
-    Ok(CatalogTable {
-        columns: columns
-            .iter()
-            .filter(|c| c.generated.is_none())
-            .map(|c| c.name.clone())
-            .collect(),
-        schema: TableSchema {
-            kind: if partitioned { "partitioned" } else { "table" }.to_owned(),
-            columns,
-            primary_key: key.iter().map(|(n, _)| n.clone()).collect(),
-            indexes,
-            checks,
-            foreign_keys,
-            partition_key,
-            partitions,
-        },
-        name,
-        oid,
-        mode,
-        key,
-        heap_bytes: size.get(0),
-        est_rows: size.get(1),
-        identity,
-    })
+    Ok(identity)
 }
 
 /// Every sequence of `schemas`, with its value now (sequences are not transactional).

@@ -16,10 +16,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use futures_util::{pin_mut, TryStreamExt};
 use serde::{Deserialize, Serialize};
 
-use crate::chunk::LineSplitter;
+use crate::db::copy::{self, CopyError};
 use crate::db::{self, DbError, DbSettings};
 use crate::format::manifest::{Manifest, TableEntry};
 use crate::format::{
@@ -32,6 +31,7 @@ use crate::restore::{
 use crate::schema::compare::{self, SchemaCheck};
 use crate::schema::{PgDump, SchemaError};
 use crate::store::{ReadStore, WriteCondition, WriteStore};
+use tokio_postgres::Client;
 
 /// Prefix of every scratch database name.
 pub const SCRATCH_PREFIX: &str = "tidemark_verify_";
@@ -260,122 +260,32 @@ pub async fn verify_slice(
         Some(s) => s.clone(),
         None => next_unverified(store.as_ref()).await?,
     };
-    let backup_id = match &selector {
-        BackupSelector::Id(id) => id.clone(),
-        BackupSelector::Latest => String::new(),
-    };
-    let finished = |record: Verification| VerifySlice {
-        backup_id: record.backup_id.clone(),
-        done: true,
-        tables: record.tables.len(),
-        tables_done: record.tables.len(),
-        record: Some(record),
-    };
     let manifest = match restore::load_manifest(store.as_ref(), &selector).await {
         Ok(m) => m,
         // A modified manifest is a failed verification of that backup, recorded as such.
-        Err(e @ RestoreError::ManifestModified { .. }) if !backup_id.is_empty() => {
-            let record = failed(&backup_id, crate::error_chain(&e), started);
-            write_doc(
-                store.as_ref(),
-                &verification_key(&backup_id),
-                &record,
-                WriteCondition::Always,
-            )
-            .await?;
-            return Ok(finished(record));
+        Err(e @ RestoreError::ManifestModified { .. }) => {
+            let BackupSelector::Id(backup_id) = &selector else {
+                return Err(e.into());
+            };
+            let record = failed(backup_id, crate::error_chain(&e), started);
+            return record_verification(store.as_ref(), record).await;
         }
         Err(e) => return Err(e.into()),
     };
     // A backup sealed as mixing moments is not a state the source was ever in.
     if let Some(reason) = manifest.consistency.as_ref().and_then(|c| c.reason.clone()) {
-        let record = failed(
-            &manifest.id,
-            format!("backup {} is not one point in time: {reason}", manifest.id),
-            started,
-        );
-        write_doc(
-            store.as_ref(),
-            &verification_key(&manifest.id),
-            &record,
-            WriteCondition::Always,
-        )
-        .await?;
-        return Ok(finished(record));
+        let error = format!("backup {} is not one point in time: {reason}", manifest.id);
+        let record = failed(&manifest.id, error, started);
+        return record_verification(store.as_ref(), record).await;
     }
     // Find pg_dump before creating anything: without it the schema cannot be compared.
     let tool = PgDump::locate(opts.pg_dump.as_deref()).await?;
     let admin = db::connect(server).await?;
     let key = state_key(&manifest.id);
-    let previous = read_doc::<VerifyState>(store.as_ref(), &key)
-        .await?
-        .map(|(s, _)| s);
-    let resumable = match &previous {
-        Some(state) => admin
-            .query_opt(
-                "SELECT 1 FROM pg_database WHERE datname = $1",
-                &[&state.scratch],
-            )
-            .await
-            .map_err(|e| DbError::query("looking for the scratch database", server, e))?
-            .is_some(),
-        None => false,
-    };
-    let mut state = match previous {
-        Some(state) if resumable && state.resume.schema_applied => state,
-        previous => {
-            // A slice killed before it recorded the schema as applied left a scratch
-            // database in an unknown state: drop it and start again.
-            if let Some(stale) = previous.filter(|_| resumable) {
-                admin
-                    .batch_execute(&format!(
-                        "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                        quote_ident(&stale.scratch)
-                    ))
-                    .await
-                    .map_err(|e| DbError::query("dropping a stale scratch database", server, e))?;
-            }
-            sweep_stale(&admin, server, opts.stale_after).await?;
-            let scratch = format!(
-                "{SCRATCH_PREFIX}{}_{}",
-                manifest
-                    .id
-                    .to_lowercase()
-                    .replace(|c: char| !c.is_ascii_alphanumeric(), "_"),
-                Utc::now().timestamp()
-            );
-            // From template0: nothing but what the backup restores is in it.
-            admin
-                .batch_execute(&format!(
-                    "CREATE DATABASE {} TEMPLATE template0",
-                    quote_ident(&scratch)
-                ))
-                .await
-                .map_err(|e| DbError::query("creating the scratch database", server, e))?;
-            tracing::info!(
-                backup_id = manifest.id,
-                scratch,
-                "verification restore started"
-            );
-            let state = VerifyState {
-                version: FORMAT_VERSION,
-                backup_id: manifest.id.clone(),
-                scratch,
-                resume: ResumePoint::default(),
-                restored: false,
-                restore_seconds: 0.0,
-                rows: 0,
-            };
-            // Recorded at once, so a slice killed from here on leaves a scratch database
-            // the next slice finds (and reuses or drops), never an orphan.
-            write_doc(store.as_ref(), &key, &state, WriteCondition::Always).await?;
-            state
-        }
-    };
+    let (mut state, resumable) =
+        scratch_state(store.as_ref(), &admin, server, &manifest, opts).await?;
     let scratch = server.with_dbname(&state.scratch);
     let meter = Arc::new(RestoreMeter::default());
-    let restore_started = Instant::now();
-    let mut outcome: Result<(), VerifyError> = Ok(());
     if !state.restored && resumable {
         // A slice that died after the restore finished (the mark is committed with the
         // post-data section) leaves only the comparison to do.
@@ -384,44 +294,25 @@ pub async fn verify_slice(
             .await
             .map_err(|e| DbError::query("reading the scratch database's state", server, e))?;
     }
+    let mut outcome: Result<(), VerifyError> = Ok(());
     if !state.restored {
-        let restore_opts = RestoreOptions {
-            workers: opts.workers,
-            resume: Some(state.resume.clone()),
-            deadline: opts.deadline,
-            mark_finished: true,
-            meter: Some(meter.clone()),
-            ..RestoreOptions::default()
-        };
-        match restore::restore(store.clone(), &manifest, &scratch, &restore_opts).await {
-            Ok(report) => {
-                state.restore_seconds += report.seconds;
-                state.rows += report.rows;
-                state.resume.schema_applied = report.schema_applied;
-                state.resume.loaded.extend(report.completed);
-                state.restored = report.done;
-                write_doc(store.as_ref(), &key, &state, WriteCondition::Always).await?;
-                if !report.done {
-                    tracing::info!(
-                        backup_id = manifest.id,
-                        tables_done = state.resume.loaded.len(),
-                        "verification slice ends; the next continues"
-                    );
-                    return Ok(VerifySlice {
-                        backup_id: manifest.id.clone(),
-                        done: false,
-                        record: None,
-                        tables: manifest.tables.len(),
-                        tables_done: state.resume.loaded.len(),
-                    });
-                }
+        match restore_scratch(store.clone(), &manifest, &scratch, &mut state, opts, &meter).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::info!(
+                    backup_id = manifest.id,
+                    tables_done = state.resume.loaded.len(),
+                    "verification slice ends; the next continues"
+                );
+                return Ok(VerifySlice {
+                    backup_id: manifest.id.clone(),
+                    done: false,
+                    record: None,
+                    tables: manifest.tables.len(),
+                    tables_done: state.resume.loaded.len(),
+                });
             }
-            Err(e) => {
-                // What the restore got done before it failed is part of the record.
-                state.restore_seconds += restore_started.elapsed().as_secs_f64();
-                state.rows += meter.rows.load(Ordering::Relaxed);
-                outcome = Err(e.into());
-            }
+            Err(e) => outcome = Err(e),
         }
     }
     let outcome = match outcome {
@@ -429,13 +320,7 @@ pub async fn verify_slice(
         Err(e) => Err(e),
     };
     // Finished, one way or the other: always drop the scratch database.
-    if let Err(e) = admin
-        .batch_execute(&format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            quote_ident(&state.scratch)
-        ))
-        .await
-    {
+    if let Err(e) = drop_scratch(&admin, &state.scratch).await {
         tracing::warn!(scratch = state.scratch, error = %e, "could not drop the scratch database; the next verification sweeps it");
     }
     let record = match outcome {
@@ -452,21 +337,150 @@ pub async fn verify_slice(
             return Err(e);
         }
     };
-    write_doc(
-        store.as_ref(),
-        &verification_key(&manifest.id),
-        &record,
-        WriteCondition::Always,
-    )
-    .await?;
+    let finished = record_verification(store.as_ref(), record).await?;
     store.delete(&key).await.map_err(FormatError::from)?;
-    tracing::info!(
-        backup_id = record.backup_id,
-        ok = record.ok,
-        restore_seconds = record.restore_seconds,
-        "verification finished"
+    if let Some(record) = &finished.record {
+        tracing::info!(
+            backup_id = record.backup_id,
+            ok = record.ok,
+            restore_seconds = record.restore_seconds,
+            "verification finished"
+        );
+    }
+    Ok(finished)
+}
+
+/// Restores the backup into the scratch database until the deadline, recording how far
+/// it got; returns whether the restore is finished. A failed restore's figures stay in
+/// `state` for the record.
+async fn restore_scratch(
+    store: Arc<dyn WriteStore>,
+    manifest: &Manifest,
+    scratch: &DbSettings,
+    state: &mut VerifyState,
+    opts: &VerifyOptions,
+    meter: &Arc<RestoreMeter>,
+) -> Result<bool, VerifyError> {
+    let started = Instant::now();
+    let restore_opts = RestoreOptions {
+        workers: opts.workers,
+        resume: Some(state.resume.clone()),
+        deadline: opts.deadline,
+        mark_finished: true,
+        meter: Some(meter.clone()),
+        ..RestoreOptions::default()
+    };
+    match restore::restore(store.clone(), manifest, scratch, &restore_opts).await {
+        Ok(report) => {
+            state.restore_seconds += report.seconds;
+            state.rows += report.rows;
+            state.resume.schema_applied = report.schema_applied;
+            state.resume.loaded.extend(report.completed);
+            state.restored = report.done;
+            let key = state_key(&manifest.id);
+            write_doc(store.as_ref(), &key, state, WriteCondition::Always).await?;
+            Ok(report.done)
+        }
+        Err(e) => {
+            // What the restore got done before it failed is part of the record.
+            state.restore_seconds += started.elapsed().as_secs_f64();
+            state.rows += meter.rows.load(Ordering::Relaxed);
+            Err(e.into())
+        }
+    }
+}
+
+/// Writes the verification record of a backup: the slice that does is the last.
+async fn record_verification(
+    store: &dyn WriteStore,
+    record: Verification,
+) -> Result<VerifySlice, VerifyError> {
+    let key = verification_key(&record.backup_id);
+    write_doc(store, &key, &record, WriteCondition::Always).await?;
+    Ok(VerifySlice {
+        backup_id: record.backup_id.clone(),
+        done: true,
+        tables: record.tables.len(),
+        tables_done: record.tables.len(),
+        record: Some(record),
+    })
+}
+
+async fn drop_scratch(admin: &Client, scratch: &str) -> Result<(), tokio_postgres::Error> {
+    let sql = format!(
+        "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+        quote_ident(scratch)
     );
-    Ok(finished(record))
+    admin.batch_execute(&sql).await
+}
+
+/// The verification state this slice continues, and whether its scratch database exists:
+/// an earlier slice's, if it got as far as applying the schema; else a new scratch
+/// database (a half-made one is dropped first).
+async fn scratch_state(
+    store: &dyn WriteStore,
+    admin: &Client,
+    server: &DbSettings,
+    manifest: &Manifest,
+    opts: &VerifyOptions,
+) -> Result<(VerifyState, bool), VerifyError> {
+    let key = state_key(&manifest.id);
+    let previous = read_doc::<VerifyState>(store, &key).await?.map(|(s, _)| s);
+    let resumable = match &previous {
+        Some(state) => admin
+            .query_opt(
+                "SELECT 1 FROM pg_database WHERE datname = $1",
+                &[&state.scratch],
+            )
+            .await
+            .map_err(|e| DbError::query("looking for the scratch database", server, e))?
+            .is_some(),
+        None => false,
+    };
+    match previous {
+        Some(state) if resumable && state.resume.schema_applied => return Ok((state, true)),
+        // A slice killed before it recorded the schema as applied left a scratch database
+        // in an unknown state: drop it and start again.
+        Some(stale) if resumable => drop_scratch(admin, &stale.scratch)
+            .await
+            .map_err(|e| DbError::query("dropping a stale scratch database", server, e))?,
+        _ => {}
+    }
+    sweep_stale(admin, server, opts.stale_after).await?;
+    let scratch = format!(
+        "{SCRATCH_PREFIX}{}_{}",
+        manifest
+            .id
+            .to_lowercase()
+            .replace(|c: char| !c.is_ascii_alphanumeric(), "_"),
+        Utc::now().timestamp()
+    );
+    // From template0: nothing but what the backup restores is in it.
+    admin
+        .batch_execute(&format!(
+            "CREATE DATABASE {} TEMPLATE template0",
+            quote_ident(&scratch)
+        ))
+        .await
+        .map_err(|e| DbError::query("creating the scratch database", server, e))?;
+    tracing::info!(
+        backup_id = manifest.id,
+        scratch,
+        "verification restore started"
+    );
+    let state = VerifyState {
+        version: FORMAT_VERSION,
+        backup_id: manifest.id.clone(),
+        scratch,
+        resume: ResumePoint::default(),
+        restored: false,
+        restore_seconds: 0.0,
+        rows: 0,
+    };
+    // Recorded at once, so a slice killed from here on leaves a scratch database the next
+    // slice finds (and reuses or drops), never an orphan.
+    write_doc(store, &key, &state, WriteCondition::Always).await?;
+    Ok((state, resumable))
 }
 
 fn failed(backup_id: &str, error: String, started: Instant) -> Verification {
@@ -587,27 +601,19 @@ pub async fn table_fingerprint(
         .map(|c| quote_ident(c))
         .collect::<Vec<_>>()
         .join(", ");
-    let err = |e| RestoreError::Table {
-        table: table.name.clone(),
-        detail: DbError::query("computing the fingerprint", settings, e).to_string(),
-        retryable: false,
-    };
-    let stream = client
-        .copy_out(&format!(
-            "COPY (SELECT {cols} FROM {}) TO STDOUT",
-            table.own_rows()
-        ))
+    let select = format!("SELECT {cols} FROM {}", table.own_rows());
+    copy::fingerprint(client, &select)
         .await
-        .map_err(err)?;
-    pin_mut!(stream);
-    let mut fingerprint = Fingerprint::default();
-    let mut splitter = LineSplitter::default();
-    while let Some(block) = stream.try_next().await.map_err(err)? {
-        for line in splitter.feed(block) {
-            fingerprint.add_line(&line);
-        }
-    }
-    Ok(fingerprint)
+        .map_err(|e| RestoreError::Table {
+            table: table.name.clone(),
+            detail: match e {
+                CopyError::Db(e) => {
+                    DbError::query("computing the fingerprint", settings, e).to_string()
+                }
+                CopyError::Cut => CopyError::Cut.to_string(),
+            },
+            retryable: false,
+        })
 }
 
 /// The newest backup without a verification record (the newest backup if all have one).

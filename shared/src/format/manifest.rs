@@ -312,6 +312,15 @@ pub struct TableEntry {
 }
 
 impl TableEntry {
+    /// Stored bytes of the chunks the table restores from (rows and key sets).
+    pub fn stored_bytes(&self) -> u64 {
+        self.chunks
+            .iter()
+            .chain(&self.key_chunks)
+            .map(|c| c.bytes)
+            .sum()
+    }
+
     /// The table's own rows in SQL (see [`TableName::own_rows`]).
     pub fn own_rows(&self) -> String {
         self.name.own_rows(self.schema.is_partitioned())

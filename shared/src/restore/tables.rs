@@ -1,0 +1,354 @@
+//! Loading the tables: in parallel, each in one transaction or chunk by chunk, and the
+//! data-only variants.
+
+use super::data_only::Method;
+use super::error::{FailedTables, RestoreError};
+use super::load::{load_error, load_into, needs_merge, Landing};
+use super::{data_only, load};
+use super::{RestoreMeter, RestoreOptions};
+use crate::db::{self, DbSettings};
+use crate::error_chain;
+use crate::format::manifest::TableEntry;
+use crate::format::{ChunkRef, TableName};
+use crate::store::ReadStore;
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio_postgres::Client;
+
+/// Schema of the table where a time-boxed restore records the chunks it has landed.
+pub(super) const PROGRESS_SCHEMA: &str = "tidemark_restore_progress";
+
+/// Whether `entry` lands chunk by chunk, each chunk in its own transaction with its
+/// progress record: in a time-boxed restore (verify's slices), a plain table of several
+/// chunks or a `changes` chain to merge, so a table bigger than one slice finishes across
+/// slices and a slice killed anywhere resumes inside it exactly. Everything else lands
+/// whole in one transaction.
+pub(super) fn lands_by_chunk(entry: &TableEntry, opts: &RestoreOptions) -> bool {
+    opts.deadline.is_some() && !opts.data_only && (needs_merge(entry) || entry.chunks.len() > 1)
+}
+
+/// Whether the chunk progress table exists in the target.
+pub(super) async fn by_chunk_any(client: &Client) -> bool {
+    client
+        .query_one(
+            "SELECT to_regnamespace($1) IS NOT NULL",
+            &[&PROGRESS_SCHEMA],
+        )
+        .await
+        .and_then(|r| r.try_get::<_, bool>(0))
+        .unwrap_or(false)
+}
+
+/// Loads the steps of `entry` that its progress records do not hold, each step in its own
+/// transaction with its record: a plain table's chunks, or a chain's key-set chunks and
+/// then its chunks newest first (merged against persistent merge tables). Stops between
+/// steps at `deadline` once `worked`. Returns the rows landed and whether every step is in.
+pub(super) async fn load_by_chunk(
+    store: &dyn ReadStore,
+    client: &Client,
+    entry: &TableEntry,
+    deadline: Option<Instant>,
+    worked: &mut bool,
+    meter: &RestoreMeter,
+) -> Result<(u64, bool), RestoreError> {
+    let name = entry.name.to_string();
+    let landed: HashSet<String> = client
+        .query(
+            &format!("SELECT chunk FROM {PROGRESS_SCHEMA}.chunks WHERE tbl = $1"),
+            &[&name],
+        )
+        .await
+        .map_err(|e| load_error(&entry.name, "reading the chunk progress", &e))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let merge = if needs_merge(entry) {
+        let tag = format!("t{}", &crate::store::sha256_hex(name.as_bytes())[..16]);
+        Some(load::persistent_merge_tables(client, entry, PROGRESS_SCHEMA, &tag).await?)
+    } else {
+        None
+    };
+    // (chunk, is a key-set chunk)
+    let steps: Vec<(&ChunkRef, bool)> = match &merge {
+        Some(_) => entry
+            .key_chunks
+            .iter()
+            .map(|c| (c, true))
+            .chain(entry.chunks.iter().rev().map(|c| (c, false)))
+            .collect(),
+        None => entry.chunks.iter().map(|c| (c, false)).collect(),
+    };
+    let copy = load::copy_from_stdin(&entry.name.quoted(), &entry.columns);
+    let mut rows = 0;
+    for (chunk, is_key) in steps.into_iter().filter(|(c, _)| !landed.contains(&c.key)) {
+        if *worked && deadline.is_some_and(|d| Instant::now() >= d) {
+            return Ok((rows, false));
+        }
+        rows += in_transaction(client, &entry.name, || async {
+            let n = match &merge {
+                Some(tables) => {
+                    load::merge_step(store, client, entry, tables, chunk, is_key, meter).await?
+                }
+                None => load::copy_chunk(store, client, &entry.name, &copy, chunk, meter).await?,
+            };
+            client
+                .execute(
+                    &format!("INSERT INTO {PROGRESS_SCHEMA}.chunks VALUES ($1, $2)"),
+                    &[&name, &chunk.key],
+                )
+                .await
+                .map_err(|e| load_error(&entry.name, "recording the chunk", &e))?;
+            Ok(n)
+        })
+        .await?;
+        *worked = true;
+    }
+    Ok((rows, true))
+}
+
+/// Loads the `pending` tables of a schema restore, in parallel, each in one transaction
+/// (a failure rolls its table back: no table is ever left half-loaded); adds each table
+/// loaded to `completed`.
+pub(super) async fn load_tables(
+    store: Arc<dyn ReadStore>,
+    target: &DbSettings,
+    tables: &[TableEntry],
+    pending: &[usize],
+    opts: &RestoreOptions,
+    meter: &Arc<RestoreMeter>,
+    completed: &Arc<std::sync::Mutex<Vec<TableName>>>,
+) -> Result<(), RestoreError> {
+    // The biggest tables first, so that the last one to finish is a small one.
+    let mut jobs: Vec<usize> = pending.to_vec();
+    jobs.sort_by_key(|&t| std::cmp::Reverse(tables[t].chunks.iter().map(|c| c.bytes).sum::<u64>()));
+    let jobs: std::collections::VecDeque<usize> = jobs.into();
+    let by_chunk: Arc<Vec<bool>> =
+        Arc::new(tables.iter().map(|e| lands_by_chunk(e, opts)).collect());
+    let tables: Arc<Vec<TableEntry>> = Arc::new(tables.to_vec());
+    let worker_count = opts.workers.max(1).min(jobs.len().max(1));
+    let queue = Arc::new(std::sync::Mutex::new(jobs));
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..worker_count {
+        let (queue, store, target, meter, tables, completed, by_chunk) = (
+            queue.clone(),
+            store.clone(),
+            target.clone(),
+            meter.clone(),
+            tables.clone(),
+            completed.clone(),
+            by_chunk.clone(),
+        );
+        let deadline = opts.deadline;
+        workers.spawn(async move {
+            let client = db::connect(&target).await?;
+            // Every connection lands at least one table (or chunk of a table landed chunk
+            // by chunk), so each slice makes progress.
+            let mut worked_chunk = false;
+            loop {
+                if worked_chunk && deadline.is_some_and(|d| Instant::now() >= d) {
+                    break;
+                }
+                let next = queue.lock().ok().and_then(|mut q| q.pop_front());
+                let Some(t) = next else { break };
+                let entry = &tables[t];
+                if by_chunk[t] {
+                    let mut chunk_worked = worked_chunk;
+                    let (rows, complete) = load_by_chunk(
+                        store.as_ref(),
+                        &client,
+                        entry,
+                        deadline,
+                        &mut chunk_worked,
+                        &meter,
+                    )
+                    .await?;
+                    worked_chunk = chunk_worked;
+                    meter.rows.fetch_add(rows, Ordering::Relaxed);
+                    if !complete {
+                        break;
+                    }
+                    if let Ok(mut done) = completed.lock() {
+                        done.push(entry.name.clone());
+                    }
+                    meter.tables_done.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                worked_chunk = true;
+                let rows = in_transaction(&client, &entry.name, || async {
+                    load_into(
+                        store.as_ref(),
+                        &client,
+                        &target,
+                        entry,
+                        Landing::Direct,
+                        &meter,
+                    )
+                    .await
+                })
+                .await?;
+                meter.rows.fetch_add(rows, Ordering::Relaxed);
+                if let Ok(mut done) = completed.lock() {
+                    done.push(entry.name.clone());
+                }
+                meter.tables_done.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok::<_, RestoreError>(())
+        });
+    }
+    join_all(workers).await
+}
+
+/// Waits for every worker; the first error wins and stops the others.
+pub(super) async fn join_all(
+    workers: tokio::task::JoinSet<Result<(), RestoreError>>,
+) -> Result<(), RestoreError> {
+    crate::join_workers(workers, |e| RestoreError::Table {
+        table: TableName::new("", ""),
+        detail: format!("restore worker failed: {e}"),
+        retryable: false,
+    })
+    .await
+}
+
+/// Runs `work` in a transaction on `client`: committed if it succeeds, rolled back if not.
+pub(super) async fn in_transaction<T, F, Fut>(
+    client: &Client,
+    table: &TableName,
+    work: F,
+) -> Result<T, RestoreError>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<T, RestoreError>>,
+{
+    client
+        .batch_execute("BEGIN")
+        .await
+        .map_err(|e| load_error(table, "starting the load", &e))?;
+    match work().await {
+        Ok(value) => {
+            client
+                .batch_execute("COMMIT")
+                .await
+                .map_err(|e| load_error(table, "committing the load", &e))?;
+            Ok(value)
+        }
+        Err(e) => {
+            let _ = client.batch_execute("ROLLBACK").await;
+            Err(e)
+        }
+    }
+}
+
+/// Loads into existing tables as the data-only plan says.
+pub(super) async fn load_data_only(
+    store: Arc<dyn ReadStore>,
+    target: &DbSettings,
+    tables: &[TableEntry],
+    plan: &data_only::Plan,
+    opts: &RestoreOptions,
+    meter: &Arc<RestoreMeter>,
+) -> Result<(Vec<TableName>, Vec<FailedTables>), RestoreError> {
+    let all = plan.method == Method::TriggersDisabled;
+    // Superuser: independent tables, in parallel. Otherwise groups in order, one by one.
+    let worker_count = if all { opts.workers.max(1) } else { 1 };
+    let queue = Arc::new(std::sync::Mutex::new(
+        plan.groups
+            .iter()
+            .cloned()
+            .collect::<std::collections::VecDeque<_>>(),
+    ));
+    let completed = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let failed = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let tables: Arc<Vec<TableEntry>> = Arc::new(tables.to_vec());
+    let plan = Arc::new(plan.clone());
+    let exit_on_error = opts.exit_on_error;
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..worker_count.min(plan.groups.len().max(1)) {
+        let (queue, store, target, meter, tables, plan, completed, failed) = (
+            queue.clone(),
+            store.clone(),
+            target.clone(),
+            meter.clone(),
+            tables.clone(),
+            plan.clone(),
+            completed.clone(),
+            failed.clone(),
+        );
+        workers.spawn(async move {
+            let client = db::connect(&target).await?;
+            loop {
+                let next = queue.lock().ok().and_then(|mut q| q.pop_front());
+                let Some(group) = next else { break };
+                let first = &tables[group[0]].name;
+                let rows = in_transaction(&client, first, || async {
+                    // A cycle (or a deferrable self-reference) is checked at commit.
+                    if group.len() > 1 || !all {
+                        client
+                            .batch_execute("SET CONSTRAINTS ALL DEFERRED")
+                            .await
+                            .map_err(|e| load_error(first, "deferring constraints", &e))?;
+                    }
+                    let mut rows = 0;
+                    let mut guards = Vec::new();
+                    for &t in &group {
+                        let entry = &tables[t];
+                        if all || plan.owned.contains(&t) {
+                            guards.push((
+                                t,
+                                data_only::disable_triggers(&client, &target, &entry.name, all)
+                                    .await?,
+                            ));
+                        }
+                        let landing = if plan.staged.contains(&t) {
+                            Landing::Staged
+                        } else {
+                            Landing::Direct
+                        };
+                        rows += load_into(store.as_ref(), &client, &target, entry, landing, &meter)
+                            .await?;
+                    }
+                    // Deferred checks fire now, with every table of the group loaded; a
+                    // table's triggers can only be altered once none of its events wait.
+                    client
+                        .batch_execute("SET CONSTRAINTS ALL IMMEDIATE")
+                        .await
+                        .map_err(|e| load_error(first, "checking the deferred constraints", &e))?;
+                    for (t, guard) in guards {
+                        guard.restore(&client, &target, &tables[t].name).await?;
+                    }
+                    Ok(rows)
+                })
+                .await;
+                // Like pg_restore: a table that fails is rolled back and listed, and
+                // every other table is still loaded (unless --exit-on-error, or the
+                // connection itself is gone).
+                let rows = match rows {
+                    Ok(rows) => rows,
+                    Err(e) if exit_on_error || client.is_closed() => return Err(e),
+                    Err(e) => {
+                        tracing::warn!(table = %first, error = %error_chain(&e), "a table failed to load; going on with the others");
+                        if let Ok(mut failed) = failed.lock() {
+                            failed.push(FailedTables {
+                                tables: group.iter().map(|&t| tables[t].name.clone()).collect(),
+                                error: error_chain(&e),
+                            });
+                        }
+                        continue;
+                    }
+                };
+                meter.rows.fetch_add(rows, Ordering::Relaxed);
+                meter.tables_done.fetch_add(group.len(), Ordering::Relaxed);
+                if let Ok(mut done) = completed.lock() {
+                    done.extend(group.iter().map(|&t| tables[t].name.clone()));
+                }
+            }
+            Ok::<_, RestoreError>(())
+        });
+    }
+    join_all(workers).await?;
+    let completed = completed.lock().map(|c| c.clone()).unwrap_or_default();
+    let failed = failed.lock().map(|f| f.clone()).unwrap_or_default();
+    Ok((completed, failed))
+}
