@@ -20,28 +20,11 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::io::StreamReader;
 
-use crate::format::{ChunkKind, ChunkRef, KeyRange, TableName};
+use crate::format::{ChunkKind, ChunkRef, KeyRange};
 use crate::store::{PutReceipt, StoreError, WriteStore};
 
 /// Bytes gathered before they are handed to the compressor.
 const BATCH_BYTES: usize = 128 * 1024;
-
-/// Object key of a chunk: `chunks/{run}/{schema.table}/{seq}-{slice}.copy.zst` (rows) or
-/// `.../{seq}-{slice}.keys.copy.zst` (live key set).
-///
-/// The same range redone by the same slice gets the same name. The slice number is in
-/// the name so that a write still in flight from a killed slice (a request S3 completes
-/// after its sender died) can never replace what the next slice wrote and recorded.
-pub fn chunk_key(run_id: &str, table: &TableName, seq: u32, slice: u32, kind: ChunkKind) -> String {
-    let suffix = match kind {
-        ChunkKind::Rows => "copy.zst",
-        ChunkKind::Keys => "keys.copy.zst",
-    };
-    format!(
-        "chunks/{run_id}/{}/{seq:06}-{slice:03}.{suffix}",
-        table.key_segment()
-    )
-}
 
 enum Piece {
     Data(Bytes),
@@ -333,18 +316,5 @@ mod tests {
         assert_eq!(copy_field(line, 1), Some(&b"it\\ts a"[..]));
         assert_eq!(copy_field(line, 2), Some(&b"\\N"[..]));
         assert_eq!(copy_field(line, 3), None);
-    }
-
-    #[test]
-    fn chunk_keys_are_deterministic() {
-        let t = TableName::new("public", "Order Lines");
-        assert_eq!(
-            chunk_key("r1", &t, 7, 2, ChunkKind::Rows),
-            "chunks/r1/public.Order%20Lines/000007-002.copy.zst"
-        );
-        assert_eq!(
-            chunk_key("r1", &t, 7, 2, ChunkKind::Keys),
-            "chunks/r1/public.Order%20Lines/000007-002.keys.copy.zst"
-        );
     }
 }

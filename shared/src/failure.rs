@@ -8,8 +8,9 @@
 use chrono::Utc;
 
 use crate::format::failure::FailureRecord;
-use crate::format::{read_doc, write_doc, FORMAT_VERSION, LAST_FAILURE_KEY};
+use crate::format::{read_doc, write_doc, FORMAT_VERSION};
 use crate::lease;
+use crate::repo::LAST_FAILURE_KEY;
 use crate::run::RunError;
 use crate::store::{WriteCondition, WriteStore};
 

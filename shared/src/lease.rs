@@ -16,7 +16,8 @@ use std::time::Duration;
 use chrono::Utc;
 
 use crate::format::lease::{HolderProcess, Lease};
-use crate::format::{read_doc, write_doc, FormatError, FORMAT_VERSION, LOCK_KEY};
+use crate::format::{read_doc, write_doc, FormatError, FORMAT_VERSION};
+use crate::repo::LOCK_KEY;
 use crate::run::RunError;
 use crate::store::{ETag, StoreError, WriteCondition, WriteStore};
 

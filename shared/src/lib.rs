@@ -42,6 +42,7 @@ pub mod lease;
 pub mod manifest;
 pub mod metrics;
 pub mod prune;
+pub mod repo;
 pub mod restore;
 pub mod retention;
 pub mod run;

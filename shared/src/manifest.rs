@@ -13,10 +13,10 @@ use crate::format::manifest::{Consistency, Manifest, RunTotals, TableEntry};
 use crate::format::progress::{ExportScope, RunProgress};
 use crate::format::FingerprintOf;
 use crate::format::{
-    manifest_key, progress_key, read_doc, write_doc, BackupKind, FormatError, PgSnapshot,
-    TableMode, CHECKPOINT_KEY, FORMAT_VERSION,
+    read_doc, write_doc, BackupKind, FormatError, PgSnapshot, TableMode, FORMAT_VERSION,
 };
 use crate::lease;
+use crate::repo::{manifest_key, progress_key, CHECKPOINT_KEY};
 use crate::run::RunError;
 use crate::store::{CountingStore, StoreError, WriteCondition, WriteStore};
 
@@ -351,43 +351,37 @@ pub struct BackupSummary {
 /// Store and format errors (naming the manifest).
 pub async fn list_backups(store: &dyn WriteStore) -> Result<Vec<BackupSummary>, RunError> {
     let mut verified = std::collections::HashMap::new();
-    for object in store.list("verifications/").await? {
+    for object in store.list(crate::repo::VERIFICATIONS).await? {
         if let Some((record, _)) =
-            read_doc::<crate::verify::Verification>(store, &object.key).await?
+            read_doc::<crate::format::verification::Verification>(store, &object.key).await?
         {
             verified.insert(record.backup_id, record.ok);
         }
     }
-    let mut out = Vec::new();
-    for object in store.list("manifests/").await? {
-        if !object.key.ends_with(".json") {
-            continue;
-        }
-        if let Some((m, _)) = read_doc::<Manifest>(store, &object.key).await? {
-            out.push(BackupSummary {
-                rows: m.rows(),
-                bytes: m.bytes(),
-                tables: m.tables.len(),
-                chain_length: m.chain.len(),
-                store_requests: m.store_requests,
-                run_bytes: m.totals.bytes,
-                verified: verified.get(&m.id).copied(),
-                snapshot_at: m.consistency.as_ref().map(|c| c.snapshot_at),
-                lsn: m.consistency.as_ref().and_then(|c| c.lsn.clone()),
-                consistent: m.is_consistent(),
-                keys_only: m
-                    .tables
-                    .iter()
-                    .filter(|t| t.fingerprint_of == FingerprintOf::Keys)
-                    .map(|t| t.name.clone())
-                    .collect(),
-                id: m.id,
-                kind: m.kind,
-                parent: m.parent,
-                created_at: m.created_at,
-            });
-        }
-    }
-    out.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
-    Ok(out)
+    let manifests = crate::repo::backups::manifests(store).await?;
+    Ok(manifests
+        .into_iter()
+        .map(|m| BackupSummary {
+            rows: m.rows(),
+            bytes: m.bytes(),
+            tables: m.tables.len(),
+            chain_length: m.chain.len(),
+            store_requests: m.store_requests,
+            run_bytes: m.totals.bytes,
+            verified: verified.get(&m.id).copied(),
+            snapshot_at: m.consistency.as_ref().map(|c| c.snapshot_at),
+            lsn: m.consistency.as_ref().and_then(|c| c.lsn.clone()),
+            consistent: m.is_consistent(),
+            keys_only: m
+                .tables
+                .iter()
+                .filter(|t| t.fingerprint_of == FingerprintOf::Keys)
+                .map(|t| t.name.clone())
+                .collect(),
+            id: m.id,
+            kind: m.kind,
+            parent: m.parent,
+            created_at: m.created_at,
+        })
+        .collect())
 }

@@ -13,22 +13,23 @@
 //! the rest in batches, then the journal. A prune that dies half-way is finished by the
 //! next one from its journal.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
+use crate::format::journal::PruneJournal;
 use crate::format::manifest::Manifest;
-use crate::format::{chunk_prefix, read_doc, write_doc, FormatError, FORMAT_VERSION};
+use crate::format::{read_doc, write_doc, FormatError, FORMAT_VERSION};
 use crate::lease;
+use crate::repo::backups;
+use crate::repo::{chunk_prefix, manifest_key, Key, RunOf, PRUNE_JOURNAL_KEY, RUNS, VERIFICATIONS};
 use crate::retention::{self, BackupFacts, EmptyPolicy, KeepReason, RetentionPolicy};
 use crate::run::RunError;
 use crate::store::{CountingStore, PendingUpload, StoreError, WriteCondition, WriteStore};
 use crate::verify::Verification;
-
-const JOURNAL_KEY: &str = "runs/prune/journal.json";
 
 /// How to prune.
 #[derive(Debug, Clone)]
@@ -164,12 +165,6 @@ impl PruneError {
     }
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-struct Journal {
-    version: u32,
-    delete: Vec<String>,
-}
-
 fn age(now: DateTime<Utc>, when: Option<SystemTime>) -> Duration {
     let then: DateTime<Utc> = when.map(DateTime::from).unwrap_or(now);
     (now - then).to_std().unwrap_or_default()
@@ -183,27 +178,19 @@ pub async fn plan_prune(
     store: &dyn WriteStore,
     opts: &PruneOptions,
 ) -> Result<PrunePlan, PruneError> {
-    let mut manifests: BTreeMap<String, Manifest> = BTreeMap::new();
-    for object in store.list("manifests/").await? {
-        if let Some((m, _)) = read_doc::<Manifest>(store, &object.key).await? {
-            manifests.insert(m.id.clone(), m);
-        }
-    }
-    let mut verified: HashMap<String, bool> = HashMap::new();
-    let mut verification_keys: HashMap<String, String> = HashMap::new();
-    for object in store.list("verifications/").await? {
-        if let Some((v, _)) = read_doc::<Verification>(store, &object.key).await? {
-            verified.insert(v.backup_id.clone(), v.ok);
-            verification_keys.insert(v.backup_id, object.key);
-        }
-    }
+    let manifests: BTreeMap<String, Manifest> = backups::manifests(store)
+        .await?
+        .into_iter()
+        .map(|m| (m.id.clone(), m))
+        .collect();
+    let verifications = verification_records(store).await?;
     let facts: Vec<BackupFacts> = manifests
         .values()
         .map(|m| BackupFacts {
             id: m.id.clone(),
             created_at: m.created_at,
             bytes: m.totals.bytes,
-            verified: verified.get(&m.id).copied().unwrap_or(false),
+            verified: verifications.get(&m.id).is_some_and(|(_, ok)| *ok),
         })
         .collect();
     let decisions = retention::plan(&facts, &opts.policy, opts.now)?;
@@ -212,115 +199,59 @@ pub async fn plan_prune(
         .filter(|d| d.keep)
         .map(|d| d.id.as_str())
         .collect();
-    let referenced: BTreeSet<&str> = manifests
-        .values()
-        .filter(|m| kept.contains(m.id.as_str()))
-        .flat_map(|m| m.referenced_keys())
-        .collect();
-
-    let mut first = Vec::new();
-    let mut rest = BTreeSet::new();
-    let mut delete_bytes = 0u64;
+    let mut deletions = Deletions {
+        referenced: manifests
+            .values()
+            .filter(|m| kept.contains(m.id.as_str()))
+            .flat_map(|m| m.referenced_keys())
+            .collect(),
+        first: Vec::new(),
+        rest: BTreeSet::new(),
+        bytes: 0,
+    };
     for d in decisions.iter().filter(|d| !d.keep) {
-        first.push(crate::format::manifest_key(&d.id));
-        if let Some(key) = verification_keys.get(&d.id) {
-            rest.insert(key.clone());
+        deletions.first.push(manifest_key(&d.id));
+        if let Some((key, _)) = verifications.get(&d.id) {
+            deletions.rest.insert(key.clone());
         }
         if let Some(m) = manifests.get(&d.id) {
             for c in m.all_chunks() {
-                if !referenced.contains(c.key.as_str()) && rest.insert(c.key.clone()) {
-                    delete_bytes += c.bytes;
-                }
+                deletions.add(&c.key, c.bytes);
             }
         }
         // Objects of that run nobody lists (ranges a killed slice redid under new names).
-        for object in store.list(&chunk_prefix(&d.id)).await? {
-            if !referenced.contains(object.key.as_str()) && rest.insert(object.key.clone()) {
-                delete_bytes += object.size;
-            }
-        }
+        deletions.add_leftovers(store, &d.id).await?;
     }
     // Verification records of backups that no longer exist.
-    for (id, key) in &verification_keys {
+    for (id, (key, _)) in &verifications {
         if !manifests.contains_key(id) {
-            rest.insert(key.clone());
+            deletions.rest.insert(key.clone());
         }
     }
-
-    // Dead runs: progress or verify state with no manifest, no live lease, past the grace.
     let live = match lease::current(store).await? {
         Some((l, _)) if lease::is_live(&l, opts.now) => Some(l.run_id),
         _ => None,
     };
-    let mut runs: BTreeMap<String, (Vec<String>, Duration)> = BTreeMap::new();
-    for object in store.list("runs/").await? {
-        let Some(run) = object
-            .key
-            .strip_prefix("runs/")
-            .and_then(|k| k.split('/').next())
-        else {
-            continue;
-        };
-        if run == "prune" {
-            continue;
-        }
-        let entry = runs
-            .entry(run.to_owned())
-            .or_insert_with(|| (Vec::new(), Duration::MAX));
-        entry.0.push(object.key.clone());
-        entry.1 = entry.1.min(age(opts.now, object.last_modified));
-    }
     let mut dead_runs = Vec::new();
-    for (run, (keys, youngest)) in runs {
-        let export_run = run.strip_prefix("verify-").is_none();
-        let sealed = export_run && manifests.contains_key(&run);
-        let is_live = live.as_deref() == Some(run.as_str())
-            || run
-                .strip_prefix("verify-")
-                .is_some_and(|id| live.as_deref() == Some(id));
-        if sealed || is_live || youngest < opts.grace {
-            continue;
+    for (run, keys) in dead_run_documents(store, &manifests, live.as_deref(), opts).await? {
+        deletions.rest.extend(keys);
+        if let RunOf::Backup(run_id) = &run {
+            deletions.add_leftovers(store, run_id).await?;
         }
-        rest.extend(keys);
-        if export_run {
-            for object in store.list(&chunk_prefix(&run)).await? {
-                if !referenced.contains(object.key.as_str()) && rest.insert(object.key.clone()) {
-                    delete_bytes += object.size;
-                }
-            }
-        }
-        dead_runs.push(run);
+        dead_runs.push(run.to_string());
     }
     // What an interrupted prune had planned and not finished.
-    if let Some((journal, _)) = read_doc::<Journal>(store, JOURNAL_KEY).await? {
+    if let Some((journal, _)) = read_doc::<PruneJournal>(store, PRUNE_JOURNAL_KEY).await? {
         for key in journal.delete {
-            let is_manifest = key.starts_with("manifests/");
-            let still_kept = key
-                .strip_prefix("manifests/")
-                .and_then(|k| k.strip_suffix(".json"))
-                .is_some_and(|id| kept.contains(id));
-            if !referenced.contains(key.as_str()) && !still_kept && !is_manifest {
-                rest.insert(key);
+            let is_manifest = matches!(Key::parse(&key), Key::Manifest(_));
+            if !deletions.referenced.contains(key.as_str()) && !is_manifest {
+                deletions.rest.insert(key);
             }
         }
     }
-    for key in &first {
-        rest.remove(key);
-    }
-    let live_chunks = live.as_deref().map(chunk_prefix);
-    let uploads: Vec<PendingUpload> = store
-        .incomplete_uploads("")
-        .await?
-        .into_iter()
-        .filter(|u| age(opts.now, u.initiated) >= opts.grace)
-        .filter(|u| {
-            live_chunks
-                .as_deref()
-                .is_none_or(|prefix| !u.key.starts_with(prefix))
-        })
-        .collect();
-    let mut delete = first;
-    delete.extend(rest);
+    let uploads = abandoned_uploads(store, live.as_deref(), opts).await?;
+    let chunks_kept = deletions.referenced.len();
+    let (delete, delete_bytes) = deletions.into_order();
     Ok(PrunePlan {
         backups: decisions
             .into_iter()
@@ -335,10 +266,120 @@ pub async fn plan_prune(
         delete,
         delete_bytes,
         dead_runs,
-        chunks_kept: referenced.len(),
+        chunks_kept,
         incomplete_uploads: uploads.len(),
         uploads,
     })
+}
+
+/// What a prune deletes: manifests first, then the rest; never a referenced object.
+struct Deletions<'a> {
+    /// Objects a kept backup needs.
+    referenced: BTreeSet<&'a str>,
+    first: Vec<String>,
+    rest: BTreeSet<String>,
+    bytes: u64,
+}
+
+impl Deletions<'_> {
+    /// Deletes `key` (of `bytes`) unless a kept backup needs it.
+    fn add(&mut self, key: &str, bytes: u64) {
+        if !self.referenced.contains(key) && self.rest.insert(key.to_owned()) {
+            self.bytes += bytes;
+        }
+    }
+
+    /// Every object under the run's prefix that no kept backup needs.
+    async fn add_leftovers(
+        &mut self,
+        store: &dyn WriteStore,
+        run_id: &str,
+    ) -> Result<(), PruneError> {
+        for object in store.list(&chunk_prefix(run_id)).await? {
+            self.add(&object.key, object.size);
+        }
+        Ok(())
+    }
+
+    /// The keys to delete in order (manifests first), and their bytes.
+    fn into_order(mut self) -> (Vec<String>, u64) {
+        for key in &self.first {
+            self.rest.remove(key);
+        }
+        let mut delete = self.first;
+        delete.extend(self.rest);
+        (delete, self.bytes)
+    }
+}
+
+/// Each verification record's key and result, by backup id.
+async fn verification_records(
+    store: &dyn WriteStore,
+) -> Result<BTreeMap<String, (String, bool)>, PruneError> {
+    let mut out = BTreeMap::new();
+    for object in store.list(VERIFICATIONS).await? {
+        if let Some((v, _)) = read_doc::<Verification>(store, &object.key).await? {
+            out.insert(v.backup_id, (object.key, v.ok));
+        }
+    }
+    Ok(out)
+}
+
+/// The documents under `runs/` of dead runs: no manifest, not the live lease's, untouched
+/// for the grace period. Prune's own journal is never one.
+async fn dead_run_documents(
+    store: &dyn WriteStore,
+    manifests: &BTreeMap<String, Manifest>,
+    live: Option<&str>,
+    opts: &PruneOptions,
+) -> Result<BTreeMap<RunOf, Vec<String>>, PruneError> {
+    let mut runs: BTreeMap<RunOf, (Vec<String>, Duration)> = BTreeMap::new();
+    for object in store.list(RUNS).await? {
+        let Some(run) = Key::parse(&object.key).run() else {
+            continue;
+        };
+        if run == RunOf::Prune {
+            continue;
+        }
+        let entry = runs
+            .entry(run)
+            .or_insert_with(|| (Vec::new(), Duration::MAX));
+        entry.0.push(object.key.clone());
+        entry.1 = entry.1.min(age(opts.now, object.last_modified));
+    }
+    let is_live = |run: &RunOf| match run {
+        RunOf::Backup(id) => live == Some(id.as_str()),
+        RunOf::Verify(id) => live == Some(id.as_str()) || live == Some(run.to_string().as_str()),
+        RunOf::Prune => true,
+    };
+    Ok(runs
+        .into_iter()
+        .filter(|(run, (_, youngest))| {
+            let sealed = matches!(run, RunOf::Backup(id) if manifests.contains_key(id));
+            !sealed && !is_live(run) && *youngest >= opts.grace
+        })
+        .map(|(run, (keys, _))| (run, keys))
+        .collect())
+}
+
+/// Multipart uploads left unfinished past the grace period, except the live run's.
+async fn abandoned_uploads(
+    store: &dyn WriteStore,
+    live: Option<&str>,
+    opts: &PruneOptions,
+) -> Result<Vec<PendingUpload>, PruneError> {
+    let live_chunks = live.map(chunk_prefix);
+    Ok(store
+        .incomplete_uploads("")
+        .await?
+        .into_iter()
+        .filter(|u| age(opts.now, u.initiated) >= opts.grace)
+        .filter(|u| {
+            live_chunks
+                .as_deref()
+                .is_none_or(|prefix| !u.key.starts_with(prefix))
+        })
+        .collect())
 }
 
 /// Plans and (unless `dry_run`) applies a prune under the lease.
@@ -368,26 +409,26 @@ pub async fn prune(
     let result = async {
         let plan = plan_prune(store, opts).await?;
         if !plan.delete.is_empty() {
-            let journal = Journal {
+            let journal = PruneJournal {
                 version: FORMAT_VERSION,
                 delete: plan.delete.clone(),
             };
-            write_doc(store, JOURNAL_KEY, &journal, WriteCondition::Always).await?;
+            write_doc(store, PRUNE_JOURNAL_KEY, &journal, WriteCondition::Always).await?;
             let manifests: Vec<String> = plan
                 .delete
                 .iter()
-                .filter(|k| k.starts_with("manifests/"))
+                .filter(|k| matches!(Key::parse(k), Key::Manifest(_)))
                 .cloned()
                 .collect();
             let others: Vec<String> = plan
                 .delete
                 .iter()
-                .filter(|k| !k.starts_with("manifests/"))
+                .filter(|k| !matches!(Key::parse(k), Key::Manifest(_)))
                 .cloned()
                 .collect();
             store.delete_many(&manifests).await?;
             store.delete_many(&others).await?;
-            store.delete(JOURNAL_KEY).await?;
+            store.delete(PRUNE_JOURNAL_KEY).await?;
         }
         for upload in &plan.uploads {
             store.abort_upload(upload).await?;

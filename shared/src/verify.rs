@@ -15,16 +15,18 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use chrono::Utc;
+use serde::Serialize;
 
 use crate::db::copy::{self, CopyError};
 use crate::db::{self, DbError, DbSettings};
 use crate::format::manifest::{Manifest, TableEntry};
+use crate::format::verification::VerifyState;
+pub use crate::format::verification::{TableVerification, Verification, VerificationSummary};
 use crate::format::{
-    quote_ident, read_doc, write_doc, Fingerprint, FingerprintOf, FormatError, TableName,
-    FORMAT_VERSION,
+    quote_ident, read_doc, write_doc, Fingerprint, FingerprintOf, FormatError, FORMAT_VERSION,
 };
+use crate::repo::{verification_key, verify_state_key};
 use crate::restore::{
     self, BackupSelector, RestoreError, RestoreMeter, RestoreOptions, ResumePoint,
 };
@@ -35,107 +37,6 @@ use tokio_postgres::Client;
 
 /// Prefix of every scratch database name.
 pub const SCRATCH_PREFIX: &str = "tidemark_verify_";
-
-pub fn verification_key(backup_id: &str) -> String {
-    format!("verifications/{backup_id}.json")
-}
-
-/// `verifications/{id}.json`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Verification {
-    pub version: u32,
-    pub backup_id: String,
-    pub ok: bool,
-    pub verified_at: DateTime<Utc>,
-    /// The measured recovery time: restoring the whole backup into an empty database.
-    pub restore_seconds: f64,
-    /// Restore plus comparison.
-    pub seconds: f64,
-    /// Stored bytes the backup needs.
-    pub bytes: u64,
-    pub rows: u64,
-    pub tables: Vec<TableVerification>,
-    /// The restored schema against the recorded one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub schema: Option<SchemaCheck>,
-    /// Why the verification failed before it could compare tables (a corrupt chunk, a
-    /// modified manifest), if it did.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-}
-
-/// One table's outcome.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TableVerification {
-    pub name: TableName,
-    pub ok: bool,
-    pub expected: Fingerprint,
-    pub actual: Option<Fingerprint>,
-    /// What was compared: the rows, or only the keys (`append` between deep checks).
-    #[serde(default, skip_serializing_if = "FingerprintOf::is_rows")]
-    pub of: FingerprintOf,
-}
-
-/// Most failed tables a [`VerificationSummary`] names.
-const SUMMARY_FAILED_TABLES: usize = 10;
-/// Longest error a [`VerificationSummary`] carries (cut on a character boundary).
-const SUMMARY_ERROR_BYTES: usize = 1000;
-
-/// What a verification found, in a size that does not grow with the database (the Lambda
-/// result; Step Functions caps a task result at 256 KiB). The whole record is in the store
-/// under `record`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct VerificationSummary {
-    pub backup_id: String,
-    pub ok: bool,
-    pub verified_at: DateTime<Utc>,
-    pub restore_seconds: f64,
-    pub seconds: f64,
-    pub bytes: u64,
-    pub rows: u64,
-    /// Tables compared.
-    pub tables: usize,
-    /// Tables that differ.
-    pub tables_failed: usize,
-    /// The first of them (at most ten).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub failed_tables: Vec<String>,
-    /// Schema differences found (0 when the schema matched or was not compared).
-    pub schema_differences: usize,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    /// Key of the whole record in the store.
-    pub record: String,
-}
-
-impl Verification {
-    /// The record's summary.
-    pub fn summary(&self) -> VerificationSummary {
-        let failed: Vec<&TableVerification> = self.tables.iter().filter(|t| !t.ok).collect();
-        VerificationSummary {
-            backup_id: self.backup_id.clone(),
-            ok: self.ok,
-            verified_at: self.verified_at,
-            restore_seconds: self.restore_seconds,
-            seconds: self.seconds,
-            bytes: self.bytes,
-            rows: self.rows,
-            tables: self.tables.len(),
-            tables_failed: failed.len(),
-            failed_tables: failed
-                .iter()
-                .take(SUMMARY_FAILED_TABLES)
-                .map(|t| t.name.to_string())
-                .collect(),
-            schema_differences: self.schema.as_ref().map_or(0, |s| s.differences.len()),
-            error: self
-                .error
-                .clone()
-                .map(|e| crate::failure::shorten(e, SUMMARY_ERROR_BYTES)),
-            record: verification_key(&self.backup_id),
-        }
-    }
-}
 
 /// How to verify.
 #[derive(Debug, Clone)]
@@ -187,28 +88,6 @@ impl VerifyError {
             VerifyError::Format(_) => false,
         }
     }
-}
-
-/// Where a time-boxed verification keeps its place between slices.
-fn state_key(backup_id: &str) -> String {
-    format!("runs/verify-{backup_id}/state.json")
-}
-
-/// The in-flight state of a sliced verification.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct VerifyState {
-    version: u32,
-    backup_id: String,
-    scratch: String,
-    /// How far the restore into the scratch database got.
-    #[serde(default)]
-    resume: ResumePoint,
-    /// The restore is complete; only the comparison is left.
-    #[serde(default)]
-    restored: bool,
-    restore_seconds: f64,
-    #[serde(default)]
-    rows: u64,
 }
 
 /// What one slice of a verification did.
@@ -281,7 +160,7 @@ pub async fn verify_slice(
     // Find pg_dump before creating anything: without it the schema cannot be compared.
     let tool = PgDump::locate(opts.pg_dump.as_deref()).await?;
     let admin = db::connect(server).await?;
-    let key = state_key(&manifest.id);
+    let key = verify_state_key(&manifest.id);
     let (mut state, resumable) =
         scratch_state(store.as_ref(), &admin, server, &manifest, opts).await?;
     let scratch = server.with_dbname(&state.scratch);
@@ -377,7 +256,7 @@ async fn restore_scratch(
             state.resume.schema_applied = report.schema_applied;
             state.resume.loaded.extend(report.completed);
             state.restored = report.done;
-            let key = state_key(&manifest.id);
+            let key = verify_state_key(&manifest.id);
             write_doc(store.as_ref(), &key, state, WriteCondition::Always).await?;
             Ok(report.done)
         }
@@ -424,7 +303,7 @@ async fn scratch_state(
     manifest: &Manifest,
     opts: &VerifyOptions,
 ) -> Result<(VerifyState, bool), VerifyError> {
-    let key = state_key(&manifest.id);
+    let key = verify_state_key(&manifest.id);
     let previous = read_doc::<VerifyState>(store, &key).await?.map(|(s, _)| s);
     let resumable = match &previous {
         Some(state) => admin
@@ -618,19 +497,21 @@ pub async fn table_fingerprint(
 
 /// The newest backup without a verification record (the newest backup if all have one).
 async fn next_unverified(store: &dyn WriteStore) -> Result<BackupSelector, VerifyError> {
-    let backups = crate::manifest::list_backups(store).await.map_err(|e| {
-        VerifyError::Restore(RestoreError::Table {
-            table: TableName::new("", ""),
-            detail: e.to_string(),
-            retryable: e.is_retryable(),
-        })
-    })?;
-    match backups.iter().rev().find(|b| b.verified.is_none()) {
+    let backups = crate::repo::backups::manifests(store).await?;
+    for backup in backups.iter().rev() {
+        let record = verification_key(&backup.id);
+        if store
+            .head(&record)
+            .await
+            .map_err(FormatError::from)?
+            .is_none()
+        {
+            return Ok(BackupSelector::Id(backup.id.clone()));
+        }
+    }
+    match backups.last() {
         Some(b) => Ok(BackupSelector::Id(b.id.clone())),
-        None => match backups.last() {
-            Some(b) => Ok(BackupSelector::Id(b.id.clone())),
-            None => Err(VerifyError::Restore(RestoreError::NoBackups)),
-        },
+        None => Err(VerifyError::Restore(RestoreError::NoBackups)),
     }
 }
 
@@ -686,6 +567,7 @@ pub async fn read_verification(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::format::TableName;
 
     #[test]
     fn the_summary_stays_small_whatever_the_table_count() {

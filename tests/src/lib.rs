@@ -733,8 +733,9 @@ pub mod fixtures {
 
     use tidemark_core::export::{export_slice, ExportOptions, SliceReport};
     use tidemark_core::format::manifest::Manifest;
-    use tidemark_core::format::{manifest_key, read_doc};
+    use tidemark_core::format::read_doc;
     use tidemark_core::manifest::{seal_run, SealReport};
+    use tidemark_core::repo::manifest_key;
     use tidemark_core::store::WriteStore;
 
     use super::{exec, TestDatabase};

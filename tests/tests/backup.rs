@@ -530,7 +530,7 @@ async fn a_big_table_is_split_into_lanes_that_export_at_once() {
     assert!(!first.done);
     let (progress, _) = read_doc::<tidemark_core::format::progress::RunProgress>(
         store.as_ref(),
-        &tidemark_core::format::progress_key(&first.run_id),
+        &tidemark_core::repo::progress_key(&first.run_id),
     )
     .await
     .expect("read progress")

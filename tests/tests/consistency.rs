@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 use tidemark_core::catalog::TableSelection;
 use tidemark_core::export::{export_slice, ExportOptions};
 use tidemark_core::format::progress::RunProgress;
-use tidemark_core::format::{progress_key, read_doc};
+use tidemark_core::format::read_doc;
 use tidemark_core::manifest::{seal_run, SealReport};
+use tidemark_core::repo::progress_key;
 use tidemark_core::store::WriteCondition;
 use tidemark_tests::fixtures::*;
 use tidemark_tests::{

@@ -9,7 +9,8 @@ use std::sync::Arc;
 use serde_json::{json, Value};
 use tidemark_core::format::failure::FailureRecord;
 use tidemark_core::format::lease::Lease;
-use tidemark_core::format::{read_doc, write_doc, FORMAT_VERSION, LAST_FAILURE_KEY, LOCK_KEY};
+use tidemark_core::format::{read_doc, write_doc, FORMAT_VERSION};
+use tidemark_core::repo::{LAST_FAILURE_KEY, LOCK_KEY};
 use tidemark_core::store::{S3Store, S3StoreOptions, WriteCondition, WriteStore};
 use tidemark_tests::asl::{self, Outcome, Walk};
 use tidemark_tests::fixtures::{chain_fixture, CHAIN_TABLES};
@@ -205,7 +206,7 @@ async fn the_state_machine_backs_up_verifies_and_prunes_through_the_function_bin
     // compared the restored schema with it (also with pg_dump 18).
     let (manifest, _) = read_doc::<tidemark_core::format::manifest::Manifest>(
         store.as_ref(),
-        &tidemark_core::format::manifest_key(&full_id),
+        &tidemark_core::repo::manifest_key(&full_id),
     )
     .await
     .expect("read")

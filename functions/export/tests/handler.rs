@@ -373,7 +373,7 @@ async fn a_locked_run_does_not_overwrite_the_failure_that_locked_it() {
     // The failure of that run, recorded without releasing (as if the release failed).
     tidemark_core::format::write_doc(
         deps.store.as_ref(),
-        tidemark_core::format::LAST_FAILURE_KEY,
+        tidemark_core::repo::LAST_FAILURE_KEY,
         &tidemark_core::format::failure::FailureRecord {
             version: tidemark_core::format::FORMAT_VERSION,
             run_id: Some(run_id.clone()),

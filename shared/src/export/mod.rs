@@ -25,7 +25,7 @@
 //! - keyless tables are exported whole in one statement, cut into chunks as they stream,
 //!   and restarted if a slice ends in the middle.
 //!
-//! What a range exports depends on the table's [`ExportScope`]: every row, the rows
+//! What a range exports depends on the table's [`ExportScope`](crate::format::progress::ExportScope): every row, the rows
 //! changed since the parent's snapshot (`xmin` at or after its `xmin`, which over-exports
 //! a little and never misses a change; the same read also yields the live key set and
 //! the fingerprint of the whole table), or the keys past an `append` cursor (and earlier

@@ -9,9 +9,9 @@ use crate::format::checkpoint::{Checkpoint, TableCheckpoint};
 use crate::format::manifest::{Manifest, TableEntry};
 use crate::format::progress::{ExportScope, ExportSettings, Lane, RunProgress, TableProgress};
 use crate::format::{
-    quote_ident, read_doc, BackupKind, Fingerprint, PgSnapshot, TableMode, CHECKPOINT_KEY,
-    FORMAT_VERSION,
+    quote_ident, read_doc, BackupKind, Fingerprint, PgSnapshot, TableMode, FORMAT_VERSION,
 };
+use crate::repo::CHECKPOINT_KEY;
 use crate::run::{new_run_id, RunError};
 use crate::store::WriteStore;
 use chrono::Utc;

@@ -10,8 +10,9 @@ use super::worker::worker;
 use crate::db::{self, DbError, DbSettings};
 use crate::format::manifest::Manifest;
 use crate::format::progress::{RunProgress, SliceSnapshot};
-use crate::format::{manifest_key, progress_key, read_doc, write_doc, PgSnapshot, TableName};
+use crate::format::{read_doc, write_doc, PgSnapshot, TableName};
 use crate::lease;
+use crate::repo::{chunk_prefix, manifest_key, progress_key};
 use crate::run::RunError;
 use crate::schema::capture::CaptureRequest;
 use crate::schema::{self, PgDump};
@@ -358,7 +359,7 @@ async fn release_after_failure(store: &dyn WriteStore, run_id: &str, error: &Run
 /// Aborts the multipart uploads a killed slice of this run left unfinished (they are
 /// billed until aborted). A failure here only delays that to prune.
 pub(super) async fn abort_leftover_uploads(store: &dyn WriteStore, run_id: &str) {
-    let prefix = format!("chunks/{run_id}/");
+    let prefix = chunk_prefix(run_id);
     match store.incomplete_uploads(&prefix).await {
         Ok(uploads) => {
             for upload in &uploads {

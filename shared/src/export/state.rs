@@ -3,11 +3,12 @@
 use super::append::MAX_GAPS;
 use super::options::{ExportMeter, ExportOptions};
 use super::slice::write_progress;
-use crate::chunk::{chunk_key, ChunkSink};
+use crate::chunk::ChunkSink;
 use crate::format::checkpoint::GapRange;
 use crate::format::progress::{Lane, RunProgress, TableProgress};
 use crate::format::{ChunkKind, ChunkRef, Fingerprint, KeyRange, TableName};
 use crate::lease;
+use crate::repo::chunk_key;
 use crate::run::RunError;
 use crate::store::{CountingStore, ETag, WriteCondition, WriteStore};
 use std::collections::VecDeque;

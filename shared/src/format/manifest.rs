@@ -150,7 +150,7 @@ pub async fn write_manifest(
 ) -> Result<crate::store::PutReceipt, super::FormatError> {
     Ok(store
         .put(
-            &super::manifest_key(&manifest.id),
+            &crate::repo::manifest_key(&manifest.id),
             bytes::Bytes::from(manifest.to_sealed_bytes()),
             condition,
         )
@@ -166,7 +166,7 @@ pub async fn read_manifest(
     store: &dyn crate::store::ReadStore,
     backup_id: &str,
 ) -> Result<Option<Manifest>, super::FormatError> {
-    let key = super::manifest_key(backup_id);
+    let key = crate::repo::manifest_key(backup_id);
     let Some(object) = store.read(&key).await? else {
         return Ok(None);
     };

@@ -1,13 +1,17 @@
 //! Stored formats: the JSON documents Tidemark keeps in the store, apart from the
 //! operations on them.
 //!
-//! | key                              | type                          |
-//! |----------------------------------|-------------------------------|
-//! | `lock`                           | [`lease::Lease`]              |
-//! | `state/checkpoint.json`          | [`checkpoint::Checkpoint`]    |
-//! | `runs/{run_id}/progress.json`    | [`progress::RunProgress`]     |
-//! | `manifests/{backup_id}.json`     | [`manifest::Manifest`]        |
-//! | `state/last-failure.json`        | [`failure::FailureRecord`]    |
+//! | document                      | type                               |
+//! |-------------------------------|------------------------------------|
+//! | the lease                     | [`lease::Lease`]                   |
+//! | the checkpoint                | [`checkpoint::Checkpoint`]         |
+//! | a run in flight               | [`progress::RunProgress`]          |
+//! | a sealed backup               | [`manifest::Manifest`]             |
+//! | a verification, one in flight | [`verification::Verification`], [`verification::VerifyState`] |
+//! | a prune in flight             | [`journal::PruneJournal`]          |
+//! | the last failure              | [`failure::FailureRecord`]         |
+//!
+//! Where each lives in the store is [`crate::repo`]'s to say.
 //!
 //! Every document has a `version`; readers accept every version up to
 //! [`FORMAT_VERSION`], ignore fields they do not know, and refuse newer versions with an
@@ -15,9 +19,11 @@
 
 pub mod checkpoint;
 pub mod failure;
+pub mod journal;
 pub mod lease;
 pub mod manifest;
 pub mod progress;
+pub mod verification;
 
 use std::fmt;
 use std::str::FromStr;
@@ -32,22 +38,6 @@ use crate::store::{ETag, PutReceipt, ReadStore, StoreError, WriteCondition, Writ
 /// Version 2: manifests carry the schema as pg_dump wrote it (`schema_dump`); a build that
 /// reads only version 1 would restore and prune without knowing those objects.
 pub const FORMAT_VERSION: u32 = 2;
-
-pub const LOCK_KEY: &str = "lock";
-pub const CHECKPOINT_KEY: &str = "state/checkpoint.json";
-pub const LAST_FAILURE_KEY: &str = "state/last-failure.json";
-
-pub fn progress_key(run_id: &str) -> String {
-    format!("runs/{run_id}/progress.json")
-}
-
-pub fn manifest_key(backup_id: &str) -> String {
-    format!("manifests/{backup_id}.json")
-}
-
-pub fn chunk_prefix(run_id: &str) -> String {
-    format!("chunks/{run_id}/")
-}
 
 /// Errors reading or writing a stored document.
 #[derive(Debug, thiserror::Error)]

@@ -37,13 +37,15 @@ use serde::Serialize;
 use tokio_postgres::Client;
 
 use crate::format::manifest::Manifest;
-use crate::format::{manifest_key, FormatError, TableName};
+use crate::format::{FormatError, TableName};
+use crate::repo::manifest_key;
 use crate::store::ReadStore;
 
 pub use self::data_only::Method as DataOnlyMethod;
 
 pub use self::error::{FailedTables, RestoreError};
 pub use self::run::restore;
+pub use crate::format::verification::ResumePoint;
 
 /// Which backup: the newest, or one by id.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,15 +122,6 @@ pub async fn is_marked_finished(client: &Client) -> Result<bool, tokio_postgres:
     Ok(row.get(0))
 }
 
-/// Where a time-boxed restore stands.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct ResumePoint {
-    /// The pre-data script is applied.
-    pub schema_applied: bool,
-    /// Tables completely loaded.
-    pub loaded: Vec<TableName>,
-}
-
 /// Live counters of a restore.
 #[derive(Debug, Default)]
 pub struct RestoreMeter {
@@ -178,7 +171,7 @@ pub async fn load_manifest(
 ) -> Result<Manifest, RestoreError> {
     let id = match selector {
         BackupSelector::Id(id) => id.clone(),
-        BackupSelector::Latest => latest_backup_id(store)
+        BackupSelector::Latest => crate::repo::backups::latest_id(store)
             .await?
             .ok_or(RestoreError::NoBackups)?,
     };
@@ -194,28 +187,6 @@ pub async fn load_manifest(
         return Err(RestoreError::ManifestModified { key });
     }
     Ok(manifest)
-}
-
-/// The id of the newest backup (manifests are named by id; ids start with their time).
-async fn latest_backup_id(store: &dyn ReadStore) -> Result<Option<String>, RestoreError> {
-    let mut newest: Option<(std::time::SystemTime, String)> = None;
-    for object in store.list("manifests/").await? {
-        let Some(id) = object
-            .key
-            .strip_prefix("manifests/")
-            .and_then(|k| k.strip_suffix(".json"))
-        else {
-            continue;
-        };
-        let when = object.last_modified.unwrap_or(std::time::UNIX_EPOCH);
-        if newest
-            .as_ref()
-            .is_none_or(|(t, n)| (when, id) > (*t, n.as_str()))
-        {
-            newest = Some((when, id.to_owned()));
-        }
-    }
-    Ok(newest.map(|(_, id)| id))
 }
 
 #[cfg(test)]

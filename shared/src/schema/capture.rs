@@ -206,13 +206,7 @@ pub async fn capture(
         None
     };
     let token = uuid::Uuid::new_v4().simple().to_string();
-    let key = |name: &str| {
-        format!(
-            "{}schema/{}.{name}.sql.zst",
-            crate::format::chunk_prefix(request.run_id),
-            &token[..8]
-        )
-    };
+    let key = |part: &str| crate::repo::schema_key(request.run_id, &token[..8], part);
     let pre_data = store_script(store, &key("pre-data"), pre, true, &keep).await?;
     let post_data = store_script(store, &key("post-data"), post, true, &keep).await?;
     let globals = match globals {
