@@ -1,0 +1,146 @@
+//! `tidemark prune`: apply the retention policy and delete what no kept backup needs.
+
+use crate::output::{bytes, json};
+use crate::GlobalArgs;
+use clap::Args;
+use std::time::Duration;
+use tidemark_core::error_chain;
+
+/// Retention rules; with none, the default policy (daily 7, weekly 4, monthly 12).
+#[derive(Args)]
+pub struct PruneArgs {
+    /// Keep the last N backups.
+    #[arg(long, env = "TIDEMARK_KEEP_LAST", value_name = "N")]
+    keep_last: Option<String>,
+    /// Keep the newest backup of each of the last N hours.
+    #[arg(long, env = "TIDEMARK_KEEP_HOURLY", value_name = "N")]
+    keep_hourly: Option<String>,
+    /// Keep the newest backup of each of the last N days.
+    #[arg(long, env = "TIDEMARK_KEEP_DAILY", value_name = "N")]
+    keep_daily: Option<String>,
+    /// Keep the newest backup of each of the last N ISO weeks.
+    #[arg(long, env = "TIDEMARK_KEEP_WEEKLY", value_name = "N")]
+    keep_weekly: Option<String>,
+    /// Keep the newest backup of each of the last N months.
+    #[arg(long, env = "TIDEMARK_KEEP_MONTHLY", value_name = "N")]
+    keep_monthly: Option<String>,
+    /// Keep the newest backup of each of the last N years.
+    #[arg(long, env = "TIDEMARK_KEEP_YEARLY", value_name = "N")]
+    keep_yearly: Option<String>,
+    /// Keep every backup younger than this (e.g. 30d, 12h).
+    #[arg(long, env = "TIDEMARK_KEEP_WITHIN", value_name = "DURATION")]
+    keep_within: Option<String>,
+    /// Drop the oldest kept backups beyond this total (e.g. 500GiB); never the newest.
+    #[arg(long, env = "TIDEMARK_MAX_TOTAL_SIZE", value_name = "SIZE")]
+    max_total_size: Option<String>,
+    /// Time zone of the calendar buckets (default UTC), e.g. Europe/Paris.
+    #[arg(long, env = "TIDEMARK_TIMEZONE", value_name = "TZ")]
+    timezone: Option<String>,
+    /// Leftovers of dead runs younger than this are kept.
+    #[arg(
+        long,
+        env = "TIDEMARK_PRUNE_GRACE",
+        default_value = "24h",
+        value_name = "DURATION"
+    )]
+    grace: String,
+    /// Print the plan; delete nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+pub async fn prune(global: &GlobalArgs, args: &PruneArgs) -> Result<(), String> {
+    let values = [
+        ("TIDEMARK_KEEP_LAST", &args.keep_last),
+        ("TIDEMARK_KEEP_HOURLY", &args.keep_hourly),
+        ("TIDEMARK_KEEP_DAILY", &args.keep_daily),
+        ("TIDEMARK_KEEP_WEEKLY", &args.keep_weekly),
+        ("TIDEMARK_KEEP_MONTHLY", &args.keep_monthly),
+        ("TIDEMARK_KEEP_YEARLY", &args.keep_yearly),
+        ("TIDEMARK_KEEP_WITHIN", &args.keep_within),
+        ("TIDEMARK_MAX_TOTAL_SIZE", &args.max_total_size),
+        ("TIDEMARK_TIMEZONE", &args.timezone),
+    ];
+    // The flags go through the same parser as the Lambda's environment.
+    let lookup = |name: &str| {
+        values
+            .iter()
+            .find(|(n, _)| *n == name)
+            .and_then(|(_, v)| (*v).clone())
+    };
+    // Errors name the variable; on the command line, name the flag.
+    let policy = tidemark_core::config::retention_policy_from_env(&lookup).map_err(|e| match e
+        .split_once(": ")
+    {
+        Some((var, rest)) if var.starts_with("TIDEMARK_") => format!(
+            "--{}: {rest}",
+            var.trim_start_matches("TIDEMARK_")
+                .to_lowercase()
+                .replace('_', "-")
+        ),
+        _ => e,
+    })?;
+    let grace = humantime_duration(&args.grace)?;
+    let store = global.open_store().await?;
+    let opts = tidemark_core::prune::PruneOptions {
+        policy,
+        grace,
+        dry_run: args.dry_run,
+        ..Default::default()
+    };
+    let report = tidemark_core::prune::prune(store, &opts)
+        .await
+        .map_err(|e| error_chain(&e))?;
+    if global.json {
+        println!("{}", json(&report)?);
+        return Ok(());
+    }
+    for b in &report.plan.backups {
+        let reasons: Vec<String> = b.reasons.iter().map(ToString::to_string).collect();
+        println!(
+            "{} {:<26} {}{}",
+            if b.keep { "keep  " } else { "remove" },
+            b.id,
+            reasons.join(", "),
+            if b.over_size_cap {
+                " (over the size cap)"
+            } else {
+                ""
+            }
+        );
+    }
+    println!(
+        "{} {} objects ({}){}",
+        if report.dry_run {
+            "would delete"
+        } else {
+            "deleted"
+        },
+        report.plan.delete.len(),
+        bytes(report.plan.delete_bytes),
+        if report.plan.dead_runs.is_empty() {
+            String::new()
+        } else {
+            format!(
+                ", including leftovers of dead runs {}",
+                report.plan.dead_runs.join(", ")
+            )
+        }
+    );
+    if report.plan.incomplete_uploads > 0 {
+        println!(
+            "{} {} unfinished uploads of killed writers",
+            if report.dry_run {
+                "would abort"
+            } else {
+                "aborted"
+            },
+            report.plan.incomplete_uploads
+        );
+    }
+    Ok(())
+}
+
+pub(super) fn humantime_duration(s: &str) -> Result<Duration, String> {
+    tidemark_core::config::parse_duration(s).map_err(|e| format!("--grace: {e}"))
+}

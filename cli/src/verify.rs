@@ -1,0 +1,121 @@
+//! `tidemark verify`: restore a backup into a scratch database and compare it with the
+//! source's own truth.
+
+use crate::output::{bytes, finish, json, spinner};
+use crate::restore::{parse_selector, url_settings};
+use crate::GlobalArgs;
+use clap::Args;
+use tidemark_core::error_chain;
+use tidemark_core::format::FingerprintOf;
+use tidemark_core::restore::BackupSelector;
+use tidemark_core::verify::{self, VerifyOptions};
+
+#[derive(Args)]
+pub struct VerifyArgs {
+    /// Which backup: latest or an id (default: the newest not verified yet).
+    #[arg(long, value_parser = parse_selector)]
+    backup: Option<BackupSelector>,
+    /// The verification server (default: the source server); a scratch database is
+    /// created and dropped there.
+    #[arg(
+        long,
+        env = "TIDEMARK_SCRATCH_URL",
+        hide_env_values = true,
+        value_name = "URL",
+        conflicts_with = "scratch_secret_id"
+    )]
+    scratch_url: Option<String>,
+    /// The verification server as a Secrets Manager secret (RDS format) instead of a URL.
+    #[arg(long, env = "TIDEMARK_SCRATCH_SECRET_ID", value_name = "ID")]
+    scratch_secret_id: Option<String>,
+    /// Tables loaded at once.
+    #[arg(long, env = "TIDEMARK_WORKERS", default_value_t = 2)]
+    workers: usize,
+}
+
+pub async fn verify(global: &GlobalArgs, args: &VerifyArgs) -> Result<(), String> {
+    let store = global.open_store().await?;
+    let mut server = match (&args.scratch_url, &args.scratch_secret_id) {
+        (Some(url), _) => url_settings(url, "--scratch-url")?,
+        (None, Some(secret_id)) => tidemark_core::db::DatabaseSource {
+            secret_id: Some(secret_id.clone()),
+            sslmode: global.sslmode,
+            ..Default::default()
+        }
+        .resolve()
+        .await
+        .map_err(|e| error_chain(&e))?,
+        (None, None) => global
+            .database()
+            .resolve()
+            .await
+            .map_err(|e| error_chain(&e))?,
+    };
+    if let Some(ca) = &global.ca_file {
+        server.ca_file = Some(ca.clone());
+    }
+    let opts = VerifyOptions {
+        backup: args.backup.clone(),
+        workers: args.workers.max(1),
+        pg_dump: global.pg_dump.clone(),
+        ..VerifyOptions::default()
+    };
+    let bar = spinner(|| "restoring into a scratch database".to_owned());
+    let result = verify::verify(store, &server, &opts).await;
+    finish(bar);
+    let record = result.map_err(|e| error_chain(&e))?;
+    if global.json {
+        println!("{}", json(&record)?);
+    } else {
+        println!(
+            "backup {}: verification {} (restore {:.1} s, {} rows, {}, {} schema objects)",
+            record.backup_id,
+            if record.ok { "ok" } else { "FAILED" },
+            record.restore_seconds,
+            record.rows,
+            bytes(record.bytes),
+            record.schema.as_ref().map_or(0, |s| s.objects)
+        );
+        if let Some(error) = &record.error {
+            println!("  {error}");
+        }
+        if let Some(schema) = &record.schema {
+            for difference in &schema.differences {
+                println!("  schema {difference}");
+            }
+        }
+        for t in record.tables.iter().filter(|t| !t.ok) {
+            println!(
+                "  table {}: expected {} rows (fingerprint {:016x}{}), restored {}",
+                t.name,
+                t.expected.rows,
+                t.expected.sum,
+                if t.of == FingerprintOf::Keys {
+                    " of its keys"
+                } else {
+                    ""
+                },
+                t.actual
+                    .map(|a| format!("{} rows (fingerprint {:016x})", a.rows, a.sum))
+                    .unwrap_or_else(|| "nothing".into())
+            );
+        }
+        let keys_only: Vec<String> = record
+            .tables
+            .iter()
+            .filter(|t| t.of == FingerprintOf::Keys)
+            .map(|t| t.name.to_string())
+            .collect();
+        if !keys_only.is_empty() {
+            println!(
+                "  note: append table(s) {} were compared by key only: updates to their rows are not in an append backup (backup --deep checks them whole)",
+                keys_only.join(", ")
+            );
+        }
+    }
+    if record.ok {
+        Ok(())
+    } else {
+        Err(format!("backup {} failed verification", record.backup_id))
+    }
+}
