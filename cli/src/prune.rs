@@ -5,6 +5,8 @@ use crate::GlobalArgs;
 use clap::Args;
 use std::time::Duration;
 use tidemark_core::error_chain;
+use tidemark_core::prune::PruneReport;
+use tidemark_core::retention::RetentionPolicy;
 
 /// Retention rules; with none, the default policy (daily 7, weekly 4, monthly 12).
 #[derive(Args)]
@@ -50,6 +52,27 @@ pub struct PruneArgs {
 }
 
 pub async fn prune(global: &GlobalArgs, args: &PruneArgs) -> Result<(), String> {
+    let opts = tidemark_core::prune::PruneOptions {
+        policy: policy(args)?,
+        grace: humantime_duration(&args.grace)?,
+        dry_run: args.dry_run,
+        ..Default::default()
+    };
+    let store = global.open_store().await?;
+    let report = tidemark_core::prune::prune(store, &opts)
+        .await
+        .map_err(|e| error_chain(&e))?;
+    if global.json {
+        println!("{}", json(&report)?);
+    } else {
+        print_report(&report);
+    }
+    Ok(())
+}
+
+/// The retention policy the flags describe, through the same parser as the Lambda's
+/// environment; errors name the flag rather than the variable.
+fn policy(args: &PruneArgs) -> Result<RetentionPolicy, String> {
     let values = [
         ("TIDEMARK_KEEP_LAST", &args.keep_last),
         ("TIDEMARK_KEEP_HOURLY", &args.keep_hourly),
@@ -61,84 +84,66 @@ pub async fn prune(global: &GlobalArgs, args: &PruneArgs) -> Result<(), String> 
         ("TIDEMARK_MAX_TOTAL_SIZE", &args.max_total_size),
         ("TIDEMARK_TIMEZONE", &args.timezone),
     ];
-    // The flags go through the same parser as the Lambda's environment.
     let lookup = |name: &str| {
         values
             .iter()
             .find(|(n, _)| *n == name)
             .and_then(|(_, v)| (*v).clone())
     };
-    // Errors name the variable; on the command line, name the flag.
-    let policy = tidemark_core::config::retention_policy_from_env(&lookup).map_err(|e| match e
-        .split_once(": ")
-    {
-        Some((var, rest)) if var.starts_with("TIDEMARK_") => format!(
-            "--{}: {rest}",
-            var.trim_start_matches("TIDEMARK_")
-                .to_lowercase()
-                .replace('_', "-")
-        ),
-        _ => e,
-    })?;
-    let grace = humantime_duration(&args.grace)?;
-    let store = global.open_store().await?;
-    let opts = tidemark_core::prune::PruneOptions {
-        policy,
-        grace,
-        dry_run: args.dry_run,
-        ..Default::default()
-    };
-    let report = tidemark_core::prune::prune(store, &opts)
-        .await
-        .map_err(|e| error_chain(&e))?;
-    if global.json {
-        println!("{}", json(&report)?);
-        return Ok(());
-    }
+    tidemark_core::config::retention_policy_from_env(&lookup).map_err(|e| {
+        match e.split_once(": ") {
+            Some((var, rest)) if var.starts_with("TIDEMARK_") => format!(
+                "--{}: {rest}",
+                var.trim_start_matches("TIDEMARK_")
+                    .to_lowercase()
+                    .replace('_', "-")
+            ),
+            _ => e,
+        }
+    })
+}
+
+/// One line per backup (kept or removed, and why), then what was or would be deleted.
+fn print_report(report: &PruneReport) {
     for b in &report.plan.backups {
         let reasons: Vec<String> = b.reasons.iter().map(ToString::to_string).collect();
-        println!(
-            "{} {:<26} {}{}",
-            if b.keep { "keep  " } else { "remove" },
-            b.id,
-            reasons.join(", "),
-            if b.over_size_cap {
-                " (over the size cap)"
-            } else {
-                ""
-            }
-        );
+        let over = if b.over_size_cap {
+            " (over the size cap)"
+        } else {
+            ""
+        };
+        let verb = if b.keep { "keep  " } else { "remove" };
+        println!("{verb} {:<26} {}{over}", b.id, reasons.join(", "));
     }
+    let dead = if report.plan.dead_runs.is_empty() {
+        String::new()
+    } else {
+        format!(
+            ", including leftovers of dead runs {}",
+            report.plan.dead_runs.join(", ")
+        )
+    };
+    let verb = if report.dry_run {
+        "would delete"
+    } else {
+        "deleted"
+    };
     println!(
-        "{} {} objects ({}){}",
-        if report.dry_run {
-            "would delete"
-        } else {
-            "deleted"
-        },
+        "{verb} {} objects ({}){dead}",
         report.plan.delete.len(),
-        bytes(report.plan.delete_bytes),
-        if report.plan.dead_runs.is_empty() {
-            String::new()
-        } else {
-            format!(
-                ", including leftovers of dead runs {}",
-                report.plan.dead_runs.join(", ")
-            )
-        }
+        bytes(report.plan.delete_bytes)
     );
     if report.plan.incomplete_uploads > 0 {
+        let verb = if report.dry_run {
+            "would abort"
+        } else {
+            "aborted"
+        };
         println!(
-            "{} {} unfinished uploads of killed writers",
-            if report.dry_run {
-                "would abort"
-            } else {
-                "aborted"
-            },
+            "{verb} {} unfinished uploads of killed writers",
             report.plan.incomplete_uploads
         );
     }
-    Ok(())
 }
 
 pub(super) fn humantime_duration(s: &str) -> Result<Duration, String> {

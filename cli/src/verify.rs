@@ -5,10 +5,11 @@ use crate::output::{bytes, finish, json, spinner};
 use crate::restore::{parse_selector, url_settings};
 use crate::GlobalArgs;
 use clap::Args;
+use tidemark_core::db::DbSettings;
 use tidemark_core::error_chain;
 use tidemark_core::format::FingerprintOf;
 use tidemark_core::restore::BackupSelector;
-use tidemark_core::verify::{self, VerifyOptions};
+use tidemark_core::verify::{self, Verification, VerifyOptions};
 
 #[derive(Args)]
 pub struct VerifyArgs {
@@ -35,6 +36,32 @@ pub struct VerifyArgs {
 
 pub async fn verify(global: &GlobalArgs, args: &VerifyArgs) -> Result<(), String> {
     let store = global.open_store().await?;
+    let server = scratch_server(global, args).await?;
+    let opts = VerifyOptions {
+        backup: args.backup.clone(),
+        workers: args.workers.max(1),
+        pg_dump: global.pg_dump.clone(),
+        ..VerifyOptions::default()
+    };
+    let bar = spinner(|| "restoring into a scratch database".to_owned());
+    let result = verify::verify(store, &server, &opts).await;
+    finish(bar);
+    let record = result.map_err(|e| error_chain(&e))?;
+    if global.json {
+        println!("{}", json(&record)?);
+    } else {
+        print_record(&record);
+    }
+    if record.ok {
+        Ok(())
+    } else {
+        Err(format!("backup {} failed verification", record.backup_id))
+    }
+}
+
+/// The server the scratch database goes on: `--scratch-url`, `--scratch-secret-id`, or
+/// the source's.
+async fn scratch_server(global: &GlobalArgs, args: &VerifyArgs) -> Result<DbSettings, String> {
     let mut server = match (&args.scratch_url, &args.scratch_secret_id) {
         (Some(url), _) => url_settings(url, "--scratch-url")?,
         (None, Some(secret_id)) => tidemark_core::db::DatabaseSource {
@@ -54,68 +81,53 @@ pub async fn verify(global: &GlobalArgs, args: &VerifyArgs) -> Result<(), String
     if let Some(ca) = &global.ca_file {
         server.ca_file = Some(ca.clone());
     }
-    let opts = VerifyOptions {
-        backup: args.backup.clone(),
-        workers: args.workers.max(1),
-        pg_dump: global.pg_dump.clone(),
-        ..VerifyOptions::default()
-    };
-    let bar = spinner(|| "restoring into a scratch database".to_owned());
-    let result = verify::verify(store, &server, &opts).await;
-    finish(bar);
-    let record = result.map_err(|e| error_chain(&e))?;
-    if global.json {
-        println!("{}", json(&record)?);
-    } else {
-        println!(
-            "backup {}: verification {} (restore {:.1} s, {} rows, {}, {} schema objects)",
-            record.backup_id,
-            if record.ok { "ok" } else { "FAILED" },
-            record.restore_seconds,
-            record.rows,
-            bytes(record.bytes),
-            record.schema.as_ref().map_or(0, |s| s.objects)
-        );
-        if let Some(error) = &record.error {
-            println!("  {error}");
-        }
-        if let Some(schema) = &record.schema {
-            for difference in &schema.differences {
-                println!("  schema {difference}");
-            }
-        }
-        for t in record.tables.iter().filter(|t| !t.ok) {
-            println!(
-                "  table {}: expected {} rows (fingerprint {:016x}{}), restored {}",
-                t.name,
-                t.expected.rows,
-                t.expected.sum,
-                if t.of == FingerprintOf::Keys {
-                    " of its keys"
-                } else {
-                    ""
-                },
-                t.actual
-                    .map(|a| format!("{} rows (fingerprint {:016x})", a.rows, a.sum))
-                    .unwrap_or_else(|| "nothing".into())
-            );
-        }
-        let keys_only: Vec<String> = record
-            .tables
-            .iter()
-            .filter(|t| t.of == FingerprintOf::Keys)
-            .map(|t| t.name.to_string())
-            .collect();
-        if !keys_only.is_empty() {
-            println!(
-                "  note: append table(s) {} were compared by key only: updates to their rows are not in an append backup (backup --deep checks them whole)",
-                keys_only.join(", ")
-            );
+    Ok(server)
+}
+
+/// The outcome in a line, then each difference found.
+fn print_record(record: &Verification) {
+    println!(
+        "backup {}: verification {} (restore {:.1} s, {} rows, {}, {} schema objects)",
+        record.backup_id,
+        if record.ok { "ok" } else { "FAILED" },
+        record.restore_seconds,
+        record.rows,
+        bytes(record.bytes),
+        record.schema.as_ref().map_or(0, |s| s.objects)
+    );
+    if let Some(error) = &record.error {
+        println!("  {error}");
+    }
+    if let Some(schema) = &record.schema {
+        for difference in &schema.differences {
+            println!("  schema {difference}");
         }
     }
-    if record.ok {
-        Ok(())
-    } else {
-        Err(format!("backup {} failed verification", record.backup_id))
+    for t in record.tables.iter().filter(|t| !t.ok) {
+        let of = if t.of == FingerprintOf::Keys {
+            " of its keys"
+        } else {
+            ""
+        };
+        let actual = t
+            .actual
+            .map(|a| format!("{} rows (fingerprint {:016x})", a.rows, a.sum))
+            .unwrap_or_else(|| "nothing".into());
+        println!(
+            "  table {}: expected {} rows (fingerprint {:016x}{of}), restored {actual}",
+            t.name, t.expected.rows, t.expected.sum
+        );
+    }
+    let keys_only: Vec<String> = record
+        .tables
+        .iter()
+        .filter(|t| t.of == FingerprintOf::Keys)
+        .map(|t| t.name.to_string())
+        .collect();
+    if !keys_only.is_empty() {
+        println!(
+            "  note: append table(s) {} were compared by key only: updates to their rows are not in an append backup (backup --deep checks them whole)",
+            keys_only.join(", ")
+        );
     }
 }
