@@ -222,22 +222,29 @@ pub fn plan(
         })
         .collect();
     if let Some(cap) = policy.max_total_size {
-        let mut total = 0u64;
-        for (d, b) in decisions.iter_mut().zip(&sorted) {
-            if !d.keep {
-                continue;
-            }
-            total = total.saturating_add(b.bytes);
-            let protected = d.reasons.contains(&KeepReason::Newest)
-                || d.reasons.contains(&KeepReason::NewestVerified);
-            if total > cap && !protected {
-                d.keep = false;
-                d.over_size_cap = true;
-                total -= b.bytes;
-            }
-        }
+        apply_size_cap(&mut decisions, &sorted, cap);
     }
     Ok(decisions)
+}
+
+/// From the newest on, drops each kept backup that would bring the kept total over
+/// `cap` — never the newest or the newest verified. `decisions` and `sorted` are in the
+/// same order, newest first.
+fn apply_size_cap(decisions: &mut [Decision], sorted: &[&BackupFacts], cap: u64) {
+    let mut total = 0u64;
+    for (d, b) in decisions.iter_mut().zip(sorted) {
+        if !d.keep {
+            continue;
+        }
+        total = total.saturating_add(b.bytes);
+        let protected = d.reasons.contains(&KeepReason::Newest)
+            || d.reasons.contains(&KeepReason::NewestVerified);
+        if total > cap && !protected {
+            d.keep = false;
+            d.over_size_cap = true;
+            total -= b.bytes;
+        }
+    }
 }
 
 #[cfg(test)]

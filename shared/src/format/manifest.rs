@@ -321,6 +321,11 @@ impl TableEntry {
             .sum()
     }
 
+    /// Chunks the table restores from (rows and key sets).
+    pub fn chunk_count(&self) -> u64 {
+        (self.chunks.len() + self.key_chunks.len()) as u64
+    }
+
     /// The table's own rows in SQL (see [`TableName::own_rows`]).
     pub fn own_rows(&self) -> String {
         self.name.own_rows(self.schema.is_partitioned())

@@ -92,12 +92,30 @@ pub(super) async fn plan(
             warnings: Vec::new(),
         });
     }
+    let edges = foreign_keys(client, target, tables).await?;
+    let (groups, staged) = load_order(tables, &edges)?;
+    let (owned, warnings) = owned_tables(client, target, tables).await?;
+    Ok(Plan {
+        method: Method::ForeignKeyOrder,
+        groups,
+        staged,
+        owned,
+        warnings,
+    })
+}
+
+/// The foreign keys among `tables` (partitions folded into their roots), as
+/// referencing -> referenced, each with whether every such constraint is deferrable.
+async fn foreign_keys(
+    client: &Client,
+    target: &DbSettings,
+    tables: &[TableEntry],
+) -> Result<BTreeMap<(usize, usize), bool>, RestoreError> {
     let index: HashMap<&TableName, usize> = tables
         .iter()
         .enumerate()
         .map(|(i, t)| (&t.name, i))
         .collect();
-    // Foreign keys among the tables, partitions folded into their roots.
     let rows = client
         .query(
             "SELECT rn.nspname::text, r.relname::text, fn.nspname::text, f.relname::text, c.condeferrable \
@@ -111,7 +129,6 @@ pub(super) async fn plan(
         )
         .await
         .map_err(q(target, "reading foreign keys"))?;
-    // referencing -> referenced, and whether every such edge is deferrable.
     let mut edges: BTreeMap<(usize, usize), bool> = BTreeMap::new();
     for row in rows {
         let from = TableName::new(row.get::<_, String>(0), row.get::<_, String>(1));
@@ -122,19 +139,28 @@ pub(super) async fn plan(
             *e = *e && deferrable;
         }
     }
-    let components = strongly_connected(tables.len(), &edges);
+    Ok(edges)
+}
+
+/// Groups of tables in load order (referenced before referencing; tables that reference
+/// each other in one group, checked at commit), and the tables that reference themselves
+/// through a constraint that cannot be deferred (loaded through a staging table).
+///
+/// # Errors
+/// [`RestoreError::ForeignKeyCycle`] for a group held together by a constraint that
+/// cannot be deferred.
+fn load_order(
+    tables: &[TableEntry],
+    edges: &BTreeMap<(usize, usize), bool>,
+) -> Result<(Vec<Vec<usize>>, HashSet<usize>), RestoreError> {
     let mut groups = Vec::new();
     let mut staged = HashSet::new();
-    for component in components {
+    for component in strongly_connected(tables.len(), edges) {
         if component.len() > 1 {
-            let fixed: Vec<String> = edges
-                .iter()
-                .filter(|((a, b), deferrable)| {
-                    !**deferrable && component.contains(a) && component.contains(b)
-                })
-                .map(|((a, _), _)| tables[*a].name.to_string())
-                .collect();
-            if !fixed.is_empty() {
+            let fixed = edges.iter().any(|((a, b), deferrable)| {
+                !*deferrable && component.contains(a) && component.contains(b)
+            });
+            if fixed {
                 let mut names: Vec<String> = component
                     .iter()
                     .map(|&t| tables[t].name.to_string())
@@ -147,7 +173,16 @@ pub(super) async fn plan(
         }
         groups.push(component);
     }
-    // Whose user triggers may this role disable?
+    Ok((groups, staged))
+}
+
+/// The tables whose user triggers the restoring role may disable (it owns them), and a
+/// warning for each table with user triggers it does not own.
+async fn owned_tables(
+    client: &Client,
+    target: &DbSettings,
+    tables: &[TableEntry],
+) -> Result<(HashSet<usize>, Vec<String>), RestoreError> {
     let names: Vec<String> = tables.iter().map(|t| t.name.quoted()).collect();
     let owned_rows = client
         .query(
@@ -173,13 +208,7 @@ pub(super) async fn plan(
             ));
         }
     }
-    Ok(Plan {
-        method: Method::ForeignKeyOrder,
-        groups,
-        staged,
-        owned,
-        warnings,
-    })
+    Ok((owned, warnings))
 }
 
 async fn has_user_triggers(

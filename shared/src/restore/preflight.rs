@@ -98,110 +98,168 @@ pub(super) async fn preflight(
     opts: &RestoreOptions,
     resume: &ResumePoint,
 ) -> Result<HashSet<String>, RestoreError> {
-    let check = |what: &'static str| move |e| DbError::query(what, target, e);
     let mut existing_schemas = HashSet::new();
     if let Some(scripts) = scripts.filter(|_| !resume.schema_applied) {
-        let wanted = apply::extensions(&scripts.pre);
-        let available: HashSet<String> = client
-            .query(
-                "SELECT name::text FROM pg_available_extensions WHERE name = ANY($1)",
-                &[&wanted],
-            )
-            .await
-            .map_err(check("checking the target's extensions"))?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        let missing: Vec<String> = wanted
-            .into_iter()
-            .filter(|e| !available.contains(e))
-            .collect();
-        if !missing.is_empty() {
-            return Err(RestoreError::MissingExtensions(missing));
-        }
-        let relations = restored_relations(tables);
-        for table in apply::created_tables(&scripts.pre) {
-            if !opts.tables.is_empty() && !relations.contains(&table) {
-                continue;
-            }
-            let exists: bool = client
-                .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table.quoted()])
-                .await
-                .and_then(|r| r.try_get(0))
-                .map_err(check("checking the target"))?;
-            if exists {
-                return Err(RestoreError::TargetTableExists(table));
-            }
-        }
-        for schema in apply::created_schemas(&scripts.pre) {
-            // Objects that belong to an extension do not count: the extension is
-            // created IF NOT EXISTS.
-            let row = client
-                .query_opt(
-                    "SELECT EXISTS (SELECT 1 FROM pg_class c WHERE c.relnamespace = n.oid                        AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e'))                      OR EXISTS (SELECT 1 FROM pg_proc p WHERE p.pronamespace = n.oid                        AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e'))                      OR EXISTS (SELECT 1 FROM pg_type t WHERE t.typnamespace = n.oid AND t.typrelid = 0 AND t.typelem = 0                        AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_type'::regclass AND d.objid = t.oid AND d.deptype = 'e'))                      FROM pg_namespace n WHERE n.nspname = $1",
-                    &[&schema],
-                )
-                .await
-                .map_err(check("checking the target"))?;
-            match row {
-                None => {}
-                Some(r) if r.get::<_, bool>(0) && opts.tables.is_empty() => {
-                    return Err(RestoreError::TargetSchemaNotEmpty(schema))
-                }
-                Some(_) => {
-                    existing_schemas.insert(schema);
-                }
-            }
-        }
+        check_extensions(client, target, scripts).await?;
+        check_new_tables(client, target, tables, scripts, opts).await?;
+        existing_schemas = existing_empty_schemas(client, target, scripts, opts).await?;
     }
     for entry in tables {
         if opts.data_only {
-            let exists: bool = client
-                .query_one(
-                    "SELECT to_regclass($1) IS NOT NULL",
-                    &[&entry.name.quoted()],
-                )
-                .await
-                .and_then(|r| r.try_get(0))
-                .map_err(|e| RestoreError::table(&entry.name, check("checking the target")(e)))?;
-            if !exists {
-                return Err(RestoreError::TargetTableMissing(entry.name.clone()));
-            }
-            if !opts.clean {
-                let has_rows: bool = client
-                    .query_one(
-                        &format!("SELECT EXISTS (SELECT 1 FROM {})", entry.own_rows()),
-                        &[],
-                    )
-                    .await
-                    .and_then(|r| r.try_get(0))
-                    .map_err(|e| {
-                        RestoreError::table(&entry.name, check("checking the target")(e))
-                    })?;
-                if has_rows {
-                    return Err(RestoreError::TargetNotEmpty(entry.name.clone()));
-                }
-            }
+            check_data_only_target(client, target, entry, opts).await?;
         }
-        for chunk in entry.chunks.iter().chain(&entry.key_chunks) {
-            match store.head(&chunk.key).await? {
-                None => {
-                    return Err(RestoreError::ChunkMissing {
-                        key: chunk.key.clone(),
-                    })
-                }
-                Some(meta) if meta.size != chunk.bytes => {
-                    return Err(RestoreError::ChunkCorrupt {
-                        key: chunk.key.clone(),
-                        detail: format!(
-                            "{} bytes in the store, {} in the manifest",
-                            meta.size, chunk.bytes
-                        ),
-                    })
-                }
-                Some(_) => {}
-            }
-        }
+        check_chunks(store, entry).await?;
     }
     Ok(existing_schemas)
 }
+
+fn check<'a>(
+    target: &'a DbSettings,
+    what: &'static str,
+) -> impl Fn(tokio_postgres::Error) -> DbError + 'a {
+    move |e| DbError::query(what, target, e)
+}
+
+/// Every extension the schema creates is available on the target.
+async fn check_extensions(
+    client: &Client,
+    target: &DbSettings,
+    scripts: &Scripts,
+) -> Result<(), RestoreError> {
+    let wanted = apply::extensions(&scripts.pre);
+    let available: HashSet<String> = client
+        .query(
+            "SELECT name::text FROM pg_available_extensions WHERE name = ANY($1)",
+            &[&wanted],
+        )
+        .await
+        .map_err(check(target, "checking the target's extensions"))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let missing: Vec<String> = wanted
+        .into_iter()
+        .filter(|e| !available.contains(e))
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(RestoreError::MissingExtensions(missing))
+    }
+}
+
+/// No table the schema creates (of those restored) exists in the target yet.
+async fn check_new_tables(
+    client: &Client,
+    target: &DbSettings,
+    tables: &[TableEntry],
+    scripts: &Scripts,
+    opts: &RestoreOptions,
+) -> Result<(), RestoreError> {
+    let relations = restored_relations(tables);
+    for table in apply::created_tables(&scripts.pre) {
+        if !opts.tables.is_empty() && !relations.contains(&table) {
+            continue;
+        }
+        if exists(client, target, &table.quoted()).await? {
+            return Err(RestoreError::TargetTableExists(table));
+        }
+    }
+    Ok(())
+}
+
+/// Does the relation `quoted` exist in the target?
+async fn exists(client: &Client, target: &DbSettings, quoted: &str) -> Result<bool, DbError> {
+    client
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&quoted])
+        .await
+        .and_then(|r| r.try_get(0))
+        .map_err(check(target, "checking the target"))
+}
+
+/// The schemas the backup creates that exist in the target holding nothing of their own;
+/// a schema holding objects is an error (unless only some tables are restored).
+async fn existing_empty_schemas(
+    client: &Client,
+    target: &DbSettings,
+    scripts: &Scripts,
+    opts: &RestoreOptions,
+) -> Result<HashSet<String>, RestoreError> {
+    let mut existing = HashSet::new();
+    for schema in apply::created_schemas(&scripts.pre) {
+        // Objects that belong to an extension do not count: the extension is
+        // created IF NOT EXISTS.
+        let row = client
+            .query_opt(SCHEMA_SQL, &[&schema])
+            .await
+            .map_err(check(target, "checking the target"))?;
+        match row {
+            None => {}
+            Some(r) if r.get::<_, bool>(0) && opts.tables.is_empty() => {
+                return Err(RestoreError::TargetSchemaNotEmpty(schema))
+            }
+            Some(_) => {
+                existing.insert(schema);
+            }
+        }
+    }
+    Ok(existing)
+}
+
+/// A data-only restore loads into tables that exist and (without `--clean`) are empty.
+async fn check_data_only_target(
+    client: &Client,
+    target: &DbSettings,
+    entry: &TableEntry,
+    opts: &RestoreOptions,
+) -> Result<(), RestoreError> {
+    let in_table = |e| RestoreError::table(&entry.name, e);
+    if !exists(client, target, &entry.name.quoted())
+        .await
+        .map_err(in_table)?
+    {
+        return Err(RestoreError::TargetTableMissing(entry.name.clone()));
+    }
+    if opts.clean {
+        return Ok(());
+    }
+    let has_rows: bool = client
+        .query_one(
+            &format!("SELECT EXISTS (SELECT 1 FROM {})", entry.own_rows()),
+            &[],
+        )
+        .await
+        .and_then(|r| r.try_get(0))
+        .map_err(|e| in_table(check(target, "checking the target")(e)))?;
+    if has_rows {
+        return Err(RestoreError::TargetNotEmpty(entry.name.clone()));
+    }
+    Ok(())
+}
+
+/// Every chunk of the table is in the store at the size the manifest records.
+async fn check_chunks(store: &dyn ReadStore, entry: &TableEntry) -> Result<(), RestoreError> {
+    for chunk in entry.chunks.iter().chain(&entry.key_chunks) {
+        match store.head(&chunk.key).await? {
+            None => {
+                return Err(RestoreError::ChunkMissing {
+                    key: chunk.key.clone(),
+                })
+            }
+            Some(meta) if meta.size != chunk.bytes => {
+                return Err(RestoreError::ChunkCorrupt {
+                    key: chunk.key.clone(),
+                    detail: format!(
+                        "{} bytes in the store, {} in the manifest",
+                        meta.size, chunk.bytes
+                    ),
+                })
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// Does a schema hold objects of its own (not an extension's)? No row: it does not exist.
+const SCHEMA_SQL: &str = "SELECT EXISTS (SELECT 1 FROM pg_class c WHERE c.relnamespace = n.oid                        AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e'))                      OR EXISTS (SELECT 1 FROM pg_proc p WHERE p.pronamespace = n.oid                        AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e'))                      OR EXISTS (SELECT 1 FROM pg_type t WHERE t.typnamespace = n.oid AND t.typrelid = 0 AND t.typelem = 0                        AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_type'::regclass AND d.objid = t.oid AND d.deptype = 'e'))                      FROM pg_namespace n WHERE n.nspname = $1";

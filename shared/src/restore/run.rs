@@ -65,6 +65,7 @@ pub async fn restore(
     let meter = opts.meter.clone().unwrap_or_default();
     meter.tables_total.store(tables.len(), Ordering::Relaxed);
     let mut schema = SchemaSteps::new(&admin, &known, existing_schemas, opts);
+    schema.large_objects = large_objects;
     if let Some(s) = scripts.as_ref().filter(|_| !opts.tables.is_empty()) {
         // Which pg_dump entries a restore of some tables applies.
         let relations = restored_relations(&tables);
@@ -94,25 +95,9 @@ pub async fn restore(
     let loaded = resume.loaded.len() + data.completed.len();
     let done = loaded + failed_count == tables.len();
     if done {
-        if by_chunk_any(&admin).await {
-            admin
-                .batch_execute(&format!("DROP SCHEMA IF EXISTS {PROGRESS_SCHEMA} CASCADE"))
-                .await
-                .map_err(|e| DbError::query("dropping the chunk progress table", target, e))?;
-        }
-        if let Some(script) = &large_objects {
-            warnings.extend(restore_large_objects(&admin, target, script, &known, opts).await?);
-        }
-        set_sequences(&admin, target, manifest, &tables, opts.data_only).await?;
+        let store = store.as_ref();
         schema
-            .finish(
-                store.as_ref(),
-                target,
-                manifest,
-                scripts.as_ref(),
-                &tables,
-                opts,
-            )
+            .after_data(store, target, manifest, scripts.as_ref(), &tables, opts)
             .await?;
     }
     warnings.append(&mut schema.warnings);
@@ -131,10 +116,7 @@ pub async fn restore(
         tables: tables.len(),
         rows: meter.rows.load(Ordering::Relaxed),
         bytes: tables.iter().map(TableEntry::stored_bytes).sum(),
-        chunks: tables
-            .iter()
-            .map(|t| (t.chunks.len() + t.key_chunks.len()) as u64)
-            .sum(),
+        chunks: tables.iter().map(TableEntry::chunk_count).sum(),
         seconds: started.elapsed().as_secs_f64(),
         done,
         completed: data.completed,
@@ -219,6 +201,8 @@ struct SchemaSteps<'a> {
     /// Schemas the target has already (and empty): not created again.
     existing_schemas: HashSet<String>,
     subset: Option<SubsetPlan>,
+    /// The large-objects script, checked against the backup's fingerprint.
+    large_objects: Option<Script>,
     options: ApplyOptions,
     objects: usize,
     warnings: Vec<String>,
@@ -236,6 +220,7 @@ impl<'a> SchemaSteps<'a> {
             known,
             existing_schemas,
             subset: None,
+            large_objects: None,
             options: ApplyOptions {
                 with_owners: opts.with_privileges,
                 with_privileges: opts.with_privileges,
@@ -304,6 +289,33 @@ impl<'a> SchemaSteps<'a> {
 
     /// Once every table is loaded: the sequence checks, the materialized views of a
     /// data-only restore, the post-data script (and the finished mark).
+    /// Once every table is loaded: the chunk progress table goes, then large objects,
+    /// sequences and post-data.
+    async fn after_data(
+        &mut self,
+        store: &dyn ReadStore,
+        target: &DbSettings,
+        manifest: &Manifest,
+        scripts: Option<&Scripts>,
+        tables: &[TableEntry],
+        opts: &RestoreOptions,
+    ) -> Result<(), RestoreError> {
+        if by_chunk_any(self.admin).await {
+            self.admin
+                .batch_execute(&format!("DROP SCHEMA IF EXISTS {PROGRESS_SCHEMA} CASCADE"))
+                .await
+                .map_err(|e| DbError::query("dropping the chunk progress table", target, e))?;
+        }
+        if let Some(script) = &self.large_objects {
+            let known = self.known;
+            let moved = restore_large_objects(self.admin, target, script, known, opts).await?;
+            self.warnings.extend(moved);
+        }
+        set_sequences(self.admin, target, manifest, tables, opts.data_only).await?;
+        self.finish(store, target, manifest, scripts, tables, opts)
+            .await
+    }
+
     async fn finish(
         &mut self,
         store: &dyn ReadStore,

@@ -11,9 +11,9 @@ use crate::error_chain;
 use crate::format::manifest::TableEntry;
 use crate::format::{ChunkRef, TableName};
 use crate::store::ReadStore;
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio_postgres::Client;
 
@@ -118,86 +118,185 @@ pub(super) async fn load_tables(
     pending: &[usize],
     opts: &RestoreOptions,
     meter: &Arc<RestoreMeter>,
-    completed: &Arc<std::sync::Mutex<Vec<TableName>>>,
+    completed: &Arc<Mutex<Vec<TableName>>>,
 ) -> Result<(), RestoreError> {
     // The biggest tables first, so that the last one to finish is a small one.
     let mut jobs: Vec<usize> = pending.to_vec();
     jobs.sort_by_key(|&t| std::cmp::Reverse(tables[t].chunks.iter().map(|c| c.bytes).sum::<u64>()));
-    let jobs: std::collections::VecDeque<usize> = jobs.into();
-    let by_chunk: Arc<Vec<bool>> =
-        Arc::new(tables.iter().map(|e| lands_by_chunk(e, opts)).collect());
-    let tables: Arc<Vec<TableEntry>> = Arc::new(tables.to_vec());
     let worker_count = opts.workers.max(1).min(jobs.len().max(1));
-    let queue = Arc::new(std::sync::Mutex::new(jobs));
+    let queue = Arc::new(Mutex::new(VecDeque::from(jobs)));
+    let work = Arc::new(Work {
+        store,
+        target: target.clone(),
+        by_chunk: tables.iter().map(|e| lands_by_chunk(e, opts)).collect(),
+        tables: tables.to_vec(),
+        deadline: opts.deadline,
+        meter: meter.clone(),
+        completed: completed.clone(),
+    });
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..worker_count {
-        let (queue, store, target, meter, tables, completed, by_chunk) = (
-            queue.clone(),
-            store.clone(),
-            target.clone(),
-            meter.clone(),
-            tables.clone(),
-            completed.clone(),
-            by_chunk.clone(),
-        );
-        let deadline = opts.deadline;
-        workers.spawn(async move {
-            let client = db::connect(&target).await?;
-            // Every connection lands at least one table (or chunk of a table landed chunk
-            // by chunk), so each slice makes progress.
-            let mut worked_chunk = false;
-            loop {
-                if worked_chunk && deadline.is_some_and(|d| Instant::now() >= d) {
-                    break;
-                }
-                let next = queue.lock().ok().and_then(|mut q| q.pop_front());
-                let Some(t) = next else { break };
-                let entry = &tables[t];
-                if by_chunk[t] {
-                    let mut chunk_worked = worked_chunk;
-                    let (rows, complete) = load_by_chunk(
-                        store.as_ref(),
-                        &client,
-                        entry,
-                        deadline,
-                        &mut chunk_worked,
-                        &meter,
-                    )
-                    .await?;
-                    worked_chunk = chunk_worked;
-                    meter.rows.fetch_add(rows, Ordering::Relaxed);
-                    if !complete {
-                        break;
-                    }
-                    if let Ok(mut done) = completed.lock() {
-                        done.push(entry.name.clone());
-                    }
-                    meter.tables_done.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                }
-                worked_chunk = true;
-                let rows = in_transaction(&client, &entry.name, || async {
-                    load_into(
-                        store.as_ref(),
-                        &client,
-                        &target,
-                        entry,
-                        Landing::Direct,
-                        &meter,
-                    )
-                    .await
-                })
-                .await?;
-                meter.rows.fetch_add(rows, Ordering::Relaxed);
-                if let Ok(mut done) = completed.lock() {
-                    done.push(entry.name.clone());
-                }
-                meter.tables_done.fetch_add(1, Ordering::Relaxed);
-            }
-            Ok::<_, RestoreError>(())
-        });
+        let (work, queue) = (work.clone(), queue.clone());
+        workers.spawn(async move { work.land_tables(&queue).await });
     }
     join_all(workers).await
+}
+
+/// What the loading workers of one restore share.
+struct Work {
+    store: Arc<dyn ReadStore>,
+    target: DbSettings,
+    tables: Vec<TableEntry>,
+    /// Per table: whether it lands chunk by chunk ([`lands_by_chunk`]).
+    by_chunk: Vec<bool>,
+    deadline: Option<Instant>,
+    meter: Arc<RestoreMeter>,
+    completed: Arc<Mutex<Vec<TableName>>>,
+}
+
+impl Work {
+    /// One worker of a schema restore: its own connection, tables from `queue` until it
+    /// is empty or the deadline has passed.
+    async fn land_tables(&self, queue: &Mutex<VecDeque<usize>>) -> Result<(), RestoreError> {
+        let client = db::connect(&self.target).await?;
+        // Every connection lands at least one table (or chunk of a table landed chunk by
+        // chunk), so each slice makes progress.
+        let mut worked = false;
+        loop {
+            if worked && self.deadline.is_some_and(|d| Instant::now() >= d) {
+                break;
+            }
+            let next = queue.lock().ok().and_then(|mut q| q.pop_front());
+            let Some(t) = next else { break };
+            let entry = &self.tables[t];
+            let store = self.store.as_ref();
+            let rows = if self.by_chunk[t] {
+                let (rows, complete) = load_by_chunk(
+                    store,
+                    &client,
+                    entry,
+                    self.deadline,
+                    &mut worked,
+                    &self.meter,
+                )
+                .await?;
+                if !complete {
+                    self.meter.rows.fetch_add(rows, Ordering::Relaxed);
+                    break;
+                }
+                rows
+            } else {
+                worked = true;
+                in_transaction(&client, &entry.name, || {
+                    load_into(
+                        store,
+                        &client,
+                        &self.target,
+                        entry,
+                        Landing::Direct,
+                        &self.meter,
+                    )
+                })
+                .await?
+            };
+            self.landed(rows, [entry.name.clone()]);
+        }
+        Ok(())
+    }
+
+    /// One worker of a data-only restore: groups from `queue`, each in one transaction.
+    /// Like pg_restore, a group that fails is rolled back and listed in `failed`, and
+    /// every other group is still loaded (unless `exit_on_error`, or the connection
+    /// itself is gone).
+    async fn land_groups(
+        &self,
+        queue: &Mutex<VecDeque<Vec<usize>>>,
+        plan: &data_only::Plan,
+        failed: &Mutex<Vec<FailedTables>>,
+        exit_on_error: bool,
+    ) -> Result<(), RestoreError> {
+        let client = db::connect(&self.target).await?;
+        loop {
+            let next = queue.lock().ok().and_then(|mut q| q.pop_front());
+            let Some(group) = next else { break };
+            let first = &self.tables[group[0]].name;
+            let names = || group.iter().map(|&t| self.tables[t].name.clone());
+            match in_transaction(&client, first, || self.load_group(&client, plan, &group)).await {
+                Ok(rows) => self.landed(rows, names()),
+                Err(e) if exit_on_error || client.is_closed() => return Err(e),
+                Err(e) => {
+                    tracing::warn!(table = %first, error = %error_chain(&e), "a table failed to load; going on with the others");
+                    if let Ok(mut failed) = failed.lock() {
+                        failed.push(FailedTables {
+                            tables: names().collect(),
+                            error: error_chain(&e),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Loads a group of tables into existing tables, in the caller's transaction: with
+    /// constraints deferred when the tables reference each other, and with triggers
+    /// disabled where the plan may.
+    async fn load_group(
+        &self,
+        client: &Client,
+        plan: &data_only::Plan,
+        group: &[usize],
+    ) -> Result<u64, RestoreError> {
+        let all = plan.method == Method::TriggersDisabled;
+        let first = &self.tables[group[0]].name;
+        // A cycle (or a deferrable self-reference) is checked at commit.
+        if group.len() > 1 || !all {
+            client
+                .batch_execute("SET CONSTRAINTS ALL DEFERRED")
+                .await
+                .map_err(|e| load_error(first, "deferring constraints", &e))?;
+        }
+        let mut rows = 0;
+        let mut guards = Vec::new();
+        for &t in group {
+            let entry = &self.tables[t];
+            if all || plan.owned.contains(&t) {
+                let guard = data_only::disable_triggers(client, &self.target, &entry.name, all);
+                guards.push((t, guard.await?));
+            }
+            let landing = if plan.staged.contains(&t) {
+                Landing::Staged
+            } else {
+                Landing::Direct
+            };
+            let store = self.store.as_ref();
+            rows += load_into(store, client, &self.target, entry, landing, &self.meter).await?;
+        }
+        // Deferred checks fire now, with every table of the group loaded; a table's
+        // triggers can only be altered once none of its events wait.
+        client
+            .batch_execute("SET CONSTRAINTS ALL IMMEDIATE")
+            .await
+            .map_err(|e| load_error(first, "checking the deferred constraints", &e))?;
+        for (t, guard) in guards {
+            guard
+                .restore(client, &self.target, &self.tables[t].name)
+                .await?;
+        }
+        Ok(rows)
+    }
+
+    /// Counts landed tables and their rows.
+    fn landed(&self, rows: u64, names: impl IntoIterator<Item = TableName>) {
+        let names: Vec<TableName> = names.into_iter().collect();
+        self.meter.rows.fetch_add(rows, Ordering::Relaxed);
+        self.meter
+            .tables_done
+            .fetch_add(names.len(), Ordering::Relaxed);
+        if let Ok(mut done) = self.completed.lock() {
+            done.extend(names);
+        }
+    }
 }
 
 /// Waits for every worker; the first error wins and stops the others.
@@ -250,101 +349,35 @@ pub(super) async fn load_data_only(
     opts: &RestoreOptions,
     meter: &Arc<RestoreMeter>,
 ) -> Result<(Vec<TableName>, Vec<FailedTables>), RestoreError> {
-    let all = plan.method == Method::TriggersDisabled;
     // Superuser: independent tables, in parallel. Otherwise groups in order, one by one.
-    let worker_count = if all { opts.workers.max(1) } else { 1 };
-    let queue = Arc::new(std::sync::Mutex::new(
-        plan.groups
-            .iter()
-            .cloned()
-            .collect::<std::collections::VecDeque<_>>(),
+    let worker_count = if plan.method == Method::TriggersDisabled {
+        opts.workers.max(1)
+    } else {
+        1
+    };
+    let queue = Arc::new(Mutex::new(
+        plan.groups.iter().cloned().collect::<VecDeque<_>>(),
     ));
-    let completed = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let failed = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let tables: Arc<Vec<TableEntry>> = Arc::new(tables.to_vec());
+    let completed = Arc::new(Mutex::new(Vec::new()));
+    let failed = Arc::new(Mutex::new(Vec::new()));
+    let work = Arc::new(Work {
+        store,
+        target: target.clone(),
+        tables: tables.to_vec(),
+        by_chunk: Vec::new(),
+        deadline: None,
+        meter: meter.clone(),
+        completed: completed.clone(),
+    });
     let plan = Arc::new(plan.clone());
     let exit_on_error = opts.exit_on_error;
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..worker_count.min(plan.groups.len().max(1)) {
-        let (queue, store, target, meter, tables, plan, completed, failed) = (
-            queue.clone(),
-            store.clone(),
-            target.clone(),
-            meter.clone(),
-            tables.clone(),
-            plan.clone(),
-            completed.clone(),
-            failed.clone(),
-        );
+        let (work, queue, plan, failed) =
+            (work.clone(), queue.clone(), plan.clone(), failed.clone());
         workers.spawn(async move {
-            let client = db::connect(&target).await?;
-            loop {
-                let next = queue.lock().ok().and_then(|mut q| q.pop_front());
-                let Some(group) = next else { break };
-                let first = &tables[group[0]].name;
-                let rows = in_transaction(&client, first, || async {
-                    // A cycle (or a deferrable self-reference) is checked at commit.
-                    if group.len() > 1 || !all {
-                        client
-                            .batch_execute("SET CONSTRAINTS ALL DEFERRED")
-                            .await
-                            .map_err(|e| load_error(first, "deferring constraints", &e))?;
-                    }
-                    let mut rows = 0;
-                    let mut guards = Vec::new();
-                    for &t in &group {
-                        let entry = &tables[t];
-                        if all || plan.owned.contains(&t) {
-                            guards.push((
-                                t,
-                                data_only::disable_triggers(&client, &target, &entry.name, all)
-                                    .await?,
-                            ));
-                        }
-                        let landing = if plan.staged.contains(&t) {
-                            Landing::Staged
-                        } else {
-                            Landing::Direct
-                        };
-                        rows += load_into(store.as_ref(), &client, &target, entry, landing, &meter)
-                            .await?;
-                    }
-                    // Deferred checks fire now, with every table of the group loaded; a
-                    // table's triggers can only be altered once none of its events wait.
-                    client
-                        .batch_execute("SET CONSTRAINTS ALL IMMEDIATE")
-                        .await
-                        .map_err(|e| load_error(first, "checking the deferred constraints", &e))?;
-                    for (t, guard) in guards {
-                        guard.restore(&client, &target, &tables[t].name).await?;
-                    }
-                    Ok(rows)
-                })
-                .await;
-                // Like pg_restore: a table that fails is rolled back and listed, and
-                // every other table is still loaded (unless --exit-on-error, or the
-                // connection itself is gone).
-                let rows = match rows {
-                    Ok(rows) => rows,
-                    Err(e) if exit_on_error || client.is_closed() => return Err(e),
-                    Err(e) => {
-                        tracing::warn!(table = %first, error = %error_chain(&e), "a table failed to load; going on with the others");
-                        if let Ok(mut failed) = failed.lock() {
-                            failed.push(FailedTables {
-                                tables: group.iter().map(|&t| tables[t].name.clone()).collect(),
-                                error: error_chain(&e),
-                            });
-                        }
-                        continue;
-                    }
-                };
-                meter.rows.fetch_add(rows, Ordering::Relaxed);
-                meter.tables_done.fetch_add(group.len(), Ordering::Relaxed);
-                if let Ok(mut done) = completed.lock() {
-                    done.extend(group.iter().map(|&t| tables[t].name.clone()));
-                }
-            }
-            Ok::<_, RestoreError>(())
+            work.land_groups(&queue, &plan, &failed, exit_on_error)
+                .await
         });
     }
     join_all(workers).await?;

@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 
 use tokio_postgres::Client;
 
-use super::script::{Entry, Item, Script, Statement};
+use super::script::{Entry, Item, Script};
 use crate::format::TableName;
 
 /// How to apply a script.
@@ -144,14 +144,13 @@ pub async fn apply(
             match item {
                 Item::Meta(_) => {}
                 Item::Setting(statement) => {
-                    if let Some(name) = statement.setting_name() {
-                        if !known.contains(&name) {
-                            tracing::debug!(
-                                setting = name,
-                                "target does not know a setting of the script; left out"
-                            );
-                            continue;
-                        }
+                    let setting = statement.setting_name();
+                    if let Some(name) = setting.filter(|n| !known.contains(n)) {
+                        tracing::debug!(
+                            setting = name,
+                            "target does not know a setting of the script; left out"
+                        );
+                        continue;
                     }
                     client
                         .batch_execute(&statement.text)
@@ -164,84 +163,25 @@ pub async fn apply(
                     } else {
                         decide(entry)
                     };
-                    let statements: Vec<&Statement> = entry
-                        .statements
-                        .iter()
-                        .filter(|s| opts.with_owners || !s.is_owner_change())
-                        // pg_dump wraps each large objects' data entry in its own
-                        // transaction; here it runs inside the restore's.
-                        .filter(|s| !matches!(s.text.trim(), "BEGIN;" | "COMMIT;"))
-                        .collect();
-                    match decision {
-                        Decision::Skip(reason) => {
-                            if !reason.is_empty() {
-                                applied
-                                    .warnings
-                                    .push(format!("{}: {reason}", entry.label()));
-                            }
-                        }
-                        Decision::Apply => {
-                            for statement in statements {
-                                client
-                                    .batch_execute(&statement.text)
-                                    .await
-                                    .map_err(|e| fail(entry.label(), &e))?;
-                            }
-                            applied.entries += 1;
-                        }
-                        Decision::Optional => {
-                            client
-                                .batch_execute("SAVEPOINT tidemark_entry")
-                                .await
-                                .map_err(|e| fail(entry.label(), &e))?;
-                            let mut failed = None;
-                            for statement in statements {
-                                if let Err(e) = client.batch_execute(&statement.text).await {
-                                    failed = Some(server_message(&e));
-                                    break;
-                                }
-                            }
-                            let end = if failed.is_some() {
-                                "ROLLBACK TO SAVEPOINT tidemark_entry"
-                            } else {
-                                "RELEASE SAVEPOINT tidemark_entry"
-                            };
-                            client
-                                .batch_execute(end)
-                                .await
-                                .map_err(|e| fail(entry.label(), &e))?;
-                            match failed {
-                                Some(message) => applied
-                                    .warnings
-                                    .push(format!("{}: skipped ({message})", entry.label())),
-                                None => applied.entries += 1,
-                            }
-                        }
-                    }
+                    apply_entry(client, entry, decision, opts, &mut applied)
+                        .await
+                        .map_err(|e| fail(entry.label(), &e))?;
                 }
             }
+        }
+        let warnings = warning_queries(client, &opts.finish_queries)
+            .await
+            .map_err(|e| fail("finishing".into(), &e))?;
+        applied.warnings.extend(warnings);
+        if let Some(statement) = &opts.finish_with {
+            client
+                .batch_execute(statement)
+                .await
+                .map_err(|e| fail("finishing".into(), &e))?;
         }
         Ok(applied)
     }
     .await;
-    let result = match result {
-        Ok(mut applied) => match warning_queries(client, &opts.finish_queries).await {
-            Ok(warnings) => {
-                applied.warnings.extend(warnings);
-                Ok(applied)
-            }
-            Err(e) => Err(fail("finishing".into(), &e)),
-        },
-        Err(e) => Err(e),
-    };
-    let result = match (result, &opts.finish_with) {
-        (Ok(applied), Some(statement)) => client
-            .batch_execute(statement)
-            .await
-            .map(|()| applied)
-            .map_err(|e| fail("finishing".into(), &e)),
-        (result, _) => result,
-    };
     match result {
         Ok(applied) => {
             client
@@ -255,6 +195,63 @@ pub async fn apply(
             Err(e)
         }
     }
+}
+
+/// Runs one entry's statements as `decision` says, counting it in `applied` (or noting
+/// why it was skipped). An optional entry runs under a savepoint: if it fails, it is
+/// rolled back alone and reported as a warning.
+async fn apply_entry(
+    client: &Client,
+    entry: &Entry,
+    decision: Decision,
+    opts: &ApplyOptions,
+    applied: &mut Applied,
+) -> Result<(), tokio_postgres::Error> {
+    let statements = entry
+        .statements
+        .iter()
+        .filter(|s| opts.with_owners || !s.is_owner_change())
+        // pg_dump wraps each large objects' data entry in its own transaction; here it
+        // runs inside the restore's.
+        .filter(|s| !matches!(s.text.trim(), "BEGIN;" | "COMMIT;"));
+    match decision {
+        Decision::Skip(reason) => {
+            if !reason.is_empty() {
+                applied
+                    .warnings
+                    .push(format!("{}: {reason}", entry.label()));
+            }
+        }
+        Decision::Apply => {
+            for statement in statements {
+                client.batch_execute(&statement.text).await?;
+            }
+            applied.entries += 1;
+        }
+        Decision::Optional => {
+            client.batch_execute("SAVEPOINT tidemark_entry").await?;
+            let mut failed = None;
+            for statement in statements {
+                if let Err(e) = client.batch_execute(&statement.text).await {
+                    failed = Some(server_message(&e));
+                    break;
+                }
+            }
+            let end = if failed.is_some() {
+                "ROLLBACK TO SAVEPOINT tidemark_entry"
+            } else {
+                "RELEASE SAVEPOINT tidemark_entry"
+            };
+            client.batch_execute(end).await?;
+            match failed {
+                Some(message) => applied
+                    .warnings
+                    .push(format!("{}: skipped ({message})", entry.label())),
+                None => applied.entries += 1,
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The extensions a script creates.

@@ -8,7 +8,7 @@ use super::{PgDump, Program, SchemaError};
 use crate::db::relay::Relay;
 use crate::db::{DbError, DbSettings};
 use crate::format::manifest::{SchemaDump, StoredObject};
-use crate::format::quote_ident;
+use crate::format::{quote_ident, Fingerprint};
 use crate::store::{WriteCondition, WriteStore};
 
 /// zstd level for schema scripts: they are small and read at every restore.
@@ -119,24 +119,7 @@ pub async fn capture(
     let selection = selection(client, settings, request.tool, request.schemas).await?;
 
     let relay = Relay::start(settings).await?;
-    let section = |name: &str| {
-        let mut args = vec![
-            format!("--section={name}"),
-            format!("--snapshot={}", request.snapshot_id),
-        ];
-        args.extend(selection.iter().cloned());
-        args
-    };
-    let (pre_args, post_args) = (section("pre-data"), section("post-data"));
-    let (pre, post) = tokio::join!(
-        request
-            .tool
-            .run(Program::PgDump, &relay, settings, &pre_args),
-        request
-            .tool
-            .run(Program::PgDump, &relay, settings, &post_args),
-    );
-    let (pre, post) = (pre?, post?);
+    let (pre, post) = dump_sections(request, &relay, &selection).await?;
     // Session settings the source does not know (a newer pg_dump's) are left out of the
     // stored scripts, so each runs as stored on a server of the source's version.
     let known = super::apply::known_settings(client)
@@ -144,21 +127,7 @@ pub async fn capture(
         .map_err(|e| DbError::query("reading the server's settings", settings, e))?;
     let keep = |name: &str| known.contains(name);
     let mut warnings = Vec::new();
-    let globals = match request
-        .tool
-        .run(
-            Program::PgDumpAll,
-            &relay,
-            settings,
-            &[
-                "--globals-only".to_owned(),
-                "--no-role-passwords".to_owned(),
-                "-l".to_owned(),
-                settings.dbname.clone(),
-            ],
-        )
-        .await
-    {
+    let globals = match dump_globals(request, &relay).await {
         Ok(text) => Some(text),
         Err(e) => {
             warnings.push(format!(
@@ -167,41 +136,8 @@ pub async fn capture(
             None
         }
     };
-    // Large objects: pg_dump writes them (contents, owner, comment, privileges) only with
-    // data, so a data-only dump of no table's data; nothing at all without any. When none
-    // changed since the parent backup (same oids, contents, comments, owners and grants),
-    // the parent's script is this backup's too: not dumped or stored again.
-    let (large_objects_fingerprint, large_objects_state) = if large_objects > 0 {
-        let (truth, state) = large_object_fingerprints(client)
-            .await
-            .map_err(|e| DbError::query("fingerprinting large objects", settings, e))?;
-        (Some(truth), Some(state))
-    } else {
-        (None, None)
-    };
-    let unchanged = match (large_objects_state, request.parent) {
-        (Some(state), Some(parent)) => crate::format::manifest::read_manifest(store, parent)
-            .await
-            .ok()
-            .flatten()
-            .and_then(|m| m.schema_dump)
-            .filter(|d| d.large_objects_state == Some(state))
-            .and_then(|d| d.large_objects_script),
-        _ => None,
-    };
-    let large_objects_text = if large_objects > 0 && unchanged.is_none() {
-        let args = [
-            "--data-only".to_owned(),
-            "-b".to_owned(),
-            "--exclude-table-data=*.*".to_owned(),
-            format!("--snapshot={}", request.snapshot_id),
-        ];
-        Some(
-            request
-                .tool
-                .run(Program::PgDump, &relay, settings, &args)
-                .await?,
-        )
+    let objects = if large_objects > 0 {
+        Some(dump_large_objects(store, client, request, &relay).await?)
     } else {
         None
     };
@@ -213,12 +149,12 @@ pub async fn capture(
         Some(text) => Some(store_script(store, &key("globals"), text, false, &keep).await?),
         None => None,
     };
-    let large_objects_script = match (unchanged, large_objects_text) {
-        (Some(kept), _) => Some(kept),
-        (None, Some(text)) => {
-            Some(store_script(store, &key("large-objects"), text, true, &keep).await?)
+    let large_objects_script = match objects.as_ref().map(|o| &o.script) {
+        Some(LargeObjectsScript::Unchanged(kept)) => Some(kept.clone()),
+        Some(LargeObjectsScript::Dumped(text)) => {
+            Some(store_script(store, &key("large-objects"), text.clone(), true, &keep).await?)
         }
-        (None, None) => None,
+        None => None,
     };
     tracing::info!(
         pg_dump = request.tool.version,
@@ -236,11 +172,109 @@ pub async fn capture(
             globals,
             large_objects,
             large_objects_script,
-            large_objects_fingerprint,
-            large_objects_state,
+            large_objects_fingerprint: objects.as_ref().map(|o| o.fingerprint),
+            large_objects_state: objects.map(|o| o.state),
         },
         warnings,
     ))
+}
+
+/// pg_dump's pre-data and post-data sections of the selection, both at once.
+async fn dump_sections(
+    request: &CaptureRequest<'_>,
+    relay: &Relay,
+    selection: &[String],
+) -> Result<(Vec<u8>, Vec<u8>), SchemaError> {
+    let section = |name: &str| {
+        let mut args = vec![
+            format!("--section={name}"),
+            format!("--snapshot={}", request.snapshot_id),
+        ];
+        args.extend(selection.iter().cloned());
+        args
+    };
+    let (pre_args, post_args) = (section("pre-data"), section("post-data"));
+    let (tool, settings) = (request.tool, request.settings);
+    let (pre, post) = tokio::join!(
+        tool.run(Program::PgDump, relay, settings, &pre_args),
+        tool.run(Program::PgDump, relay, settings, &post_args),
+    );
+    Ok((pre?, post?))
+}
+
+/// pg_dumpall's roles and tablespaces (no passwords).
+async fn dump_globals(request: &CaptureRequest<'_>, relay: &Relay) -> Result<Vec<u8>, SchemaError> {
+    let args = [
+        "--globals-only".to_owned(),
+        "--no-role-passwords".to_owned(),
+        "-l".to_owned(),
+        request.settings.dbname.clone(),
+    ];
+    request
+        .tool
+        .run(Program::PgDumpAll, relay, request.settings, &args)
+        .await
+}
+
+/// The large objects' fingerprint (what verify compares), their state (what tells that
+/// none changed) and their script.
+struct LargeObjects {
+    fingerprint: Fingerprint,
+    state: Fingerprint,
+    script: LargeObjectsScript,
+}
+
+enum LargeObjectsScript {
+    /// The parent backup's: no large object changed since.
+    Unchanged(StoredObject),
+    /// pg_dump's, to be stored.
+    Dumped(Vec<u8>),
+}
+
+/// Large objects: pg_dump writes them (contents, owner, comment, privileges) only with
+/// data, so a data-only dump of no table's data. When none changed since the parent
+/// backup (same oids, contents, comments, owners and grants), the parent's script is this
+/// backup's too: not dumped or stored again.
+async fn dump_large_objects(
+    store: &dyn WriteStore,
+    client: &Client,
+    request: &CaptureRequest<'_>,
+    relay: &Relay,
+) -> Result<LargeObjects, SchemaError> {
+    let (fingerprint, state) = large_object_fingerprints(client)
+        .await
+        .map_err(|e| DbError::query("fingerprinting large objects", request.settings, e))?;
+    let unchanged = match request.parent {
+        Some(parent) => crate::format::manifest::read_manifest(store, parent)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|m| m.schema_dump)
+            .filter(|d| d.large_objects_state == Some(state))
+            .and_then(|d| d.large_objects_script),
+        None => None,
+    };
+    let script = match unchanged {
+        Some(kept) => LargeObjectsScript::Unchanged(kept),
+        None => {
+            let args = [
+                "--data-only".to_owned(),
+                "-b".to_owned(),
+                "--exclude-table-data=*.*".to_owned(),
+                format!("--snapshot={}", request.snapshot_id),
+            ];
+            let text = request
+                .tool
+                .run(Program::PgDump, relay, request.settings, &args)
+                .await?;
+            LargeObjectsScript::Dumped(text)
+        }
+    };
+    Ok(LargeObjects {
+        fingerprint,
+        state,
+        script,
+    })
 }
 
 /// Count and fingerprint of the large objects of the database `client` is on, in its

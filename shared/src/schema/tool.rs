@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use secrecy::ExposeSecret;
-use tokio::io::AsyncReadExt;
 
 use super::SchemaError;
 use crate::db::relay::Relay;
@@ -166,39 +165,21 @@ impl PgDump {
         } else {
             command.env("PGPASSFILE", "/dev/null");
         }
-        let mut child = command
+        // Reads standard output and error together, then waits.
+        let output = command
             .spawn()
-            .map_err(|e| failed(format!("cannot start it: {e}")))?;
-        let mut stdout = child.stdout.take();
-        let mut stderr = child.stderr.take();
-        let read_out = async {
-            let mut out = Vec::new();
-            if let Some(s) = stdout.as_mut() {
-                s.read_to_end(&mut out).await.map(|_| out)
-            } else {
-                Ok(out)
-            }
-        };
-        let read_err = async {
-            let mut err = Vec::new();
-            if let Some(s) = stderr.as_mut() {
-                let _ = s.read_to_end(&mut err).await;
-            }
-            err
-        };
-        let (out, err) = tokio::join!(read_out, read_err);
-        let status = child
-            .wait()
+            .map_err(|e| failed(format!("cannot start it: {e}")))?
+            .wait_with_output()
             .await
             .map_err(|e| failed(format!("waiting for it: {e}")))?;
         if let Some(cause) = relay.failure() {
             return Err(failed(cause));
         }
-        let out = out.map_err(|e| failed(format!("reading its output: {e}")))?;
-        if !status.success() {
-            return Err(failed(format!("{status}{}", stderr_tail(&err))));
+        if !output.status.success() {
+            let tail = stderr_tail(&output.stderr);
+            return Err(failed(format!("{}{tail}", output.status)));
         }
-        Ok(out)
+        Ok(output.stdout)
     }
 }
 
