@@ -4,29 +4,49 @@
 //! thin shells that decode input, build clients once and call into this crate.
 //!
 //! # Layout
-//! - [`store`]: the object store trait ([`store::ReadStore`], [`store::WriteStore`]) with
-//!   an S3 adapter and a local-directory adapter, and store URLs.
+//! Stored formats apart from the operations that read and write them; each operation a
+//! module (or a folder of small ones) named for it.
+//!
+//! Foundations:
+//! - [`store`]: the object store trait ([`store::ReadStore`], [`store::WriteStore`]) and
+//!   its adapters: `store/s3/` (requests and errors, uploads, resuming reads) and a local
+//!   directory; store URLs, retries, request counting and a failure-injecting wrapper
+//!   (`store::faults`) with the same trait.
+//! - [`repo`]: where every object lives: each key and prefix built and parsed in one
+//!   place (a typed [`repo::Key`]), the list of sealed backups and the one definition of
+//!   "latest" (from manifests, never object times).
+//! - [`format`]: every stored document as a serde type: lease, checkpoint, progress,
+//!   manifest, verification records, the prune journal, failures.
 //! - [`db`]: database settings (URL or RDS secret), TLS, sessions with pinned settings,
-//!   and the relay that gives libpq tools the same TLS.
+//!   the relay that gives libpq tools the same TLS, and `db::copy` — the one COPY-lines
+//!   reader and fingerprint that export and verify share.
 //! - [`aws`]: the one AWS SDK configuration every client is built from.
-//! - [`check`]: reachability checks of the database and the store (`tidemark check`).
-//! - [`telemetry`]: logging, human or JSON.
-//! - [`format`]: the stored JSON documents (lease, checkpoint, progress, manifest).
 //! - [`catalog`]: which tables a backup covers, their definitions and modes.
-//! - [`schema`]: the whole schema, captured with pg_dump in the backup's snapshot and
-//!   restored in pg_restore's order; compared by verify.
+//! - [`schema`]: the whole schema, captured with pg_dump in the backup's snapshot
+//!   (`capture`), split into entries (`script`), applied in pg_restore's order (`apply`)
+//!   and compared by verify (`compare`); `tool` finds and runs pg_dump.
 //! - [`chunk`]: zstd COPY-text chunks streamed to the store.
-//! - [`lease`]: the run lease; [`run`]: run ids and lifecycle errors.
-//! - [`failure`]: recording a failed run and releasing its lease.
-//! - [`metrics`]: CloudWatch Embedded Metric Format lines.
-//! - [`export`]: one time-boxed slice of a backup run.
+//! - [`lease`]: the run lease; [`run`]: run ids and lifecycle errors; [`failure`]:
+//!   recording a failed run and releasing its lease.
+//!
+//! Operations:
+//! - [`export`]: one time-boxed slice of a backup run — `options`, `slice` (the
+//!   orchestration), `plan` (the run's tables and ranges), `state` (shared progress and
+//!   its flush policy), `worker` (the pool and reconnects), `range`, `keyless` and
+//!   `append` (the three ways a table is read), `pass` (the consistency pass), `seal`
+//!   (the moment recorded), `sql` (fragments).
 //! - [`manifest`]: sealing a run into a manifest, and listing backups.
-//! - [`restore`]: restoring a backup into a database (also the verification restore).
-//! - [`verify`]: verification restores into a scratch database, and their records.
-//! - [`prune`]: the prune plan and its application.
-//! - [`retention`]: which backups a retention policy keeps (pure).
-//! - [`config`]: settings shared by CLI flags and Lambda environment variables.
-//! - [`events`]: the payloads the Lambda functions accept.
+//! - [`restore`]: restoring a backup — `run` (the phases), `preflight` (checks before
+//!   anything is written), `tables` and `load` (parallel loading, chunk by chunk when
+//!   time-boxed), `data_only`, `sequences`, `large_objects`, `roles`, `error`.
+//! - [`verify`]: verification restores into a scratch database, compared with the source.
+//! - [`retention`]: which backups a retention policy keeps (pure); [`prune`]: the prune
+//!   plan and its application.
+//!
+//! Around them: [`config`] (settings shared by CLI flags and Lambda environment
+//! variables), [`events`] (the payloads the Lambda functions accept), [`check`]
+//! (`tidemark check`), [`metrics`] (CloudWatch Embedded Metric Format lines),
+//! [`telemetry`] (logging, human or JSON).
 
 pub mod aws;
 pub mod catalog;
@@ -85,5 +105,46 @@ pub(crate) async fn join_workers<E: Send + 'static>(
     match first_error {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_worker_is_reported_as_a_panic_and_stops_the_others() {
+        let mut workers = tokio::task::JoinSet::new();
+        workers.spawn(async {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            panic!("worker bug")
+        });
+        workers.spawn(async {
+            tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+            Ok::<(), String>(())
+        });
+        let started = std::time::Instant::now();
+        let err = join_workers(workers, |e| format!("panic: {e}"))
+            .await
+            .expect_err("a worker panicked");
+        assert!(
+            err.starts_with("panic:") && err.contains("panicked"),
+            "{err}"
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(60));
+    }
+
+    #[test]
+    fn a_dead_worker_is_named_and_never_retried() {
+        let run = run::RunError::WorkerPanicked {
+            run_id: "r1".into(),
+            detail: "task 7 panicked".into(),
+        };
+        assert!(!run.is_retryable());
+        assert!(run.to_string().contains("a bug in Tidemark"), "{run}");
+        let restore = restore::RestoreError::WorkerPanicked {
+            detail: "task 7 panicked".into(),
+        };
+        assert!(!restore.is_retryable());
     }
 }

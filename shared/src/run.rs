@@ -52,6 +52,11 @@ pub enum RunError {
     Format(#[from] FormatError),
     #[error("capturing the schema: {0}")]
     Schema(#[from] SchemaError),
+    /// A bug, not a failure of the database or the store: never retried.
+    #[error(
+        "an export worker of run {run_id} died: {detail} (a bug in Tidemark: please report it)"
+    )]
+    WorkerPanicked { run_id: String, detail: String },
 }
 
 impl RunError {

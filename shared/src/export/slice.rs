@@ -6,7 +6,7 @@ use super::pass::start_round;
 use super::plan::plan_run;
 use super::seal::{dump_schemas, finalize_run};
 use super::state::{work_left, Shared, Slice, Work};
-use super::worker::worker;
+use super::worker::{end_snapshot, worker};
 use crate::db::{self, DbError, DbSettings};
 use crate::format::manifest::Manifest;
 use crate::format::progress::{RunProgress, SliceSnapshot};
@@ -110,7 +110,7 @@ pub async fn export_slice(
         shared.show_tables(&shared.state.lock().await.doc);
 
         let outcome = work_loop(&shared, &coordinator, db, opts).await;
-        let _ = coordinator.batch_execute("COMMIT").await;
+        end_snapshot(&coordinator, &run_id).await;
         if let Err(e) = outcome {
             // Keep what finished: the next slice resumes from it.
             if !matches!(e, RunError::LeaseLost { .. } | RunError::Conflict { .. }) {
@@ -427,12 +427,9 @@ pub(super) async fn run_workers(
         let db = db.clone();
         workers.spawn(async move { worker(shared, db).await });
     }
-    crate::join_workers(workers, |e| {
-        RunError::Store(StoreError::Io {
-            operation: "run export worker for",
-            key: shared.run_id.clone(),
-            source: std::io::Error::other(e.to_string()),
-        })
+    crate::join_workers(workers, |e| RunError::WorkerPanicked {
+        run_id: shared.run_id.clone(),
+        detail: e.to_string(),
     })
     .await
 }

@@ -28,7 +28,7 @@ pub(super) async fn worker(shared: Arc<Shared>, db: DbSettings) -> Result<(), Ru
             do_work(&shared, &client, &db, work).await
         }
         .await;
-        let _ = client.batch_execute("COMMIT").await;
+        end_snapshot(&client, &shared.run_id).await;
         let Err(err) = result else { continue };
         if !(client.is_closed() && err.is_retryable()) || reconnects >= RECONNECTS {
             return Err(err);
@@ -44,7 +44,7 @@ pub(super) async fn worker(shared: Arc<Shared>, db: DbSettings) -> Result<(), Ru
             .map_err(|e| RunError::SnapshotLost {
                 detail: e.to_string(),
             })?;
-        let _ = client.batch_execute("COMMIT").await;
+        end_snapshot(&client, &shared.run_id).await;
     }
     Ok(())
 }
@@ -61,6 +61,15 @@ pub(super) async fn import_snapshot(
         ))
         .await
         .map_err(|e| DbError::query("importing the snapshot", db, e).into())
+}
+
+/// Ends a read-only snapshot transaction. What it read is already checked and recorded,
+/// so a failed COMMIT (the connection went away) loses nothing: it is logged, and the
+/// next piece of work on this connection finds the connection closed and reconnects.
+pub(super) async fn end_snapshot(client: &Client, run_id: &str) {
+    if let Err(e) = client.batch_execute("COMMIT").await {
+        tracing::warn!(run_id, error = %crate::error_chain(&e), "could not end a snapshot transaction");
+    }
 }
 
 /// A new connection after the `attempt`-th loss, waiting a little longer each time for

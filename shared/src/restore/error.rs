@@ -11,6 +11,9 @@ use crate::store::StoreError;
 pub enum RestoreError {
     #[error("no backups in the store")]
     NoBackups,
+    /// A bug, not a failure of the database or the store: never retried.
+    #[error("a restore worker died: {detail} (a bug in Tidemark: please report it)")]
+    WorkerPanicked { detail: String },
     #[error("unknown backup {0} (tidemark list shows the backups)")]
     UnknownBackup(String),
     #[error("manifest {key} was modified after it was written (checksum mismatch)")]

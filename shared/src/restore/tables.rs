@@ -303,10 +303,8 @@ impl Work {
 pub(super) async fn join_all(
     workers: tokio::task::JoinSet<Result<(), RestoreError>>,
 ) -> Result<(), RestoreError> {
-    crate::join_workers(workers, |e| RestoreError::Table {
-        table: TableName::new("", ""),
-        detail: format!("restore worker failed: {e}"),
-        retryable: false,
+    crate::join_workers(workers, |e| RestoreError::WorkerPanicked {
+        detail: e.to_string(),
     })
     .await
 }
