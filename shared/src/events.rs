@@ -31,8 +31,18 @@ fn unwrap_envelope(event: Value) -> Result<Value, EventError> {
     }
 }
 
+/// Deserializes the payload; an error names the field at fault (`keep_daily: invalid
+/// value: integer `-1`, expected u32`).
 fn parse<T: for<'de> Deserialize<'de>>(event: Value) -> Result<T, EventError> {
-    serde_json::from_value(unwrap_envelope(event)?).map_err(|e| EventError(e.to_string()))
+    serde_path_to_error::deserialize(unwrap_envelope(event)?).map_err(|e| {
+        let path = e.path().to_string();
+        let cause = e.into_inner();
+        if path == "." {
+            EventError(cause.to_string())
+        } else {
+            EventError(format!("{path}: {cause}"))
+        }
+    })
 }
 
 /// Longest run or backup id accepted.
@@ -360,6 +370,32 @@ mod tests {
                 err.starts_with("invalid event") && err.contains(needle),
                 "{err}"
             );
+        }
+    }
+
+    #[test]
+    fn a_wrong_type_or_value_names_its_field() {
+        let cases = [
+            (
+                export_event(json!({"run_id": 5})).map(|_| ()),
+                "run_id: invalid type: integer `5`",
+            ),
+            (
+                export_event(json!({"mode": "weekly"})).map(|_| ()),
+                "mode: unknown variant `weekly`",
+            ),
+            (
+                prune_event(json!({"keep_daily": -1})).map(|_| ()),
+                "keep_daily: invalid value: integer `-1`",
+            ),
+            (
+                verify_event(json!({"backup_id": []})).map(|_| ()),
+                "backup_id: invalid type: sequence",
+            ),
+        ];
+        for (result, needle) in cases {
+            let err = result.expect_err("malformed").to_string();
+            assert!(err.contains(needle), "{err} (wanted {needle})");
         }
     }
 }

@@ -87,27 +87,30 @@ impl DbError {
     pub fn is_retryable(&self) -> bool {
         match self {
             DbError::SecretUnavailable { retryable, .. } => *retryable,
-            DbError::Connect { source, detail, .. } | DbError::Query { source, detail, .. } => {
-                if let Some(db) = source.as_db_error() {
-                    // Class 08 (connection), 53 (resources), 57P (shutdown/crash).
-                    let code = db.code().code();
-                    return code.starts_with("08")
-                        || code.starts_with("53")
-                        || code.starts_with("57P");
-                }
-                // Network trouble is worth another try; a refused certificate is not.
-                let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(source);
-                while let Some(c) = cause {
-                    if c.is::<std::io::Error>() {
-                        return true;
-                    }
-                    cause = c.source();
-                }
-                detail.contains("timeout") || detail.contains("connection closed")
-            }
+            DbError::Connect { source, .. } | DbError::Query { source, .. } => transient(source),
             _ => false,
         }
     }
+}
+
+/// Whether a database error may pass if the work is tried again: the one classifier
+/// of PostgreSQL errors. Server errors by SQLSTATE class: 08 (connection), 53 (resources),
+/// 57P (shutdown, crash); otherwise network trouble (an I/O cause, a timeout, a closed
+/// connection). Bad SQL, a constraint, a refused certificate or password are not.
+pub fn transient(error: &tokio_postgres::Error) -> bool {
+    if let Some(db) = error.as_db_error() {
+        let code = db.code().code();
+        return code.starts_with("08") || code.starts_with("53") || code.starts_with("57P");
+    }
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(c) = cause {
+        if c.is::<std::io::Error>() {
+            return true;
+        }
+        cause = c.source();
+    }
+    let text = crate::error_chain(error);
+    text.contains("timeout") || text.contains("connection closed")
 }
 
 /// Where the database settings come from, as given on the command line or in the

@@ -115,17 +115,10 @@ fn chunk_table_sql(entry: &TableEntry, if_not_exists: bool) -> String {
 
 /// A database error while loading `table`: the server's own words.
 pub(super) fn load_error(table: &TableName, what: &str, e: &tokio_postgres::Error) -> RestoreError {
-    let retryable = e
-        .as_db_error()
-        .map(|db| {
-            let code = db.code().code();
-            code.starts_with("08") || code.starts_with("57P") || code.starts_with("53")
-        })
-        .unwrap_or(true);
     RestoreError::Table {
         table: table.clone(),
         detail: format!("{what}: {}", server_message(e)),
-        retryable,
+        retryable: crate::db::transient(e),
     }
 }
 

@@ -91,16 +91,6 @@ pub fn server_message(e: &tokio_postgres::Error) -> String {
     }
 }
 
-fn retryable(e: &tokio_postgres::Error) -> bool {
-    match e.as_db_error() {
-        Some(db) => {
-            let code = db.code().code();
-            code.starts_with("08") || code.starts_with("57P") || code.starts_with("53")
-        }
-        None => true,
-    }
-}
-
 /// Names of the settings the target knows (for leaving out newer ones, such as
 /// `transaction_timeout` on a server older than 17).
 ///
@@ -132,7 +122,7 @@ pub async fn apply(
         section,
         object,
         detail: server_message(e),
-        retryable: retryable(e),
+        retryable: crate::db::transient(e),
     };
     client
         .batch_execute("BEGIN")
