@@ -105,11 +105,7 @@ pub(super) const SLICE_RETRIES: u32 = 4;
 
 pub async fn backup(global: &GlobalArgs, args: &BackupArgs) -> Result<(), String> {
     let store = global.open_store().await?;
-    let db = global
-        .database()
-        .resolve()
-        .await
-        .map_err(|e| error_chain(&e))?;
+    let db = global.resolve_database().await?;
     let meter = Arc::new(ExportMeter::default());
     let mut opts = options(global, &args.selection);
     opts.full = args.full;

@@ -25,11 +25,7 @@ pub struct ExportArgs {
 
 pub async fn export(global: &GlobalArgs, args: &ExportArgs) -> Result<(), String> {
     let store = global.open_store().await?;
-    let db = global
-        .database()
-        .resolve()
-        .await
-        .map_err(|e| error_chain(&e))?;
+    let db = global.resolve_database().await?;
     let mut opts = options(global, &args.selection);
     opts.run_id = args.run_id.clone();
     opts.full = args.full;

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use tidemark_core::db::{DatabaseSource, SslMode};
+use tidemark_core::db::{DatabaseSource, DbSettings, SslMode};
 use tidemark_core::error_chain;
 use tidemark_core::store::{self, StoreUrl};
 use tidemark_core::telemetry::{self, LogFormat};
@@ -136,6 +136,11 @@ impl GlobalArgs {
             ca_file: self.ca_file.clone(),
             sslmode: self.sslmode,
         }
+    }
+
+    /// The source database's settings (its secret fetched, if one is named).
+    async fn resolve_database(&self) -> Result<DbSettings, String> {
+        self.database().resolve().await.map_err(|e| error_chain(&e))
     }
 }
 

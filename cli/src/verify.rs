@@ -72,11 +72,7 @@ async fn scratch_server(global: &GlobalArgs, args: &VerifyArgs) -> Result<DbSett
         .resolve()
         .await
         .map_err(|e| error_chain(&e))?,
-        (None, None) => global
-            .database()
-            .resolve()
-            .await
-            .map_err(|e| error_chain(&e))?,
+        (None, None) => global.resolve_database().await?,
     };
     if let Some(ca) = &global.ca_file {
         server.ca_file = Some(ca.clone());

@@ -3,7 +3,7 @@
 use crate::db::copy::CopyError;
 use crate::db::{DbError, DbSettings};
 use crate::format::progress::TableProgress;
-use crate::format::{quote_ident, quote_literal};
+use crate::format::quote_literal;
 use crate::run::RunError;
 
 pub(super) fn db_err<'a>(
@@ -32,13 +32,7 @@ pub(super) fn copy_err<'a>(
     }
 }
 
-pub(super) fn column_list(columns: &[String]) -> String {
-    columns
-        .iter()
-        .map(|c| quote_ident(c))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
+pub(super) use crate::format::column_list;
 
 /// `(k1, k2) OP ('v1'::t1, 'v2'::t2)`.
 pub(super) fn key_compare(table: &TableProgress, op: &str, values: &[String]) -> String {

@@ -185,6 +185,15 @@ pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
+/// `"a", "b"`: quoted column names for a column list.
+pub fn column_list(columns: &[String]) -> String {
+    columns
+        .iter()
+        .map(|c| quote_ident(c))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Quotes an SQL string literal (standard_conforming_strings is pinned on).
 pub fn quote_literal(value: &str) -> String {
     format!("'{}'", value.replace('\'', "''"))

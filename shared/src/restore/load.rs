@@ -23,7 +23,7 @@ use tokio_postgres::Client;
 use super::{RestoreError, RestoreMeter};
 use crate::db::{DbError, DbSettings};
 use crate::format::manifest::TableEntry;
-use crate::format::{quote_ident, ChunkRef, TableMode, TableName};
+use crate::format::{column_list, quote_ident, ChunkRef, TableMode, TableName};
 use crate::schema::apply::server_message;
 use crate::store::{ReadStore, StoreError};
 
@@ -64,14 +64,6 @@ impl<R: AsyncRead + Unpin> AsyncRead for HashingReader<R> {
 enum Stop {
     Decompress(std::io::Error),
     Database(tokio_postgres::Error),
-}
-
-pub(super) fn column_list(columns: &[String]) -> String {
-    columns
-        .iter()
-        .map(|c| quote_ident(c))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 /// `COPY relation (columns) FROM STDIN`; with no columns (a table that has none, or only

@@ -287,10 +287,8 @@ impl<'a> SchemaSteps<'a> {
         Ok(())
     }
 
-    /// Once every table is loaded: the sequence checks, the materialized views of a
-    /// data-only restore, the post-data script (and the finished mark).
     /// Once every table is loaded: the chunk progress table goes, then large objects,
-    /// sequences and post-data.
+    /// sequences and the rest ([`Self::finish`]).
     async fn after_data(
         &mut self,
         store: &dyn ReadStore,
@@ -316,6 +314,8 @@ impl<'a> SchemaSteps<'a> {
             .await
     }
 
+    /// After the data: the sequence checks, the materialized views of a data-only
+    /// restore, the post-data script (and the finished mark).
     async fn finish(
         &mut self,
         store: &dyn ReadStore,
