@@ -6,9 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use tokio_postgres::Client;
-
-use crate::db::{DbError, DbSettings};
+use crate::db::{DbError, Session};
 use crate::format::checkpoint::{ColumnIdentity, PartitionIdentity, TableIdentity};
 use crate::format::manifest::{
     ColumnDef, ConstraintDef, IndexDef, PartitionDef, SequenceValue, TableSchema,
@@ -115,10 +113,10 @@ pub fn parse_table_name(raw: &str) -> Result<(Option<String>, String), CatalogEr
 }
 
 fn q<'a>(
-    settings: &'a DbSettings,
+    client: &'a Session,
     what: &'static str,
 ) -> impl Fn(tokio_postgres::Error) -> CatalogError + 'a {
-    move |e| CatalogError::Db(DbError::query(what, settings, e))
+    move |e| CatalogError::Db(client.failed(what)(e))
 }
 
 /// Finds the selected tables and reads their definitions.
@@ -127,8 +125,7 @@ fn q<'a>(
 /// [`CatalogError::UnknownTable`] naming a listed table that does not exist (nothing has
 /// been written by then), mode errors, query errors.
 pub async fn discover(
-    client: &Client,
-    settings: &DbSettings,
+    client: &Session,
     selection: &TableSelection,
 ) -> Result<Vec<CatalogTable>, CatalogError> {
     let schemas = if selection.schemas.is_empty() {
@@ -147,7 +144,7 @@ pub async fn discover(
             &[],
         )
         .await
-        .map_err(q(settings, "listing tables"))?;
+        .map_err(q(client, "listing tables"))?;
     let mut all: BTreeMap<TableName, (u32, String)> = BTreeMap::new();
     for row in rows {
         let name = TableName::new(row.get::<_, String>(1), row.get::<_, String>(2));
@@ -181,7 +178,7 @@ pub async fn discover(
         let Some((oid, relkind)) = all.get(&name).cloned() else {
             continue;
         };
-        let mut table = describe(client, settings, name, oid, &relkind).await?;
+        let mut table = describe(client, name, oid, &relkind).await?;
         if let Some(mode) = overrides.get(&table.name) {
             check_mode(&table, *mode)?;
             table.mode = *mode;
@@ -252,30 +249,29 @@ fn check_mode(table: &CatalogTable, mode: TableMode) -> Result<(), CatalogError>
 
 /// Reads one table's definition, key, size and identity.
 async fn describe(
-    client: &Client,
-    settings: &DbSettings,
+    client: &Session,
     name: TableName,
     oid: u32,
     relkind: &str,
 ) -> Result<CatalogTable, CatalogError> {
-    let columns = read_columns(client, settings, oid).await?;
-    let key = read_key(client, settings, oid).await?;
-    let indexes = read_indexes(client, settings, oid).await?;
-    let checks = read_constraints(client, settings, oid, Constraints::Check).await?;
-    let foreign_keys = read_constraints(client, settings, oid, Constraints::ForeignKey).await?;
+    let columns = read_columns(client, oid).await?;
+    let key = read_key(client, oid).await?;
+    let indexes = read_indexes(client, oid).await?;
+    let checks = read_constraints(client, oid, Constraints::Check).await?;
+    let foreign_keys = read_constraints(client, oid, Constraints::ForeignKey).await?;
     let partitioned = relkind == "p";
     let (partition_key, partitions) = if partitioned {
-        read_partitioning(client, settings, oid).await?
+        read_partitioning(client, oid).await?
     } else {
         (None, Vec::new())
     };
-    let (heap_bytes, est_rows) = read_size(client, settings, oid).await?;
+    let (heap_bytes, est_rows) = read_size(client, oid).await?;
     let mode = if key.is_empty() {
         TableMode::Snapshot
     } else {
         TableMode::Changes
     };
-    let identity = read_identity(client, settings, oid, &key).await?;
+    let identity = read_identity(client, oid, &key).await?;
     Ok(CatalogTable {
         columns: columns
             .iter()
@@ -303,11 +299,7 @@ async fn describe(
 }
 
 /// The table's columns, generated ones with their expression.
-async fn read_columns(
-    client: &Client,
-    settings: &DbSettings,
-    oid: u32,
-) -> Result<Vec<ColumnDef>, CatalogError> {
+async fn read_columns(client: &Session, oid: u32) -> Result<Vec<ColumnDef>, CatalogError> {
     Ok(client
         .query(
             "SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull, \
@@ -317,7 +309,7 @@ async fn read_columns(
             &[&oid],
         )
         .await
-        .map_err(q(settings, "reading columns"))?
+        .map_err(q(client, "reading columns"))?
         .into_iter()
         .map(|r| {
             let expr: Option<String> = r.get(3);
@@ -341,11 +333,7 @@ async fn read_columns(
 }
 
 /// The primary key's key columns (not its INCLUDE columns) and their types, in order.
-async fn read_key(
-    client: &Client,
-    settings: &DbSettings,
-    oid: u32,
-) -> Result<Vec<(String, String)>, CatalogError> {
+async fn read_key(client: &Session, oid: u32) -> Result<Vec<(String, String)>, CatalogError> {
     Ok(client
         .query(
             "SELECT a.attname, format_type(a.atttypid, a.atttypmod) \
@@ -355,18 +343,14 @@ async fn read_key(
             &[&oid],
         )
         .await
-        .map_err(q(settings, "reading the primary key"))?
+        .map_err(q(client, "reading the primary key"))?
         .into_iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect())
 }
 
 /// The table's indexes, with the constraints they back.
-async fn read_indexes(
-    client: &Client,
-    settings: &DbSettings,
-    oid: u32,
-) -> Result<Vec<IndexDef>, CatalogError> {
+async fn read_indexes(client: &Session, oid: u32) -> Result<Vec<IndexDef>, CatalogError> {
     Ok(client
         .query(
             "SELECT ic.relname, pg_get_indexdef(i.indexrelid), con.conname, pg_get_constraintdef(con.oid) \
@@ -377,7 +361,7 @@ async fn read_indexes(
             &[&oid],
         )
         .await
-        .map_err(q(settings, "reading indexes"))?
+        .map_err(q(client, "reading indexes"))?
         .into_iter()
         .map(|r| IndexDef {
             name: r.get(0),
@@ -399,8 +383,7 @@ enum Constraints {
 }
 
 async fn read_constraints(
-    client: &Client,
-    settings: &DbSettings,
+    client: &Session,
     oid: u32,
     which: Constraints,
 ) -> Result<Vec<ConstraintDef>, CatalogError> {
@@ -419,7 +402,7 @@ async fn read_constraints(
     Ok(client
         .query(sql, &[&oid])
         .await
-        .map_err(q(settings, what))?
+        .map_err(q(client, what))?
         .into_iter()
         .map(|r| ConstraintDef {
             name: r.get(0),
@@ -430,14 +413,13 @@ async fn read_constraints(
 
 /// A partitioned table's partition key and its partitions (the whole tree).
 async fn read_partitioning(
-    client: &Client,
-    settings: &DbSettings,
+    client: &Session,
     oid: u32,
 ) -> Result<(Option<String>, Vec<PartitionDef>), CatalogError> {
     let key: Option<String> = client
         .query_one("SELECT pg_get_partkeydef($1)", &[&oid])
         .await
-        .map_err(q(settings, "reading the partition key"))?
+        .map_err(q(client, "reading the partition key"))?
         .get(0);
     let parts = client
         .query(
@@ -451,7 +433,7 @@ async fn read_partitioning(
             &[&oid],
         )
         .await
-        .map_err(q(settings, "reading partitions"))?
+        .map_err(q(client, "reading partitions"))?
         .into_iter()
         .map(|r| PartitionDef {
             name: TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)),
@@ -464,11 +446,7 @@ async fn read_partitioning(
 }
 
 /// Heap bytes and estimated rows of the table and its partitions.
-async fn read_size(
-    client: &Client,
-    settings: &DbSettings,
-    oid: u32,
-) -> Result<(i64, f64), CatalogError> {
+async fn read_size(client: &Session, oid: u32) -> Result<(i64, f64), CatalogError> {
     let size = client
         .query_one(
             // pg_partition_tree lists nothing for an ordinary table: count the table
@@ -480,14 +458,13 @@ async fn read_size(
             &[&oid],
         )
         .await
-        .map_err(q(settings, "reading the table size"))?;
+        .map_err(q(client, "reading the table size"))?;
     Ok((size.get(0), size.get(1)))
 }
 
 /// What tells this table apart from another of the same name.
 async fn read_identity(
-    client: &Client,
-    settings: &DbSettings,
+    client: &Session,
     oid: u32,
     key: &[(String, String)],
 ) -> Result<TableIdentity, CatalogError> {
@@ -502,7 +479,7 @@ async fn read_identity(
                 &[&oid],
             )
             .await
-            .map_err(q(settings, "reading column identities"))?
+            .map_err(q(client, "reading column identities"))?
             .iter()
             .map(|r| ColumnIdentity {
                 attnum: r.get(0),
@@ -523,7 +500,7 @@ async fn read_identity(
                 &[&oid],
             )
             .await
-            .map_err(q(settings, "reading partition identities"))?
+            .map_err(q(client, "reading partition identities"))?
             .iter()
             .map(|r| PartitionIdentity {
                 oid: r.get(0),
@@ -540,8 +517,7 @@ async fn read_identity(
 /// # Errors
 /// Query errors.
 pub async fn sequences(
-    client: &Client,
-    settings: &DbSettings,
+    client: &Session,
     schemas: &[String],
 ) -> Result<Vec<SequenceValue>, CatalogError> {
     let schemas: Vec<String> = if schemas.is_empty() {
@@ -568,7 +544,7 @@ pub async fn sequences(
             &[&schemas],
         )
         .await
-        .map_err(q(settings, "reading sequences"))?;
+        .map_err(q(client, "reading sequences"))?;
     Ok(rows
         .into_iter()
         .map(|r| {

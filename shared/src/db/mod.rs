@@ -9,6 +9,7 @@
 
 pub mod copy;
 pub mod relay;
+mod session;
 mod settings;
 pub mod version;
 
@@ -18,6 +19,7 @@ use secrecy::{ExposeSecret, SecretString};
 use tokio_postgres::config::SslMode as PgSslMode;
 use tokio_postgres::{Client, NoTls};
 
+pub use self::session::Session;
 pub use self::settings::{DbSettings, SslMode};
 pub use self::version::{ServerVersion, Support};
 
@@ -74,9 +76,14 @@ pub enum DbError {
 impl DbError {
     /// A failed statement on the server `settings` name.
     pub fn query(what: &'static str, settings: &DbSettings, source: tokio_postgres::Error) -> Self {
+        Self::query_at(what, &settings.to_string(), source)
+    }
+
+    /// A failed statement on the server `target` (as [`DbSettings`] displays it).
+    pub fn query_at(what: &'static str, target: &str, source: tokio_postgres::Error) -> Self {
         DbError::Query {
             what,
-            target: settings.to_string(),
+            target: target.to_owned(),
             detail: crate::error_chain(&source),
             source,
         }

@@ -7,13 +7,12 @@ use super::state::{Delta, Shared};
 use super::worker::reset;
 use crate::chunk::{copy_field, ChunkSink};
 use crate::db::copy::CopyLines;
-use crate::db::DbSettings;
+use crate::db::Session;
 use crate::format::checkpoint::GapRange;
 use crate::format::progress::{AppendTruth, ExportScope, Lane, TableProgress};
 use crate::format::{quote_ident, ChunkKind, Fingerprint};
 use crate::run::RunError;
 use chrono::{DateTime, Utc};
-use tokio_postgres::Client;
 
 /// Most gap ranges remembered per `append` table; beyond that the oldest are dropped
 /// (and the row-count check catches any row they hid).
@@ -62,8 +61,7 @@ pub(super) fn find_gaps(
 /// exported now; gaps still empty are kept until their TTL.
 pub(super) async fn probe_gaps(
     shared: &Shared,
-    client: &Client,
-    db: &DbSettings,
+    client: &Session,
     table: &TableProgress,
     t: usize,
 ) -> Result<Delta, RunError> {
@@ -84,14 +82,14 @@ pub(super) async fn probe_gaps(
     let streamed: Result<(), RunError> = async {
         let mut lines = CopyLines::start(client, &select).await.map_err(copy_err(
             table,
-            db,
+            client,
             "probing append gaps",
         ))?;
         while let Some(line) =
             lines
                 .next_line()
                 .await
-                .map_err(copy_err(table, db, "probing append gaps"))?
+                .map_err(copy_err(table, client, "probing append gaps"))?
         {
             delta.fingerprint.add_line(&line);
             if let Some(k) = copy_field(&line, key_pos)
@@ -195,8 +193,7 @@ pub(super) enum AppendCheck {
 /// A deep check also fingerprints those rows whole.
 pub(super) async fn check_append(
     shared: &Shared,
-    client: &Client,
-    db: &DbSettings,
+    client: &Session,
     table: &TableProgress,
     upto: Option<i64>,
 ) -> Result<AppendCheck, RunError> {
@@ -224,7 +221,6 @@ pub(super) async fn check_append(
     let key = quote_ident(&table.key[0]);
     let keys = source_fingerprint(
         client,
-        db,
         table,
         &format!(
             "SELECT {key} FROM {} WHERE {key} <= {upto}",
@@ -248,7 +244,6 @@ pub(super) async fn check_append(
         Some(
             source_fingerprint(
                 client,
-                db,
                 table,
                 &format!(
                     "SELECT {} FROM {} WHERE {key} <= {upto}",

@@ -4,17 +4,15 @@ use super::sql::{column_list, copy_err};
 use super::state::{Delta, Shared};
 use crate::chunk::ChunkSink;
 use crate::db::copy::CopyLines;
-use crate::db::DbSettings;
+use crate::db::Session;
 use crate::format::progress::TableProgress;
 use crate::format::ChunkKind;
 use crate::run::RunError;
-use tokio_postgres::Client;
 
 /// Exports a keyless table in one statement, cutting chunks as the rows stream by.
 pub(super) async fn export_keyless(
     shared: &Shared,
-    client: &Client,
-    db: &DbSettings,
+    client: &Session,
     table: &TableProgress,
     t: usize,
 ) -> Result<Delta, RunError> {
@@ -30,14 +28,14 @@ pub(super) async fn export_keyless(
     let streamed: Result<(), RunError> = async {
         let mut lines = CopyLines::start(client, &select).await.map_err(copy_err(
             table,
-            db,
+            client,
             "starting COPY",
         ))?;
         while let Some(line) =
             lines
                 .next_line()
                 .await
-                .map_err(copy_err(table, db, "reading COPY data"))?
+                .map_err(copy_err(table, client, "reading COPY data"))?
         {
             delta.fingerprint.add_line(&line);
             if sink.is_none() {

@@ -4,11 +4,10 @@ use super::options::ExportOptions;
 use super::plan::{plan_lanes, plan_table, table_shape, MAX_XID_DISTANCE};
 use super::worker::reset;
 use crate::catalog;
-use crate::db::{DbError, DbSettings};
+use crate::db::Session;
 use crate::format::progress::{ConsistencyPass, ExportScope, PassBase, RunProgress, TableProgress};
 use crate::format::{quote_ident, Fingerprint, TableMode, TableName};
 use crate::run::RunError;
-use tokio_postgres::Client;
 
 /// The xmin of slice `slice`'s snapshot (the run's first snapshot if unknown).
 pub(super) fn slice_xmin(doc: &RunProgress, slice: u32) -> u64 {
@@ -23,8 +22,7 @@ pub(super) fn slice_xmin(doc: &RunProgress, slice: u32) -> u64 {
 /// Returns false when the run gives up on one point in time instead.
 pub(super) async fn start_round(
     doc: &mut RunProgress,
-    client: &Client,
-    db: &DbSettings,
+    client: &Session,
     opts: &ExportOptions,
     slice: u32,
 ) -> Result<bool, RunError> {
@@ -70,7 +68,7 @@ pub(super) async fn start_round(
         slice,
         "consistency pass round started"
     );
-    reconcile_catalog(doc, client, db, opts).await?;
+    reconcile_catalog(doc, client, opts).await?;
     let first_round = round == 1;
     for t in 0..doc.tables.len() {
         let table = &doc.tables[t];
@@ -99,7 +97,7 @@ pub(super) async fn start_round(
             truth: table.truth,
         });
         let since = (!too_long).then_some(since);
-        prepare_pass(table, since, client, db, opts, slice).await?;
+        prepare_pass(table, since, client, opts, slice).await?;
     }
     Ok(true)
 }
@@ -109,8 +107,7 @@ pub(super) async fn start_round(
 pub(super) async fn prepare_pass(
     table: &mut TableProgress,
     since_xmin: Option<u64>,
-    client: &Client,
-    db: &DbSettings,
+    client: &Session,
     opts: &ExportOptions,
     slice: u32,
 ) -> Result<(), RunError> {
@@ -138,7 +135,7 @@ pub(super) async fn prepare_pass(
                 _ => None,
             };
             let relation = table.own_rows();
-            let mark = append_mark(client, db, &table.name, &relation, &table.key[0]).await?;
+            let mark = append_mark(client, &table.name, &relation, &table.key[0]).await?;
             table.scope = ExportScope::Appended {
                 after,
                 upto: mark.max(after),
@@ -151,14 +148,13 @@ pub(super) async fn prepare_pass(
             table.started_in_slice = slice;
         }
     }
-    table.lanes = plan_lanes(client, db, table, table.est_rows, opts.workers).await?;
+    table.lanes = plan_lanes(client, table, table.est_rows, opts.workers).await?;
     Ok(())
 }
 
 /// The highest key of an `append` table now (`None` when empty).
 pub(super) async fn append_mark(
-    client: &Client,
-    db: &DbSettings,
+    client: &Session,
     table: &TableName,
     relation: &str,
     key: &str,
@@ -169,7 +165,7 @@ pub(super) async fn append_mark(
             &[],
         )
         .await
-        .map_err(|e| RunError::table(table, DbError::query("reading the append mark", db, e)))?
+        .map_err(|e| RunError::table(table, client.failed("reading the append mark")(e)))?
         .get(0);
     Ok(mark)
 }
@@ -179,11 +175,10 @@ pub(super) async fn append_mark(
 /// one dropped is left out; each with a warning in the manifest.
 pub(super) async fn reconcile_catalog(
     doc: &mut RunProgress,
-    client: &Client,
-    db: &DbSettings,
+    client: &Session,
     opts: &ExportOptions,
 ) -> Result<(), RunError> {
-    let found = catalog::discover(client, db, &opts.selection).await?;
+    let found = catalog::discover(client, &opts.selection).await?;
     let mut tables = Vec::with_capacity(found.len());
     let mut warnings = Vec::new();
     for table in found {
@@ -209,14 +204,14 @@ pub(super) async fn reconcile_catalog(
                         table.name
                     ));
                 }
-                tables.push(plan_table(client, db, table, None, opts).await?);
+                tables.push(plan_table(client, table, None, opts).await?);
             }
             None => {
                 warnings.push(format!(
                     "table {} was created during the backup; it is exported whole at the backup's moment",
                     table.name
                 ));
-                tables.push(plan_table(client, db, table, None, opts).await?);
+                tables.push(plan_table(client, table, None, opts).await?);
             }
         }
     }

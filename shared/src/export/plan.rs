@@ -4,7 +4,7 @@ use super::options::ExportOptions;
 use super::pass::append_mark;
 use super::sql::{column_list, db_err, range_condition};
 use crate::catalog::{self, CatalogTable};
-use crate::db::{DbError, DbSettings};
+use crate::db::Session;
 use crate::format::checkpoint::{Checkpoint, TableCheckpoint};
 use crate::format::manifest::{Manifest, TableEntry};
 use crate::format::progress::{ExportScope, ExportSettings, Lane, RunProgress, TableProgress};
@@ -15,12 +15,10 @@ use crate::repo::CHECKPOINT_KEY;
 use crate::run::{new_run_id, RunError};
 use crate::store::WriteStore;
 use chrono::Utc;
-use tokio_postgres::Client;
 
 /// Plans a new run inside the coordinator's snapshot: tables, scopes, marks, sequences.
 pub(super) async fn plan_run(
-    client: &mut Client,
-    db: &DbSettings,
+    client: &Session,
     store: &dyn WriteStore,
     opts: &ExportOptions,
     run_id: Option<String>,
@@ -33,15 +31,15 @@ pub(super) async fn plan_run(
             &[],
         )
         .await
-        .map_err(|e| DbError::query("reading the snapshot", db, e))?;
+        .map_err(client.failed("reading the snapshot"))?;
     let snapshot_text: String = row.get(0);
     let snapshot: PgSnapshot = snapshot_text.parse().map_err(|reason| RunError::Table {
         table: crate::format::TableName::new("pg_catalog", "pg_current_snapshot"),
         detail: reason,
         retryable: false,
     })?;
-    let tables = catalog::discover(client, db, &opts.selection).await?;
-    let sequences = catalog::sequences(client, db, &opts.selection.schemas).await?;
+    let tables = catalog::discover(client, &opts.selection).await?;
+    let sequences = catalog::sequences(client, &opts.selection.schemas).await?;
 
     let mut warnings = Vec::new();
     let system_identifier: Option<String> = row.get(3);
@@ -67,7 +65,7 @@ pub(super) async fn plan_run(
     };
     let mut planned = Vec::with_capacity(tables.len());
     for table in tables {
-        planned.push(plan_table(client, db, table, parent.as_ref(), opts).await?);
+        planned.push(plan_table(client, table, parent.as_ref(), opts).await?);
     }
     let run_id = run_id.unwrap_or_else(|| new_run_id(now));
     let deep = opts.deep
@@ -201,8 +199,7 @@ pub(crate) fn table_shape(
 }
 
 pub(super) async fn plan_table(
-    client: &Client,
-    db: &DbSettings,
+    client: &Session,
     table: CatalogTable,
     parent: Option<&(Checkpoint, Manifest)>,
     opts: &ExportOptions,
@@ -221,7 +218,7 @@ pub(super) async fn plan_table(
         }
         TableMode::Append => {
             let relation = table.name.own_rows(table.schema.is_partitioned());
-            let mark = append_mark(client, db, &table.name, &relation, &table.key[0].0).await?;
+            let mark = append_mark(client, &table.name, &relation, &table.key[0].0).await?;
             match previous {
                 Some((cp, entry)) if cp.append_cursor.is_some() && cp.key_fingerprint.is_some() => {
                     let after = cp.append_cursor;
@@ -243,7 +240,7 @@ pub(super) async fn plan_table(
             }
         }
     }
-    progress.lanes = plan_lanes(client, db, &progress, table.est_rows, opts.workers).await?;
+    progress.lanes = plan_lanes(client, &progress, table.est_rows, opts.workers).await?;
     Ok(progress)
 }
 
@@ -352,8 +349,7 @@ pub(super) fn scope_lane(table: &TableProgress) -> Option<Lane> {
 /// Splits a keyed table into up to `workers` lanes of about equal row counts (bounds from
 /// an index-only scan), so that several connections export one big table at once.
 pub(super) async fn plan_lanes(
-    client: &Client,
-    db: &DbSettings,
+    client: &Session,
     table: &TableProgress,
     est_rows: f64,
     workers: usize,
@@ -383,14 +379,14 @@ pub(super) async fn plan_lanes(
         );
         let row = client.query_opt(&sql, &[]).await.map_err(db_err(
             table,
-            db,
+            client,
             "splitting the table into lanes",
         ))?;
         let Some(row) = row else { break };
         let bound: Vec<String> = (0..table.key.len())
             .map(|i| row.try_get::<_, String>(i))
             .collect::<Result<_, _>>()
-            .map_err(db_err(table, db, "reading a lane bound"))?;
+            .map_err(db_err(table, client, "reading a lane bound"))?;
         if bounds.last() != Some(&bound) {
             bounds.push(bound);
         }

@@ -7,25 +7,23 @@ use super::sql::{column_list, copy_err, db_err, first_i64, range_condition};
 use super::state::{Delta, Shared};
 use crate::chunk::{copy_field, leading_fields, ChunkSink};
 use crate::db::copy::{self, CopyLines};
-use crate::db::DbSettings;
+use crate::db::Session;
 use crate::format::progress::{ExportScope, Lane, TableProgress};
 use crate::format::{ChunkKind, Fingerprint, KeyRange};
 use crate::run::RunError;
 use chrono::Utc;
-use tokio_postgres::Client;
 
 /// Exports the next key range of `lane` as chunk `seq`; returns what it added and the
 /// lane's new state.
 pub(super) async fn export_range(
     shared: &Shared,
-    client: &Client,
-    db: &DbSettings,
+    client: &Session,
     table: &TableProgress,
     lane: &Lane,
     seq: u32,
 ) -> Result<(Delta, Lane), RunError> {
     let lower = lane.cursor.as_ref().or(lane.after.as_ref());
-    let bound = next_bound(client, db, table, lower, lane.until.as_ref()).await?;
+    let bound = next_bound(client, table, lower, lane.until.as_ref()).await?;
     let last = bound.is_none() || bound == lane.until;
     let range = KeyRange {
         after: lower.cloned(),
@@ -45,7 +43,7 @@ pub(super) async fn export_range(
         row: Vec::new(),
         key_line: Vec::with_capacity(64),
     };
-    if let Err(e) = copy.read(client, db).await {
+    if let Err(e) = copy.read(client).await {
         for sink in [copy.rows, copy.keys].into_iter().flatten() {
             sink.abort().await;
         }
@@ -63,8 +61,7 @@ pub(super) async fn export_range(
 /// The key `rows_per_chunk` rows past `lower` (no further than `until`), from an
 /// index-only scan; `None` when fewer rows are left.
 async fn next_bound(
-    client: &Client,
-    db: &DbSettings,
+    client: &Session,
     table: &TableProgress,
     lower: Option<&Vec<String>>,
     until: Option<&Vec<String>>,
@@ -72,7 +69,7 @@ async fn next_bound(
     let sql = bound_sql(table, lower, until);
     let row = client.query_opt(&sql, &[]).await.map_err(db_err(
         table,
-        db,
+        client,
         "finding the next key range",
     ))?;
     let Some(row) = row else {
@@ -81,7 +78,7 @@ async fn next_bound(
     let bound = (0..table.key.len())
         .map(|i| row.try_get::<_, String>(i))
         .collect::<Result<_, _>>()
-        .map_err(db_err(table, db, "reading a key bound"))?;
+        .map_err(db_err(table, client, "reading a key bound"))?;
     Ok(Some(bound))
 }
 
@@ -193,16 +190,16 @@ struct RangeCopy<'a> {
 }
 
 impl RangeCopy<'_> {
-    async fn read(&mut self, client: &Client, db: &DbSettings) -> Result<(), RunError> {
+    async fn read(&mut self, client: &Session) -> Result<(), RunError> {
         let table = self.table;
         let mut lines = CopyLines::start(client, &self.query.select)
             .await
-            .map_err(copy_err(table, db, "starting COPY"))?;
+            .map_err(copy_err(table, client, "starting COPY"))?;
         while let Some(raw) =
             lines
                 .next_line()
                 .await
-                .map_err(copy_err(table, db, "reading COPY data"))?
+                .map_err(copy_err(table, client, "reading COPY data"))?
         {
             self.line(&raw).await?;
         }
@@ -314,14 +311,13 @@ pub(super) fn key_fields(line: &[u8], positions: &[usize], out: &mut Vec<u8>) {
 
 /// The fingerprint of `select`'s rows, computed from the source's COPY output.
 pub(super) async fn source_fingerprint(
-    client: &Client,
-    db: &DbSettings,
+    client: &Session,
     table: &TableProgress,
     select: &str,
 ) -> Result<Fingerprint, RunError> {
     copy::fingerprint(client, select).await.map_err(copy_err(
         table,
-        db,
+        client,
         "fingerprinting the source",
     ))
 }

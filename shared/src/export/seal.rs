@@ -3,18 +3,17 @@
 use super::options::ExportOptions;
 use super::state::Shared;
 use crate::catalog::{self, TableSelection};
-use crate::db::DbSettings;
+use crate::db::{DbSettings, Session};
 use crate::format::progress::RunProgress;
 use crate::run::RunError;
 use crate::schema::capture::CaptureRequest;
 use crate::schema::{self, PgDump};
-use tokio_postgres::Client;
 
 /// Every table is of this slice's snapshot: the schema and sequences are taken again in
 /// it (unless the run's schema already is), and the run is ready to seal.
 pub(super) async fn finalize_run(
     shared: &Shared,
-    client: &Client,
+    client: &Session,
     db: &DbSettings,
     opts: &ExportOptions,
     snapshot_id: &str,
@@ -47,7 +46,7 @@ pub(super) async fn finalize_run(
             .await?,
         );
     }
-    let sequences = catalog::sequences(client, db, &opts.selection.schemas).await?;
+    let sequences = catalog::sequences(client, &opts.selection.schemas).await?;
     let mut state = shared.state.lock().await;
     let doc = &mut state.doc;
     if let Some((dump, warnings)) = recaptured {

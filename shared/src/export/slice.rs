@@ -7,7 +7,7 @@ use super::plan::plan_run;
 use super::seal::{dump_schemas, finalize_run};
 use super::state::{work_left, Shared, Slice, Work};
 use super::worker::{end_snapshot, worker};
-use crate::db::{self, DbError, DbSettings};
+use crate::db::{DbSettings, Session};
 use crate::format::manifest::Manifest;
 use crate::format::progress::{RunProgress, SliceSnapshot};
 use crate::format::{read_doc, write_doc, PgSnapshot, TableName};
@@ -22,7 +22,6 @@ use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio_postgres::Client;
 
 /// Runs one slice of a backup run.
 ///
@@ -43,11 +42,11 @@ pub async fn export_slice(
         Found::Resume(progress) => Some(progress),
         Found::New => None,
     };
-    let (mut coordinator, snapshot_id) = open_snapshot(db).await?;
+    let (coordinator, snapshot_id) = open_snapshot(db).await?;
     // A new run captures the schema: find a fit pg_dump before anything is written.
     let schema_tool = match resume {
         Some(_) => None,
-        None => Some(locate_pg_dump(&coordinator, db, opts).await?),
+        None => Some(locate_pg_dump(&coordinator, opts).await?),
     };
     let resumed = resume.is_some();
     let (mut progress, progress_etag) = match resume {
@@ -56,13 +55,7 @@ pub async fn export_slice(
             (progress, Some(etag))
         }
         None => {
-            let planned = plan_run(
-                &mut coordinator,
-                db,
-                store.as_ref(),
-                opts,
-                opts.run_id.clone(),
-            );
+            let planned = plan_run(&coordinator, store.as_ref(), opts, opts.run_id.clone());
             (planned.await?, None)
         }
     };
@@ -91,7 +84,7 @@ pub async fn export_slice(
             capture_schema(store.as_ref(), &coordinator, db, tool, &snapshot_id, opts, &mut progress)
                 .await?;
         }
-        record_slice_snapshot(&coordinator, db, &mut progress).await?;
+        record_slice_snapshot(&coordinator, &mut progress).await?;
         let base_requests = progress.store_requests;
         progress.store_requests = base_requests + counting.count();
         let condition = match progress_etag {
@@ -196,33 +189,28 @@ async fn find_run(store: &dyn WriteStore, opts: &ExportOptions) -> Result<Found,
 }
 
 /// Opens the slice's one snapshot, which its workers and pg_dump import.
-async fn open_snapshot(db: &DbSettings) -> Result<(Client, String), RunError> {
-    let coordinator = db::connect(db).await?;
+async fn open_snapshot(db: &DbSettings) -> Result<(Session, String), RunError> {
+    let coordinator = Session::connect(db).await?;
     coordinator
         .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .await
-        .map_err(|e| DbError::query("starting the export transaction", db, e))?;
+        .map_err(coordinator.failed("starting the export transaction"))?;
     let snapshot_id: String = coordinator
         .query_one("SELECT pg_export_snapshot()", &[])
         .await
-        .map_err(|e| DbError::query("exporting the snapshot", db, e))?
-        .try_get(0)
-        .map_err(|e| DbError::query("exporting the snapshot", db, e))?;
+        .and_then(|row| row.try_get(0))
+        .map_err(coordinator.failed("exporting the snapshot"))?;
     Ok((coordinator, snapshot_id))
 }
 
 /// Finds a pg_dump that can dump this server.
-async fn locate_pg_dump(
-    client: &Client,
-    db: &DbSettings,
-    opts: &ExportOptions,
-) -> Result<PgDump, RunError> {
+async fn locate_pg_dump(client: &Session, opts: &ExportOptions) -> Result<PgDump, RunError> {
     let tool = PgDump::locate(opts.pg_dump.as_deref()).await?;
     let server: i32 = client
         .query_one("SELECT current_setting('server_version_num')::int4", &[])
         .await
         .and_then(|r| r.try_get(0))
-        .map_err(|e| DbError::query("reading the server version", db, e))?;
+        .map_err(client.failed("reading the server version"))?;
     tool.check_server(server as u32)?;
     Ok(tool)
 }
@@ -230,7 +218,7 @@ async fn locate_pg_dump(
 /// Captures the schema (and large objects) in the slice's snapshot into the progress.
 async fn capture_schema(
     store: &dyn WriteStore,
-    client: &Client,
+    client: &Session,
     db: &DbSettings,
     tool: &PgDump,
     snapshot_id: &str,
@@ -260,7 +248,7 @@ async fn capture_schema(
 /// consistency-pass rounds that bring every table to this snapshot.
 async fn work_loop(
     shared: &Arc<Shared>,
-    coordinator: &Client,
+    coordinator: &Session,
     db: &DbSettings,
     opts: &ExportOptions,
 ) -> Result<(), RunError> {
@@ -269,8 +257,7 @@ async fn work_loop(
         let step = {
             let mut state = shared.state.lock().await;
             let past_deadline = shared.past_soft_deadline();
-            let step =
-                next_step(&mut state.doc, coordinator, db, opts, slice, past_deadline).await?;
+            let step = next_step(&mut state.doc, coordinator, opts, slice, past_deadline).await?;
             let in_round = state.doc.pass.as_ref().is_some_and(|p| p.slice == slice);
             shared.in_round.store(in_round, Ordering::Relaxed);
             if let Step::Work(queue) = &step {
@@ -385,8 +372,7 @@ pub(super) async fn abort_leftover_uploads(store: &dyn WriteStore, run_id: &str)
 /// Records the snapshot this slice reads in (and the WAL position), replacing a record
 /// of the same slice number left by a first slice that died.
 pub(super) async fn record_slice_snapshot(
-    client: &Client,
-    db: &DbSettings,
+    client: &Session,
     progress: &mut RunProgress,
 ) -> Result<(), RunError> {
     let row = client
@@ -397,7 +383,7 @@ pub(super) async fn record_slice_snapshot(
             &[],
         )
         .await
-        .map_err(|e| DbError::query("reading the slice's snapshot", db, e))?;
+        .map_err(client.failed("reading the slice's snapshot"))?;
     let text: String = row.get(0);
     let snapshot: PgSnapshot = text.parse().map_err(|reason| RunError::Table {
         table: TableName::new("pg_catalog", "pg_current_snapshot"),
@@ -449,8 +435,7 @@ pub(super) enum Step {
 /// ranges are exported but the tables are of several snapshots.
 pub(super) async fn next_step(
     doc: &mut RunProgress,
-    client: &Client,
-    db: &DbSettings,
+    client: &Session,
     opts: &ExportOptions,
     slice: u32,
     past_deadline: bool,
@@ -479,7 +464,7 @@ pub(super) async fn next_step(
     if past_deadline {
         return Ok(Step::Stop);
     }
-    if !start_round(doc, client, db, opts, slice).await? {
+    if !start_round(doc, client, opts, slice).await? {
         return Ok(Step::Stop);
     }
     let pending = work_left(&doc.tables);

@@ -1,29 +1,29 @@
 //! SQL fragments the export builds: column lists, key comparisons.
 
 use crate::db::copy::CopyError;
-use crate::db::{DbError, DbSettings};
+use crate::db::Session;
 use crate::format::progress::TableProgress;
 use crate::format::quote_literal;
 use crate::run::RunError;
 
 pub(super) fn db_err<'a>(
     table: &TableProgress,
-    db: &'a DbSettings,
+    client: &'a Session,
     what: &'static str,
 ) -> impl Fn(tokio_postgres::Error) -> RunError + 'a {
     let name = table.name.clone();
-    move |e| RunError::table(&name, DbError::query(what, db, e))
+    move |e| RunError::table(&name, client.failed(what)(e))
 }
 
 /// Maps a COPY's failure to the table's error; a cut-off stream may succeed when retried.
 pub(super) fn copy_err<'a>(
     table: &TableProgress,
-    db: &'a DbSettings,
+    client: &'a Session,
     what: &'static str,
 ) -> impl Fn(CopyError) -> RunError + 'a {
     let name = table.name.clone();
     move |e| match e {
-        CopyError::Db(e) => RunError::table(&name, DbError::query(what, db, e)),
+        CopyError::Db(e) => RunError::table(&name, client.failed(what)(e)),
         CopyError::Cut => RunError::Table {
             table: name.clone(),
             detail: CopyError::Cut.to_string(),

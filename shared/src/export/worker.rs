@@ -5,7 +5,7 @@ use super::append::{check_append, probe_gaps, AppendCheck};
 use super::keyless::export_keyless;
 use super::range::export_range;
 use super::state::{Shared, Work};
-use crate::db::{self, DbError, DbSettings};
+use crate::db::{DbSettings, Session};
 use crate::format::progress::{ExportScope, TableProgress};
 use crate::format::{quote_literal, Fingerprint};
 use crate::run::RunError;
@@ -17,15 +17,15 @@ use tokio_postgres::Client;
 pub(super) const RECONNECTS: u32 = 5;
 
 pub(super) async fn worker(shared: Arc<Shared>, db: DbSettings) -> Result<(), RunError> {
-    let mut client = db::connect(&db).await?;
+    let mut client = Session::connect(&db).await?;
     let mut reconnects = 0;
     while !shared.past_deadline() {
         let Some(work) = shared.next_work() else {
             break;
         };
         let result = async {
-            import_snapshot(&client, &db, &shared.snapshot_id).await?;
-            do_work(&shared, &client, &db, work).await
+            import_snapshot(&client, &shared.snapshot_id).await?;
+            do_work(&shared, &client, work).await
         }
         .await;
         end_snapshot(&client, &shared.run_id).await;
@@ -39,7 +39,7 @@ pub(super) async fn worker(shared: Arc<Shared>, db: DbSettings) -> Result<(), Ru
         tracing::warn!(run_id = shared.run_id, attempt = reconnects, error = %err, "lost the database connection; redoing the work on a new one");
         shared.push_front(work);
         client = reconnect(&db, reconnects).await?;
-        import_snapshot(&client, &db, &shared.snapshot_id)
+        import_snapshot(&client, &shared.snapshot_id)
             .await
             .map_err(|e| RunError::SnapshotLost {
                 detail: e.to_string(),
@@ -49,18 +49,14 @@ pub(super) async fn worker(shared: Arc<Shared>, db: DbSettings) -> Result<(), Ru
     Ok(())
 }
 
-pub(super) async fn import_snapshot(
-    client: &Client,
-    db: &DbSettings,
-    snapshot_id: &str,
-) -> Result<(), RunError> {
+pub(super) async fn import_snapshot(client: &Session, snapshot_id: &str) -> Result<(), RunError> {
     client
         .batch_execute(&format!(
             "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
             quote_literal(snapshot_id)
         ))
         .await
-        .map_err(|e| DbError::query("importing the snapshot", db, e).into())
+        .map_err(|e| client.failed("importing the snapshot")(e).into())
 }
 
 /// Ends a read-only snapshot transaction. What it read is already checked and recorded,
@@ -74,12 +70,12 @@ pub(super) async fn end_snapshot(client: &Client, run_id: &str) {
 
 /// A new connection after the `attempt`-th loss, waiting a little longer each time for
 /// a restarting server (about a minute in all).
-pub(super) async fn reconnect(db: &DbSettings, attempt: u32) -> Result<Client, RunError> {
+pub(super) async fn reconnect(db: &DbSettings, attempt: u32) -> Result<Session, RunError> {
     let started = Instant::now();
     let mut delay = Duration::from_millis(500 * u64::from(attempt));
     loop {
         tokio::time::sleep(delay).await;
-        match db::connect(db).await {
+        match Session::connect(db).await {
             Ok(client) => return Ok(client),
             Err(e) if e.is_retryable() && started.elapsed() < Duration::from_secs(60) => {
                 tracing::warn!(error = %e, "the database is not reachable yet");
@@ -90,27 +86,22 @@ pub(super) async fn reconnect(db: &DbSettings, attempt: u32) -> Result<Client, R
     }
 }
 
-pub(super) async fn do_work(
-    shared: &Shared,
-    client: &Client,
-    db: &DbSettings,
-    work: Work,
-) -> Result<(), RunError> {
+pub(super) async fn do_work(shared: &Shared, client: &Session, work: Work) -> Result<(), RunError> {
     match work {
         Work::Keyless(t) => {
             // A keyless table has no cursor: it is exported whole within one slice.
             let mut table = shared.begin(t).await;
             reset(&mut table, shared.slice);
             shared.replace(t, table.clone()).await?;
-            let delta = export_keyless(shared, client, db, &table, t).await?;
+            let delta = export_keyless(shared, client, &table, t).await?;
             shared.record(t, None, delta, false).await?;
             shared.mark_done(t).await
         }
         Work::Probe(t) => {
             let table = shared.begin(t).await;
-            let delta = probe_gaps(shared, client, db, &table, t).await?;
+            let delta = probe_gaps(shared, client, &table, t).await?;
             if shared.record(t, None, delta, true).await? {
-                finalize(shared, client, db, t).await?;
+                finalize(shared, client, t).await?;
             }
             Ok(())
         }
@@ -122,18 +113,18 @@ pub(super) async fn do_work(
                     return Ok(());
                 }
                 let seq = shared.next_seq(t).await;
-                let (delta, next) = export_range(shared, client, db, &table, &lane, seq).await?;
+                let (delta, next) = export_range(shared, client, &table, &lane, seq).await?;
                 lane = next;
                 if shared
                     .record(t, Some((l, lane.clone())), delta, false)
                     .await?
                 {
-                    finalize(shared, client, db, t).await?;
+                    finalize(shared, client, t).await?;
                 }
             }
             Ok(())
         }
-        Work::Finalize(t) => finalize(shared, client, db, t).await,
+        Work::Finalize(t) => finalize(shared, client, t).await,
     }
 }
 
@@ -151,15 +142,10 @@ pub(super) fn reset(table: &mut TableProgress, slice: u32) {
 
 /// All of a table is exported: for an `append` table, take the source's truth and check
 /// the chain against it; then mark it done.
-pub(super) async fn finalize(
-    shared: &Shared,
-    client: &Client,
-    db: &DbSettings,
-    t: usize,
-) -> Result<(), RunError> {
+pub(super) async fn finalize(shared: &Shared, client: &Session, t: usize) -> Result<(), RunError> {
     let table = shared.begin(t).await;
     if let ExportScope::Appended { upto, .. } = table.scope {
-        match check_append(shared, client, db, &table, upto).await? {
+        match check_append(shared, client, &table, upto).await? {
             AppendCheck::ExportWhole(whole) => {
                 shared.replace(t, *whole).await?;
                 shared.push_work(Work::Lane(t, 0));
