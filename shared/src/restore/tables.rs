@@ -15,7 +15,7 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Transaction};
 
 /// Schema of the table where a time-boxed restore records the chunks it has landed.
 pub(super) const PROGRESS_SCHEMA: &str = "tidemark_restore_progress";
@@ -47,7 +47,7 @@ pub(super) async fn by_chunk_any(client: &Client) -> bool {
 /// steps at `deadline` once `worked`. Returns the rows landed and whether every step is in.
 pub(super) async fn load_by_chunk(
     store: &dyn ReadStore,
-    client: &Client,
+    client: &mut Client,
     entry: &TableEntry,
     deadline: Option<Instant>,
     worked: &mut bool,
@@ -86,23 +86,21 @@ pub(super) async fn load_by_chunk(
         if *worked && deadline.is_some_and(|d| Instant::now() >= d) {
             return Ok((rows, false));
         }
-        rows += in_transaction(client, &entry.name, || async {
-            let n = match &merge {
-                Some(tables) => {
-                    load::merge_step(store, client, entry, tables, chunk, is_key, meter).await?
-                }
-                None => load::copy_chunk(store, client, &entry.name, &copy, chunk, meter).await?,
-            };
-            client
-                .execute(
-                    &format!("INSERT INTO {PROGRESS_SCHEMA}.chunks VALUES ($1, $2)"),
-                    &[&name, &chunk.key],
-                )
-                .await
-                .map_err(|e| load_error(&entry.name, "recording the chunk", &e))?;
-            Ok(n)
-        })
-        .await?;
+        let tx = begin(client, &entry.name).await?;
+        let step = tx.client();
+        rows += match &merge {
+            Some(tables) => {
+                load::merge_step(store, step, entry, tables, chunk, is_key, meter).await?
+            }
+            None => load::copy_chunk(store, step, &entry.name, &copy, chunk, meter).await?,
+        };
+        step.execute(
+            &format!("INSERT INTO {PROGRESS_SCHEMA}.chunks VALUES ($1, $2)"),
+            &[&name, &chunk.key],
+        )
+        .await
+        .map_err(|e| load_error(&entry.name, "recording the chunk", &e))?;
+        commit(tx, &entry.name).await?;
         *worked = true;
     }
     Ok((rows, true))
@@ -158,7 +156,7 @@ impl Work {
     /// One worker of a schema restore: its own connection, tables from `queue` until it
     /// is empty or the deadline has passed.
     async fn land_tables(&self, queue: &Mutex<VecDeque<usize>>) -> Result<(), RestoreError> {
-        let client = db::connect(&self.target).await?;
+        let mut client = db::connect(&self.target).await?;
         // Every connection lands at least one table (or chunk of a table landed chunk by
         // chunk), so each slice makes progress.
         let mut worked = false;
@@ -173,7 +171,7 @@ impl Work {
             let rows = if self.by_chunk[t] {
                 let (rows, complete) = load_by_chunk(
                     store,
-                    &client,
+                    &mut client,
                     entry,
                     self.deadline,
                     &mut worked,
@@ -187,17 +185,19 @@ impl Work {
                 rows
             } else {
                 worked = true;
-                in_transaction(&client, &entry.name, || {
-                    load_into(
-                        store,
-                        &client,
-                        &self.target,
-                        entry,
-                        Landing::Direct,
-                        &self.meter,
-                    )
-                })
-                .await?
+                let tx = begin(&mut client, &entry.name).await?;
+                let landing = Landing::Direct;
+                let rows = load_into(
+                    store,
+                    tx.client(),
+                    &self.target,
+                    entry,
+                    landing,
+                    &self.meter,
+                )
+                .await?;
+                commit(tx, &entry.name).await?;
+                rows
             };
             self.landed(rows, [entry.name.clone()]);
         }
@@ -215,13 +215,19 @@ impl Work {
         failed: &Mutex<Vec<FailedTables>>,
         exit_on_error: bool,
     ) -> Result<(), RestoreError> {
-        let client = db::connect(&self.target).await?;
+        let mut client = db::connect(&self.target).await?;
         loop {
             let next = queue.lock().ok().and_then(|mut q| q.pop_front());
             let Some(group) = next else { break };
             let first = &self.tables[group[0]].name;
             let names = || group.iter().map(|&t| self.tables[t].name.clone());
-            match in_transaction(&client, first, || self.load_group(&client, plan, &group)).await {
+            let loaded = async {
+                let tx = begin(&mut client, first).await?;
+                let rows = self.load_group(tx.client(), plan, &group).await?;
+                commit(tx, first).await?;
+                Ok::<_, RestoreError>(rows)
+            };
+            match loaded.await {
                 Ok(rows) => self.landed(rows, names()),
                 Err(e) if exit_on_error || client.is_closed() => return Err(e),
                 Err(e) => {
@@ -309,33 +315,24 @@ pub(super) async fn join_all(
     .await
 }
 
-/// Runs `work` in a transaction on `client`: committed if it succeeds, rolled back if not.
-pub(super) async fn in_transaction<T, F, Fut>(
-    client: &Client,
+/// Starts the transaction a table (or a chunk, or a group of tables) loads in. Dropped
+/// without [`commit`] — an error anywhere in the load — it is rolled back (tokio-postgres
+/// sends the ROLLBACK), so no table is ever left half-loaded.
+pub(super) async fn begin<'c>(
+    client: &'c mut Client,
     table: &TableName,
-    work: F,
-) -> Result<T, RestoreError>
-where
-    F: FnOnce() -> Fut,
-    Fut: std::future::Future<Output = Result<T, RestoreError>>,
-{
+) -> Result<Transaction<'c>, RestoreError> {
     client
-        .batch_execute("BEGIN")
+        .transaction()
         .await
-        .map_err(|e| load_error(table, "starting the load", &e))?;
-    match work().await {
-        Ok(value) => {
-            client
-                .batch_execute("COMMIT")
-                .await
-                .map_err(|e| load_error(table, "committing the load", &e))?;
-            Ok(value)
-        }
-        Err(e) => {
-            let _ = client.batch_execute("ROLLBACK").await;
-            Err(e)
-        }
-    }
+        .map_err(|e| load_error(table, "starting the load", &e))
+}
+
+/// Commits a load; a failed COMMIT is the load's error.
+pub(super) async fn commit(tx: Transaction<'_>, table: &TableName) -> Result<(), RestoreError> {
+    tx.commit()
+        .await
+        .map_err(|e| load_error(table, "committing the load", &e))
 }
 
 /// Loads into existing tables as the data-only plan says.
