@@ -93,7 +93,8 @@ pub(super) async fn plan(
         });
     }
     let edges = foreign_keys(client, target, tables).await?;
-    let (groups, staged) = load_order(tables, &edges)?;
+    let names: Vec<TableName> = tables.iter().map(|t| t.name.clone()).collect();
+    let (groups, staged) = load_order(&names, &edges)?;
     let (owned, warnings) = owned_tables(client, target, tables).await?;
     Ok(Plan {
         method: Method::ForeignKeyOrder,
@@ -150,7 +151,7 @@ async fn foreign_keys(
 /// [`RestoreError::ForeignKeyCycle`] for a group held together by a constraint that
 /// cannot be deferred.
 fn load_order(
-    tables: &[TableEntry],
+    tables: &[TableName],
     edges: &BTreeMap<(usize, usize), bool>,
 ) -> Result<(Vec<Vec<usize>>, HashSet<usize>), RestoreError> {
     let mut groups = Vec::new();
@@ -161,10 +162,8 @@ fn load_order(
                 !*deferrable && component.contains(a) && component.contains(b)
             });
             if fixed {
-                let mut names: Vec<String> = component
-                    .iter()
-                    .map(|&t| tables[t].name.to_string())
-                    .collect();
+                let mut names: Vec<String> =
+                    component.iter().map(|&t| tables[t].to_string()).collect();
                 names.sort();
                 return Err(RestoreError::ForeignKeyCycle { tables: names });
             }
@@ -418,5 +417,41 @@ mod tests {
             strongly_connected(4, &edges),
             vec![vec![1, 2], vec![0], vec![3]]
         );
+    }
+
+    fn names(n: usize) -> Vec<TableName> {
+        (0..n)
+            .map(|i| TableName::new("public", format!("t{i}")))
+            .collect()
+    }
+
+    #[test]
+    fn deferrable_cycles_load_together_and_fixed_self_references_are_staged() {
+        // 0 -> 1, 1 <-> 2 (deferrable), 3 references itself (not deferrable).
+        let edges: BTreeMap<(usize, usize), bool> = [
+            ((0, 1), true),
+            ((1, 2), true),
+            ((2, 1), true),
+            ((3, 3), false),
+        ]
+        .into_iter()
+        .collect();
+        let (groups, staged) = load_order(&names(4), &edges).expect("a load order");
+        assert_eq!(groups, vec![vec![1, 2], vec![0], vec![3]]);
+        assert_eq!(staged, HashSet::from([3]));
+    }
+
+    #[test]
+    fn a_cycle_held_by_a_constraint_that_cannot_be_deferred_is_refused_naming_its_tables() {
+        let edges: BTreeMap<(usize, usize), bool> =
+            [((0, 1), true), ((1, 0), false), ((2, 2), true)]
+                .into_iter()
+                .collect();
+        match load_order(&names(3), &edges) {
+            Err(RestoreError::ForeignKeyCycle { tables }) => {
+                assert_eq!(tables, vec!["public.t0", "public.t1"]);
+            }
+            other => panic!("expected a foreign key cycle, got {other:?}"),
+        }
     }
 }
