@@ -17,9 +17,10 @@
 //!   "latest" (from manifests, never object times).
 //! - [`format`]: every stored document as a serde type: lease, checkpoint, progress,
 //!   manifest, verification records, the prune journal, failures.
-//! - [`db`]: database settings (URL or RDS secret), TLS, sessions with pinned settings,
-//!   the relay that gives libpq tools the same TLS, and `db::copy` — the one COPY-lines
-//!   reader and fingerprint that export and verify share.
+//! - [`db`]: database settings (URL or RDS secret), TLS, connections with pinned
+//!   settings, [`db::Session`] (a connection that names its server in its errors), the
+//!   relay that gives libpq tools the same TLS, and `db::copy` — the one COPY-lines reader
+//!   and fingerprint that export and verify share.
 //! - [`aws`]: the one AWS SDK configuration every client is built from.
 //! - [`catalog`]: which tables a backup covers, their definitions and modes.
 //! - [`schema`]: the whole schema, captured with pg_dump in the backup's snapshot
