@@ -15,7 +15,7 @@
 //! - [`repo`]: where every object lives: each key and prefix built and parsed in one
 //!   place (a typed [`repo::Key`]), the list of sealed backups and the one definition of
 //!   "latest" (from manifests, never object times).
-//! - [`format`]: every stored document as a serde type: lease, checkpoint, progress,
+//! - [`format`](mod@format): every stored document as a serde type: lease, checkpoint, progress,
 //!   manifest, verification records, the prune journal, failures.
 //! - [`db`]: database settings (URL or RDS secret), TLS, connections with pinned
 //!   settings, [`db::Session`] (a connection that names its server in its errors), the

@@ -9,7 +9,7 @@
 //! 2. Pre-data: the backup's pg_dump pre-data script (types, domains, functions,
 //!    tables, views, ...), in one transaction ([`crate::schema::apply`]).
 //! 3. Data: tables load in parallel. Each chunk streams from the store through a SHA-256
-//!    check and zstd into `COPY FROM STDIN` ([`load`]); a `changes` chain lands in one
+//!    check and zstd into `COPY FROM STDIN` (`load`); a `changes` chain lands in one
 //!    set-based merge: the newest version of each key, only keys in the live key set.
 //! 4. Post-data: indexes, constraints, foreign keys, triggers, rules, policies, comments,
 //!    and `REFRESH MATERIALIZED VIEW` of the views that were populated, in one
@@ -17,7 +17,7 @@
 //!
 //! Like `pg_restore --no-owner --no-privileges` by default; `with_privileges` restores
 //! owners and grants, `create_roles` first creates missing roles from the backup's
-//! globals. `data_only` loads into an existing schema ([`data_only`]).
+//! globals. `data_only` loads into an existing schema (`data_only`).
 
 mod data_only;
 mod error;
