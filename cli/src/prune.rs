@@ -4,6 +4,7 @@ use crate::output::{bytes, json};
 use crate::GlobalArgs;
 use clap::Args;
 use std::time::Duration;
+use tidemark_core::config::{parse_count, parse_keep_within, parse_size, parse_timezone};
 use tidemark_core::error_chain;
 use tidemark_core::prune::PruneReport;
 use tidemark_core::retention::RetentionPolicy;
@@ -70,37 +71,34 @@ pub async fn prune(global: &GlobalArgs, args: &PruneArgs) -> Result<(), String> 
     Ok(())
 }
 
-/// The retention policy the flags describe, through the same parser as the Lambda's
-/// environment; errors name the flag rather than the variable.
+/// The retention policy the flags (or their variables) describe; an error names the flag.
 fn policy(args: &PruneArgs) -> Result<RetentionPolicy, String> {
-    let values = [
-        ("TIDEMARK_KEEP_LAST", &args.keep_last),
-        ("TIDEMARK_KEEP_HOURLY", &args.keep_hourly),
-        ("TIDEMARK_KEEP_DAILY", &args.keep_daily),
-        ("TIDEMARK_KEEP_WEEKLY", &args.keep_weekly),
-        ("TIDEMARK_KEEP_MONTHLY", &args.keep_monthly),
-        ("TIDEMARK_KEEP_YEARLY", &args.keep_yearly),
-        ("TIDEMARK_KEEP_WITHIN", &args.keep_within),
-        ("TIDEMARK_MAX_TOTAL_SIZE", &args.max_total_size),
-        ("TIDEMARK_TIMEZONE", &args.timezone),
-    ];
-    let lookup = |name: &str| {
-        values
-            .iter()
-            .find(|(n, _)| *n == name)
-            .and_then(|(_, v)| (*v).clone())
-    };
-    tidemark_core::config::retention_policy_from_env(&lookup).map_err(|e| {
-        match e.split_once(": ") {
-            Some((var, rest)) if var.starts_with("TIDEMARK_") => format!(
-                "--{}: {rest}",
-                var.trim_start_matches("TIDEMARK_")
-                    .to_lowercase()
-                    .replace('_', "-")
-            ),
-            _ => e,
-        }
-    })
+    let mut policy = RetentionPolicy::empty();
+    policy.keep_last = given("--keep-last", &args.keep_last, parse_count)?;
+    policy.keep_hourly = given("--keep-hourly", &args.keep_hourly, parse_count)?;
+    policy.keep_daily = given("--keep-daily", &args.keep_daily, parse_count)?;
+    policy.keep_weekly = given("--keep-weekly", &args.keep_weekly, parse_count)?;
+    policy.keep_monthly = given("--keep-monthly", &args.keep_monthly, parse_count)?;
+    policy.keep_yearly = given("--keep-yearly", &args.keep_yearly, parse_count)?;
+    policy.keep_within = given("--keep-within", &args.keep_within, parse_keep_within)?;
+    policy.max_total_size = given("--max-total-size", &args.max_total_size, parse_size)?;
+    if let Some(zone) = given("--timezone", &args.timezone, parse_timezone)? {
+        policy.timezone = zone;
+    }
+    Ok(policy.or_default_rules())
+}
+
+/// A flag's value parsed (a blank value is no value); an error names the flag.
+fn given<T>(
+    flag: &str,
+    value: &Option<String>,
+    parse: fn(&str) -> Result<T, String>,
+) -> Result<Option<T>, String> {
+    value
+        .as_deref()
+        .filter(|v| !v.trim().is_empty())
+        .map(|v| parse(v).map_err(|e| format!("{flag}: {e}")))
+        .transpose()
 }
 
 /// One line per backup (kept or removed, and why), then what was or would be deleted.

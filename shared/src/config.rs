@@ -199,57 +199,60 @@ pub fn prune_grace_from_env(
 pub fn retention_policy_from_env(
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<crate::retention::RetentionPolicy, String> {
-    use crate::retention::RetentionPolicy;
-    let get = |name: &str| env(name).filter(|v| !v.trim().is_empty());
-    let count = |name: &str| -> Result<Option<u32>, String> {
-        get(name)
-            .map(|v| {
-                v.trim()
-                    .parse::<u32>()
-                    .map_err(|_| format!("{name}: not a count: {v:?}"))
-            })
-            .transpose()
-    };
-    let mut policy = RetentionPolicy::empty();
-    policy.keep_last = count("TIDEMARK_KEEP_LAST")?;
-    policy.keep_hourly = count("TIDEMARK_KEEP_HOURLY")?;
-    policy.keep_daily = count("TIDEMARK_KEEP_DAILY")?;
-    policy.keep_weekly = count("TIDEMARK_KEEP_WEEKLY")?;
-    policy.keep_monthly = count("TIDEMARK_KEEP_MONTHLY")?;
-    policy.keep_yearly = count("TIDEMARK_KEEP_YEARLY")?;
-    policy.keep_within = get("TIDEMARK_KEEP_WITHIN")
-        .map(|v| {
-            humantime::parse_duration(v.trim())
-                .map_err(|e| format!("TIDEMARK_KEEP_WITHIN: {e}: {v:?}"))
-        })
-        .transpose()?;
-    policy.max_total_size = get("TIDEMARK_MAX_TOTAL_SIZE")
-        .map(|v| parse_size(&v).map_err(|e| format!("TIDEMARK_MAX_TOTAL_SIZE: {e}")))
-        .transpose()?;
-    let any_rule = [
-        policy.keep_last,
-        policy.keep_hourly,
-        policy.keep_daily,
-        policy.keep_weekly,
-        policy.keep_monthly,
-        policy.keep_yearly,
-    ]
-    .iter()
-    .any(Option::is_some)
-        || policy.keep_within.is_some();
-    if !any_rule {
-        let cap = policy.max_total_size;
-        policy = RetentionPolicy {
-            max_total_size: cap,
-            ..RetentionPolicy::default()
-        };
+    let given = |name: &str, parse: fn(&str) -> Result<u32, String>| setting(env, name, parse);
+    let mut policy = crate::retention::RetentionPolicy::empty();
+    policy.keep_last = given("TIDEMARK_KEEP_LAST", parse_count)?;
+    policy.keep_hourly = given("TIDEMARK_KEEP_HOURLY", parse_count)?;
+    policy.keep_daily = given("TIDEMARK_KEEP_DAILY", parse_count)?;
+    policy.keep_weekly = given("TIDEMARK_KEEP_WEEKLY", parse_count)?;
+    policy.keep_monthly = given("TIDEMARK_KEEP_MONTHLY", parse_count)?;
+    policy.keep_yearly = given("TIDEMARK_KEEP_YEARLY", parse_count)?;
+    policy.keep_within = setting(env, "TIDEMARK_KEEP_WITHIN", parse_keep_within)?;
+    policy.max_total_size = setting(env, "TIDEMARK_MAX_TOTAL_SIZE", parse_size)?;
+    if let Some(zone) = setting(env, "TIDEMARK_TIMEZONE", parse_timezone)? {
+        policy.timezone = zone;
     }
-    if let Some(tz) = get("TIDEMARK_TIMEZONE") {
-        policy.timezone = tz.trim().parse().map_err(|_| {
-            format!("TIDEMARK_TIMEZONE: unknown time zone {tz:?} (e.g. Europe/Paris)")
-        })?;
-    }
-    Ok(policy)
+    Ok(policy.or_default_rules())
+}
+
+/// The setting `name` parsed (a blank value is no value); an error names it.
+fn setting<T>(
+    env: &dyn Fn(&str) -> Option<String>,
+    name: &str,
+    parse: fn(&str) -> Result<T, String>,
+) -> Result<Option<T>, String> {
+    env(name)
+        .filter(|v| !v.trim().is_empty())
+        .map(|v| parse(&v).map_err(|e| format!("{name}: {e}")))
+        .transpose()
+}
+
+/// A retention count (`--keep-daily 7`).
+///
+/// # Errors
+/// The value, when it is not a whole number from 0.
+pub fn parse_count(v: &str) -> Result<u32, String> {
+    v.trim()
+        .parse::<u32>()
+        .map_err(|_| format!("not a count: {v:?}"))
+}
+
+/// The age under which every backup is kept (`--keep-within 30d`).
+///
+/// # Errors
+/// The value and why it is not a duration.
+pub fn parse_keep_within(v: &str) -> Result<Duration, String> {
+    humantime::parse_duration(v.trim()).map_err(|e| format!("{e}: {v:?}"))
+}
+
+/// The time zone of the retention calendar (`--timezone Europe/Paris`).
+///
+/// # Errors
+/// The value, when it is not an IANA time zone name.
+pub fn parse_timezone(v: &str) -> Result<chrono_tz::Tz, String> {
+    v.trim()
+        .parse()
+        .map_err(|_| format!("unknown time zone {v:?} (e.g. Europe/Paris)"))
 }
 
 #[cfg(test)]

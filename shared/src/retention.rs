@@ -60,6 +60,31 @@ impl RetentionPolicy {
         }
     }
 
+    /// These rules, or — when none of them keeps anything by count or age — the default
+    /// policy's, with this size cap and time zone: what a user who sets only
+    /// `--max-total-size` or `--timezone` gets.
+    pub fn or_default_rules(self) -> Self {
+        let any_rule = [
+            self.keep_last,
+            self.keep_hourly,
+            self.keep_daily,
+            self.keep_weekly,
+            self.keep_monthly,
+            self.keep_yearly,
+        ]
+        .iter()
+        .any(Option::is_some)
+            || self.keep_within.is_some();
+        if any_rule {
+            return self;
+        }
+        Self {
+            max_total_size: self.max_total_size,
+            timezone: self.timezone,
+            ..Self::default()
+        }
+    }
+
     /// Whether no rule keeps anything (a size cap alone keeps nothing either).
     pub fn is_empty(&self) -> bool {
         [
@@ -250,6 +275,28 @@ fn apply_size_cap(decisions: &mut [Decision], sorted: &[&BackupFacts], cap: u64)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn no_keep_rule_means_the_default_rules_with_the_cap_and_zone_given() {
+        let mut given = RetentionPolicy::empty();
+        given.max_total_size = Some(1 << 30);
+        given.timezone = Tz::Europe__Paris;
+        let policy = given.or_default_rules();
+        assert_eq!(
+            (policy.keep_daily, policy.keep_weekly, policy.keep_monthly),
+            (Some(7), Some(4), Some(12))
+        );
+        assert_eq!(policy.max_total_size, Some(1 << 30));
+        assert_eq!(policy.timezone, Tz::Europe__Paris);
+
+        let mut last = RetentionPolicy::empty();
+        last.keep_last = Some(0);
+        assert_eq!(
+            last.clone().or_default_rules(),
+            last,
+            "a rule given, even 0, stays"
+        );
+    }
     use proptest::prelude::*;
     use rstest::rstest;
 
