@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tidemark_core::catalog::TableSelection;
-use tidemark_core::config::{parse_size, parse_table_mode};
+use tidemark_core::config::{parse_size, parse_table_mode, parse_workers, DEFAULT_WORKERS};
 use tidemark_core::db::DbSettings;
 use tidemark_core::export::{self, ExportMeter, ExportOptions};
 use tidemark_core::format::TableMode;
@@ -39,7 +39,7 @@ pub struct SelectionArgs {
     #[arg(long, env = "TIDEMARK_CHUNK_BYTES", default_value = "64MiB", value_parser = parse_size)]
     chunk_bytes: u64,
     /// Database connections exporting at once.
-    #[arg(long, env = "TIDEMARK_WORKERS", default_value_t = 2)]
+    #[arg(long, env = "TIDEMARK_WORKERS", default_value_t = DEFAULT_WORKERS, value_parser = parse_workers)]
     workers: usize,
     /// Seconds an `append` table's empty key ranges are probed again for late commits.
     #[arg(
@@ -94,7 +94,7 @@ pub(super) fn options(global: &GlobalArgs, sel: &SelectionArgs) -> ExportOptions
         gap_ttl: Duration::from_secs(sel.gap_ttl_secs),
         deep: sel.deep,
         deep_every: sel.deep_every,
-        workers: sel.workers.max(1),
+        workers: sel.workers,
         ..ExportOptions::default()
     }
 }

@@ -5,6 +5,7 @@ use crate::GlobalArgs;
 use clap::Args;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use tidemark_core::config::{parse_workers, DEFAULT_WORKERS};
 use tidemark_core::db::DbSettings;
 use tidemark_core::error_chain;
 use tidemark_core::restore::{self, BackupSelector, RestoreMeter, RestoreOptions};
@@ -32,7 +33,7 @@ pub struct RestoreArgs {
     #[arg(long, value_delimiter = ',')]
     tables: Vec<String>,
     /// Tables loaded at once.
-    #[arg(long, env = "TIDEMARK_WORKERS", default_value_t = 2)]
+    #[arg(long, env = "TIDEMARK_WORKERS", default_value_t = DEFAULT_WORKERS, value_parser = parse_workers)]
     workers: usize,
     /// Restore owners and grants too (default: like pg_restore --no-owner
     /// --no-privileges, everything owned by the restoring role).
@@ -80,7 +81,7 @@ pub async fn restore(global: &GlobalArgs, args: &RestoreArgs) -> Result<(), Stri
         tables: args.tables.clone(),
         data_only: args.data_only,
         clean: args.clean,
-        workers: args.workers.max(1),
+        workers: args.workers,
         meter: Some(meter.clone()),
         with_privileges: args.with_privileges,
         create_roles: args.roles,

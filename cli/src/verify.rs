@@ -5,6 +5,7 @@ use crate::output::{bytes, finish, json, spinner};
 use crate::restore::{parse_selector, url_settings};
 use crate::GlobalArgs;
 use clap::Args;
+use tidemark_core::config::{parse_workers, DEFAULT_WORKERS};
 use tidemark_core::db::DbSettings;
 use tidemark_core::error_chain;
 use tidemark_core::format::FingerprintOf;
@@ -30,7 +31,7 @@ pub struct VerifyArgs {
     #[arg(long, env = "TIDEMARK_SCRATCH_SECRET_ID", value_name = "ID")]
     scratch_secret_id: Option<String>,
     /// Tables loaded at once.
-    #[arg(long, env = "TIDEMARK_WORKERS", default_value_t = 2)]
+    #[arg(long, env = "TIDEMARK_WORKERS", default_value_t = DEFAULT_WORKERS, value_parser = parse_workers)]
     workers: usize,
 }
 
@@ -39,7 +40,7 @@ pub async fn verify(global: &GlobalArgs, args: &VerifyArgs) -> Result<(), String
     let server = scratch_server(global, args).await?;
     let opts = VerifyOptions {
         backup: args.backup.clone(),
-        workers: args.workers.max(1),
+        workers: args.workers,
         pg_dump: global.pg_dump.clone(),
         ..VerifyOptions::default()
     };

@@ -109,8 +109,8 @@ pub fn export_options_from_env(
     if let Some(bytes) = env("TIDEMARK_CHUNK_BYTES").filter(|v| !v.trim().is_empty()) {
         opts.chunk_bytes = parse_size(&bytes).map_err(|e| format!("TIDEMARK_CHUNK_BYTES: {e}"))?;
     }
-    if let Some(workers) = number("TIDEMARK_WORKERS")? {
-        opts.workers = workers.clamp(1, 64) as usize;
+    if let Some(workers) = setting(env, "TIDEMARK_WORKERS", parse_workers)? {
+        opts.workers = workers;
     }
     if let Some(level) = number("TIDEMARK_ZSTD_LEVEL")? {
         opts.zstd_level = level.clamp(1, 19) as i32;
@@ -131,6 +131,14 @@ pub fn export_options_from_env(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn workers_are_one_to_the_most_and_whole() {
+        assert_eq!(parse_workers("4"), Ok(4));
+        assert_eq!(parse_workers(" 0 "), Ok(1));
+        assert_eq!(parse_workers("1000"), Ok(MAX_WORKERS));
+        assert!(parse_workers("-1").is_err_and(|e| e.contains("\"-1\"")));
+    }
 
     #[test]
     fn sizes_parse() {
@@ -225,6 +233,23 @@ fn setting<T>(
         .filter(|v| !v.trim().is_empty())
         .map(|v| parse(&v).map_err(|e| format!("{name}: {e}")))
         .transpose()
+}
+
+/// Database connections an export, restore or verify uses when not told (`--workers`).
+pub const DEFAULT_WORKERS: usize = 2;
+
+/// The most connections one process opens (`--workers` above it is taken as this).
+pub const MAX_WORKERS: usize = 64;
+
+/// A number of workers (`--workers 4`): a whole number, taken as 1 to [`MAX_WORKERS`].
+///
+/// # Errors
+/// The value, when it is not a whole number.
+pub fn parse_workers(v: &str) -> Result<usize, String> {
+    v.trim()
+        .parse::<usize>()
+        .map(|n| n.clamp(1, MAX_WORKERS))
+        .map_err(|_| format!("not a whole number: {v:?}"))
 }
 
 /// A retention count (`--keep-daily 7`).

@@ -59,7 +59,7 @@ impl Default for VerifyOptions {
             deadline: None,
             backup: None,
             stale_after: Duration::from_secs(3 * 3600),
-            workers: 2,
+            workers: crate::config::DEFAULT_WORKERS,
             pg_dump: None,
         }
     }

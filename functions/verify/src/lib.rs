@@ -59,10 +59,9 @@ impl Deps {
             pg_dump: tidemark_core::config::pg_dump_from_env(&env),
             ..VerifyOptions::default()
         };
-        if let Some(workers) = env("TIDEMARK_WORKERS") {
-            options.workers = workers
-                .parse()
-                .map_err(|_| format!("TIDEMARK_WORKERS: not a whole number: {workers:?}"))?;
+        if let Some(workers) = env("TIDEMARK_WORKERS").filter(|v| !v.trim().is_empty()) {
+            options.workers = tidemark_core::config::parse_workers(&workers)
+                .map_err(|e| format!("TIDEMARK_WORKERS: {e}"))?;
         }
         Ok(Self {
             store: tidemark_lambda::store_from_env().await?,

@@ -62,7 +62,7 @@ impl Default for ExportOptions {
             chunk_bytes: 64 * 1024 * 1024,
             zstd_level: 1,
             gap_ttl: Duration::from_secs(3600),
-            workers: 2,
+            workers: crate::config::DEFAULT_WORKERS,
             deadline: None,
             holder: lease::default_holder(),
             lease_ttl: lease::DEFAULT_TTL,
