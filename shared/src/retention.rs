@@ -60,11 +60,9 @@ impl RetentionPolicy {
         }
     }
 
-    /// These rules, or — when none of them keeps anything by count or age — the default
-    /// policy's, with this size cap and time zone: what a user who sets only
-    /// `--max-total-size` or `--timezone` gets.
-    pub fn or_default_rules(self) -> Self {
-        let any_rule = [
+    /// The count rules: last, hourly, daily, weekly, monthly, yearly.
+    fn counts(&self) -> [Option<u32>; 6] {
+        [
             self.keep_last,
             self.keep_hourly,
             self.keep_daily,
@@ -72,9 +70,13 @@ impl RetentionPolicy {
             self.keep_monthly,
             self.keep_yearly,
         ]
-        .iter()
-        .any(Option::is_some)
-            || self.keep_within.is_some();
+    }
+
+    /// These rules, or — when none of them keeps anything by count or age — the default
+    /// policy's, with this size cap and time zone: what a user who sets only
+    /// `--max-total-size` or `--timezone` gets.
+    pub fn or_default_rules(self) -> Self {
+        let any_rule = self.counts().iter().any(Option::is_some) || self.keep_within.is_some();
         if any_rule {
             return self;
         }
@@ -87,17 +89,7 @@ impl RetentionPolicy {
 
     /// Whether no rule keeps anything (a size cap alone keeps nothing either).
     pub fn is_empty(&self) -> bool {
-        [
-            self.keep_last,
-            self.keep_hourly,
-            self.keep_daily,
-            self.keep_weekly,
-            self.keep_monthly,
-            self.keep_yearly,
-        ]
-        .iter()
-        .all(|n| n.is_none_or(|n| n == 0))
-            && self.keep_within.is_none()
+        self.counts().iter().all(|n| n.is_none_or(|n| n == 0)) && self.keep_within.is_none()
     }
 }
 
