@@ -97,7 +97,7 @@ pub async fn restore(
     if done {
         let store = store.as_ref();
         schema
-            .after_data(store, target, manifest, scripts.as_ref(), &tables, opts)
+            .finish(store, target, manifest, scripts.as_ref(), &tables, opts)
             .await?;
     }
     warnings.append(&mut schema.warnings);
@@ -288,8 +288,9 @@ impl<'a> SchemaSteps<'a> {
     }
 
     /// Once every table is loaded: the chunk progress table goes, then large objects,
-    /// sequences and the rest ([`Self::finish`]).
-    async fn after_data(
+    /// sequences, the sequence checks, the materialized views of a data-only restore, the
+    /// post-data script (and the finished mark).
+    async fn finish(
         &mut self,
         store: &dyn ReadStore,
         target: &DbSettings,
@@ -310,21 +311,6 @@ impl<'a> SchemaSteps<'a> {
             self.warnings.extend(moved);
         }
         set_sequences(self.admin, target, manifest, tables, opts.data_only).await?;
-        self.finish(store, target, manifest, scripts, tables, opts)
-            .await
-    }
-
-    /// After the data: the sequence checks, the materialized views of a data-only
-    /// restore, the post-data script (and the finished mark).
-    async fn finish(
-        &mut self,
-        store: &dyn ReadStore,
-        target: &DbSettings,
-        manifest: &Manifest,
-        scripts: Option<&Scripts>,
-        tables: &[TableEntry],
-        opts: &RestoreOptions,
-    ) -> Result<(), RestoreError> {
         // Once the keys' indexes exist (post-data), or now if they already do.
         let catch_up = sequence_catch_up(manifest, tables, opts.advance_sequences);
         let Some(scripts) = scripts else {
