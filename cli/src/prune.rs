@@ -4,7 +4,7 @@ use crate::output::{bytes, json};
 use crate::GlobalArgs;
 use clap::Args;
 use std::time::Duration;
-use tidemark_core::config::{parse_count, parse_keep_within, parse_size, parse_timezone};
+use tidemark_core::config::{named, parse_count, parse_keep_within, parse_size, parse_timezone};
 use tidemark_core::error_chain;
 use tidemark_core::prune::PruneReport;
 use tidemark_core::retention::RetentionPolicy;
@@ -74,31 +74,26 @@ pub async fn prune(global: &GlobalArgs, args: &PruneArgs) -> Result<(), String> 
 /// The retention policy the flags (or their variables) describe; an error names the flag.
 fn policy(args: &PruneArgs) -> Result<RetentionPolicy, String> {
     let mut policy = RetentionPolicy::empty();
-    policy.keep_last = given("--keep-last", &args.keep_last, parse_count)?;
-    policy.keep_hourly = given("--keep-hourly", &args.keep_hourly, parse_count)?;
-    policy.keep_daily = given("--keep-daily", &args.keep_daily, parse_count)?;
-    policy.keep_weekly = given("--keep-weekly", &args.keep_weekly, parse_count)?;
-    policy.keep_monthly = given("--keep-monthly", &args.keep_monthly, parse_count)?;
-    policy.keep_yearly = given("--keep-yearly", &args.keep_yearly, parse_count)?;
-    policy.keep_within = given("--keep-within", &args.keep_within, parse_keep_within)?;
-    policy.max_total_size = given("--max-total-size", &args.max_total_size, parse_size)?;
-    if let Some(zone) = given("--timezone", &args.timezone, parse_timezone)? {
+    policy.keep_last = named("--keep-last", args.keep_last.as_deref(), parse_count)?;
+    policy.keep_hourly = named("--keep-hourly", args.keep_hourly.as_deref(), parse_count)?;
+    policy.keep_daily = named("--keep-daily", args.keep_daily.as_deref(), parse_count)?;
+    policy.keep_weekly = named("--keep-weekly", args.keep_weekly.as_deref(), parse_count)?;
+    policy.keep_monthly = named("--keep-monthly", args.keep_monthly.as_deref(), parse_count)?;
+    policy.keep_yearly = named("--keep-yearly", args.keep_yearly.as_deref(), parse_count)?;
+    policy.keep_within = named(
+        "--keep-within",
+        args.keep_within.as_deref(),
+        parse_keep_within,
+    )?;
+    policy.max_total_size = named(
+        "--max-total-size",
+        args.max_total_size.as_deref(),
+        parse_size,
+    )?;
+    if let Some(zone) = named("--timezone", args.timezone.as_deref(), parse_timezone)? {
         policy.timezone = zone;
     }
     Ok(policy.or_default_rules())
-}
-
-/// A flag's value parsed (a blank value is no value); an error names the flag.
-fn given<T>(
-    flag: &str,
-    value: &Option<String>,
-    parse: fn(&str) -> Result<T, String>,
-) -> Result<Option<T>, String> {
-    value
-        .as_deref()
-        .filter(|v| !v.trim().is_empty())
-        .map(|v| parse(v).map_err(|e| format!("{flag}: {e}")))
-        .transpose()
 }
 
 /// One line per backup (kept or removed, and why), then what was or would be deleted.

@@ -207,14 +207,14 @@ pub fn prune_grace_from_env(
 pub fn retention_policy_from_env(
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<crate::retention::RetentionPolicy, String> {
-    let given = |name: &str, parse: fn(&str) -> Result<u32, String>| setting(env, name, parse);
+    let count = |name: &str| setting(env, name, parse_count);
     let mut policy = crate::retention::RetentionPolicy::empty();
-    policy.keep_last = given("TIDEMARK_KEEP_LAST", parse_count)?;
-    policy.keep_hourly = given("TIDEMARK_KEEP_HOURLY", parse_count)?;
-    policy.keep_daily = given("TIDEMARK_KEEP_DAILY", parse_count)?;
-    policy.keep_weekly = given("TIDEMARK_KEEP_WEEKLY", parse_count)?;
-    policy.keep_monthly = given("TIDEMARK_KEEP_MONTHLY", parse_count)?;
-    policy.keep_yearly = given("TIDEMARK_KEEP_YEARLY", parse_count)?;
+    policy.keep_last = count("TIDEMARK_KEEP_LAST")?;
+    policy.keep_hourly = count("TIDEMARK_KEEP_HOURLY")?;
+    policy.keep_daily = count("TIDEMARK_KEEP_DAILY")?;
+    policy.keep_weekly = count("TIDEMARK_KEEP_WEEKLY")?;
+    policy.keep_monthly = count("TIDEMARK_KEEP_MONTHLY")?;
+    policy.keep_yearly = count("TIDEMARK_KEEP_YEARLY")?;
     policy.keep_within = setting(env, "TIDEMARK_KEEP_WITHIN", parse_keep_within)?;
     policy.max_total_size = setting(env, "TIDEMARK_MAX_TOTAL_SIZE", parse_size)?;
     if let Some(zone) = setting(env, "TIDEMARK_TIMEZONE", parse_timezone)? {
@@ -223,15 +223,31 @@ pub fn retention_policy_from_env(
     Ok(policy.or_default_rules())
 }
 
-/// The setting `name` parsed (a blank value is no value); an error names it.
-fn setting<T>(
+/// The variable `name` parsed (see [`named`]).
+///
+/// # Errors
+/// The parser's error, naming the variable.
+pub fn setting<T>(
     env: &dyn Fn(&str) -> Option<String>,
     name: &str,
     parse: fn(&str) -> Result<T, String>,
 ) -> Result<Option<T>, String> {
-    env(name)
+    named(name, env(name).as_deref(), parse)
+}
+
+/// A setting's value parsed, a blank value being no value; an error names the setting as
+/// the caller calls it (`TIDEMARK_KEEP_DAILY`, `--keep-daily`).
+///
+/// # Errors
+/// The parser's error, prefixed with `name`.
+pub fn named<T>(
+    name: &str,
+    value: Option<&str>,
+    parse: fn(&str) -> Result<T, String>,
+) -> Result<Option<T>, String> {
+    value
         .filter(|v| !v.trim().is_empty())
-        .map(|v| parse(&v).map_err(|e| format!("{name}: {e}")))
+        .map(|v| parse(v).map_err(|e| format!("{name}: {e}")))
         .transpose()
 }
 

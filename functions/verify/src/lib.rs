@@ -13,6 +13,7 @@ use std::sync::Arc;
 use lambda_runtime::LambdaEvent;
 use secrecy::SecretString;
 use serde_json::Value;
+use tidemark_core::config;
 use tidemark_core::db::{DatabaseSource, DbSettings};
 use tidemark_core::events;
 use tidemark_core::metrics::{self, Unit};
@@ -56,12 +57,12 @@ impl Deps {
             tidemark_lambda::database_from_env().await?
         };
         let mut options = VerifyOptions {
-            pg_dump: tidemark_core::config::pg_dump_from_env(&env),
+            pg_dump: config::pg_dump_from_env(&env),
             ..VerifyOptions::default()
         };
-        if let Some(workers) = env("TIDEMARK_WORKERS").filter(|v| !v.trim().is_empty()) {
-            options.workers = tidemark_core::config::parse_workers(&workers)
-                .map_err(|e| format!("TIDEMARK_WORKERS: {e}"))?;
+        let workers = config::setting(&env, "TIDEMARK_WORKERS", config::parse_workers)?;
+        if let Some(workers) = workers {
+            options.workers = workers;
         }
         Ok(Self {
             store: tidemark_lambda::store_from_env().await?,
