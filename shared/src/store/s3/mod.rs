@@ -22,9 +22,8 @@ use tokio::io::AsyncRead;
 
 use super::retry::{with_retry, Attempts, RetryPolicy};
 use super::{
-    fill_part, validate_key, validate_prefix, ETag, ListedObject, ObjectMeta, ObjectStream,
-    PendingUpload, PutReceipt, ReadStore, StoreError, StoredObject, WriteCondition, WriteStore,
-    DELETE_BATCH,
+    validate_key, validate_prefix, ETag, ListedObject, ObjectMeta, ObjectStream, PendingUpload,
+    PutReceipt, ReadStore, StoreError, StoredObject, WriteCondition, WriteStore, DELETE_BATCH,
 };
 use body::{BodyState, ResumingBody};
 
@@ -285,13 +284,7 @@ impl WriteStore for S3Store {
     ) -> Result<PutReceipt, StoreError> {
         validate_key(key)?;
         let mut first = Vec::with_capacity(self.options.part_size.min(1 << 20));
-        let at_end = fill_part(body, &mut first, self.options.part_size)
-            .await
-            .map_err(|source| StoreError::Io {
-                operation: "read the body of",
-                key: key.to_owned(),
-                source,
-            })?;
+        let at_end = self.read_part(key, body, &mut first).await?;
         let receipt = if at_end {
             self.put_single(key, Bytes::from(first), &WriteCondition::Always)
                 .await?

@@ -107,6 +107,23 @@ impl S3Store {
         request.customize().config_override(no_retries).send().await
     }
 
+    /// Reads the next part of the body of `key` into `buf` (up to the part size);
+    /// returns whether the body is at its end.
+    pub(super) async fn read_part(
+        &self,
+        key: &str,
+        body: &mut (dyn AsyncRead + Send + Unpin),
+        buf: &mut Vec<u8>,
+    ) -> Result<bool, StoreError> {
+        fill_part(body, buf, self.options.part_size)
+            .await
+            .map_err(|source| StoreError::Io {
+                operation: "read the body of",
+                key: key.to_owned(),
+                source,
+            })
+    }
+
     /// The receipt of the object under `key` if it holds exactly these bytes.
     async fn already_written(
         &self,
@@ -211,13 +228,7 @@ impl S3Store {
                 parts.push(join_part(key, self, in_flight.join_next().await)?);
             }
             next = Vec::with_capacity(self.options.part_size);
-            at_end = fill_part(body, &mut next, self.options.part_size)
-                .await
-                .map_err(|source| StoreError::Io {
-                    operation: "read the body of",
-                    key: key.to_owned(),
-                    source,
-                })?;
+            at_end = self.read_part(key, body, &mut next).await?;
         }
         while !in_flight.is_empty() {
             parts.push(join_part(key, self, in_flight.join_next().await)?);
