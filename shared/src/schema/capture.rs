@@ -149,10 +149,14 @@ pub async fn capture(
         Some(text) => Some(store_script(store, &key("globals"), text, false, &keep).await?),
         None => None,
     };
-    let large_objects_script = match objects.as_ref().map(|o| &o.script) {
-        Some(LargeObjectsScript::Unchanged(kept)) => Some(kept.clone()),
+    // The fingerprints are small copies; the script (all the large objects' contents)
+    // moves into the store without being copied.
+    let large_objects_fingerprint = objects.as_ref().map(|o| o.fingerprint);
+    let large_objects_state = objects.as_ref().map(|o| o.state);
+    let large_objects_script = match objects.map(|o| o.script) {
+        Some(LargeObjectsScript::Unchanged(kept)) => Some(kept),
         Some(LargeObjectsScript::Dumped(text)) => {
-            Some(store_script(store, &key("large-objects"), text.clone(), true, &keep).await?)
+            Some(store_script(store, &key("large-objects"), text, true, &keep).await?)
         }
         None => None,
     };
@@ -172,8 +176,8 @@ pub async fn capture(
             globals,
             large_objects,
             large_objects_script,
-            large_objects_fingerprint: objects.as_ref().map(|o| o.fingerprint),
-            large_objects_state: objects.map(|o| o.state),
+            large_objects_fingerprint,
+            large_objects_state,
         },
         warnings,
     ))
