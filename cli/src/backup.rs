@@ -9,6 +9,7 @@ use std::time::Duration;
 use tidemark_core::catalog::TableSelection;
 use tidemark_core::config::{parse_size, parse_table_mode, parse_workers, DEFAULT_WORKERS};
 use tidemark_core::db::DbSettings;
+use tidemark_core::error::Classified;
 use tidemark_core::export::{self, ExportMeter, ExportOptions};
 use tidemark_core::format::TableMode;
 use tidemark_core::manifest::SealReport;

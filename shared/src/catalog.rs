@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 
 use crate::db::{DbError, Session};
+use crate::error::{Classified, ErrorKind};
 use crate::format::checkpoint::{ColumnIdentity, PartitionIdentity, TableIdentity};
 use crate::format::manifest::{
     ColumnDef, ConstraintDef, IndexDef, PartitionDef, SequenceValue, TableSchema,
@@ -40,6 +41,19 @@ pub enum CatalogError {
     ModeNotPossible { table: TableName, reason: String },
     #[error("no tables to back up in schemas {0}")]
     NothingToBackUp(String),
+}
+
+impl Classified for CatalogError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            CatalogError::Db(e) => e.kind(),
+            CatalogError::InvalidName(_)
+            | CatalogError::UnknownTable(..)
+            | CatalogError::Ambiguous(..)
+            | CatalogError::ModeNotPossible { .. }
+            | CatalogError::NothingToBackUp(_) => ErrorKind::Fatal,
+        }
+    }
 }
 
 /// A table as discovered, with what the export needs.

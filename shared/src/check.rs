@@ -198,7 +198,7 @@ pub async fn check_store(store: &dyn WriteStore) -> Result<StoreCheck, StoreErro
             operation: "DeleteObject",
             location: format!("{}/{key}", store.location()),
             message: "the probe is still there after a delete".into(),
-            retryable: false,
+            kind: crate::error::ErrorKind::Fatal,
             source: None,
         });
     }

@@ -8,12 +8,19 @@
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::error::{Classified, ErrorKind};
 use crate::failure::Failure;
 
 /// A payload that is not what the function accepts.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid event: {0}")]
 pub struct EventError(pub String);
+
+impl Classified for EventError {
+    fn kind(&self) -> ErrorKind {
+        ErrorKind::BadInput
+    }
+}
 
 /// Unwraps an EventBridge Scheduled Event (or any `aws.*` event) to its `detail`.
 fn unwrap_envelope(event: Value) -> Result<Value, EventError> {

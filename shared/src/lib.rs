@@ -44,10 +44,11 @@
 //! - [`retention`]: which backups a retention policy keeps (pure); [`prune`]: the prune
 //!   plan and its application.
 //!
-//! Around them: [`config`] (settings shared by CLI flags and Lambda environment
-//! variables), [`events`] (the payloads the Lambda functions accept), [`check`]
-//! (`tidemark check`), [`metrics`] (CloudWatch Embedded Metric Format lines),
-//! [`telemetry`] (logging, human or JSON).
+//! Around them: [`error`] (the one [`error::ErrorKind`] every error carries up from
+//! where it happened: the store, the database or AWS), [`config`] (settings shared by
+//! CLI flags and Lambda environment variables), [`events`] (the payloads the Lambda
+//! functions accept), [`check`] (`tidemark check`), [`metrics`] (CloudWatch Embedded
+//! Metric Format lines), [`telemetry`] (logging, human or JSON).
 
 pub mod aws;
 pub mod catalog;
@@ -55,6 +56,7 @@ pub mod check;
 pub mod chunk;
 pub mod config;
 pub mod db;
+pub mod error;
 pub mod events;
 pub mod export;
 pub mod failure;
@@ -112,6 +114,7 @@ pub(crate) async fn join_workers<E: Send + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Classified;
 
     #[tokio::test]
     async fn a_panicking_worker_is_reported_as_a_panic_and_stops_the_others() {
@@ -142,10 +145,12 @@ mod tests {
             detail: "task 7 panicked".into(),
         };
         assert!(!run.is_retryable());
+        assert_eq!(run.kind(), error::ErrorKind::Bug);
         assert!(run.to_string().contains("a bug in Tidemark"), "{run}");
         let restore = restore::RestoreError::WorkerPanicked {
             detail: "task 7 panicked".into(),
         };
         assert!(!restore.is_retryable());
+        assert_eq!(restore.kind(), error::ErrorKind::Bug);
     }
 }

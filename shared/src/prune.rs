@@ -20,6 +20,7 @@ use std::time::{Duration, SystemTime};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
+use crate::error::{Classified, ErrorKind};
 use crate::format::journal::PruneJournal;
 use crate::format::manifest::Manifest;
 use crate::format::{read_doc, write_doc, FormatError, FORMAT_VERSION};
@@ -155,12 +156,13 @@ pub enum PruneError {
     Format(#[from] FormatError),
 }
 
-impl PruneError {
-    pub fn is_retryable(&self) -> bool {
+impl Classified for PruneError {
+    fn kind(&self) -> ErrorKind {
         match self {
-            PruneError::Run(e) => e.is_retryable(),
-            PruneError::Store(e) | PruneError::Format(FormatError::Store(e)) => e.is_retryable(),
-            _ => false,
+            PruneError::Policy(_) => ErrorKind::Fatal,
+            PruneError::Run(e) => e.kind(),
+            PruneError::Store(e) => e.kind(),
+            PruneError::Format(e) => e.kind(),
         }
     }
 }

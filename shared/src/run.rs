@@ -4,6 +4,7 @@ use chrono::{DateTime, Utc};
 
 use crate::catalog::CatalogError;
 use crate::db::DbError;
+use crate::error::{Classified, ErrorKind};
 use crate::format::{FormatError, TableName};
 use crate::schema::SchemaError;
 use crate::store::StoreError;
@@ -36,11 +37,11 @@ pub enum RunError {
     SnapshotLost { detail: String },
     #[error("run {run_id} progress was changed by another writer; is a second slice of this run running?")]
     Conflict { run_id: String },
-    #[error("exporting {table}: {detail}")]
+    #[error("exporting {table}: {source}")]
     Table {
         table: TableName,
-        detail: String,
-        retryable: bool,
+        #[source]
+        source: Box<DbError>,
     },
     #[error(transparent)]
     Catalog(#[from] CatalogError),
@@ -59,26 +60,33 @@ pub enum RunError {
     WorkerPanicked { run_id: String, detail: String },
 }
 
-impl RunError {
-    /// Whether trying again later may succeed (network, throttling, a lost connection).
-    pub fn is_retryable(&self) -> bool {
+impl Classified for RunError {
+    fn kind(&self) -> ErrorKind {
         match self {
-            RunError::Table { retryable, .. } => *retryable,
+            RunError::Locked { .. } => ErrorKind::Locked,
             // A write of a dead slice landed late; reading the progress again resolves it.
-            RunError::Conflict { .. } => true,
-            RunError::SnapshotLost { .. } => true,
-            RunError::Db(e) | RunError::Catalog(CatalogError::Db(e)) => e.is_retryable(),
-            RunError::Store(e) | RunError::Format(FormatError::Store(e)) => e.is_retryable(),
-            RunError::Schema(e) => e.is_retryable(),
-            _ => false,
+            RunError::Conflict { .. } => ErrorKind::Conflict,
+            RunError::SnapshotLost { .. } => ErrorKind::Transient,
+            RunError::LeaseLost { .. }
+            | RunError::NoSuchRun { .. }
+            | RunError::NotFinished { .. }
+            | RunError::NotConsistentYet { .. } => ErrorKind::Fatal,
+            RunError::WorkerPanicked { .. } => ErrorKind::Bug,
+            RunError::Table { source, .. } => source.kind(),
+            RunError::Catalog(e) => e.kind(),
+            RunError::Db(e) => e.kind(),
+            RunError::Store(e) => e.kind(),
+            RunError::Format(e) => e.kind(),
+            RunError::Schema(e) => e.kind(),
         }
     }
+}
 
-    pub(crate) fn table(table: &TableName, err: DbError) -> Self {
+impl RunError {
+    pub(crate) fn table(table: &TableName, source: DbError) -> Self {
         RunError::Table {
             table: table.clone(),
-            retryable: err.is_retryable(),
-            detail: err.to_string(),
+            source: Box::new(source),
         }
     }
 }

@@ -18,8 +18,9 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use serde::Serialize;
 
-use crate::db::copy::{self, CopyError};
+use crate::db::copy;
 use crate::db::{self, DbError, DbSettings};
+use crate::error::{Classified, ErrorKind};
 use crate::format::manifest::{Manifest, TableEntry};
 use crate::format::verification::VerifyState;
 pub use crate::format::verification::{TableVerification, Verification, VerificationSummary};
@@ -78,14 +79,13 @@ pub enum VerifyError {
     Schema(#[from] SchemaError),
 }
 
-impl VerifyError {
-    pub fn is_retryable(&self) -> bool {
+impl Classified for VerifyError {
+    fn kind(&self) -> ErrorKind {
         match self {
-            VerifyError::Schema(e) => e.is_retryable(),
-            VerifyError::Restore(e) => e.is_retryable(),
-            VerifyError::Db(e) => e.is_retryable(),
-            VerifyError::Format(FormatError::Store(e)) => e.is_retryable(),
-            VerifyError::Format(_) => false,
+            VerifyError::Schema(e) => e.kind(),
+            VerifyError::Restore(e) => e.kind(),
+            VerifyError::Db(e) => e.kind(),
+            VerifyError::Format(e) => e.kind(),
         }
     }
 }
@@ -481,18 +481,13 @@ pub async fn table_fingerprint(
         .collect::<Vec<_>>()
         .join(", ");
     let select = format!("SELECT {cols} FROM {}", table.own_rows());
-    copy::fingerprint(client, &select)
-        .await
-        .map_err(|e| RestoreError::Table {
-            table: table.name.clone(),
-            detail: match e {
-                CopyError::Db(e) => {
-                    DbError::query("computing the fingerprint", settings, e).to_string()
-                }
-                CopyError::Cut => CopyError::Cut.to_string(),
-            },
-            retryable: false,
-        })
+    copy::fingerprint(client, &select).await.map_err(|e| {
+        let target = settings.to_string();
+        RestoreError::table(
+            &table.name,
+            DbError::copy("computing the fingerprint", &target, e),
+        )
+    })
 }
 
 /// The newest backup without a verification record (the newest backup if all have one).

@@ -731,6 +731,7 @@ pub mod fixtures {
     use std::sync::Arc;
     use std::time::Duration;
 
+    use tidemark_core::error::Classified;
     use tidemark_core::export::{export_slice, ExportOptions, SliceReport};
     use tidemark_core::format::manifest::Manifest;
     use tidemark_core::format::read_doc;

@@ -4,6 +4,7 @@ use std::time::{Duration, Instant};
 
 use secrecy::SecretString;
 use tidemark_core::db::{self, DatabaseSource, DbError, DbSettings, SslMode};
+use tidemark_core::error::Classified;
 use tidemark_tests::{create_secret, TestCluster};
 
 fn settings_from_url(url: String) -> DbSettings {

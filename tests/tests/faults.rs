@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use tidemark_core::catalog::TableSelection;
 use tidemark_core::db::DbSettings;
+use tidemark_core::error::Classified;
 use tidemark_core::export::{export_slice, ExportOptions};
 use tidemark_core::format::BackupKind;
 use tidemark_core::lease;

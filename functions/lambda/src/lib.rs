@@ -7,6 +7,7 @@ use std::time::{Duration, Instant, SystemTime};
 use lambda_runtime::{Context, Diagnostic};
 use secrecy::SecretString;
 use tidemark_core::db::{DatabaseSource, DbSettings};
+use tidemark_core::error::{Classified, ErrorKind};
 use tidemark_core::events::EventError;
 use tidemark_core::metrics::MetricSet;
 use tidemark_core::prune::PruneError;
@@ -23,6 +24,8 @@ pub const FATAL: &str = "Tidemark.Fatal";
 pub const BAD_INPUT: &str = "Tidemark.BadInput";
 /// `error_type` when another run holds the lease.
 pub const LOCKED: &str = "Tidemark.Locked";
+/// `error_type` of a bug in Tidemark (a worker panicked): never retried; please report it.
+pub const BUG: &str = "Tidemark.Bug";
 
 /// A failed invocation, typed for Step Functions.
 #[derive(Debug)]
@@ -55,17 +58,26 @@ impl From<FunctionError> for Diagnostic {
     }
 }
 
+/// The `error_type` of each kind of failure: the one place a kind becomes the error a
+/// state machine sees.
+pub fn error_type(kind: ErrorKind) -> &'static str {
+    match kind {
+        ErrorKind::Locked => LOCKED,
+        ErrorKind::Transient | ErrorKind::Conflict => RETRYABLE,
+        ErrorKind::BadInput => BAD_INPUT,
+        ErrorKind::Corrupt | ErrorKind::Fatal => FATAL,
+        ErrorKind::Bug => BUG,
+    }
+}
+
 impl FunctionError {
-    /// A failed invocation from a core error: typed locked, retryable or fatal, with the
-    /// whole cause chain as the message, logged once here.
-    fn classify(error: &dyn std::error::Error, locked: bool, retryable: bool) -> Self {
-        let error_type = match (locked, retryable) {
-            (true, _) => LOCKED,
-            (false, true) => RETRYABLE,
-            (false, false) => FATAL,
-        };
+    /// A failed invocation from a core error: typed by its kind, with the whole cause
+    /// chain as the message, logged once here.
+    pub fn from_error(error: &dyn Classified) -> Self {
+        let kind = error.kind();
+        let error_type = error_type(kind);
         let message = tidemark_core::error_chain(error);
-        tracing::error!(error_type, error = %message, "invocation failed");
+        tracing::error!(error_type, ?kind, error = %message, "invocation failed");
         Self {
             error_type,
             message,
@@ -75,31 +87,25 @@ impl FunctionError {
 
 impl From<RunError> for FunctionError {
     fn from(e: RunError) -> Self {
-        let locked = matches!(e, RunError::Locked { .. });
-        Self::classify(&e, locked, e.is_retryable())
+        Self::from_error(&e)
     }
 }
 
 impl From<PruneError> for FunctionError {
     fn from(e: PruneError) -> Self {
-        let locked = matches!(e, PruneError::Run(RunError::Locked { .. }));
-        Self::classify(&e, locked, e.is_retryable())
+        Self::from_error(&e)
     }
 }
 
 impl From<VerifyError> for FunctionError {
     fn from(e: VerifyError) -> Self {
-        Self::classify(&e, false, e.is_retryable())
+        Self::from_error(&e)
     }
 }
 
 impl From<EventError> for FunctionError {
     fn from(e: EventError) -> Self {
-        tracing::error!(error = %e, "rejected event");
-        Self {
-            error_type: BAD_INPUT,
-            message: e.to_string(),
-        }
+        Self::from_error(&e)
     }
 }
 
@@ -254,4 +260,80 @@ pub fn holder(context: &Context) -> String {
         "lambda:{}:{}",
         context.env_config.function_name, context.request_id
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tidemark_core::format::FormatError;
+    use tidemark_core::store::StoreError;
+
+    /// Each kind, by a real error of that kind, to the error type the state machine's
+    /// Retry and Catch rules see.
+    #[test]
+    fn each_kind_of_failure_has_one_error_type() {
+        let now = chrono::Utc::now();
+        let cases: Vec<(Box<dyn Classified>, ErrorKind, &str)> = vec![
+            (
+                Box::new(RunError::Locked {
+                    run_id: "r1".into(),
+                    since: now,
+                    expires: now,
+                }),
+                ErrorKind::Locked,
+                LOCKED,
+            ),
+            (
+                Box::new(RunError::SnapshotLost {
+                    detail: "connection closed".into(),
+                }),
+                ErrorKind::Transient,
+                RETRYABLE,
+            ),
+            (
+                Box::new(RunError::Conflict {
+                    run_id: "r1".into(),
+                }),
+                ErrorKind::Conflict,
+                RETRYABLE,
+            ),
+            (
+                Box::new(EventError("run_id: invalid type".into())),
+                ErrorKind::BadInput,
+                BAD_INPUT,
+            ),
+            (
+                Box::new(RunError::Format(FormatError::Store(
+                    StoreError::ChecksumMismatch {
+                        key: "chunks/x".into(),
+                        expected: "a".into(),
+                        actual: "b".into(),
+                    },
+                ))),
+                ErrorKind::Corrupt,
+                FATAL,
+            ),
+            (
+                Box::new(RunError::NoSuchRun {
+                    run_id: "r1".into(),
+                }),
+                ErrorKind::Fatal,
+                FATAL,
+            ),
+            (
+                Box::new(RunError::WorkerPanicked {
+                    run_id: "r1".into(),
+                    detail: "task 3 panicked".into(),
+                }),
+                ErrorKind::Bug,
+                BUG,
+            ),
+        ];
+        for (error, kind, error_type) in cases {
+            assert_eq!(error.kind(), kind, "{error}");
+            let failed = FunctionError::from_error(error.as_ref());
+            assert_eq!(failed.error_type, error_type, "{kind:?}");
+            assert_eq!(failed.message, tidemark_core::error_chain(error.as_ref()));
+        }
+    }
 }

@@ -22,6 +22,7 @@ use tokio_postgres::{Client, NoTls};
 pub use self::session::Session;
 pub use self::settings::{DbSettings, SslMode};
 pub use self::version::{ServerVersion, Support};
+use crate::error::{Classified, ErrorKind};
 
 /// Settings every Tidemark session pins, as `pg_dump` does, so that COPY text is the same
 /// on every server and client. `row_security = off` makes a table whose row-level security
@@ -45,7 +46,7 @@ pub enum DbError {
     SecretUnavailable {
         secret_id: String,
         message: String,
-        retryable: bool,
+        kind: ErrorKind,
     },
     #[error("CA file {path}: {reason}")]
     CaFile { path: PathBuf, reason: String },
@@ -71,6 +72,23 @@ pub enum DbError {
         #[source]
         source: tokio_postgres::Error,
     },
+    /// A statement of a restore that the server refused, in the server's own words
+    /// (message, DETAIL, HINT). The error is kept for its SQLSTATE and kind, not as a
+    /// `#[source]`: its text is the message already.
+    #[error("{what}: {}", server_message(cause))]
+    Statement {
+        what: String,
+        cause: tokio_postgres::Error,
+    },
+    #[error("{what} on {target}: COPY output ended in the middle of a row")]
+    CopyCut { what: &'static str, target: String },
+    #[error("{what} on {target}: the server answered {answer:?}: {reason}")]
+    Unexpected {
+        what: &'static str,
+        target: String,
+        answer: String,
+        reason: String,
+    },
 }
 
 impl DbError {
@@ -89,21 +107,61 @@ impl DbError {
         }
     }
 
-    /// Whether the same attempt may succeed later (server unreachable, connection lost,
-    /// secret service hiccup); bad settings and refused credentials are not retryable.
-    pub fn is_retryable(&self) -> bool {
-        match self {
-            DbError::SecretUnavailable { retryable, .. } => *retryable,
-            DbError::Connect { source, .. } | DbError::Query { source, .. } => transient(source),
-            _ => false,
+    /// A failed COPY read on the server `target`: the server's error, or a cut-off stream.
+    pub fn copy(what: &'static str, target: &str, e: copy::CopyError) -> Self {
+        match e {
+            copy::CopyError::Db(source) => Self::query_at(what, target, source),
+            copy::CopyError::Cut => DbError::CopyCut {
+                what,
+                target: target.to_owned(),
+            },
+        }
+    }
+
+    /// A statement the server refused during a restore, in the server's words.
+    pub fn statement(what: impl Into<String>, cause: tokio_postgres::Error) -> Self {
+        DbError::Statement {
+            what: what.into(),
+            cause,
         }
     }
 }
 
-/// Whether a database error may pass if the work is tried again: the one classifier
-/// of PostgreSQL errors. Server errors by SQLSTATE class: 08 (connection), 53 (resources),
-/// 57P (shutdown, crash); otherwise network trouble (an I/O cause, a timeout, a closed
-/// connection). Bad SQL, a constraint, a refused certificate or password are not.
+/// Server unreachable, connection lost, a secret service hiccup: transient; bad settings,
+/// refused credentials, refused statements: fatal.
+impl Classified for DbError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            DbError::SecretUnavailable { kind, .. } => *kind,
+            DbError::Connect { source, .. } | DbError::Query { source, .. } => kind_of(source),
+            DbError::Statement { cause, .. } => kind_of(cause),
+            DbError::CopyCut { .. } => ErrorKind::Transient,
+            DbError::NotConfigured
+            | DbError::Ambiguous
+            | DbError::InvalidSettings(_)
+            | DbError::InvalidSecret { .. }
+            | DbError::CaFile { .. }
+            | DbError::Tls(_)
+            | DbError::UnsupportedServer { .. }
+            | DbError::Unexpected { .. } => ErrorKind::Fatal,
+        }
+    }
+}
+
+/// [`transient`] as a kind: a PostgreSQL error is transient or fatal.
+pub(crate) fn kind_of(error: &tokio_postgres::Error) -> ErrorKind {
+    if transient(error) {
+        ErrorKind::Transient
+    } else {
+        ErrorKind::Fatal
+    }
+}
+
+/// Whether a database error may pass if the work is tried again: the classifier of
+/// PostgreSQL errors, one of the two in Tidemark (the other is AWS's,
+/// [`crate::aws::error_kind`]). Server errors by SQLSTATE class: 08 (connection), 53
+/// (resources), 57P (shutdown, crash); otherwise network trouble (an I/O cause, or
+/// [`transient_text`]). Bad SQL, a constraint, a refused certificate or password are not.
 pub fn transient(error: &tokio_postgres::Error) -> bool {
     if let Some(db) = error.as_db_error() {
         let code = db.code().code();
@@ -116,8 +174,39 @@ pub fn transient(error: &tokio_postgres::Error) -> bool {
         }
         cause = c.source();
     }
-    let text = crate::error_chain(error);
-    text.contains("timeout") || text.contains("connection closed")
+    transient_text(&crate::error_chain(error))
+}
+
+/// Whether a database failure known only by its text (a client error without a cause,
+/// or what pg_dump printed) is network trouble: a timeout, a refused or closed connection.
+pub fn transient_text(text: &str) -> bool {
+    let text = text.to_lowercase();
+    [
+        "timeout",
+        "timed out",
+        "connection closed",
+        "server closed the connection",
+        "connection refused",
+    ]
+    .iter()
+    .any(|needle| text.contains(needle))
+}
+
+/// The server's message for a failed statement: message, detail and hint.
+pub fn server_message(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut text = format!("{}: {}", db.severity(), db.message());
+            if let Some(detail) = db.detail() {
+                text.push_str(&format!(" (DETAIL: {detail})"));
+            }
+            if let Some(hint) = db.hint() {
+                text.push_str(&format!(" (HINT: {hint})"));
+            }
+            text
+        }
+        None => crate::error_chain(e),
+    }
 }
 
 /// Where the database settings come from, as given on the command line or in the
@@ -170,20 +259,13 @@ pub async fn fetch_secret(
     client: &aws_sdk_secretsmanager::Client,
     secret_id: &str,
 ) -> Result<DbSettings, DbError> {
-    use aws_sdk_secretsmanager::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+    use aws_sdk_secretsmanager::error::{DisplayErrorContext, ProvideErrorMetadata};
     let out = client
         .get_secret_value()
         .secret_id(secret_id)
         .send()
         .await
         .map_err(|err| {
-            let retryable = matches!(
-                err,
-                SdkError::TimeoutError(_) | SdkError::DispatchFailure(_)
-            ) || matches!(
-                err.code(),
-                Some("InternalServiceError" | "ThrottlingException")
-            );
             let message = match err.code() {
                 Some("ResourceNotFoundException") => "no such secret".to_owned(),
                 Some("AccessDeniedException") => "access denied".to_owned(),
@@ -193,7 +275,7 @@ pub async fn fetch_secret(
             DbError::SecretUnavailable {
                 secret_id: secret_id.to_owned(),
                 message,
-                retryable,
+                kind: crate::aws::error_kind(&err),
             }
         })?;
     let json = out

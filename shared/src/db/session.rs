@@ -5,6 +5,7 @@ use std::ops::Deref;
 
 use tokio_postgres::Client;
 
+use super::copy::CopyError;
 use super::{DbError, DbSettings};
 
 /// A connection (its statements through [`Deref`] to [`Client`]) and the server it is on.
@@ -39,6 +40,21 @@ impl Session {
     /// Maps a failed statement to a [`DbError`] naming `what` was done, and where.
     pub fn failed(&self, what: &'static str) -> impl Fn(tokio_postgres::Error) -> DbError + '_ {
         move |source| DbError::query_at(what, &self.target, source)
+    }
+
+    /// Maps a failed COPY read to a [`DbError`] naming `what` was done, and where.
+    pub fn failed_copy(&self, what: &'static str) -> impl Fn(CopyError) -> DbError + '_ {
+        move |e| DbError::copy(what, &self.target, e)
+    }
+
+    /// An answer of the server that Tidemark cannot read (`reason` says why).
+    pub fn unexpected(&self, what: &'static str, answer: &str, reason: String) -> DbError {
+        DbError::Unexpected {
+            what,
+            target: self.target.clone(),
+            answer: answer.to_owned(),
+            reason,
+        }
     }
 }
 

@@ -33,11 +33,9 @@ pub(super) async fn plan_run(
         .await
         .map_err(client.failed("reading the snapshot"))?;
     let snapshot_text: String = row.get(0);
-    let snapshot: PgSnapshot = snapshot_text.parse().map_err(|reason| RunError::Table {
-        table: crate::format::TableName::new("pg_catalog", "pg_current_snapshot"),
-        detail: reason,
-        retryable: false,
-    })?;
+    let snapshot: PgSnapshot = snapshot_text
+        .parse()
+        .map_err(|reason| client.unexpected("reading the snapshot", &snapshot_text, reason))?;
     let tables = catalog::discover(client, &opts.selection).await?;
     let sequences = catalog::sequences(client, &opts.selection.schemas).await?;
 

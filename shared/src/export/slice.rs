@@ -10,7 +10,7 @@ use super::worker::{end_snapshot, worker};
 use crate::db::{DbSettings, Session};
 use crate::format::manifest::Manifest;
 use crate::format::progress::{RunProgress, SliceSnapshot};
-use crate::format::{read_doc, write_doc, PgSnapshot, TableName};
+use crate::format::{read_doc, write_doc, PgSnapshot};
 use crate::lease;
 use crate::repo::{chunk_prefix, manifest_key, progress_key};
 use crate::run::RunError;
@@ -385,11 +385,9 @@ pub(super) async fn record_slice_snapshot(
         .await
         .map_err(client.failed("reading the slice's snapshot"))?;
     let text: String = row.get(0);
-    let snapshot: PgSnapshot = text.parse().map_err(|reason| RunError::Table {
-        table: TableName::new("pg_catalog", "pg_current_snapshot"),
-        detail: reason,
-        retryable: false,
-    })?;
+    let snapshot: PgSnapshot = text
+        .parse()
+        .map_err(|reason| client.unexpected("reading the slice's snapshot", &text, reason))?;
     let slice = progress.slices;
     progress.slice_snapshots.retain(|s| s.slice != slice);
     progress.slice_snapshots.push(SliceSnapshot {

@@ -22,14 +22,7 @@ pub(super) fn copy_err<'a>(
     what: &'static str,
 ) -> impl Fn(CopyError) -> RunError + 'a {
     let name = table.name.clone();
-    move |e| match e {
-        CopyError::Db(e) => RunError::table(&name, client.failed(what)(e)),
-        CopyError::Cut => RunError::Table {
-            table: name.clone(),
-            detail: CopyError::Cut.to_string(),
-            retryable: true,
-        },
-    }
+    move |e| RunError::table(&name, client.failed_copy(what)(e))
 }
 
 pub(super) use crate::format::column_list;

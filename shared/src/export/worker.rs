@@ -6,6 +6,7 @@ use super::keyless::export_keyless;
 use super::range::export_range;
 use super::state::{Shared, Work};
 use crate::db::{DbSettings, Session};
+use crate::error::Classified;
 use crate::format::progress::{ExportScope, TableProgress};
 use crate::format::{quote_literal, Fingerprint};
 use crate::run::RunError;
@@ -30,7 +31,7 @@ pub(super) async fn worker(shared: Arc<Shared>, db: DbSettings) -> Result<(), Ru
         .await;
         end_snapshot(&client, &shared.run_id).await;
         let Err(err) = result else { continue };
-        if !(client.is_closed() && err.is_retryable()) || reconnects >= RECONNECTS {
+        if !(client.is_closed() && err.kind().is_transient()) || reconnects >= RECONNECTS {
             return Err(err);
         }
         // The connection died (backend terminated, server restarted, failover): redo
@@ -77,7 +78,7 @@ pub(super) async fn reconnect(db: &DbSettings, attempt: u32) -> Result<Session, 
         tokio::time::sleep(delay).await;
         match Session::connect(db).await {
             Ok(client) => return Ok(client),
-            Err(e) if e.is_retryable() && started.elapsed() < Duration::from_secs(60) => {
+            Err(e) if e.kind().is_transient() && started.elapsed() < Duration::from_secs(60) => {
                 tracing::warn!(error = %e, "the database is not reachable yet");
                 delay = (delay * 2).min(Duration::from_secs(10));
             }

@@ -32,6 +32,7 @@ use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::error::{Classified, ErrorKind};
 use crate::store::{ETag, PutReceipt, ReadStore, StoreError, WriteCondition, WriteStore};
 
 /// The newest document format this build writes and reads.
@@ -48,6 +49,16 @@ pub enum FormatError {
     Invalid { key: String, reason: String },
     #[error("{key} has format version {found}; this tidemark reads up to {FORMAT_VERSION} (upgrade tidemark)")]
     TooNew { key: String, found: u32 },
+}
+
+impl Classified for FormatError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            FormatError::Store(e) => e.kind(),
+            FormatError::Invalid { .. } => ErrorKind::Corrupt,
+            FormatError::TooNew { .. } => ErrorKind::Fatal,
+        }
+    }
 }
 
 #[derive(Deserialize)]

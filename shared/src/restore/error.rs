@@ -1,6 +1,7 @@
 //! What can go wrong in a restore, and which tables failed.
 
 use crate::db::{DbError, ServerVersion};
+use crate::error::{Classified, ErrorKind};
 use crate::format::{FormatError, TableName};
 use crate::schema::apply::ApplyError;
 use crate::schema::SchemaError;
@@ -55,11 +56,11 @@ pub enum RestoreError {
     ChunkCorrupt { key: String, detail: String },
     #[error("reading chunk {key} from the store failed: {detail}")]
     ChunkUnreadable { key: String, detail: String },
-    #[error("restoring {table}: {detail}")]
+    #[error("restoring {table}: {source}")]
     Table {
         table: TableName,
-        detail: String,
-        retryable: bool,
+        #[source]
+        source: Box<DbError>,
     },
     #[error("{cause}; the restore stopped with {loaded} of {tables} tables loaded and without the post-data schema (indexes, constraints, triggers): {state}")]
     Incomplete {
@@ -86,26 +87,45 @@ pub enum RestoreError {
     Format(#[from] FormatError),
 }
 
-impl RestoreError {
-    /// Whether trying again later may succeed.
-    pub fn is_retryable(&self) -> bool {
+impl Classified for RestoreError {
+    fn kind(&self) -> ErrorKind {
         match self {
-            RestoreError::Table { retryable, .. } => *retryable,
-            RestoreError::ChunkUnreadable { .. } => true,
-            RestoreError::Incomplete { cause, .. } => cause.is_retryable(),
-            RestoreError::Apply(e) => e.retryable,
-            RestoreError::Schema(e) => e.is_retryable(),
-            RestoreError::Db(e) => e.is_retryable(),
-            RestoreError::Store(e) => e.is_retryable(),
-            _ => false,
+            RestoreError::WorkerPanicked { .. } => ErrorKind::Bug,
+            RestoreError::ChunkUnreadable { .. } => ErrorKind::Transient,
+            RestoreError::ManifestModified { .. }
+            | RestoreError::ChunkMissing { .. }
+            | RestoreError::ChunkCorrupt { .. } => ErrorKind::Corrupt,
+            RestoreError::NoBackups
+            | RestoreError::UnknownBackup(_)
+            | RestoreError::UnknownTable { .. }
+            | RestoreError::NoSchemaDump { .. }
+            | RestoreError::NoGlobals { .. }
+            | RestoreError::TargetTableExists(_)
+            | RestoreError::TargetSchemaNotEmpty(_)
+            | RestoreError::MissingExtensions(_)
+            | RestoreError::TargetLargeObjectsExist { .. }
+            | RestoreError::TargetTableMissing(_)
+            | RestoreError::TargetNotEmpty(_)
+            | RestoreError::ForeignKeyCycle { .. }
+            | RestoreError::OlderTarget { .. }
+            | RestoreError::UnsupportedTarget { .. }
+            | RestoreError::TablesFailed { .. } => ErrorKind::Fatal,
+            RestoreError::Table { source, .. } => source.kind(),
+            RestoreError::Incomplete { cause, .. } => cause.kind(),
+            RestoreError::Apply(e) => e.kind(),
+            RestoreError::Schema(e) => e.kind(),
+            RestoreError::Db(e) => e.kind(),
+            RestoreError::Store(e) => e.kind(),
+            RestoreError::Format(e) => e.kind(),
         }
     }
+}
 
-    pub(super) fn table(table: &TableName, err: DbError) -> Self {
+impl RestoreError {
+    pub(crate) fn table(table: &TableName, source: DbError) -> Self {
         RestoreError::Table {
             table: table.clone(),
-            retryable: err.is_retryable(),
-            detail: err.to_string(),
+            source: Box::new(source),
         }
     }
 

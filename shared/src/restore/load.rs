@@ -24,7 +24,6 @@ use super::{RestoreError, RestoreMeter};
 use crate::db::{DbError, DbSettings};
 use crate::format::manifest::TableEntry;
 use crate::format::{column_list, quote_ident, ChunkRef, TableMode, TableName};
-use crate::schema::apply::server_message;
 use crate::store::{ReadStore, StoreError};
 
 /// An `AsyncRead` that hashes and counts what passes through, and remembers whether the
@@ -106,12 +105,8 @@ fn chunk_table_sql(entry: &TableEntry, if_not_exists: bool) -> String {
 }
 
 /// A database error while loading `table`: the server's own words.
-pub(super) fn load_error(table: &TableName, what: &str, e: &tokio_postgres::Error) -> RestoreError {
-    RestoreError::Table {
-        table: table.clone(),
-        detail: format!("{what}: {}", server_message(e)),
-        retryable: crate::db::transient(e),
-    }
+pub(super) fn load_error(table: &TableName, what: &str, e: tokio_postgres::Error) -> RestoreError {
+    RestoreError::table(table, DbError::statement(what, e))
 }
 
 /// Streams one chunk into `copy_sql` (a `COPY ... FROM STDIN`), checking its SHA-256.
@@ -144,7 +139,7 @@ pub(super) async fn copy_chunk(
     let sink = client
         .copy_in::<_, Bytes>(copy_sql)
         .await
-        .map_err(|e| load_error(table, &what, &e))?;
+        .map_err(|e| load_error(table, &what, e))?;
     pin_mut!(sink);
     let mut buf = BytesMut::with_capacity(256 * 1024);
     let stopped: Option<Stop> = loop {
@@ -187,18 +182,18 @@ pub(super) async fn copy_chunk(
     }
     match stopped {
         Some(Stop::Decompress(e)) => return Err(corrupt(format!("cannot decompress: {e}"))),
-        Some(Stop::Database(e)) => return Err(load_error(table, &what, &e)),
+        Some(Stop::Database(e)) => return Err(load_error(table, &what, e)),
         None => {}
     }
     if !buf.is_empty() {
         sink.send(buf.split().freeze())
             .await
-            .map_err(|e| load_error(table, &what, &e))?;
+            .map_err(|e| load_error(table, &what, e))?;
     }
     let rows = sink
         .finish()
         .await
-        .map_err(|e| load_error(table, &what, &e))?;
+        .map_err(|e| load_error(table, &what, e))?;
     meter.chunks_done.fetch_add(1, Ordering::Relaxed);
     meter.bytes.fetch_add(reader.bytes, Ordering::Relaxed);
     Ok(rows)
@@ -317,7 +312,7 @@ pub(super) async fn load_into(
             &[],
         )
         .await
-        .map_err(|e| load_error(&entry.name, "landing the rows", &e))?;
+        .map_err(|e| load_error(&entry.name, "landing the rows", e))?;
     Ok(landed)
 }
 
@@ -375,7 +370,7 @@ pub(super) async fn analyse_key_set(
     client
         .batch_execute(&format!("ANALYZE {live}"))
         .await
-        .map_err(|e| load_error(&entry.name, "analysing the key set", &e))
+        .map_err(|e| load_error(&entry.name, "analysing the key set", e))
 }
 
 /// Merges one chunk of a chain (called newest chunk first): copies it into
@@ -392,7 +387,7 @@ pub(super) async fn merge_chunk(
     meter: &RestoreMeter,
 ) -> Result<u64, RestoreError> {
     let fail =
-        |what: &'static str| move |e: tokio_postgres::Error| load_error(&entry.name, what, &e);
+        |what: &'static str| move |e: tokio_postgres::Error| load_error(&entry.name, what, e);
     let cols = column_list(&entry.columns);
     let keys = column_list(&entry.key);
     let seen = &tables.seen;
@@ -463,7 +458,7 @@ pub(super) async fn persistent_merge_tables(
     client
         .batch_execute(&setup)
         .await
-        .map_err(|e| load_error(&entry.name, "creating the merge tables", &e))?;
+        .map_err(|e| load_error(&entry.name, "creating the merge tables", e))?;
     Ok(tables)
 }
 
@@ -488,11 +483,11 @@ pub(super) async fn merge_step(
     client
         .batch_execute(&chunk_table_sql(entry, true))
         .await
-        .map_err(|e| load_error(&entry.name, "creating the chunk table", &e))?;
+        .map_err(|e| load_error(&entry.name, "creating the chunk table", e))?;
     let landed = merge_chunk(store, client, entry, &name, tables, chunk, meter).await?;
     client
         .batch_execute(&format!("ANALYZE {}", tables.seen))
         .await
-        .map_err(|e| load_error(&entry.name, "analysing the seen keys", &e))?;
+        .map_err(|e| load_error(&entry.name, "analysing the seen keys", e))?;
     Ok(landed)
 }

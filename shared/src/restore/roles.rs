@@ -2,7 +2,7 @@
 
 use super::error::RestoreError;
 use crate::db::{DbError, DbSettings};
-use crate::schema::apply::{self, ApplyError};
+use crate::schema::apply::ApplyError;
 use crate::schema::{self, Script};
 use std::collections::HashSet;
 use tokio_postgres::Client;
@@ -71,8 +71,7 @@ pub(super) async fn create_roles(
         RestoreError::Apply(ApplyError {
             section: "globals",
             object: format!("roles {}", created.join(", ")),
-            detail: apply::server_message(&e),
-            retryable: false,
+            cause: e,
         })
     })?;
     Ok(created)

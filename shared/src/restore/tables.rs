@@ -60,7 +60,7 @@ pub(super) async fn load_by_chunk(
             &[&name],
         )
         .await
-        .map_err(|e| load_error(&entry.name, "reading the chunk progress", &e))?
+        .map_err(|e| load_error(&entry.name, "reading the chunk progress", e))?
         .iter()
         .map(|r| r.get(0))
         .collect();
@@ -99,7 +99,7 @@ pub(super) async fn load_by_chunk(
             &[&name, &chunk.key],
         )
         .await
-        .map_err(|e| load_error(&entry.name, "recording the chunk", &e))?;
+        .map_err(|e| load_error(&entry.name, "recording the chunk", e))?;
         commit(tx, &entry.name).await?;
         *worked = true;
     }
@@ -260,7 +260,7 @@ impl Work {
             client
                 .batch_execute("SET CONSTRAINTS ALL DEFERRED")
                 .await
-                .map_err(|e| load_error(first, "deferring constraints", &e))?;
+                .map_err(|e| load_error(first, "deferring constraints", e))?;
         }
         let mut rows = 0;
         let mut guards = Vec::new();
@@ -283,7 +283,7 @@ impl Work {
         client
             .batch_execute("SET CONSTRAINTS ALL IMMEDIATE")
             .await
-            .map_err(|e| load_error(first, "checking the deferred constraints", &e))?;
+            .map_err(|e| load_error(first, "checking the deferred constraints", e))?;
         for (t, guard) in guards {
             guard
                 .restore(client, &self.target, &self.tables[t].name)
@@ -325,14 +325,14 @@ pub(super) async fn begin<'c>(
     client
         .transaction()
         .await
-        .map_err(|e| load_error(table, "starting the load", &e))
+        .map_err(|e| load_error(table, "starting the load", e))
 }
 
 /// Commits a load; a failed COMMIT is the load's error.
 pub(super) async fn commit(tx: Transaction<'_>, table: &TableName) -> Result<(), RestoreError> {
     tx.commit()
         .await
-        .map_err(|e| load_error(table, "committing the load", &e))
+        .map_err(|e| load_error(table, "committing the load", e))
 }
 
 /// Loads into existing tables as the data-only plan says.

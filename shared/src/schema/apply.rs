@@ -9,6 +9,7 @@ use std::collections::{HashMap, HashSet};
 use tokio_postgres::Client;
 
 use super::script::{Entry, Item, Script};
+use crate::error::{Classified, ErrorKind};
 use crate::format::TableName;
 
 /// How to apply a script.
@@ -58,12 +59,18 @@ pub enum Decision {
 
 /// A statement the target refused.
 #[derive(Debug, thiserror::Error)]
-#[error("restoring the schema ({section}): {object}: {detail}")]
+#[error("restoring the schema ({section}): {object}: {}", crate::db::server_message(.cause))]
 pub struct ApplyError {
     pub section: &'static str,
     pub object: String,
-    pub detail: String,
-    pub retryable: bool,
+    /// The server's error, kept for its SQLSTATE and kind; its text is the message.
+    pub cause: tokio_postgres::Error,
+}
+
+impl Classified for ApplyError {
+    fn kind(&self) -> ErrorKind {
+        crate::db::kind_of(&self.cause)
+    }
 }
 
 /// What applying did.
@@ -72,23 +79,6 @@ pub struct Applied {
     pub entries: usize,
     /// Entries left out or skipped after failing, with why.
     pub warnings: Vec<String>,
-}
-
-/// The server's message for a failed statement: message, detail and hint.
-pub fn server_message(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => {
-            let mut text = format!("{}: {}", db.severity(), db.message());
-            if let Some(detail) = db.detail() {
-                text.push_str(&format!(" (DETAIL: {detail})"));
-            }
-            if let Some(hint) = db.hint() {
-                text.push_str(&format!(" (HINT: {hint})"));
-            }
-            text
-        }
-        None => crate::error_chain(e),
-    }
 }
 
 /// Names of the settings the target knows (for leaving out newer ones, such as
@@ -118,16 +108,15 @@ pub async fn apply(
     known: &HashSet<String>,
     decide: &dyn Fn(&Entry) -> Decision,
 ) -> Result<Applied, ApplyError> {
-    let fail = |object: String, e: &tokio_postgres::Error| ApplyError {
+    let fail = |object: String, cause: tokio_postgres::Error| ApplyError {
         section,
         object,
-        detail: server_message(e),
-        retryable: crate::db::transient(e),
+        cause,
     };
     client
         .batch_execute("BEGIN")
         .await
-        .map_err(|e| fail("starting the transaction".into(), &e))?;
+        .map_err(|e| fail("starting the transaction".into(), e))?;
     let result = async {
         let mut applied = Applied::default();
         for item in &script.items {
@@ -145,7 +134,7 @@ pub async fn apply(
                     client
                         .batch_execute(&statement.text)
                         .await
-                        .map_err(|e| fail(statement.text.clone(), &e))?;
+                        .map_err(|e| fail(statement.text.clone(), e))?;
                 }
                 Item::Entry(entry) => {
                     let decision = if entry.is_privileges() && !opts.with_privileges {
@@ -155,19 +144,19 @@ pub async fn apply(
                     };
                     apply_entry(client, entry, decision, opts, &mut applied)
                         .await
-                        .map_err(|e| fail(entry.label(), &e))?;
+                        .map_err(|e| fail(entry.label(), e))?;
                 }
             }
         }
         let warnings = warning_queries(client, &opts.finish_queries)
             .await
-            .map_err(|e| fail("finishing".into(), &e))?;
+            .map_err(|e| fail("finishing".into(), e))?;
         applied.warnings.extend(warnings);
         if let Some(statement) = &opts.finish_with {
             client
                 .batch_execute(statement)
                 .await
-                .map_err(|e| fail("finishing".into(), &e))?;
+                .map_err(|e| fail("finishing".into(), e))?;
         }
         Ok(applied)
     }
@@ -177,7 +166,7 @@ pub async fn apply(
             client
                 .batch_execute("COMMIT")
                 .await
-                .map_err(|e| fail("committing".into(), &e))?;
+                .map_err(|e| fail("committing".into(), e))?;
             Ok(applied)
         }
         Err(e) => {
@@ -223,7 +212,7 @@ async fn apply_entry(
             let mut failed = None;
             for statement in statements {
                 if let Err(e) = client.batch_execute(&statement.text).await {
-                    failed = Some(server_message(&e));
+                    failed = Some(crate::db::server_message(&e));
                     break;
                 }
             }

@@ -23,6 +23,7 @@ pub mod tool;
 use std::path::PathBuf;
 
 use crate::db::DbError;
+use crate::error::{Classified, ErrorKind};
 use crate::format::manifest::StoredObject;
 use crate::store::{ReadStore, StoreError};
 
@@ -64,20 +65,21 @@ pub enum SchemaError {
     Db(#[from] DbError),
 }
 
-impl SchemaError {
-    /// Whether trying again later may succeed.
-    pub fn is_retryable(&self) -> bool {
+impl Classified for SchemaError {
+    fn kind(&self) -> ErrorKind {
         match self {
-            SchemaError::PgDumpFailed { detail, .. } => {
-                let d = detail.to_lowercase();
-                d.contains("server closed the connection")
-                    || d.contains("connection refused")
-                    || d.contains("timed out")
-                    || d.contains("timeout")
+            SchemaError::PgDumpFailed { detail, .. } if crate::db::transient_text(detail) => {
+                ErrorKind::Transient
             }
-            SchemaError::Store(e) => e.is_retryable(),
-            SchemaError::Db(e) => e.is_retryable(),
-            _ => false,
+            SchemaError::Script { .. }
+            | SchemaError::Corrupt { .. }
+            | SchemaError::Missing { .. } => ErrorKind::Corrupt,
+            SchemaError::PgDumpNotFound { .. }
+            | SchemaError::PgDumpTooOld { .. }
+            | SchemaError::ServerTooOld { .. }
+            | SchemaError::PgDumpFailed { .. } => ErrorKind::Fatal,
+            SchemaError::Store(e) => e.kind(),
+            SchemaError::Db(e) => e.kind(),
         }
     }
 }

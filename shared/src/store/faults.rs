@@ -154,6 +154,7 @@ impl WriteStore for FaultyStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Classified;
     use crate::store::LocalStore;
 
     async fn store(at: u64, fault: Fault) -> (tempfile::TempDir, FaultyStore) {

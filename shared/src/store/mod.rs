@@ -32,6 +32,8 @@ use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
+use crate::error::{Classified, ErrorKind};
+
 pub use self::counting::CountingStore;
 pub use self::faults::{Fault, FaultyStore};
 pub use self::local::{readable_by_others, LocalStore};
@@ -153,24 +155,37 @@ pub enum StoreError {
         operation: &'static str,
         location: String,
         message: String,
-        retryable: bool,
+        /// Decided from S3's answer where it was received.
+        kind: ErrorKind,
         #[source]
         source: Option<Box<dyn std::error::Error + Send + Sync>>,
     },
 }
 
-impl StoreError {
-    /// Whether trying the same operation again later may succeed (throttling, timeouts,
-    /// transient server errors). Precondition failures are not retryable: the caller must
-    /// re-read and decide again.
-    pub fn is_retryable(&self) -> bool {
+/// The store's classifier, one of the two in Tidemark (the other is the database's):
+/// throttling, timeouts and server trouble are transient (S3's answers are classified
+/// where they are received, see `s3/error.rs`); a failed precondition is a conflict the
+/// caller resolves by reading again; a changed byte or a missing object is corruption.
+impl Classified for StoreError {
+    fn kind(&self) -> ErrorKind {
         match self {
-            StoreError::S3 { retryable, .. } => *retryable,
-            StoreError::Io { source, .. } => matches!(
-                source.kind(),
-                std::io::ErrorKind::Interrupted | std::io::ErrorKind::TimedOut
-            ),
-            _ => false,
+            StoreError::S3 { kind, .. } => *kind,
+            StoreError::Io { source, .. } => match source.kind() {
+                std::io::ErrorKind::Interrupted | std::io::ErrorKind::TimedOut => {
+                    ErrorKind::Transient
+                }
+                _ => ErrorKind::Fatal,
+            },
+            StoreError::PreconditionFailed { .. } => ErrorKind::Conflict,
+            StoreError::NotFound { .. }
+            | StoreError::ChecksumMismatch { .. }
+            | StoreError::SizeMismatch { .. } => ErrorKind::Corrupt,
+            StoreError::InvalidUrl { .. }
+            | StoreError::InvalidKey { .. }
+            | StoreError::NotADirectory { .. }
+            | StoreError::NoSuchBucket { .. }
+            | StoreError::AccessDenied { .. }
+            | StoreError::UploadGone { .. } => ErrorKind::Fatal,
         }
     }
 }
@@ -183,13 +198,13 @@ impl StoreError {
                 operation,
                 location,
                 message,
-                retryable,
+                kind,
                 source,
             } => StoreError::S3 {
                 operation,
                 location,
                 message: format!("{message} ({note})"),
-                retryable,
+                kind,
                 source,
             },
             other => other,

@@ -4,13 +4,16 @@
 //! what outlasts them — a throttling burst, a store that is unreachable for a minute, a
 //! connection reset while a body streams — by trying the whole operation again, for up to
 //! [`RetryPolicy::budget`] in all. Only errors that can pass are retried
-//! ([`StoreError::is_retryable`]); a refused request (403, a failed precondition, a
+//! ([`ErrorKind::Transient`](crate::error::ErrorKind::Transient)); a refused request (403, a failed precondition, a
 //! checksum mismatch) fails at once.
 
 use std::future::Future;
 use std::time::{Duration, Instant};
 
 use super::StoreError;
+use crate::error::Classified;
+#[cfg(test)]
+use crate::error::ErrorKind;
 
 /// The environment variable that sets [`RetryPolicy::budget`] in seconds.
 pub const RETRY_ENV: &str = "TIDEMARK_STORE_RETRY_SECS";
@@ -98,7 +101,7 @@ impl Attempts {
         err: &StoreError,
     ) -> Option<Duration> {
         self.made += 1;
-        if !err.is_retryable() {
+        if !err.kind().is_transient() {
             return None;
         }
         let delay = policy.delay(self.made);
@@ -108,7 +111,7 @@ impl Attempts {
     /// The error of the last attempt; for an error that could have passed, saying how
     /// long it was tried and what sets that.
     pub(crate) fn give_up(&self, err: StoreError) -> StoreError {
-        if !err.is_retryable() {
+        if !err.kind().is_transient() {
             return err;
         }
         err.with_note(&format!(
@@ -178,7 +181,7 @@ mod tests {
             operation: "GetObject",
             location: "s3://b/k".into(),
             message: "SlowDown (HTTP 503)".into(),
-            retryable: true,
+            kind: ErrorKind::Transient,
             source: None,
         }
     }

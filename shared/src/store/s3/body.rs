@@ -7,6 +7,7 @@ use std::task::{Context, Poll};
 use aws_sdk_s3::primitives::ByteStream;
 use tokio::io::{AsyncRead, ReadBuf};
 
+use crate::error::ErrorKind;
 use crate::store::retry::{with_retry, Attempts};
 use crate::store::StoreError;
 
@@ -74,7 +75,7 @@ impl ResumingBody {
                 "the body broke off at byte {} of {}: {cause}",
                 self.offset, self.size
             ),
-            retryable: true,
+            kind: ErrorKind::Transient,
             source: None,
         };
         let Some(delay) = self.attempts.next_delay(&self.store.options.retry, &err) else {

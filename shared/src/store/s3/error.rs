@@ -42,44 +42,33 @@ impl S3Store {
                 location,
                 operation,
             },
-            _ => {
-                let (message, retryable) = describe(&err, code.as_deref(), status);
-                StoreError::S3 {
-                    operation,
-                    location,
-                    message,
-                    retryable,
-                    source: None,
-                }
-            }
+            _ => StoreError::S3 {
+                operation,
+                location,
+                message: describe(&err, code.as_deref(), status),
+                kind: crate::aws::error_kind(&err),
+                source: None,
+            },
         }
     }
 }
 
 /// An error S3 did not classify as one of [`StoreError`]'s own kinds: its one-line
-/// description and whether trying again may help.
-fn describe<E>(
-    err: &SdkError<E, HttpResponse>,
-    code: Option<&str>,
-    status: Option<u16>,
-) -> (String, bool)
+/// description (its kind is [`crate::aws::error_kind`]'s).
+fn describe<E>(err: &SdkError<E, HttpResponse>, code: Option<&str>, status: Option<u16>) -> String
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
     match err {
-        SdkError::TimeoutError(_) => ("timed out".to_owned(), true),
-        SdkError::DispatchFailure(e) => (
-            format!(
-                "could not reach the store: {}",
-                e.as_connector_error()
-                    .map_or_else(|| crate::error_chain(err), |c| crate::error_chain(c))
-            ),
-            !e.is_user(),
+        SdkError::TimeoutError(_) => "timed out".to_owned(),
+        SdkError::DispatchFailure(e) => format!(
+            "could not reach the store: {}",
+            e.as_connector_error()
+                .map_or_else(|| crate::error_chain(err), |c| crate::error_chain(c))
         ),
-        SdkError::ResponseError(_) => (
-            format!("the response was cut off: {}", crate::error_chain(err)),
-            true,
-        ),
+        SdkError::ResponseError(_) => {
+            format!("the response was cut off: {}", crate::error_chain(err))
+        }
         SdkError::ServiceError(_) => {
             let mut text = code.unwrap_or("error").to_owned();
             if let Some(status) = status {
@@ -89,21 +78,8 @@ where
                 text.push_str(": ");
                 text.push_str(m);
             }
-            let retryable = status.is_some_and(|s| s >= 500 || s == 429)
-                || matches!(
-                    code,
-                    Some(
-                        "SlowDown"
-                            | "Throttling"
-                            | "ThrottlingException"
-                            | "RequestTimeout"
-                            | "RequestTimeTooSkewed"
-                            | "InternalError"
-                            | "ServiceUnavailable"
-                    )
-                );
-            (text, retryable)
+            text
         }
-        _ => (crate::error_chain(err), false),
+        _ => crate::error_chain(err),
     }
 }

@@ -25,6 +25,7 @@ use super::{
     validate_key, validate_prefix, ETag, ListedObject, ObjectMeta, ObjectStream, PendingUpload,
     PutReceipt, ReadStore, StoreError, StoredObject, WriteCondition, WriteStore, DELETE_BATCH,
 };
+use crate::error::ErrorKind;
 use body::{BodyState, ResumingBody};
 
 /// Tuning of the S3 adapter.
@@ -173,8 +174,8 @@ impl ReadStore for S3Store {
                     operation: "GetObject",
                     location: self.url_of(key),
                     message: format!("reading the body failed: {}", crate::error_chain(&e)),
-                    retryable: true,
-                    source: None,
+                    kind: ErrorKind::Transient,
+                    source: Some(Box::new(e)),
                 })?
                 .into_bytes();
             if bytes.len() as u64 != size {
@@ -182,7 +183,7 @@ impl ReadStore for S3Store {
                     operation: "GetObject",
                     location: self.url_of(key),
                     message: format!("the body ended after {} of {size} bytes", bytes.len()),
-                    retryable: true,
+                    kind: ErrorKind::Transient,
                     source: None,
                 });
             }
@@ -333,7 +334,7 @@ impl WriteStore for S3Store {
                         operation: "DeleteObjects",
                         location: self.url_of(key),
                         message: e.to_string(),
-                        retryable: false,
+                        kind: ErrorKind::Fatal,
                         source: Some(Box::new(e)),
                     }
                 })?);
@@ -346,7 +347,7 @@ impl WriteStore for S3Store {
                     operation: "DeleteObjects",
                     location: self.url_of(first_key),
                     message: e.to_string(),
-                    retryable: false,
+                    kind: ErrorKind::Fatal,
                     source: Some(Box::new(e)),
                 })?;
             let attempt = || async {
@@ -372,10 +373,7 @@ impl WriteStore for S3Store {
                             failed.code().unwrap_or("error"),
                             failed.message().unwrap_or_default()
                         ),
-                        retryable: matches!(
-                            failed.code(),
-                            Some("SlowDown" | "InternalError" | "ServiceUnavailable")
-                        ),
+                        kind: crate::aws::code_kind(failed.code()),
                         source: None,
                     });
                 }

@@ -13,6 +13,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncRead;
 use tokio::task::JoinSet;
 
+use crate::error::ErrorKind;
 use crate::store::retry::{with_retry, with_retry_counting};
 use crate::store::{
     fill_part, ETag, PendingUpload, PutReceipt, ReadStore, StoreError, WriteCondition, WriteStore,
@@ -172,7 +173,7 @@ impl S3Store {
                 operation: "CreateMultipartUpload",
                 location: self.url_of(key),
                 message: "response has no upload id".into(),
-                retryable: false,
+                kind: ErrorKind::Fatal,
                 source: None,
             });
         };
@@ -365,14 +366,18 @@ fn join_part(
             operation: "UploadPart",
             location: store.url_of(key),
             message: format!("upload task failed: {e}"),
-            retryable: true,
-            source: None,
+            kind: if e.is_panic() {
+                ErrorKind::Bug
+            } else {
+                ErrorKind::Transient
+            },
+            source: Some(Box::new(e)),
         }),
         None => Err(StoreError::S3 {
             operation: "UploadPart",
             location: store.url_of(key),
             message: "no part in flight".into(),
-            retryable: false,
+            kind: ErrorKind::Fatal,
             source: None,
         }),
     }
