@@ -6,70 +6,12 @@ use clap::Args;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
-use tidemark_core::catalog::TableSelection;
-use tidemark_core::config::{parse_size, parse_table_mode, parse_workers, DEFAULT_WORKERS};
 use tidemark_core::db::DbSettings;
 use tidemark_core::error::Classified;
-use tidemark_core::export::{self, ExportMeter, ExportOptions};
-use tidemark_core::format::TableMode;
+use tidemark_core::export::{self, ExportMeter, ExportOptions, ExportSettings};
 use tidemark_core::manifest::SealReport;
 use tidemark_core::store::DynStore;
 use tidemark_core::{error_chain, manifest};
-
-/// Which tables, and how.
-#[derive(Args, Debug, Clone)]
-pub struct SelectionArgs {
-    /// Schemas whose tables are backed up (comma-separated).
-    #[arg(
-        long,
-        env = "TIDEMARK_SCHEMAS",
-        value_delimiter = ',',
-        default_value = "public"
-    )]
-    schemas: Vec<String>,
-    /// Only these tables (a,b,sch.c; "Quoted"."Names" keep their case).
-    #[arg(long, env = "TIDEMARK_TABLES", value_delimiter = ',')]
-    tables: Vec<String>,
-    /// Override a table's mode: NAME=changes|append|snapshot (repeatable or comma-separated).
-    #[arg(long = "table-mode", env = "TIDEMARK_TABLE_MODES", value_delimiter = ',', value_name = "NAME=MODE", value_parser = parse_table_mode)]
-    table_modes: Vec<(String, TableMode)>,
-    /// Most rows in one chunk.
-    #[arg(long, env = "TIDEMARK_CHUNK_ROWS", default_value_t = 1_000_000)]
-    chunk_rows: u64,
-    /// Target size of one chunk before compression (e.g. 64MiB).
-    #[arg(long, env = "TIDEMARK_CHUNK_BYTES", default_value = "64MiB", value_parser = parse_size)]
-    chunk_bytes: u64,
-    /// Database connections exporting at once.
-    #[arg(long, env = "TIDEMARK_WORKERS", default_value_t = DEFAULT_WORKERS, value_parser = parse_workers)]
-    workers: usize,
-    /// Seconds an `append` table's empty key ranges are probed again for late commits.
-    #[arg(
-        long = "gap-ttl",
-        env = "TIDEMARK_GAP_TTL_SECS",
-        default_value_t = 3600,
-        value_name = "SECONDS"
-    )]
-    gap_ttl_secs: u64,
-    /// Fingerprint `append` tables whole in this backup (a deep check: updates to their rows,
-    /// which append mode does not export, then fail verification).
-    #[arg(long)]
-    deep: bool,
-    /// A deep check every N backups of a chain (0: never, unless --deep).
-    #[arg(
-        long,
-        env = "TIDEMARK_DEEP_EVERY",
-        default_value_t = 0,
-        value_name = "N"
-    )]
-    deep_every: u32,
-    /// Consistency-pass rounds a run spanning slices tries before it is sealed as not one
-    /// point in time.
-    #[arg(long, env = "TIDEMARK_PASS_ROUNDS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
-    pass_rounds: u32,
-    /// zstd level (1 fastest .. 19 smallest); 1 keeps pace with COPY on small machines.
-    #[arg(long, env = "TIDEMARK_ZSTD_LEVEL", default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..=19))]
-    zstd_level: i32,
-}
 
 #[derive(Args, Debug)]
 pub struct BackupArgs {
@@ -77,25 +19,13 @@ pub struct BackupArgs {
     #[arg(long)]
     full: bool,
     #[command(flatten)]
-    selection: SelectionArgs,
+    settings: ExportSettings,
 }
 
-pub(super) fn options(global: &GlobalArgs, sel: &SelectionArgs) -> ExportOptions {
+pub(super) fn options(global: &GlobalArgs, settings: &ExportSettings) -> ExportOptions {
     ExportOptions {
         pg_dump: global.pg_dump.clone(),
-        selection: TableSelection {
-            schemas: sel.schemas.clone(),
-            tables: sel.tables.clone(),
-            modes: sel.table_modes.clone(),
-        },
-        chunk_rows: sel.chunk_rows,
-        chunk_bytes: sel.chunk_bytes,
-        zstd_level: sel.zstd_level,
-        max_pass_rounds: sel.pass_rounds,
-        gap_ttl: Duration::from_secs(sel.gap_ttl_secs),
-        deep: sel.deep,
-        deep_every: sel.deep_every,
-        workers: sel.workers,
+        settings: settings.clone(),
         ..ExportOptions::default()
     }
 }
@@ -108,7 +38,7 @@ pub async fn backup(global: &GlobalArgs, args: &BackupArgs) -> Result<(), String
     let store = global.open_store().await?;
     let db = global.resolve_database().await?;
     let meter = Arc::new(ExportMeter::default());
-    let mut opts = options(global, &args.selection);
+    let mut opts = options(global, &args.settings);
     opts.full = args.full;
     opts.meter = Some(meter.clone());
     let bar = spinner(move || {

@@ -1,6 +1,6 @@
 //! `tidemark export`: one time-boxed slice of a backup run (what the export Lambda does).
 
-use crate::backup::{options, SelectionArgs};
+use crate::backup::options;
 use crate::output::json;
 use crate::GlobalArgs;
 use clap::Args;
@@ -20,13 +20,13 @@ pub struct ExportArgs {
     #[arg(long, value_name = "SECONDS")]
     max_seconds: Option<u64>,
     #[command(flatten)]
-    selection: SelectionArgs,
+    settings: export::ExportSettings,
 }
 
 pub async fn export(global: &GlobalArgs, args: &ExportArgs) -> Result<(), String> {
     let store = global.open_store().await?;
     let db = global.resolve_database().await?;
-    let mut opts = options(global, &args.selection);
+    let mut opts = options(global, &args.settings);
     opts.run_id = args.run_id.clone();
     opts.full = args.full;
     opts.deadline = args

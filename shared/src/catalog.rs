@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::config::{parse_name, parse_table_mode};
 use crate::db::{DbError, Session};
 use crate::error::{Classified, ErrorKind};
 use crate::format::checkpoint::{ColumnIdentity, PartitionIdentity, TableIdentity};
@@ -14,15 +15,24 @@ use crate::format::manifest::{
 };
 use crate::format::{TableMode, TableName};
 
-/// Which tables to back up, and mode overrides.
-#[derive(Debug, Clone, Default)]
+/// Which tables to back up, and mode overrides: settings of export (flattened into
+/// [`crate::export::ExportSettings`]).
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct TableSelection {
-    /// Schemas whose tables are all included (default `public`).
+    /// Schemas whose tables are backed up (comma-separated).
+    #[arg(
+        long,
+        env = "TIDEMARK_SCHEMAS",
+        value_delimiter = ',',
+        default_value = "public",
+        value_parser = parse_name
+    )]
     pub schemas: Vec<String>,
-    /// An explicit list (`a`, `sch.b`, `"Mixed Case"."T"`); empty means all tables of
-    /// `schemas`.
+    /// Only these tables (a,b,sch.c; "Quoted"."Names" keep their case).
+    #[arg(long, env = "TIDEMARK_TABLES", value_delimiter = ',', value_parser = parse_name)]
     pub tables: Vec<String>,
-    /// `name=mode` overrides.
+    /// Override a table's mode: NAME=changes|append|snapshot (repeatable or comma-separated).
+    #[arg(long = "table-mode", env = "TIDEMARK_TABLE_MODES", value_delimiter = ',', value_name = "NAME=MODE", value_parser = parse_table_mode)]
     pub modes: Vec<(String, TableMode)>,
 }
 

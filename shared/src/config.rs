@@ -1,11 +1,17 @@
 //! Settings shared by the CLI flags and the Lambda environment: the same names, parsed
 //! the same way (`TIDEMARK_SCHEMAS`, `TIDEMARK_TABLE_MODES`, `TIDEMARK_CHUNK_BYTES`, ...).
+//!
+//! An operation's settings are declared once, as a clap struct beside the operation
+//! ([`crate::export::ExportSettings`], [`crate::prune::PruneSettings`]): flag, variable
+//! and default on each field. The CLI flattens the struct; the functions read the same
+//! struct with [`from_env`], whose errors name the variable. The value parsers here are
+//! the ones both use.
 
 use std::time::Duration;
 
-use crate::catalog::TableSelection;
-use crate::export::ExportOptions;
+use crate::export::{ExportOptions, ExportSettings};
 use crate::format::TableMode;
+use crate::prune::PruneSettings;
 
 /// `123`, `64KiB`, `64MiB`, `1GiB` (also KB/MB/GB as powers of 1000).
 ///
@@ -52,16 +58,85 @@ pub fn parse_table_mode(s: &str) -> Result<(String, TableMode), String> {
     Ok((name.trim().to_owned(), mode.trim().parse()?))
 }
 
-fn list(value: Option<String>) -> Vec<String> {
-    value
-        .map(|v| {
-            v.split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(str::to_owned)
-                .collect()
-        })
-        .unwrap_or_default()
+/// A name in a comma-separated list (`public, sales`): without the spaces around it.
+///
+/// # Errors
+/// An empty name (a stray comma).
+pub fn parse_name(s: &str) -> Result<String, String> {
+    let name = s.trim();
+    if name.is_empty() {
+        return Err("an empty name (a stray comma?)".to_owned());
+    }
+    Ok(name.to_owned())
+}
+
+/// A whole number of seconds (`3600`).
+///
+/// # Errors
+/// A message naming the bad value.
+pub fn parse_seconds(s: &str) -> Result<Duration, String> {
+    s.trim()
+        .parse()
+        .map(Duration::from_secs)
+        .map_err(|_| format!("not a whole number of seconds: {s:?}"))
+}
+
+/// A settings struct read from environment variables, as the Lambda functions get them:
+/// the same struct, flags, variables and defaults as the CLI's (each field's `env`).
+/// `env` looks a variable up, so tests need not touch the process environment; a blank
+/// variable is an unset one.
+///
+/// # Errors
+/// One line naming the variable and its bad value.
+pub fn from_env<T: clap::Args + clap::FromArgMatches>(
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<T, String> {
+    let mut argv = Vec::new();
+    let mut variables = Vec::new();
+    for arg in T::augment_args(clap::Command::new("settings")).get_arguments() {
+        let (Some(var), Some(long)) = (arg.get_env().and_then(|v| v.to_str()), arg.get_long())
+        else {
+            continue;
+        };
+        if let Some(value) = env(var).filter(|v| !v.trim().is_empty()) {
+            argv.push(format!("--{long}={}", value.trim()));
+            variables.push((format!("--{long}"), var.to_owned(), value));
+        }
+    }
+    let matches = settings_command::<T>()
+        .try_get_matches_from(argv)
+        .map_err(|e| {
+            // Name the variable the value came from, not the flag clap knows it by.
+            let flag = match e.get(clap::error::ContextKind::InvalidArg) {
+                Some(clap::error::ContextValue::String(arg)) => arg.split(' ').next(),
+                _ => None,
+            };
+            let reason = std::error::Error::source(&e)
+                .map_or_else(|| e.kind().to_string(), ToString::to_string);
+            match variables.iter().find(|(f, ..)| Some(f.as_str()) == flag) {
+                Some((_, var, value)) => format!("{var}: invalid value {value:?}: {reason}"),
+                None => e.to_string(),
+            }
+        })?;
+    T::from_arg_matches(&matches).map_err(|e| e.to_string())
+}
+
+/// The defaults a settings struct declares (what [`from_env`] gives with nothing set).
+///
+/// # Panics
+/// When a declared default does not parse: a bug in the declaration, caught by tests.
+pub fn defaults<T: clap::Args + clap::FromArgMatches>() -> T {
+    settings_command::<T>()
+        .try_get_matches_from(Vec::<String>::new())
+        .and_then(|m| T::from_arg_matches(&m))
+        .unwrap_or_else(|e| panic!("the declared defaults of a settings struct parse: {e}"))
+}
+
+/// `T`'s flags with their variables' names, which [`from_env`] looks up itself rather
+/// than clap reading the process environment.
+fn settings_command<T: clap::Args>() -> clap::Command {
+    T::augment_args(clap::Command::new("settings").no_binary_name(true))
+        .mut_args(|arg| arg.env(None))
 }
 
 /// `TIDEMARK_PG_DUMP`: the pg_dump to use (the Lambda layer's); `None`: pg_dump on PATH.
@@ -79,53 +154,11 @@ pub fn pg_dump_from_env(env: &dyn Fn(&str) -> Option<String>) -> Option<std::pat
 pub fn export_options_from_env(
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<ExportOptions, String> {
-    let mut opts = ExportOptions::default();
-    let schemas = list(env("TIDEMARK_SCHEMAS"));
-    opts.selection = TableSelection {
-        schemas: if schemas.is_empty() {
-            vec!["public".to_owned()]
-        } else {
-            schemas
-        },
-        tables: list(env("TIDEMARK_TABLES")),
-        modes: list(env("TIDEMARK_TABLE_MODES"))
-            .iter()
-            .map(|m| parse_table_mode(m).map_err(|e| format!("TIDEMARK_TABLE_MODES: {e}")))
-            .collect::<Result<_, _>>()?,
-    };
-    let number = |name: &str| -> Result<Option<u64>, String> {
-        env(name)
-            .filter(|v| !v.trim().is_empty())
-            .map(|v| {
-                v.trim()
-                    .parse::<u64>()
-                    .map_err(|_| format!("{name}: not a whole number: {v:?}"))
-            })
-            .transpose()
-    };
-    if let Some(rows) = number("TIDEMARK_CHUNK_ROWS")? {
-        opts.chunk_rows = rows.max(1);
-    }
-    if let Some(bytes) = env("TIDEMARK_CHUNK_BYTES").filter(|v| !v.trim().is_empty()) {
-        opts.chunk_bytes = parse_size(&bytes).map_err(|e| format!("TIDEMARK_CHUNK_BYTES: {e}"))?;
-    }
-    if let Some(workers) = setting(env, "TIDEMARK_WORKERS", parse_workers)? {
-        opts.workers = workers;
-    }
-    if let Some(level) = number("TIDEMARK_ZSTD_LEVEL")? {
-        opts.zstd_level = level.clamp(1, 19) as i32;
-    }
-    if let Some(ttl) = number("TIDEMARK_GAP_TTL_SECS")? {
-        opts.gap_ttl = Duration::from_secs(ttl);
-    }
-    if let Some(every) = number("TIDEMARK_DEEP_EVERY")? {
-        opts.deep_every = every.min(u64::from(u32::MAX)) as u32;
-    }
-    if let Some(rounds) = number("TIDEMARK_PASS_ROUNDS")? {
-        opts.max_pass_rounds = rounds.clamp(1, 100) as u32;
-    }
-    opts.pg_dump = pg_dump_from_env(env);
-    Ok(opts)
+    Ok(ExportOptions {
+        settings: from_env::<ExportSettings>(env)?,
+        pg_dump: pg_dump_from_env(env),
+        ..ExportOptions::default()
+    })
 }
 
 #[cfg(test)]
@@ -170,9 +203,32 @@ mod tests {
             _ => None,
         };
         let opts = export_options_from_env(&env).expect("parses");
-        assert_eq!(opts.selection.schemas, ["public", "sales"]);
-        assert_eq!(opts.selection.modes.len(), 2);
-        assert_eq!((opts.chunk_bytes, opts.workers), (8 << 20, 4));
+        assert_eq!(opts.settings.selection.schemas, ["public", "sales"]);
+        assert_eq!(opts.settings.selection.modes.len(), 2);
+        assert_eq!(
+            (opts.settings.chunk_bytes, opts.settings.workers),
+            (8 << 20, 4)
+        );
+
+        let defaults = export_options_from_env(&|_| None).expect("defaults");
+        assert_eq!(defaults.settings.selection.schemas, ["public"]);
+        assert_eq!(
+            (defaults.settings.chunk_bytes, defaults.settings.gap_ttl),
+            (64 << 20, Duration::from_secs(3600))
+        );
+
+        for (var, value) in [
+            ("TIDEMARK_ZSTD_LEVEL", "40"),
+            ("TIDEMARK_TABLES", "a,,b"),
+            ("TIDEMARK_CHUNK_ROWS", "0"),
+        ] {
+            let bad = |name: &str| (name == var).then(|| value.to_owned());
+            let err = export_options_from_env(&bad).expect_err(var);
+            assert!(
+                err.starts_with(var) && err.contains(value),
+                "{var}={value}: {err}"
+            );
+        }
 
         let bad = |name: &str| (name == "TIDEMARK_WORKERS").then(|| "many".to_owned());
         let err = export_options_from_env(&bad).expect_err("bad number");
@@ -183,44 +239,23 @@ mod tests {
     }
 }
 
-/// `TIDEMARK_PRUNE_GRACE` (e.g. `24h`): how long leftovers of dead runs stay; `None`
-/// when unset.
+/// `TIDEMARK_PRUNE_GRACE` (e.g. `24h`): how long leftovers of dead runs stay, read
+/// with the other [`PruneSettings`].
 ///
 /// # Errors
 /// A message naming the variable and its bad value.
-pub fn prune_grace_from_env(
-    env: &dyn Fn(&str) -> Option<String>,
-) -> Result<Option<Duration>, String> {
-    env("TIDEMARK_PRUNE_GRACE")
-        .filter(|v| !v.trim().is_empty())
-        .map(|v| parse_duration(&v).map_err(|e| format!("TIDEMARK_PRUNE_GRACE: {e}")))
-        .transpose()
+pub fn prune_grace_from_env(env: &dyn Fn(&str) -> Option<String>) -> Result<Duration, String> {
+    Ok(from_env::<PruneSettings>(env)?.grace)
 }
 
-/// The retention policy from `TIDEMARK_KEEP_LAST`, `_HOURLY`, `_DAILY`, `_WEEKLY`,
-/// `_MONTHLY`, `_YEARLY`, `TIDEMARK_KEEP_WITHIN` (e.g. `30d`), `TIDEMARK_MAX_TOTAL_SIZE`
-/// (e.g. `500GiB`) and `TIDEMARK_TIMEZONE` (e.g. `Europe/Paris`). With no `KEEP` rule
-/// at all, the documented default (daily 7, weekly 4, monthly 12).
+/// The retention policy of the [`PruneSettings`] in the environment.
 ///
 /// # Errors
 /// A message naming the variable and its bad value.
 pub fn retention_policy_from_env(
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<crate::retention::RetentionPolicy, String> {
-    let count = |name: &str| setting(env, name, parse_count);
-    let mut policy = crate::retention::RetentionPolicy::empty();
-    policy.keep_last = count("TIDEMARK_KEEP_LAST")?;
-    policy.keep_hourly = count("TIDEMARK_KEEP_HOURLY")?;
-    policy.keep_daily = count("TIDEMARK_KEEP_DAILY")?;
-    policy.keep_weekly = count("TIDEMARK_KEEP_WEEKLY")?;
-    policy.keep_monthly = count("TIDEMARK_KEEP_MONTHLY")?;
-    policy.keep_yearly = count("TIDEMARK_KEEP_YEARLY")?;
-    policy.keep_within = setting(env, "TIDEMARK_KEEP_WITHIN", parse_keep_within)?;
-    policy.max_total_size = setting(env, "TIDEMARK_MAX_TOTAL_SIZE", parse_size)?;
-    if let Some(zone) = setting(env, "TIDEMARK_TIMEZONE", parse_timezone)? {
-        policy.timezone = zone;
-    }
-    Ok(policy.or_default_rules())
+    Ok(from_env::<PruneSettings>(env)?.policy())
 }
 
 /// The variable `name` parsed (see [`named`]).

@@ -8,8 +8,10 @@
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::config::{parse_keep_within, parse_size, parse_timezone};
 use crate::error::{Classified, ErrorKind};
 use crate::failure::Failure;
+use crate::prune::PruneSettings;
 
 /// A payload that is not what the function accepts.
 #[derive(Debug, thiserror::Error)]
@@ -207,21 +209,44 @@ pub struct PruneEvent {
 }
 
 impl PruneEvent {
-    /// The event's value for a `TIDEMARK_*` policy variable, if it sets one.
-    pub fn setting(&self, variable: &str) -> Option<String> {
-        let count = |v: Option<u32>| v.map(|n| n.to_string());
-        match variable {
-            "TIDEMARK_KEEP_LAST" => count(self.keep_last),
-            "TIDEMARK_KEEP_HOURLY" => count(self.keep_hourly),
-            "TIDEMARK_KEEP_DAILY" => count(self.keep_daily),
-            "TIDEMARK_KEEP_WEEKLY" => count(self.keep_weekly),
-            "TIDEMARK_KEEP_MONTHLY" => count(self.keep_monthly),
-            "TIDEMARK_KEEP_YEARLY" => count(self.keep_yearly),
-            "TIDEMARK_KEEP_WITHIN" => self.keep_within.clone(),
-            "TIDEMARK_MAX_TOTAL_SIZE" => self.max_total_size.clone(),
-            "TIDEMARK_TIMEZONE" => self.timezone.clone(),
-            _ => None,
+    /// `settings` (from the environment) with the policy fields this event sets in
+    /// their place.
+    ///
+    /// # Errors
+    /// [`EventError`] naming the field whose value does not parse.
+    pub fn overriding(&self, settings: &PruneSettings) -> Result<PruneSettings, EventError> {
+        fn field<T>(
+            name: &str,
+            value: Option<&str>,
+            parse: fn(&str) -> Result<T, String>,
+        ) -> Result<Option<T>, EventError> {
+            crate::config::named(name, value, parse).map_err(EventError)
         }
+        let mut out = settings.clone();
+        let counts = [
+            (&mut out.keep_last, self.keep_last),
+            (&mut out.keep_hourly, self.keep_hourly),
+            (&mut out.keep_daily, self.keep_daily),
+            (&mut out.keep_weekly, self.keep_weekly),
+            (&mut out.keep_monthly, self.keep_monthly),
+            (&mut out.keep_yearly, self.keep_yearly),
+        ];
+        for (slot, value) in counts {
+            if value.is_some() {
+                *slot = value;
+            }
+        }
+        let within = field(
+            "keep_within",
+            self.keep_within.as_deref(),
+            parse_keep_within,
+        )?;
+        out.keep_within = within.or(out.keep_within);
+        let size = field("max_total_size", self.max_total_size.as_deref(), parse_size)?;
+        out.max_total_size = size.or(out.max_total_size);
+        let zone = field("timezone", self.timezone.as_deref(), parse_timezone)?;
+        out.timezone = zone.or(out.timezone);
+        Ok(out)
     }
 }
 
@@ -328,7 +353,13 @@ mod tests {
         assert_eq!(prune_event(json!({})).ok(), Some(PruneEvent::default()));
         let e = prune_event(json!({"dry_run": true, "keep_daily": 3})).expect("parses");
         assert!(e.dry_run);
-        assert_eq!(e.setting("TIDEMARK_KEEP_DAILY").as_deref(), Some("3"));
+        let settings = e.overriding(&PruneSettings::default()).expect("overrides");
+        assert_eq!((settings.keep_daily, settings.keep_last), (Some(3), None));
+        let e = prune_event(json!({"keep_within": "a while"})).expect("parses");
+        let err = e
+            .overriding(&PruneSettings::default())
+            .expect_err("bad duration");
+        assert!(err.to_string().contains("keep_within"), "{err}");
         let err = prune_event(json!({"keep_dayly": 3})).expect_err("typo");
         assert!(err.to_string().contains("keep_dayly"), "{err}");
     }

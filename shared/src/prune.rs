@@ -20,6 +20,7 @@ use std::time::{Duration, SystemTime};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
+use crate::config::{parse_count, parse_duration, parse_keep_within, parse_size, parse_timezone};
 use crate::error::{Classified, ErrorKind};
 use crate::format::journal::PruneJournal;
 use crate::format::manifest::Manifest;
@@ -31,6 +32,77 @@ use crate::retention::{self, BackupFacts, EmptyPolicy, KeepReason, RetentionPoli
 use crate::run::RunError;
 use crate::store::{CountingStore, PendingUpload, StoreError, WriteCondition, WriteStore};
 use crate::verify::Verification;
+
+/// The prune settings a user gives, declared once: each field's flag, environment
+/// variable and default are here. The CLI flattens this struct into `prune`; the prune
+/// function reads the same struct from its environment ([`crate::config::from_env`]) and
+/// lets its event override the policy fields. With no `keep` rule at all, the policy is
+/// the documented default (daily 7, weekly 4, monthly 12).
+#[derive(Debug, Clone, clap::Args)]
+pub struct PruneSettings {
+    /// Keep the last N backups.
+    #[arg(long, env = "TIDEMARK_KEEP_LAST", value_name = "N", value_parser = parse_count)]
+    pub keep_last: Option<u32>,
+    /// Keep the newest backup of each of the last N hours.
+    #[arg(long, env = "TIDEMARK_KEEP_HOURLY", value_name = "N", value_parser = parse_count)]
+    pub keep_hourly: Option<u32>,
+    /// Keep the newest backup of each of the last N days.
+    #[arg(long, env = "TIDEMARK_KEEP_DAILY", value_name = "N", value_parser = parse_count)]
+    pub keep_daily: Option<u32>,
+    /// Keep the newest backup of each of the last N ISO weeks.
+    #[arg(long, env = "TIDEMARK_KEEP_WEEKLY", value_name = "N", value_parser = parse_count)]
+    pub keep_weekly: Option<u32>,
+    /// Keep the newest backup of each of the last N months.
+    #[arg(long, env = "TIDEMARK_KEEP_MONTHLY", value_name = "N", value_parser = parse_count)]
+    pub keep_monthly: Option<u32>,
+    /// Keep the newest backup of each of the last N years.
+    #[arg(long, env = "TIDEMARK_KEEP_YEARLY", value_name = "N", value_parser = parse_count)]
+    pub keep_yearly: Option<u32>,
+    /// Keep every backup younger than this (e.g. 30d, 12h).
+    #[arg(long, env = "TIDEMARK_KEEP_WITHIN", value_name = "DURATION", value_parser = parse_keep_within)]
+    pub keep_within: Option<Duration>,
+    /// Drop the oldest kept backups beyond this total (e.g. 500GiB); never the newest.
+    #[arg(long, env = "TIDEMARK_MAX_TOTAL_SIZE", value_name = "SIZE", value_parser = parse_size)]
+    pub max_total_size: Option<u64>,
+    /// Time zone of the calendar buckets (default UTC), e.g. Europe/Paris.
+    #[arg(long, env = "TIDEMARK_TIMEZONE", value_name = "TZ", value_parser = parse_timezone)]
+    pub timezone: Option<chrono_tz::Tz>,
+    /// Leftovers of dead runs younger than this are kept.
+    #[arg(
+        long,
+        env = "TIDEMARK_PRUNE_GRACE",
+        default_value = "24h",
+        value_name = "DURATION",
+        value_parser = parse_duration
+    )]
+    pub grace: Duration,
+}
+
+impl Default for PruneSettings {
+    /// The defaults the attributes above declare.
+    fn default() -> Self {
+        crate::config::defaults()
+    }
+}
+
+impl PruneSettings {
+    /// The retention policy these settings describe (the default rules when none is set).
+    pub fn policy(&self) -> RetentionPolicy {
+        let mut policy = RetentionPolicy::empty();
+        policy.keep_last = self.keep_last;
+        policy.keep_hourly = self.keep_hourly;
+        policy.keep_daily = self.keep_daily;
+        policy.keep_weekly = self.keep_weekly;
+        policy.keep_monthly = self.keep_monthly;
+        policy.keep_yearly = self.keep_yearly;
+        policy.keep_within = self.keep_within;
+        policy.max_total_size = self.max_total_size;
+        if let Some(zone) = self.timezone {
+            policy.timezone = zone;
+        }
+        policy.or_default_rules()
+    }
+}
 
 /// How to prune.
 #[derive(Debug, Clone)]
@@ -48,7 +120,7 @@ impl Default for PruneOptions {
     fn default() -> Self {
         Self {
             policy: RetentionPolicy::default(),
-            grace: Duration::from_secs(24 * 3600),
+            grace: PruneSettings::default().grace,
             dry_run: false,
             holder: lease::default_holder(),
             now: Utc::now(),

@@ -962,19 +962,17 @@ INSERT INTO app.rates VALUES (1, '[2024-01-01,2024-07-01)', 10), (1, '[2024-07-0
     /// Backs up every schema of [`WHOLE_SCHEMA`] (so the schema is captured whole, `pg_dump`
     /// without `-n`), in chunks of 200 rows.
     pub fn whole_schema_options() -> ExportOptions {
-        ExportOptions {
-            chunk_rows: 200,
-            workers: 2,
+        let mut opts = ExportOptions {
             progress_interval: Duration::ZERO,
-            selection: tidemark_core::catalog::TableSelection {
-                schemas: WHOLE_SCHEMA_SCHEMAS
-                    .iter()
-                    .map(|s| (*s).to_owned())
-                    .collect(),
-                ..Default::default()
-            },
             ..ExportOptions::default()
-        }
+        };
+        opts.settings.chunk_rows = 200;
+        opts.settings.workers = 2;
+        opts.settings.selection.schemas = WHOLE_SCHEMA_SCHEMAS
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect();
+        opts
     }
 
     /// A new database on `cluster` with [`whole_schema_for`] its major, analyzed.

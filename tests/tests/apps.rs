@@ -50,8 +50,11 @@ async fn round_trip(app: &str, changes: &str) {
     let (_dir, store) = local_store();
     let store: Store = Arc::new(store);
     let opts = ExportOptions {
+        settings: tidemark_core::export::ExportSettings {
+            workers: 2,
+            ..tidemark_core::export::ExportSettings::default()
+        },
         progress_interval: Duration::from_secs(1),
-        workers: 2,
         ..ExportOptions::default()
     };
     backup(&store, &db, &opts).await;

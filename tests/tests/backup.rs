@@ -18,14 +18,17 @@ use tidemark_tests::{
 
 fn options(chunk_rows: u64) -> ExportOptions {
     ExportOptions {
-        chunk_rows,
-        chunk_bytes: 1 << 30,
-        workers: 2,
-        progress_interval: Duration::ZERO,
-        selection: TableSelection {
-            schemas: vec!["public".into(), "Sales".into()],
-            ..TableSelection::default()
+        settings: tidemark_core::export::ExportSettings {
+            chunk_rows,
+            chunk_bytes: 1 << 30,
+            workers: 2,
+            selection: TableSelection {
+                schemas: vec!["public".into(), "Sales".into()],
+                ..TableSelection::default()
+            },
+            ..tidemark_core::export::ExportSettings::default()
         },
+        progress_interval: Duration::ZERO,
         ..ExportOptions::default()
     }
 }
@@ -136,8 +139,8 @@ async fn type_matrix_round_trips_through_plain_copy_s3() {
 
 fn chain_options() -> ExportOptions {
     let mut opts = options(100);
-    opts.selection.schemas = vec!["public".into()];
-    opts.selection.modes = vec![("events".into(), TableMode::Append)];
+    opts.settings.selection.schemas = vec!["public".into()];
+    opts.settings.selection.modes = vec![("events".into(), TableMode::Append)];
     opts
 }
 
@@ -278,7 +281,7 @@ async fn an_append_row_past_its_gap_ttl_forces_a_whole_export() {
     let (_dir, local) = local_store();
     let store: Store = Arc::new(local);
     let mut opts = chain_options();
-    opts.gap_ttl = Duration::ZERO;
+    opts.settings.gap_ttl = Duration::ZERO;
     backup(&store, &db, &opts).await;
     // A row below the cursor that no gap remembers (as if its gap had expired).
     exec(&db.settings(), "DELETE FROM events WHERE id = 10").await;
@@ -403,7 +406,7 @@ async fn an_unknown_table_is_named_and_nothing_is_written() {
     let (_dir, local) = local_store();
     let store: Store = Arc::new(local);
     let mut opts = chain_options();
-    opts.selection.tables = vec!["accounts".into(), "no_such_table".into()];
+    opts.settings.selection.tables = vec!["accounts".into(), "no_such_table".into()];
     let err = export_slice(store.clone(), &db.settings(), &opts)
         .await
         .expect_err("unknown table");
@@ -416,8 +419,8 @@ async fn an_unknown_table_is_named_and_nothing_is_written() {
         "nothing written"
     );
 
-    opts.selection.tables = vec![];
-    opts.selection.modes = vec![("settings".into(), TableMode::Append)];
+    opts.settings.selection.tables = vec![];
+    opts.settings.selection.modes = vec![("settings".into(), TableMode::Append)];
     let err = export_slice(store.clone(), &db.settings(), &opts)
         .await
         .expect_err("append needs an integer key");
@@ -522,7 +525,7 @@ async fn a_big_table_is_split_into_lanes_that_export_at_once() {
     let (_dir, local) = local_store();
     let store: Store = Arc::new(local);
     let mut opts = chain_options();
-    opts.workers = 3;
+    opts.settings.workers = 3;
     opts.deadline = Some(Instant::now());
     let first = export_slice(store.clone(), &db.settings(), &opts)
         .await

@@ -15,17 +15,23 @@ use tidemark_tests::{all_data, exec, local_store, restore_fresh, verify_backup, 
 
 fn opts() -> ExportOptions {
     ExportOptions {
-        chunk_rows: 500,
-        chunk_bytes: 1 << 30,
-        workers: 2,
+        settings: tidemark_core::export::ExportSettings {
+            chunk_rows: 500,
+            chunk_bytes: 1 << 30,
+            workers: 2,
+            selection: TableSelection::default(),
+            ..tidemark_core::export::ExportSettings::default()
+        },
         progress_interval: Duration::ZERO,
-        selection: TableSelection::default(),
         ..ExportOptions::default()
     }
 }
 
 fn append(mut o: ExportOptions, table: &str) -> ExportOptions {
-    o.selection.modes.push((table.into(), TableMode::Append));
+    o.settings
+        .selection
+        .modes
+        .push((table.into(), TableMode::Append));
     o
 }
 
@@ -154,7 +160,7 @@ async fn an_append_delete_and_a_late_row_past_a_dropped_gap_are_caught() {
     let store: Store = Arc::new(local);
     let mut o = append(opts(), "events");
     // Gaps are forgotten at once, as when more than MAX_GAPS are open.
-    o.gap_ttl = Duration::ZERO;
+    o.settings.gap_ttl = Duration::ZERO;
     backup(&store, &db, &o).await;
     let late = tidemark_core::db::connect(&db.settings())
         .await
@@ -219,7 +225,7 @@ async fn an_append_update_is_named_unseen_and_a_deep_check_fails_verify() {
 
     // A deep check fingerprints the source's rows: the chain's stale row fails verify.
     let mut deep = o.clone();
-    deep.deep = true;
+    deep.settings.deep = true;
     let (checked, _) = backup(&store, &db, &deep).await;
     let record = verify_backup(&store, &cluster, &checked.backup_id).await;
     assert!(!record.ok, "the deep check sees the update");

@@ -23,11 +23,14 @@ use tidemark_tests::{
 /// Options that cut a backup into many short slices.
 fn sliced(chunk_rows: u64) -> ExportOptions {
     ExportOptions {
-        chunk_rows,
-        chunk_bytes: 1 << 30,
-        workers: 2,
+        settings: tidemark_core::export::ExportSettings {
+            chunk_rows,
+            chunk_bytes: 1 << 30,
+            workers: 2,
+            selection: TableSelection::default(),
+            ..tidemark_core::export::ExportSettings::default()
+        },
         progress_interval: Duration::ZERO,
-        selection: TableSelection::default(),
         ..ExportOptions::default()
     }
 }
@@ -262,7 +265,8 @@ async fn a_run_killed_during_the_consistency_pass_resumes_to_one_moment() {
     )
     .await;
     let mut opts = sliced(4_000);
-    opts.selection.modes = vec![("events".into(), tidemark_core::format::TableMode::Append)];
+    opts.settings.selection.modes =
+        vec![("events".into(), tidemark_core::format::TableMode::Append)];
     for kill_ms in [30u64, 120, 400] {
         let (_dir, local) = local_store();
         let store: Store = Arc::new(local);
@@ -330,7 +334,7 @@ async fn a_run_that_cannot_converge_is_sealed_loudly_as_mixed_and_fails_verifica
     let (_dir, local) = local_store();
     let store: Store = Arc::new(local);
     let mut opts = sliced(200);
-    opts.max_pass_rounds = 2;
+    opts.settings.max_pass_rounds = 2;
     let mut run = opts.clone();
     let mut rounds_seen = Vec::new();
     loop {

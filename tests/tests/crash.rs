@@ -34,13 +34,16 @@ const CHANGE: &str = "UPDATE acct SET balance = -balance WHERE id % 10 = 0;
 /// One worker, so that the store sees the same operations in the same order every time.
 fn opts() -> ExportOptions {
     ExportOptions {
-        chunk_rows: 100,
-        workers: 1,
-        progress_interval: Duration::ZERO,
-        selection: tidemark_core::catalog::TableSelection {
-            modes: vec![("log".into(), TableMode::Append)],
-            ..Default::default()
+        settings: tidemark_core::export::ExportSettings {
+            chunk_rows: 100,
+            workers: 1,
+            selection: tidemark_core::catalog::TableSelection {
+                modes: vec![("log".into(), TableMode::Append)],
+                ..Default::default()
+            },
+            ..tidemark_core::export::ExportSettings::default()
         },
+        progress_interval: Duration::ZERO,
         ..ExportOptions::default()
     }
 }

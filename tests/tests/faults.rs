@@ -37,11 +37,14 @@ DELETE FROM keyless WHERE n % 3 = 0;";
 
 fn options() -> ExportOptions {
     ExportOptions {
-        workers: 2,
-        chunk_rows: 1_000_000,
-        selection: TableSelection {
-            schemas: vec!["public".into()],
-            ..TableSelection::default()
+        settings: tidemark_core::export::ExportSettings {
+            workers: 2,
+            chunk_rows: 1_000_000,
+            selection: TableSelection {
+                schemas: vec!["public".into()],
+                ..TableSelection::default()
+            },
+            ..tidemark_core::export::ExportSettings::default()
         },
         ..ExportOptions::default()
     }
@@ -336,8 +339,11 @@ async fn uploads_of_killed_writers_are_aborted_by_the_next_slice_and_by_prune() 
         store.clone(),
         &db.settings(),
         &ExportOptions {
+            settings: tidemark_core::export::ExportSettings {
+                chunk_rows: 50_000,
+                ..options().settings
+            },
             deadline: Some(Instant::now()),
-            chunk_rows: 50_000,
             ..options()
         },
     )
@@ -406,7 +412,10 @@ async fn a_corrupt_chunk_fails_the_restore_without_leaving_half_a_table() {
         &store,
         &db,
         &ExportOptions {
-            chunk_rows: 50_000,
+            settings: tidemark_core::export::ExportSettings {
+                chunk_rows: 50_000,
+                ..options().settings
+            },
             ..options()
         },
     )
@@ -453,8 +462,11 @@ async fn backup_through_failures(
     let mut failures = 0;
     loop {
         let opts = ExportOptions {
+            settings: tidemark_core::export::ExportSettings {
+                chunk_rows: 20_000,
+                ..options().settings
+            },
             run_id: run_id.clone(),
-            chunk_rows: 20_000,
             full,
             ..options()
         };

@@ -21,13 +21,16 @@ use tidemark_tests::{exec, local_store, ordered_copy, s3_store, TestCluster};
 
 fn chain_options() -> ExportOptions {
     ExportOptions {
-        chunk_rows: 100,
-        progress_interval: Duration::ZERO,
-        selection: TableSelection {
-            schemas: vec!["public".into()],
-            modes: vec![("events".into(), TableMode::Append)],
-            ..TableSelection::default()
+        settings: tidemark_core::export::ExportSettings {
+            chunk_rows: 100,
+            selection: TableSelection {
+                schemas: vec!["public".into()],
+                modes: vec![("events".into(), TableMode::Append)],
+                ..TableSelection::default()
+            },
+            ..tidemark_core::export::ExportSettings::default()
         },
+        progress_interval: Duration::ZERO,
         ..ExportOptions::default()
     }
 }

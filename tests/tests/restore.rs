@@ -21,21 +21,24 @@ use tidemark_tests::{
 
 fn options(chunk_rows: u64, schemas: &[&str]) -> ExportOptions {
     ExportOptions {
-        chunk_rows,
-        chunk_bytes: 1 << 30,
-        workers: 2,
-        progress_interval: Duration::ZERO,
-        selection: TableSelection {
-            schemas: schemas.iter().map(|s| (*s).to_owned()).collect(),
-            ..TableSelection::default()
+        settings: tidemark_core::export::ExportSettings {
+            chunk_rows,
+            chunk_bytes: 1 << 30,
+            workers: 2,
+            selection: TableSelection {
+                schemas: schemas.iter().map(|s| (*s).to_owned()).collect(),
+                ..TableSelection::default()
+            },
+            ..tidemark_core::export::ExportSettings::default()
         },
+        progress_interval: Duration::ZERO,
         ..ExportOptions::default()
     }
 }
 
 fn chain_options() -> ExportOptions {
     let mut opts = options(100, &["public"]);
-    opts.selection.modes = vec![("events".into(), TableMode::Append)];
+    opts.settings.selection.modes = vec![("events".into(), TableMode::Append)];
     opts
 }
 

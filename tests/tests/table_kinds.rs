@@ -73,13 +73,16 @@ async fn large_objects(db: &TestDatabase) -> Vec<String> {
 
 fn options() -> ExportOptions {
     ExportOptions {
-        chunk_rows: 50,
-        workers: 2,
-        progress_interval: Duration::ZERO,
-        selection: tidemark_core::catalog::TableSelection {
-            schemas: vec!["kinds".into(), "public".into()],
-            ..Default::default()
+        settings: tidemark_core::export::ExportSettings {
+            chunk_rows: 50,
+            workers: 2,
+            selection: tidemark_core::catalog::TableSelection {
+                schemas: vec!["kinds".into(), "public".into()],
+                ..Default::default()
+            },
+            ..tidemark_core::export::ExportSettings::default()
         },
+        progress_interval: Duration::ZERO,
         ..ExportOptions::default()
     }
 }

@@ -63,7 +63,7 @@ async fn record_failure(store: &Arc<dyn WriteStore>, event: Value) -> Value {
 /// with its lease held (as a slice that was killed would).
 async fn run_in_flight(db: &TestDatabase, event: Value) -> (Deps, Value) {
     let mut deps = deps(db).await;
-    deps.options.chunk_rows = 100;
+    deps.options.settings.chunk_rows = 100;
     let first = handle(LambdaEvent::new(event, lambda_context(30)), &deps)
         .await
         .expect("slice");
@@ -128,7 +128,7 @@ async fn the_scheduled_event_starts_a_full_run_and_a_short_deadline_stops_early(
     let cluster = TestCluster::from_env();
     let db = cluster.create_database().await;
     let mut deps = deps(&db).await;
-    deps.options.chunk_rows = 100;
+    deps.options.settings.chunk_rows = 100;
     let (_, scheduled) = sample_events("export.scheduled-event").remove(0);
     // 30 s left with a 60 s margin: past the deadline at once, the slice still exports
     // a range per connection (so the state machine's loop always ends), then stops.

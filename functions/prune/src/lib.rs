@@ -11,7 +11,7 @@ use lambda_runtime::LambdaEvent;
 use serde_json::Value;
 use tidemark_core::events;
 use tidemark_core::metrics::{self, Unit};
-use tidemark_core::prune::{self, PruneOptions};
+use tidemark_core::prune::{self, PruneOptions, PruneSettings};
 use tidemark_core::store::WriteStore;
 use tidemark_lambda::FunctionError;
 
@@ -47,15 +47,12 @@ impl Deps {
 /// locked, store trouble is retryable.
 pub async fn handle(event: LambdaEvent<Value>, deps: &Deps) -> Result<Value, FunctionError> {
     let request = events::prune_event(event.payload)?;
-    let lookup = |name: &str| request.setting(name).or_else(|| (deps.env)(name));
-    let policy =
-        tidemark_core::config::retention_policy_from_env(&lookup).map_err(FunctionError::fatal)?;
-    let grace = tidemark_core::config::prune_grace_from_env(&deps.env)
-        .map_err(FunctionError::fatal)?
-        .unwrap_or(PruneOptions::default().grace);
+    let configured = tidemark_core::config::from_env::<PruneSettings>(&deps.env)
+        .map_err(FunctionError::fatal)?;
+    let settings = request.overriding(&configured)?;
     let opts = PruneOptions {
-        policy,
-        grace,
+        policy: settings.policy(),
+        grace: settings.grace,
         dry_run: request.dry_run,
         holder: tidemark_lambda::holder(&event.context),
         ..PruneOptions::default()

@@ -191,7 +191,10 @@ async fn a_table_bigger_than_a_slice_finishes_across_slices() {
         &store,
         &db,
         &ExportOptions {
-            chunk_rows: 5000,
+            settings: tidemark_core::export::ExportSettings {
+                chunk_rows: 5000,
+                ..tidemark_core::export::ExportSettings::default()
+            },
             ..ExportOptions::default()
         },
     )
@@ -221,7 +224,10 @@ async fn a_merged_chain_bigger_than_a_slice_finishes_across_slices() {
     .await;
     let store: Arc<dyn WriteStore> = Arc::new(s3_store(S3StoreOptions::default()).await);
     let opts = ExportOptions {
-        chunk_rows: 4000,
+        settings: tidemark_core::export::ExportSettings {
+            chunk_rows: 4000,
+            ..tidemark_core::export::ExportSettings::default()
+        },
         ..ExportOptions::default()
     };
     backup(&store, &db, &opts).await;

@@ -116,7 +116,7 @@ pub(super) async fn probe_gaps(
         tracing::info!(table = %table.name, rows = found.len(), "late-committed rows found in earlier gaps");
     }
     // What is still empty stays a gap, until its TTL.
-    let ttl = chrono::TimeDelta::seconds(shared.opts.gap_ttl.as_secs() as i64);
+    let ttl = chrono::TimeDelta::seconds(shared.opts.settings.gap_ttl.as_secs() as i64);
     delta.gaps = still_empty(gaps, &mut found, ttl, Utc::now());
     Ok(delta)
 }

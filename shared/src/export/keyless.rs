@@ -23,8 +23,8 @@ pub(super) async fn export_keyless(
     );
     let mut sink: Option<ChunkSink> = None;
     let mut delta = Delta::default();
-    let limit_rows = shared.opts.chunk_rows.max(1);
-    let limit_bytes = shared.opts.chunk_bytes.max(1);
+    let limit_rows = shared.opts.settings.chunk_rows.max(1);
+    let limit_bytes = shared.opts.settings.chunk_bytes.max(1);
     let streamed: Result<(), RunError> = async {
         let mut lines = CopyLines::start(client, &select).await.map_err(copy_err(
             table,

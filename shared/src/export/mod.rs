@@ -53,7 +53,7 @@ mod sql;
 mod state;
 mod worker;
 
-pub use options::{ExportMeter, ExportOptions, SliceReport};
+pub use options::{ExportMeter, ExportOptions, ExportSettings, SliceReport};
 pub(crate) use plan::table_shape;
 pub use slice::export_slice;
 

@@ -1,12 +1,68 @@
 //! How a slice runs ([`ExportOptions`]) and what it reports ([`SliceReport`], [`ExportMeter`]).
 
 use crate::catalog::TableSelection;
+use crate::config::{parse_seconds, parse_size, parse_workers, DEFAULT_WORKERS};
 use crate::format::BackupKind;
 use crate::lease;
 use serde::Serialize;
 use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// The export settings a user gives, declared once: each field's flag, environment
+/// variable and default are here. The CLI flattens this struct into `backup` and
+/// `export`; the export function reads the same struct from its environment
+/// ([`crate::config::from_env`]).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ExportSettings {
+    /// Which tables, and how.
+    #[command(flatten)]
+    pub selection: TableSelection,
+    /// Most rows in one chunk.
+    #[arg(long, env = "TIDEMARK_CHUNK_ROWS", default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub chunk_rows: u64,
+    /// Target size of one chunk before compression (e.g. 64MiB).
+    #[arg(long, env = "TIDEMARK_CHUNK_BYTES", default_value = "64MiB", value_parser = parse_size)]
+    pub chunk_bytes: u64,
+    /// Database connections exporting at once.
+    #[arg(long, env = "TIDEMARK_WORKERS", default_value_t = DEFAULT_WORKERS, value_parser = parse_workers)]
+    pub workers: usize,
+    /// Seconds an `append` table's empty key ranges are probed again for late commits.
+    #[arg(
+        long = "gap-ttl",
+        env = "TIDEMARK_GAP_TTL_SECS",
+        default_value = "3600",
+        value_name = "SECONDS",
+        value_parser = parse_seconds
+    )]
+    pub gap_ttl: Duration,
+    /// Fingerprint `append` tables whole in this backup (a deep check: updates to their rows,
+    /// which append mode does not export, then fail verification).
+    #[arg(long)]
+    pub deep: bool,
+    /// A deep check every N backups of a chain (0: never, unless --deep).
+    #[arg(
+        long,
+        env = "TIDEMARK_DEEP_EVERY",
+        default_value_t = 0,
+        value_name = "N"
+    )]
+    pub deep_every: u32,
+    /// Consistency-pass rounds a run spanning slices tries before it is sealed as not one
+    /// point in time.
+    #[arg(long = "pass-rounds", env = "TIDEMARK_PASS_ROUNDS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub max_pass_rounds: u32,
+    /// zstd level (1 fastest .. 19 smallest); 1 keeps pace with COPY on small machines.
+    #[arg(long, env = "TIDEMARK_ZSTD_LEVEL", default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..=19))]
+    pub zstd_level: i32,
+}
+
+impl Default for ExportSettings {
+    /// The defaults the attributes above declare.
+    fn default() -> Self {
+        crate::config::defaults()
+    }
+}
 
 /// How a slice runs.
 #[derive(Debug, Clone)]
@@ -15,16 +71,8 @@ pub struct ExportOptions {
     pub run_id: Option<String>,
     /// Start a new chain (only for a new run).
     pub full: bool,
-    pub selection: TableSelection,
-    /// Most rows in one chunk.
-    pub chunk_rows: u64,
-    /// Target size of one chunk's COPY text, before compression.
-    pub chunk_bytes: u64,
-    pub zstd_level: i32,
-    /// How long an `append` gap is probed for late commits.
-    pub gap_ttl: Duration,
-    /// Database connections exporting at once.
-    pub workers: usize,
+    /// What the user chose: tables, chunk sizes, workers, checks.
+    pub settings: ExportSettings,
     /// Start no new range after this instant (the caller leaves its own safety margin).
     pub deadline: Option<Instant>,
     /// Who holds the lease (host:pid, Lambda request id).
@@ -38,14 +86,6 @@ pub struct ExportOptions {
     pub meter: Option<Arc<ExportMeter>>,
     /// The pg_dump that captures the schema (`None`: the one on `PATH`).
     pub pg_dump: Option<std::path::PathBuf>,
-    /// Consistency-pass rounds a run spanning slices tries before it is sealed as not one
-    /// point in time.
-    pub max_pass_rounds: u32,
-    /// Fingerprint `append` tables whole in this run (a deep check): updates to their rows,
-    /// which `append` mode does not export, show up in verification.
-    pub deep: bool,
-    /// A deep check every this many backups of a chain (0: only when `deep`).
-    pub deep_every: u32,
     /// A consistency-pass round must finish within one slice to count, so it may run past
     /// `deadline` up to this instant (the invocation's hard limit, less what finishing the
     /// slice needs); `None`: no limit.
@@ -57,22 +97,14 @@ impl Default for ExportOptions {
         Self {
             run_id: None,
             full: false,
-            selection: TableSelection::default(),
-            chunk_rows: 1_000_000,
-            chunk_bytes: 64 * 1024 * 1024,
-            zstd_level: 1,
-            gap_ttl: Duration::from_secs(3600),
-            workers: crate::config::DEFAULT_WORKERS,
+            settings: ExportSettings::default(),
             deadline: None,
             holder: lease::default_holder(),
             lease_ttl: lease::DEFAULT_TTL,
             progress_interval: Duration::ZERO,
             meter: None,
             pg_dump: None,
-            max_pass_rounds: 3,
             pass_deadline: None,
-            deep: false,
-            deep_every: 0,
         }
     }
 }

@@ -46,7 +46,7 @@ pub(super) async fn start_round(
         }
     }
     let round = doc.pass.as_ref().map_or(0, |p| p.round) + 1;
-    if round > opts.max_pass_rounds.max(1) {
+    if round > opts.settings.max_pass_rounds.max(1) {
         let reason = format!(
             "the consistency pass did not finish within one slice in {} round(s): every round re-reads the changed tables in one snapshot; give the export more time per slice (a longer function timeout, more workers), or back up from the CLI, which has no slice limit",
             round - 1
@@ -148,7 +148,7 @@ pub(super) async fn prepare_pass(
             table.started_in_slice = slice;
         }
     }
-    table.lanes = plan_lanes(client, table, table.est_rows, opts.workers).await?;
+    table.lanes = plan_lanes(client, table, table.est_rows, opts.settings.workers).await?;
     Ok(())
 }
 
@@ -178,7 +178,7 @@ pub(super) async fn reconcile_catalog(
     client: &Session,
     opts: &ExportOptions,
 ) -> Result<(), RunError> {
-    let found = catalog::discover(client, &opts.selection).await?;
+    let found = catalog::discover(client, &opts.settings.selection).await?;
     let mut tables = Vec::with_capacity(found.len());
     let mut warnings = Vec::new();
     for table in found {

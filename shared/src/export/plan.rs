@@ -36,8 +36,8 @@ pub(super) async fn plan_run(
     let snapshot: PgSnapshot = snapshot_text
         .parse()
         .map_err(|reason| client.unexpected("reading the snapshot", &snapshot_text, reason))?;
-    let tables = catalog::discover(client, &opts.selection).await?;
-    let sequences = catalog::sequences(client, &opts.selection.schemas).await?;
+    let tables = catalog::discover(client, &opts.settings.selection).await?;
+    let sequences = catalog::sequences(client, &opts.settings.selection.schemas).await?;
 
     let mut warnings = Vec::new();
     let system_identifier: Option<String> = row.get(3);
@@ -66,11 +66,11 @@ pub(super) async fn plan_run(
         planned.push(plan_table(client, table, parent.as_ref(), opts).await?);
     }
     let run_id = run_id.unwrap_or_else(|| new_run_id(now));
-    let deep = opts.deep
-        || (opts.deep_every > 0
+    let deep = opts.settings.deep
+        || (opts.settings.deep_every > 0
             && parent
                 .as_ref()
-                .is_some_and(|(cp, _)| cp.runs_since_deep + 1 >= opts.deep_every));
+                .is_some_and(|(cp, _)| cp.runs_since_deep + 1 >= opts.settings.deep_every));
     Ok(RunProgress {
         deep,
         version: FORMAT_VERSION,
@@ -93,10 +93,10 @@ pub(super) async fn plan_run(
         system_identifier,
         database: row.get(2),
         settings: ExportSettings {
-            chunk_rows: opts.chunk_rows.max(1),
-            chunk_bytes: opts.chunk_bytes.max(1),
-            zstd_level: opts.zstd_level,
-            gap_ttl_secs: opts.gap_ttl.as_secs(),
+            chunk_rows: opts.settings.chunk_rows.max(1),
+            chunk_bytes: opts.settings.chunk_bytes.max(1),
+            zstd_level: opts.settings.zstd_level,
+            gap_ttl_secs: opts.settings.gap_ttl.as_secs(),
         },
         tables: planned,
         sequences,
@@ -238,7 +238,7 @@ pub(super) async fn plan_table(
             }
         }
     }
-    progress.lanes = plan_lanes(client, &progress, table.est_rows, opts.workers).await?;
+    progress.lanes = plan_lanes(client, &progress, table.est_rows, opts.settings.workers).await?;
     Ok(progress)
 }
 
@@ -280,7 +280,7 @@ pub(super) fn rows_per_chunk(table: &CatalogTable, opts: &ExportOptions) -> u64 
     } else {
         100.0
     };
-    ((opts.chunk_bytes as f64 / avg_row) as u64).clamp(1, opts.chunk_rows.max(1))
+    ((opts.settings.chunk_bytes as f64 / avg_row) as u64).clamp(1, opts.settings.chunk_rows.max(1))
 }
 
 /// A table's progress before any of it is exported, of scope `Whole`.

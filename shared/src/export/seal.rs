@@ -23,7 +23,7 @@ pub(super) async fn finalize_run(
         let state = shared.state.lock().await;
         (
             state.doc.schema_slice,
-            dump_schemas(&opts.selection, &state.doc),
+            dump_schemas(&opts.settings.selection, &state.doc),
             state.doc.parent.clone(),
         )
     };
@@ -46,7 +46,7 @@ pub(super) async fn finalize_run(
             .await?,
         );
     }
-    let sequences = catalog::sequences(client, &opts.selection.schemas).await?;
+    let sequences = catalog::sequences(client, &opts.settings.selection.schemas).await?;
     let mut state = shared.state.lock().await;
     let doc = &mut state.doc;
     if let Some((dump, warnings)) = recaptured {

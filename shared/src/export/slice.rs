@@ -60,13 +60,13 @@ pub async fn export_slice(
         }
     };
     // Every slice cuts chunks the way the run started, whatever this invocation was given.
-    let opts = &ExportOptions {
-        chunk_rows: progress.settings.chunk_rows,
-        chunk_bytes: progress.settings.chunk_bytes,
-        zstd_level: progress.settings.zstd_level,
-        gap_ttl: Duration::from_secs(progress.settings.gap_ttl_secs),
-        ..opts.clone()
-    };
+    let mut opts = opts.clone();
+    let first = &progress.settings;
+    opts.settings.chunk_rows = first.chunk_rows;
+    opts.settings.chunk_bytes = first.chunk_bytes;
+    opts.settings.zstd_level = first.zstd_level;
+    opts.settings.gap_ttl = Duration::from_secs(first.gap_ttl_secs);
+    let opts = &opts;
     let run_id = progress.run_id.clone();
     let held = lease::acquire(
         store.as_ref(),
@@ -225,7 +225,7 @@ async fn capture_schema(
     opts: &ExportOptions,
     progress: &mut RunProgress,
 ) -> Result<(), RunError> {
-    let schemas = dump_schemas(&opts.selection, progress);
+    let schemas = dump_schemas(&opts.settings.selection, progress);
     let request = CaptureRequest {
         tool,
         settings: db,
@@ -277,7 +277,7 @@ async fn work_loop(
                 return finalize_run(shared, coordinator, db, opts, &shared.snapshot_id).await;
             }
             Step::Work(_) => {
-                run_workers(shared, db, opts.workers).await?;
+                run_workers(shared, db, opts.settings.workers).await?;
                 if shared.past_deadline() {
                     return Ok(());
                 }

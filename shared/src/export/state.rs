@@ -226,7 +226,7 @@ impl Shared {
             chunk_key(&self.run_id, table, seq, self.slice, kind),
             kind,
             &self.run_id,
-            self.opts.zstd_level,
+            self.opts.settings.zstd_level,
         )
     }
 
