@@ -13,7 +13,7 @@ use crate::GlobalArgs;
 /// Runs the checks and prints one line each (or JSON); fails when any check fails.
 pub(crate) async fn check(global: &GlobalArgs) -> ExitCode {
     let database = async {
-        let settings = global.database().resolve().await?;
+        let settings = global.database.resolve().await?;
         check::check_database(&settings).await
     }
     .await
@@ -26,7 +26,7 @@ pub(crate) async fn check(global: &GlobalArgs) -> ExitCode {
                 .map_err(|e| error_chain(&e));
         }
         let settings = global
-            .database()
+            .database
             .resolve()
             .await
             .map_err(|e| error_chain(&e))?;
@@ -44,7 +44,7 @@ pub(crate) async fn check(global: &GlobalArgs) -> ExitCode {
     .await;
 
     // A directory store holds the database's data: it should be its owner's only.
-    let exposed = match global.store.as_deref().map(str::parse::<StoreUrl>) {
+    let exposed = match global.store.store.as_deref().map(str::parse::<StoreUrl>) {
         Some(Ok(StoreUrl::Local(path))) => store::readable_by_others(&path)
             .unwrap_or(false)
             .then_some(path),

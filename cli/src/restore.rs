@@ -63,14 +63,14 @@ pub(super) fn parse_selector(s: &str) -> Result<BackupSelector, String> {
     s.parse()
 }
 
-pub(super) fn url_settings(url: &str, what: &str) -> Result<DbSettings, String> {
+fn url_settings(url: &str, what: &str) -> Result<DbSettings, String> {
     DbSettings::from_url(&url.to_owned().into()).map_err(|e| format!("{what}: {e}"))
 }
 
 pub async fn restore(global: &GlobalArgs, args: &RestoreArgs) -> Result<(), String> {
     let store = global.open_store().await?;
     let mut target = url_settings(&args.target_url, "--target-url")?;
-    if let Some(ca) = &global.ca_file {
+    if let Some(ca) = &global.database.ca_file {
         target.ca_file = Some(ca.clone());
     }
     let manifest = restore::load_manifest(store.as_ref(), &args.backup)

@@ -2,37 +2,22 @@
 //! source's own truth.
 
 use crate::output::{bytes, finish, json, spinner};
-use crate::restore::{parse_selector, url_settings};
+use crate::restore::parse_selector;
 use crate::GlobalArgs;
 use clap::Args;
-use tidemark_core::config::{parse_workers, DEFAULT_WORKERS};
 use tidemark_core::db::DbSettings;
 use tidemark_core::error_chain;
 use tidemark_core::format::FingerprintOf;
 use tidemark_core::restore::BackupSelector;
-use tidemark_core::verify::{self, Verification, VerifyOptions};
+use tidemark_core::verify::{self, Verification, VerifyOptions, VerifySettings};
 
 #[derive(Args)]
 pub struct VerifyArgs {
     /// Which backup: latest or an id (default: the newest not verified yet).
     #[arg(long, value_parser = parse_selector)]
     backup: Option<BackupSelector>,
-    /// The verification server (default: the source server); a scratch database is
-    /// created and dropped there.
-    #[arg(
-        long,
-        env = "TIDEMARK_SCRATCH_URL",
-        hide_env_values = true,
-        value_name = "URL",
-        conflicts_with = "scratch_secret_id"
-    )]
-    scratch_url: Option<String>,
-    /// The verification server as a Secrets Manager secret (RDS format) instead of a URL.
-    #[arg(long, env = "TIDEMARK_SCRATCH_SECRET_ID", value_name = "ID")]
-    scratch_secret_id: Option<String>,
-    /// Tables loaded at once.
-    #[arg(long, env = "TIDEMARK_WORKERS", default_value_t = DEFAULT_WORKERS, value_parser = parse_workers)]
-    workers: usize,
+    #[command(flatten)]
+    settings: VerifySettings,
 }
 
 pub async fn verify(global: &GlobalArgs, args: &VerifyArgs) -> Result<(), String> {
@@ -40,7 +25,7 @@ pub async fn verify(global: &GlobalArgs, args: &VerifyArgs) -> Result<(), String
     let server = scratch_server(global, args).await?;
     let opts = VerifyOptions {
         backup: args.backup.clone(),
-        workers: args.workers,
+        workers: args.settings.workers,
         pg_dump: global.pg_dump.clone(),
         ..VerifyOptions::default()
     };
@@ -63,22 +48,13 @@ pub async fn verify(global: &GlobalArgs, args: &VerifyArgs) -> Result<(), String
 /// The server the scratch database goes on: `--scratch-url`, `--scratch-secret-id`, or
 /// the source's.
 async fn scratch_server(global: &GlobalArgs, args: &VerifyArgs) -> Result<DbSettings, String> {
-    let mut server = match (&args.scratch_url, &args.scratch_secret_id) {
-        (Some(url), _) => url_settings(url, "--scratch-url")?,
-        (None, Some(secret_id)) => tidemark_core::db::DatabaseSource {
-            secret_id: Some(secret_id.clone()),
-            sslmode: global.sslmode,
-            ..Default::default()
-        }
-        .resolve()
-        .await
-        .map_err(|e| error_chain(&e))?,
-        (None, None) => global.resolve_database().await?,
-    };
-    if let Some(ca) = &global.ca_file {
-        server.ca_file = Some(ca.clone());
+    match args.settings.scratch_source(&global.database) {
+        Some(scratch) => scratch
+            .resolve()
+            .await
+            .map_err(|e| format!("the verification server: {}", error_chain(&e))),
+        None => global.resolve_database().await,
     }
-    Ok(server)
 }
 
 /// The outcome in a line, then each difference found.

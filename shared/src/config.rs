@@ -2,7 +2,9 @@
 //! the same way (`TIDEMARK_SCHEMAS`, `TIDEMARK_TABLE_MODES`, `TIDEMARK_CHUNK_BYTES`, ...).
 //!
 //! An operation's settings are declared once, as a clap struct beside the operation
-//! ([`crate::export::ExportSettings`], [`crate::prune::PruneSettings`]): flag, variable
+//! ([`crate::export::ExportSettings`], [`crate::prune::PruneSettings`],
+//! [`crate::verify::VerifySettings`], [`crate::db::DatabaseSource`] for the connection,
+//! [`crate::store::StoreSettings`] for the store): flag, variable
 //! and default on each field. The CLI flattens the struct; the functions read the same
 //! struct with [`from_env`], whose errors name the variable. The value parsers here are
 //! the ones both use.
@@ -100,7 +102,13 @@ pub fn from_env<T: clap::Args + clap::FromArgMatches>(
         };
         if let Some(value) = env(var).filter(|v| !v.trim().is_empty()) {
             argv.push(format!("--{long}={}", value.trim()));
-            variables.push((format!("--{long}"), var.to_owned(), value));
+            // A value that may hold a password (DATABASE_URL) is never repeated.
+            let shown = if arg.is_hide_env_values_set() {
+                String::new()
+            } else {
+                format!(" {value:?}")
+            };
+            variables.push((format!("--{long}"), var.to_owned(), shown));
         }
     }
     let matches = settings_command::<T>()
@@ -114,7 +122,7 @@ pub fn from_env<T: clap::Args + clap::FromArgMatches>(
             let reason = std::error::Error::source(&e)
                 .map_or_else(|| e.kind().to_string(), ToString::to_string);
             match variables.iter().find(|(f, ..)| Some(f.as_str()) == flag) {
-                Some((_, var, value)) => format!("{var}: invalid value {value:?}: {reason}"),
+                Some((_, var, shown)) => format!("{var}: invalid value{shown}: {reason}"),
                 None => e.to_string(),
             }
         })?;
@@ -164,6 +172,37 @@ pub fn export_options_from_env(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connection_and_store_settings_come_from_the_environment() {
+        use crate::db::DatabaseSource;
+        use crate::store::StoreSettings;
+        use secrecy::ExposeSecret;
+
+        let env = |name: &str| match name {
+            "DATABASE_URL" => Some("postgres://app:pw@db/app".to_owned()),
+            "TIDEMARK_SSLMODE" => Some("verify-full".to_owned()),
+            "TIDEMARK_STORE_RETRY_SECS" => Some("5".to_owned()),
+            _ => None,
+        };
+        let source: DatabaseSource = from_env(&env).expect("parses");
+        assert_eq!(
+            source.url.as_ref().map(|u| u.expose_secret().to_owned()),
+            Some("postgres://app:pw@db/app".to_owned())
+        );
+        assert_eq!(source.sslmode, Some(crate::db::SslMode::VerifyFull));
+        let store: StoreSettings = from_env(&env).expect("parses");
+        assert_eq!(store.retry_policy().budget, Duration::from_secs(5));
+        let missing = store.url().expect_err("no store");
+        assert!(missing.contains("TIDEMARK_STORE"), "{missing}");
+
+        let bad = |name: &str| (name == "TIDEMARK_SSLMODE").then(|| "sometimes".to_owned());
+        let err = from_env::<DatabaseSource>(&bad).expect_err("bad sslmode");
+        assert!(
+            err.starts_with("TIDEMARK_SSLMODE") && err.contains("sometimes"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn workers_are_one_to_the_most_and_whole() {

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 
 use crate::db::copy;
@@ -46,6 +47,7 @@ pub struct VerifyOptions {
     pub backup: Option<BackupSelector>,
     /// Scratch databases older than this are left from a crash and dropped.
     pub stale_after: Duration,
+    /// Tables loaded at once ([`VerifySettings::workers`]).
     pub workers: usize,
     /// For [`verify_slice`]: start no new table after this instant; the next slice
     /// continues in the same scratch database.
@@ -62,6 +64,66 @@ impl Default for VerifyOptions {
             stale_after: Duration::from_secs(3 * 3600),
             workers: crate::config::DEFAULT_WORKERS,
             pg_dump: None,
+        }
+    }
+}
+
+/// Where verification restores, and with how many connections: the verify settings a
+/// user gives, declared once. The CLI flattens this struct into `verify`; the verify
+/// function reads it from its environment with [`crate::config::from_env`].
+#[derive(Debug, Clone, clap::Args)]
+pub struct VerifySettings {
+    /// The verification server (default: the source server); a scratch database is
+    /// created and dropped there.
+    #[arg(
+        long,
+        env = "TIDEMARK_SCRATCH_URL",
+        hide_env_values = true,
+        value_name = "URL",
+        conflicts_with = "scratch_secret_id",
+        value_parser = db::secret
+    )]
+    pub scratch_url: Option<SecretString>,
+    /// The verification server as a Secrets Manager secret (RDS format) instead of a URL.
+    #[arg(long, env = "TIDEMARK_SCRATCH_SECRET_ID", value_name = "ID")]
+    pub scratch_secret_id: Option<String>,
+    /// Tables loaded at once.
+    #[arg(long, env = "TIDEMARK_WORKERS", default_value_t = crate::config::DEFAULT_WORKERS, value_parser = crate::config::parse_workers)]
+    pub workers: usize,
+}
+
+impl Default for VerifySettings {
+    /// The defaults the attributes above declare.
+    fn default() -> Self {
+        crate::config::defaults()
+    }
+}
+
+impl VerifySettings {
+    /// Where the scratch database goes: the scratch URL or secret, with the source's CA
+    /// bundle (and, for a secret, its sslmode); `None`: on the source's own server.
+    pub fn scratch_source(&self, source: &db::DatabaseSource) -> Option<db::DatabaseSource> {
+        let url = self
+            .scratch_url
+            .as_ref()
+            .filter(|u| !u.expose_secret().trim().is_empty());
+        let secret_id = self
+            .scratch_secret_id
+            .clone()
+            .filter(|s| !s.trim().is_empty());
+        match (url, secret_id) {
+            (Some(url), _) => Some(db::DatabaseSource {
+                url: Some(url.clone()),
+                ca_file: source.ca_file.clone(),
+                ..Default::default()
+            }),
+            (None, Some(secret_id)) => Some(db::DatabaseSource {
+                secret_id: Some(secret_id),
+                ca_file: source.ca_file.clone(),
+                sslmode: source.sslmode,
+                ..Default::default()
+            }),
+            (None, None) => None,
         }
     }
 }
@@ -562,6 +624,29 @@ pub async fn read_verification(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_scratch_server_is_the_one_named_with_the_sources_tls_settings() {
+        let source = db::DatabaseSource {
+            ca_file: Some("/etc/rds.pem".into()),
+            sslmode: Some(db::SslMode::VerifyFull),
+            ..Default::default()
+        };
+        let none = VerifySettings::default();
+        assert_eq!(none.workers, crate::config::DEFAULT_WORKERS);
+        assert!(none.scratch_source(&source).is_none());
+
+        let by_secret = VerifySettings {
+            scratch_secret_id: Some("scratch".into()),
+            ..VerifySettings::default()
+        };
+        let scratch = by_secret.scratch_source(&source).expect("named");
+        assert_eq!(scratch.secret_id.as_deref(), Some("scratch"));
+        assert_eq!(
+            (scratch.ca_file, scratch.sslmode),
+            (source.ca_file.clone(), source.sslmode)
+        );
+    }
     use crate::format::TableName;
 
     #[test]

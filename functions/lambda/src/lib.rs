@@ -5,14 +5,14 @@
 use std::time::{Duration, Instant, SystemTime};
 
 use lambda_runtime::{Context, Diagnostic};
-use secrecy::SecretString;
+use tidemark_core::config;
 use tidemark_core::db::{DatabaseSource, DbSettings};
 use tidemark_core::error::{Classified, ErrorKind};
 use tidemark_core::events::EventError;
 use tidemark_core::metrics::MetricSet;
 use tidemark_core::prune::PruneError;
 use tidemark_core::run::RunError;
-use tidemark_core::store::{self, DynStore, StoreUrl};
+use tidemark_core::store::{self, DynStore, StoreSettings, StoreUrl};
 use tidemark_core::telemetry::{self, LogFormat};
 use tidemark_core::verify::VerifyError;
 
@@ -122,16 +122,21 @@ fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.trim().is_empty())
 }
 
-/// The store URL `TIDEMARK_STORE` names, from `lookup` (the process environment in
-/// [`store_from_env`]).
+/// The store settings ([`StoreSettings`]: `TIDEMARK_STORE`, `TIDEMARK_STORE_RETRY_SECS`),
+/// from `lookup` (the process environment in [`store_from_env`]).
+///
+/// # Errors
+/// A message naming the variable with a bad value.
+pub fn store_settings(lookup: &dyn Fn(&str) -> Option<String>) -> Result<StoreSettings, String> {
+    config::from_env(lookup)
+}
+
+/// The store URL `TIDEMARK_STORE` names, from `lookup`.
 ///
 /// # Errors
 /// A message naming the variable, for a missing or malformed store URL.
 pub fn store_url(lookup: &dyn Fn(&str) -> Option<String>) -> Result<StoreUrl, String> {
-    let raw = lookup("TIDEMARK_STORE")
-        .filter(|v| !v.trim().is_empty())
-        .ok_or("TIDEMARK_STORE is not set (s3://bucket/prefix)")?;
-    raw.parse().map_err(|e| format!("TIDEMARK_STORE: {e}"))
+    store_settings(lookup)?.url()
 }
 
 /// How long failed store requests are retried: `TIDEMARK_STORE_RETRY_SECS`, from `lookup`.
@@ -139,50 +144,29 @@ pub fn store_url(lookup: &dyn Fn(&str) -> Option<String>) -> Result<StoreUrl, St
 /// # Errors
 /// A message naming the variable, for a value that is not a number of seconds.
 pub fn store_retry(lookup: &dyn Fn(&str) -> Option<String>) -> Result<store::RetryPolicy, String> {
-    match lookup(store::retry::RETRY_ENV).filter(|v| !v.trim().is_empty()) {
-        Some(text) => Ok(store::RetryPolicy {
-            budget: store::retry::parse_budget(&text)
-                .map_err(|e| format!("{}: {e}", store::retry::RETRY_ENV))?,
-            ..store::RetryPolicy::default()
-        }),
-        None => Ok(store::RetryPolicy::default()),
-    }
+    Ok(store_settings(lookup)?.retry_policy())
 }
 
-/// The store `TIDEMARK_STORE` names, retrying failed requests as
-/// `TIDEMARK_STORE_RETRY_SECS` says.
+/// The store the environment names (see [`store_settings`]).
 ///
 /// # Errors
 /// A message naming the variable, for a missing or malformed store URL or retry budget.
 pub async fn store_from_env() -> Result<DynStore, String> {
-    let url = store_url(&env)?;
-    let retry = store_retry(&env)?;
-    store::open(&url, retry)
-        .await
-        .map_err(|e| format!("TIDEMARK_STORE: {e}"))
+    store_settings(&env)?.open().await
 }
 
-/// Where the database settings come from: `DATABASE_URL` or `TIDEMARK_SECRET_ID`, with
-/// `TIDEMARK_CA_FILE` and `TIDEMARK_SSLMODE`, from `lookup`.
+/// Where the database settings come from ([`DatabaseSource`]: `DATABASE_URL` or
+/// `TIDEMARK_SECRET_ID`, with `TIDEMARK_CA_FILE` and `TIDEMARK_SSLMODE`), from `lookup`.
 ///
 /// # Errors
 /// A message naming the variable with a bad value.
 pub fn database_source(lookup: &dyn Fn(&str) -> Option<String>) -> Result<DatabaseSource, String> {
-    let get = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
-    let sslmode = get("TIDEMARK_SSLMODE")
-        .map(|m| m.parse().map_err(|e| format!("TIDEMARK_SSLMODE: {e}")))
-        .transpose()?;
-    let url = get("DATABASE_URL").map(SecretString::from);
-    if let Some(url) = &url {
+    let source: DatabaseSource = config::from_env(lookup)?;
+    if let Some(url) = &source.url {
         // Refused at cold start, naming the variable (the error never shows the URL).
         DbSettings::from_url(url).map_err(|e| format!("DATABASE_URL: {e}"))?;
     }
-    Ok(DatabaseSource {
-        url,
-        secret_id: get("TIDEMARK_SECRET_ID"),
-        ca_file: get("TIDEMARK_CA_FILE").map(Into::into),
-        sslmode,
-    })
+    Ok(source)
 }
 
 /// Database settings from the process environment (a secret is fetched once, at cold

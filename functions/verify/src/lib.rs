@@ -11,15 +11,14 @@
 use std::sync::Arc;
 
 use lambda_runtime::LambdaEvent;
-use secrecy::SecretString;
 use serde_json::Value;
 use tidemark_core::config;
-use tidemark_core::db::{DatabaseSource, DbSettings};
+use tidemark_core::db::DbSettings;
 use tidemark_core::events;
 use tidemark_core::metrics::{self, Unit};
 use tidemark_core::restore::BackupSelector;
 use tidemark_core::store::WriteStore;
-use tidemark_core::verify::{self, VerifyOptions};
+use tidemark_core::verify::{self, VerifyOptions, VerifySettings};
 use tidemark_lambda::FunctionError;
 
 /// Clients and settings built once per cold start.
@@ -40,30 +39,19 @@ impl Deps {
     /// # Errors
     /// A message naming the variable that is missing or malformed.
     pub async fn from_env() -> Result<Self, String> {
-        let env = |n: &str| std::env::var(n).ok().filter(|v| !v.trim().is_empty());
-        let server = if env("TIDEMARK_SCRATCH_URL").is_some()
-            || env("TIDEMARK_SCRATCH_SECRET_ID").is_some()
-        {
-            DatabaseSource {
-                url: env("TIDEMARK_SCRATCH_URL").map(SecretString::from),
-                secret_id: env("TIDEMARK_SCRATCH_SECRET_ID"),
-                ca_file: env("TIDEMARK_CA_FILE").map(Into::into),
-                sslmode: None,
-            }
-            .resolve()
-            .await
-            .map_err(|e| tidemark_core::error_chain(&e))?
-        } else {
-            tidemark_lambda::database_from_env().await?
-        };
-        let mut options = VerifyOptions {
+        let env = |n: &str| std::env::var(n).ok();
+        let settings: VerifySettings = config::from_env(&env)?;
+        let source = tidemark_lambda::database_source(&env)?;
+        let server = match settings.scratch_source(&source) {
+            Some(scratch) => scratch.resolve().await,
+            None => source.resolve().await,
+        }
+        .map_err(|e| tidemark_core::error_chain(&e))?;
+        let options = VerifyOptions {
             pg_dump: config::pg_dump_from_env(&env),
+            workers: settings.workers,
             ..VerifyOptions::default()
         };
-        let workers = config::setting(&env, "TIDEMARK_WORKERS", config::parse_workers)?;
-        if let Some(workers) = workers {
-            options.workers = workers;
-        }
         Ok(Self {
             store: tidemark_lambda::store_from_env().await?,
             server,

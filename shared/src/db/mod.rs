@@ -210,17 +210,40 @@ pub fn server_message(e: &tokio_postgres::Error) -> String {
 }
 
 /// Where the database settings come from, as given on the command line or in the
-/// environment, before any lookup.
-#[derive(Debug, Clone, Default)]
+/// environment, before any lookup: the connection settings of every operation, declared
+/// once. The CLI flattens this struct (global flags); the functions read it from their
+/// environment with [`crate::config::from_env`].
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct DatabaseSource {
-    /// A `postgres://` URL (kept secret: it may hold a password).
+    /// PostgreSQL URL, postgres://user:password@host:port/db?sslmode=verify-full.
+    #[arg(
+        long = "database-url",
+        env = "DATABASE_URL",
+        global = true,
+        hide_env_values = true,
+        value_name = "URL",
+        value_parser = secret
+    )]
     pub url: Option<SecretString>,
-    /// A Secrets Manager secret id or ARN in the RDS format.
+    /// Secrets Manager secret (id or ARN) in the RDS format, instead of a URL.
+    #[arg(long, env = "TIDEMARK_SECRET_ID", global = true, value_name = "ID")]
     pub secret_id: Option<String>,
-    /// A CA bundle that overrides the URL's or secret's `sslrootcert`.
+    /// PEM bundle of CAs that sign the server certificate (e.g. the RDS global bundle).
+    #[arg(long, env = "TIDEMARK_CA_FILE", global = true, value_name = "PATH")]
     pub ca_file: Option<PathBuf>,
-    /// An sslmode that overrides the URL's or secret's.
+    /// TLS mode, overriding the URL's or secret's: disable, prefer, require, verify-ca, verify-full.
+    #[arg(long, env = "TIDEMARK_SSLMODE", global = true, value_name = "MODE", value_parser = sslmode)]
     pub sslmode: Option<SslMode>,
+}
+
+/// A URL kept secret from the moment it is read (it may hold a password); checked when
+/// it is used, so that no parse error can show it.
+pub(crate) fn secret(text: &str) -> Result<SecretString, String> {
+    Ok(SecretString::from(text.to_owned()))
+}
+
+fn sslmode(text: &str) -> Result<SslMode, String> {
+    text.parse().map_err(|e: DbError| e.to_string())
 }
 
 impl DatabaseSource {
@@ -230,7 +253,13 @@ impl DatabaseSource {
     /// [`DbError::NotConfigured`] / [`DbError::Ambiguous`] for zero or two sources; parse
     /// errors; [`DbError::SecretUnavailable`] when Secrets Manager cannot give the secret.
     pub async fn resolve(&self) -> Result<DbSettings, DbError> {
-        let mut settings = match (&self.url, &self.secret_id) {
+        // A blank setting is an unset one (`DATABASE_URL=` in a shell).
+        let url = self
+            .url
+            .as_ref()
+            .filter(|u| !u.expose_secret().trim().is_empty());
+        let secret_id = self.secret_id.as_ref().filter(|s| !s.trim().is_empty());
+        let mut settings = match (url, secret_id) {
             (Some(_), Some(_)) => return Err(DbError::Ambiguous),
             (None, None) => return Err(DbError::NotConfigured),
             (Some(url), None) => DbSettings::from_url(url)?,

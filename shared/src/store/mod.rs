@@ -21,6 +21,7 @@ mod faults;
 mod local;
 pub mod retry;
 mod s3;
+mod settings;
 mod url;
 
 use std::fmt;
@@ -39,6 +40,7 @@ pub use self::faults::{Fault, FaultyStore};
 pub use self::local::{readable_by_others, LocalStore};
 pub use self::retry::RetryPolicy;
 pub use self::s3::{S3Store, S3StoreOptions};
+pub use self::settings::StoreSettings;
 pub use self::url::StoreUrl;
 
 /// Most keys one batched delete request carries (the S3 `DeleteObjects` limit).
