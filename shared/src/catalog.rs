@@ -149,7 +149,7 @@ fn q<'a>(
 /// [`CatalogError::UnknownTable`] naming a listed table that does not exist (nothing has
 /// been written by then), mode errors, query errors.
 pub async fn discover(
-    client: &Session,
+    client: &Session<'_>,
     selection: &TableSelection,
 ) -> Result<Vec<CatalogTable>, CatalogError> {
     let schemas = if selection.schemas.is_empty() {
@@ -273,7 +273,7 @@ fn check_mode(table: &CatalogTable, mode: TableMode) -> Result<(), CatalogError>
 
 /// Reads one table's definition, key, size and identity.
 async fn describe(
-    client: &Session,
+    client: &Session<'_>,
     name: TableName,
     oid: u32,
     relkind: &str,
@@ -323,7 +323,7 @@ async fn describe(
 }
 
 /// The table's columns, generated ones with their expression.
-async fn read_columns(client: &Session, oid: u32) -> Result<Vec<ColumnDef>, CatalogError> {
+async fn read_columns(client: &Session<'_>, oid: u32) -> Result<Vec<ColumnDef>, CatalogError> {
     Ok(client
         .query(
             "SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull, \
@@ -357,7 +357,7 @@ async fn read_columns(client: &Session, oid: u32) -> Result<Vec<ColumnDef>, Cata
 }
 
 /// The primary key's key columns (not its INCLUDE columns) and their types, in order.
-async fn read_key(client: &Session, oid: u32) -> Result<Vec<(String, String)>, CatalogError> {
+async fn read_key(client: &Session<'_>, oid: u32) -> Result<Vec<(String, String)>, CatalogError> {
     Ok(client
         .query(
             "SELECT a.attname, format_type(a.atttypid, a.atttypmod) \
@@ -374,7 +374,7 @@ async fn read_key(client: &Session, oid: u32) -> Result<Vec<(String, String)>, C
 }
 
 /// The table's indexes, with the constraints they back.
-async fn read_indexes(client: &Session, oid: u32) -> Result<Vec<IndexDef>, CatalogError> {
+async fn read_indexes(client: &Session<'_>, oid: u32) -> Result<Vec<IndexDef>, CatalogError> {
     Ok(client
         .query(
             "SELECT ic.relname, pg_get_indexdef(i.indexrelid), con.conname, pg_get_constraintdef(con.oid) \
@@ -407,7 +407,7 @@ enum Constraints {
 }
 
 async fn read_constraints(
-    client: &Session,
+    client: &Session<'_>,
     oid: u32,
     which: Constraints,
 ) -> Result<Vec<ConstraintDef>, CatalogError> {
@@ -437,7 +437,7 @@ async fn read_constraints(
 
 /// A partitioned table's partition key and its partitions (the whole tree).
 async fn read_partitioning(
-    client: &Session,
+    client: &Session<'_>,
     oid: u32,
 ) -> Result<(Option<String>, Vec<PartitionDef>), CatalogError> {
     let key: Option<String> = client
@@ -470,7 +470,7 @@ async fn read_partitioning(
 }
 
 /// Heap bytes and estimated rows of the table and its partitions.
-async fn read_size(client: &Session, oid: u32) -> Result<(i64, f64), CatalogError> {
+async fn read_size(client: &Session<'_>, oid: u32) -> Result<(i64, f64), CatalogError> {
     let size = client
         .query_one(
             // pg_partition_tree lists nothing for an ordinary table: count the table
@@ -488,7 +488,7 @@ async fn read_size(client: &Session, oid: u32) -> Result<(i64, f64), CatalogErro
 
 /// What tells this table apart from another of the same name.
 async fn read_identity(
-    client: &Session,
+    client: &Session<'_>,
     oid: u32,
     key: &[(String, String)],
 ) -> Result<TableIdentity, CatalogError> {
@@ -541,7 +541,7 @@ async fn read_identity(
 /// # Errors
 /// Query errors.
 pub async fn sequences(
-    client: &Session,
+    client: &Session<'_>,
     schemas: &[String],
 ) -> Result<Vec<SequenceValue>, CatalogError> {
     let schemas: Vec<String> = if schemas.is_empty() {

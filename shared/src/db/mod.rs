@@ -19,7 +19,7 @@ use secrecy::{ExposeSecret, SecretString};
 use tokio_postgres::config::SslMode as PgSslMode;
 use tokio_postgres::{Client, NoTls};
 
-pub use self::session::Session;
+pub use self::session::{Connection, Session, Snapshot};
 pub use self::settings::{DbSettings, SslMode};
 pub use self::version::{ServerVersion, Support};
 use crate::error::{Classified, ErrorKind};

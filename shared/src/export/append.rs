@@ -61,7 +61,7 @@ pub(super) fn find_gaps(
 /// exported now; gaps still empty are kept until their TTL.
 pub(super) async fn probe_gaps(
     shared: &Shared,
-    client: &Session,
+    client: &Session<'_>,
     table: &TableProgress,
     t: usize,
 ) -> Result<Delta, RunError> {
@@ -193,7 +193,7 @@ pub(super) enum AppendCheck {
 /// A deep check also fingerprints those rows whole.
 pub(super) async fn check_append(
     shared: &Shared,
-    client: &Session,
+    client: &Session<'_>,
     table: &TableProgress,
     upto: Option<i64>,
 ) -> Result<AppendCheck, RunError> {

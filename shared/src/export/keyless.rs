@@ -12,7 +12,7 @@ use crate::run::RunError;
 /// Exports a keyless table in one statement, cutting chunks as the rows stream by.
 pub(super) async fn export_keyless(
     shared: &Shared,
-    client: &Session,
+    client: &Session<'_>,
     table: &TableProgress,
     t: usize,
 ) -> Result<Delta, RunError> {

@@ -22,7 +22,7 @@ pub(super) fn slice_xmin(doc: &RunProgress, slice: u32) -> u64 {
 /// Returns false when the run gives up on one point in time instead.
 pub(super) async fn start_round(
     doc: &mut RunProgress,
-    client: &Session,
+    client: &Session<'_>,
     opts: &ExportOptions,
     slice: u32,
 ) -> Result<bool, RunError> {
@@ -107,7 +107,7 @@ pub(super) async fn start_round(
 pub(super) async fn prepare_pass(
     table: &mut TableProgress,
     since_xmin: Option<u64>,
-    client: &Session,
+    client: &Session<'_>,
     opts: &ExportOptions,
     slice: u32,
 ) -> Result<(), RunError> {
@@ -154,7 +154,7 @@ pub(super) async fn prepare_pass(
 
 /// The highest key of an `append` table now (`None` when empty).
 pub(super) async fn append_mark(
-    client: &Session,
+    client: &Session<'_>,
     table: &TableName,
     relation: &str,
     key: &str,
@@ -175,7 +175,7 @@ pub(super) async fn append_mark(
 /// one dropped is left out; each with a warning in the manifest.
 pub(super) async fn reconcile_catalog(
     doc: &mut RunProgress,
-    client: &Session,
+    client: &Session<'_>,
     opts: &ExportOptions,
 ) -> Result<(), RunError> {
     let found = catalog::discover(client, &opts.settings.selection).await?;

@@ -18,7 +18,7 @@ use chrono::Utc;
 
 /// Plans a new run inside the coordinator's snapshot: tables, scopes, marks, sequences.
 pub(super) async fn plan_run(
-    client: &Session,
+    client: &Session<'_>,
     store: &dyn WriteStore,
     opts: &ExportOptions,
     run_id: Option<String>,
@@ -197,7 +197,7 @@ pub(crate) fn table_shape(
 }
 
 pub(super) async fn plan_table(
-    client: &Session,
+    client: &Session<'_>,
     table: CatalogTable,
     parent: Option<&(Checkpoint, Manifest)>,
     opts: &ExportOptions,
@@ -347,7 +347,7 @@ pub(super) fn scope_lane(table: &TableProgress) -> Option<Lane> {
 /// Splits a keyed table into up to `workers` lanes of about equal row counts (bounds from
 /// an index-only scan), so that several connections export one big table at once.
 pub(super) async fn plan_lanes(
-    client: &Session,
+    client: &Session<'_>,
     table: &TableProgress,
     est_rows: f64,
     workers: usize,

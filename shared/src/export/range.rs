@@ -17,7 +17,7 @@ use chrono::Utc;
 /// lane's new state.
 pub(super) async fn export_range(
     shared: &Shared,
-    client: &Session,
+    client: &Session<'_>,
     table: &TableProgress,
     lane: &Lane,
     seq: u32,
@@ -61,7 +61,7 @@ pub(super) async fn export_range(
 /// The key `rows_per_chunk` rows past `lower` (no further than `until`), from an
 /// index-only scan; `None` when fewer rows are left.
 async fn next_bound(
-    client: &Session,
+    client: &Session<'_>,
     table: &TableProgress,
     lower: Option<&Vec<String>>,
     until: Option<&Vec<String>>,
@@ -190,7 +190,7 @@ struct RangeCopy<'a> {
 }
 
 impl RangeCopy<'_> {
-    async fn read(&mut self, client: &Session) -> Result<(), RunError> {
+    async fn read(&mut self, client: &Session<'_>) -> Result<(), RunError> {
         let table = self.table;
         let mut lines = CopyLines::start(client, &self.query.select)
             .await
@@ -311,7 +311,7 @@ pub(super) fn key_fields(line: &[u8], positions: &[usize], out: &mut Vec<u8>) {
 
 /// The fingerprint of `select`'s rows, computed from the source's COPY output.
 pub(super) async fn source_fingerprint(
-    client: &Session,
+    client: &Session<'_>,
     table: &TableProgress,
     select: &str,
 ) -> Result<Fingerprint, RunError> {

@@ -13,7 +13,7 @@ use crate::schema::{self, PgDump};
 /// it (unless the run's schema already is), and the run is ready to seal.
 pub(super) async fn finalize_run(
     shared: &Shared,
-    client: &Session,
+    client: &Session<'_>,
     db: &DbSettings,
     opts: &ExportOptions,
     snapshot_id: &str,

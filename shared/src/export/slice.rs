@@ -6,8 +6,8 @@ use super::pass::start_round;
 use super::plan::plan_run;
 use super::seal::{dump_schemas, finalize_run};
 use super::state::{work_left, Shared, Slice, Work};
-use super::worker::{end_snapshot, worker};
-use crate::db::{DbSettings, Session};
+use super::worker::worker;
+use crate::db::{Connection, DbSettings, Session};
 use crate::format::manifest::Manifest;
 use crate::format::progress::{RunProgress, SliceSnapshot};
 use crate::format::{read_doc, write_doc, PgSnapshot};
@@ -42,7 +42,15 @@ pub async fn export_slice(
         Found::Resume(progress) => Some(progress),
         Found::New => None,
     };
-    let (coordinator, snapshot_id) = open_snapshot(db).await?;
+    // The slice's one moment, which its workers and pg_dump import.
+    let mut connection = Connection::connect(db).await?;
+    let snapshot = connection.snapshot(None).await?;
+    let coordinator = snapshot.session();
+    let snapshot_id: String = coordinator
+        .query_one("SELECT pg_export_snapshot()", &[])
+        .await
+        .and_then(|row| row.try_get(0))
+        .map_err(coordinator.failed("exporting the snapshot"))?;
     // A new run captures the schema: find a fit pg_dump before anything is written.
     let schema_tool = match resume {
         Some(_) => None,
@@ -103,7 +111,6 @@ pub async fn export_slice(
         shared.show_tables(&shared.state.lock().await.doc);
 
         let outcome = work_loop(&shared, &coordinator, db, opts).await;
-        end_snapshot(&coordinator, &run_id).await;
         if let Err(e) = outcome {
             // Keep what finished: the next slice resumes from it.
             if !matches!(e, RunError::LeaseLost { .. } | RunError::Conflict { .. }) {
@@ -119,6 +126,14 @@ pub async fn export_slice(
         Ok(slice_report(&shared, &state.doc, started))
     }
     .await;
+    // What the slice read is recorded: a COMMIT that fails (the connection went away)
+    // loses nothing, so it is logged rather than failing the slice. After a failure the
+    // snapshot is rolled back as it is dropped.
+    if result.is_ok() {
+        if let Err(e) = snapshot.commit().await {
+            tracing::warn!(run_id, error = %crate::error_chain(&e), "could not end the slice's snapshot transaction");
+        }
+    }
     if let Err(e) = &result {
         release_after_failure(store.as_ref(), &run_id, e).await;
     }
@@ -188,23 +203,8 @@ async fn find_run(store: &dyn WriteStore, opts: &ExportOptions) -> Result<Found,
     }
 }
 
-/// Opens the slice's one snapshot, which its workers and pg_dump import.
-async fn open_snapshot(db: &DbSettings) -> Result<(Session, String), RunError> {
-    let coordinator = Session::connect(db).await?;
-    coordinator
-        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        .await
-        .map_err(coordinator.failed("starting the export transaction"))?;
-    let snapshot_id: String = coordinator
-        .query_one("SELECT pg_export_snapshot()", &[])
-        .await
-        .and_then(|row| row.try_get(0))
-        .map_err(coordinator.failed("exporting the snapshot"))?;
-    Ok((coordinator, snapshot_id))
-}
-
 /// Finds a pg_dump that can dump this server.
-async fn locate_pg_dump(client: &Session, opts: &ExportOptions) -> Result<PgDump, RunError> {
+async fn locate_pg_dump(client: &Session<'_>, opts: &ExportOptions) -> Result<PgDump, RunError> {
     let tool = PgDump::locate(opts.pg_dump.as_deref()).await?;
     let server: i32 = client
         .query_one("SELECT current_setting('server_version_num')::int4", &[])
@@ -218,7 +218,7 @@ async fn locate_pg_dump(client: &Session, opts: &ExportOptions) -> Result<PgDump
 /// Captures the schema (and large objects) in the slice's snapshot into the progress.
 async fn capture_schema(
     store: &dyn WriteStore,
-    client: &Session,
+    client: &Session<'_>,
     db: &DbSettings,
     tool: &PgDump,
     snapshot_id: &str,
@@ -248,7 +248,7 @@ async fn capture_schema(
 /// consistency-pass rounds that bring every table to this snapshot.
 async fn work_loop(
     shared: &Arc<Shared>,
-    coordinator: &Session,
+    coordinator: &Session<'_>,
     db: &DbSettings,
     opts: &ExportOptions,
 ) -> Result<(), RunError> {
@@ -372,7 +372,7 @@ pub(super) async fn abort_leftover_uploads(store: &dyn WriteStore, run_id: &str)
 /// Records the snapshot this slice reads in (and the WAL position), replacing a record
 /// of the same slice number left by a first slice that died.
 pub(super) async fn record_slice_snapshot(
-    client: &Session,
+    client: &Session<'_>,
     progress: &mut RunProgress,
 ) -> Result<(), RunError> {
     let row = client
@@ -433,7 +433,7 @@ pub(super) enum Step {
 /// ranges are exported but the tables are of several snapshots.
 pub(super) async fn next_step(
     doc: &mut RunProgress,
-    client: &Session,
+    client: &Session<'_>,
     opts: &ExportOptions,
     slice: u32,
     past_deadline: bool,

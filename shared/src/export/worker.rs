@@ -5,33 +5,30 @@ use super::append::{check_append, probe_gaps, AppendCheck};
 use super::keyless::export_keyless;
 use super::range::export_range;
 use super::state::{Shared, Work};
-use crate::db::{DbSettings, Session};
+use crate::db::{Connection, DbError, DbSettings, Session};
 use crate::error::Classified;
 use crate::format::progress::{ExportScope, TableProgress};
-use crate::format::{quote_literal, Fingerprint};
+use crate::format::Fingerprint;
 use crate::run::RunError;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio_postgres::Client;
 
 /// Times a worker reconnects in one slice after losing its connection.
 pub(super) const RECONNECTS: u32 = 5;
 
 pub(super) async fn worker(shared: Arc<Shared>, db: DbSettings) -> Result<(), RunError> {
-    let mut client = Session::connect(&db).await?;
+    let mut connection = Connection::connect(&db).await?;
     let mut reconnects = 0;
     while !shared.past_deadline() {
         let Some(work) = shared.next_work() else {
             break;
         };
-        let result = async {
-            import_snapshot(&client, &shared.snapshot_id).await?;
-            do_work(&shared, &client, work).await
-        }
-        .await;
-        end_snapshot(&client, &shared.run_id).await;
-        let Err(err) = result else { continue };
-        if !(client.is_closed() && err.kind().is_transient()) || reconnects >= RECONNECTS {
+        let Err(err) = in_snapshot(&shared, &mut connection, work).await else {
+            continue;
+        };
+        if !(connection.session().is_closed() && err.kind().is_transient())
+            || reconnects >= RECONNECTS
+        {
             return Err(err);
         }
         // The connection died (backend terminated, server restarted, failover): redo
@@ -39,44 +36,42 @@ pub(super) async fn worker(shared: Arc<Shared>, db: DbSettings) -> Result<(), Ru
         reconnects += 1;
         tracing::warn!(run_id = shared.run_id, attempt = reconnects, error = %err, "lost the database connection; redoing the work on a new one");
         shared.push_front(work);
-        client = reconnect(&db, reconnects).await?;
-        import_snapshot(&client, &shared.snapshot_id)
-            .await
-            .map_err(|e| RunError::SnapshotLost {
-                detail: e.to_string(),
-            })?;
-        end_snapshot(&client, &shared.run_id).await;
+        connection = reconnect(&db, reconnects).await?;
+        // Only while the coordinator holds the snapshot can it still be imported.
+        let lost = |e: DbError| RunError::SnapshotLost {
+            detail: e.to_string(),
+        };
+        let check = connection.snapshot(Some(&shared.snapshot_id)).await;
+        check.map_err(lost)?.commit().await.map_err(lost)?;
     }
     Ok(())
 }
 
-pub(super) async fn import_snapshot(client: &Session, snapshot_id: &str) -> Result<(), RunError> {
-    client
-        .batch_execute(&format!(
-            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
-            quote_literal(snapshot_id)
-        ))
-        .await
-        .map_err(|e| client.failed("importing the snapshot")(e).into())
-}
-
-/// Ends a read-only snapshot transaction. What it read is already checked and recorded,
-/// so a failed COMMIT (the connection went away) loses nothing: it is logged, and the
-/// next piece of work on this connection finds the connection closed and reconnects.
-pub(super) async fn end_snapshot(client: &Client, run_id: &str) {
-    if let Err(e) = client.batch_execute("COMMIT").await {
-        tracing::warn!(run_id, error = %crate::error_chain(&e), "could not end a snapshot transaction");
+/// Does `work` in the slice's snapshot, imported into a transaction on `connection`.
+/// What the work read is recorded before it returns, so a COMMIT that fails (the
+/// connection went away) loses nothing: it is logged, and the next piece of work finds
+/// the connection closed and reconnects.
+async fn in_snapshot(
+    shared: &Shared,
+    connection: &mut Connection,
+    work: Work,
+) -> Result<(), RunError> {
+    let snapshot = connection.snapshot(Some(&shared.snapshot_id)).await?;
+    do_work(shared, &snapshot.session(), work).await?;
+    if let Err(e) = snapshot.commit().await {
+        tracing::warn!(run_id = shared.run_id, error = %crate::error_chain(&e), "could not end a snapshot transaction");
     }
+    Ok(())
 }
 
 /// A new connection after the `attempt`-th loss, waiting a little longer each time for
 /// a restarting server (about a minute in all).
-pub(super) async fn reconnect(db: &DbSettings, attempt: u32) -> Result<Session, RunError> {
+pub(super) async fn reconnect(db: &DbSettings, attempt: u32) -> Result<Connection, RunError> {
     let started = Instant::now();
     let mut delay = Duration::from_millis(500 * u64::from(attempt));
     loop {
         tokio::time::sleep(delay).await;
-        match Session::connect(db).await {
+        match Connection::connect(db).await {
             Ok(client) => return Ok(client),
             Err(e) if e.kind().is_transient() && started.elapsed() < Duration::from_secs(60) => {
                 tracing::warn!(error = %e, "the database is not reachable yet");
@@ -87,7 +82,11 @@ pub(super) async fn reconnect(db: &DbSettings, attempt: u32) -> Result<Session, 
     }
 }
 
-pub(super) async fn do_work(shared: &Shared, client: &Session, work: Work) -> Result<(), RunError> {
+pub(super) async fn do_work(
+    shared: &Shared,
+    client: &Session<'_>,
+    work: Work,
+) -> Result<(), RunError> {
     match work {
         Work::Keyless(t) => {
             // A keyless table has no cursor: it is exported whole within one slice.
@@ -143,7 +142,11 @@ pub(super) fn reset(table: &mut TableProgress, slice: u32) {
 
 /// All of a table is exported: for an `append` table, take the source's truth and check
 /// the chain against it; then mark it done.
-pub(super) async fn finalize(shared: &Shared, client: &Session, t: usize) -> Result<(), RunError> {
+pub(super) async fn finalize(
+    shared: &Shared,
+    client: &Session<'_>,
+    t: usize,
+) -> Result<(), RunError> {
     let table = shared.begin(t).await;
     if let ExportScope::Appended { upto, .. } = table.scope {
         match check_append(shared, client, &table, upto).await? {
