@@ -5,10 +5,9 @@ use crate::GlobalArgs;
 use clap::Args;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use tidemark_core::config::{parse_workers, DEFAULT_WORKERS};
 use tidemark_core::db::DbSettings;
 use tidemark_core::error_chain;
-use tidemark_core::restore::{self, BackupSelector, RestoreMeter, RestoreOptions};
+use tidemark_core::restore::{self, BackupSelector, RestoreMeter, RestoreOptions, RestoreSettings};
 
 #[derive(Args)]
 pub struct RestoreArgs {
@@ -23,40 +22,8 @@ pub struct RestoreArgs {
         value_name = "URL"
     )]
     target_url: String,
-    /// Load into existing tables (schema from migrations) instead of creating them.
-    #[arg(long)]
-    data_only: bool,
-    /// With --data-only: empty the target tables first.
-    #[arg(long, requires = "data_only")]
-    clean: bool,
-    /// Only these tables (comma-separated).
-    #[arg(long, value_delimiter = ',')]
-    tables: Vec<String>,
-    /// Tables loaded at once.
-    #[arg(long, env = "TIDEMARK_WORKERS", default_value_t = DEFAULT_WORKERS, value_parser = parse_workers)]
-    workers: usize,
-    /// Restore owners and grants too (default: like pg_restore --no-owner
-    /// --no-privileges, everything owned by the restoring role).
-    #[arg(long, conflicts_with = "data_only")]
-    with_privileges: bool,
-    /// First create the roles the backup names that the target lacks (from its
-    /// pg_dumpall --globals-only, without passwords).
-    #[arg(long, conflicts_with = "data_only")]
-    roles: bool,
-    /// Restore into a server of an older major version than the backup's source (refused
-    /// by default); objects the older server cannot create then fail by name.
-    #[arg(long)]
-    allow_older_target: bool,
-    /// Move a sequence that the source held behind its column's largest key past that
-    /// key (by default the restore keeps every sequence exactly as the source had it,
-    /// and names such a sequence in a warning).
-    #[arg(long)]
-    advance_sequences: bool,
-    /// Stop at the first table that fails to load. A --data-only restore otherwise loads
-    /// every other table, then lists the failed ones and exits non-zero; a whole restore
-    /// always stops at the first failure.
-    #[arg(long)]
-    exit_on_error: bool,
+    #[command(flatten)]
+    settings: RestoreSettings,
 }
 
 pub(super) fn parse_selector(s: &str) -> Result<BackupSelector, String> {
@@ -78,16 +45,8 @@ pub async fn restore(global: &GlobalArgs, args: &RestoreArgs) -> Result<(), Stri
         .map_err(|e| error_chain(&e))?;
     let meter = Arc::new(RestoreMeter::default());
     let opts = RestoreOptions {
-        tables: args.tables.clone(),
-        data_only: args.data_only,
-        clean: args.clean,
-        workers: args.workers,
+        settings: args.settings.clone(),
         meter: Some(meter.clone()),
-        with_privileges: args.with_privileges,
-        create_roles: args.roles,
-        allow_older_target: args.allow_older_target,
-        advance_sequences: args.advance_sequences,
-        exit_on_error: args.exit_on_error,
         ..RestoreOptions::default()
     };
     let bar = spinner(move || {

@@ -304,12 +304,14 @@ async fn restore_scratch(
 ) -> Result<bool, VerifyError> {
     let started = Instant::now();
     let restore_opts = RestoreOptions {
-        workers: opts.workers,
+        settings: crate::restore::RestoreSettings {
+            workers: opts.workers,
+            ..crate::restore::RestoreSettings::default()
+        },
         resume: Some(state.resume.clone()),
         deadline: opts.deadline,
         mark_finished: true,
         meter: Some(meter.clone()),
-        ..RestoreOptions::default()
     };
     match restore::restore(store.clone(), manifest, scratch, &restore_opts).await {
         Ok(report) => {

@@ -83,7 +83,10 @@ async fn round_trip(app: &str, changes: &str) {
         &m,
         &target.settings(),
         &RestoreOptions {
-            data_only: true,
+            settings: tidemark_core::restore::RestoreSettings {
+                data_only: true,
+                ..tidemark_core::restore::RestoreSettings::default()
+            },
             ..RestoreOptions::default()
         },
     )

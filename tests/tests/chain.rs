@@ -355,7 +355,10 @@ async fn restore_sequences_behind(advance: bool) -> (Vec<String>, Vec<(i64, bool
         &m,
         &restored.settings(),
         &tidemark_core::restore::RestoreOptions {
-            advance_sequences: advance,
+            settings: tidemark_core::restore::RestoreSettings {
+                advance_sequences: advance,
+                ..tidemark_core::restore::RestoreSettings::default()
+            },
             ..Default::default()
         },
     )

@@ -262,7 +262,10 @@ async fn a_restore_into_an_older_major_is_refused_unless_allowed() {
     // Allowed: the first schema object the older server cannot create fails, by name, and
     // the pre-data transaction leaves nothing behind.
     let allowed = RestoreOptions {
-        allow_older_target: true,
+        settings: tidemark_core::restore::RestoreSettings {
+            allow_older_target: true,
+            ..tidemark_core::restore::RestoreSettings::default()
+        },
         ..RestoreOptions::default()
     };
     let (failed, result) = restore_into(&store, &target, &full.backup_id, &allowed).await;
@@ -365,7 +368,10 @@ async fn an_unsupported_server_is_refused_by_name() {
     chain_fixture(&source).await;
     let (full, _) = backup(&store, &source, &whole_schema_options()).await;
     let allowed = RestoreOptions {
-        allow_older_target: true,
+        settings: tidemark_core::restore::RestoreSettings {
+            allow_older_target: true,
+            ..tidemark_core::restore::RestoreSettings::default()
+        },
         ..RestoreOptions::default()
     };
     let (target_db, result) = restore_into(&store, &old, &full.backup_id, &allowed).await;

@@ -418,7 +418,10 @@ async fn bad_restore_input_is_refused_and_the_target_left_untouched() {
     )
     .await;
     let data_only = RestoreOptions {
-        data_only: true,
+        settings: tidemark_core::restore::RestoreSettings {
+            data_only: true,
+            ..tidemark_core::restore::RestoreSettings::default()
+        },
         ..RestoreOptions::default()
     };
     let err = restore::restore(store.clone(), &m, &target.settings(), &data_only)
@@ -455,8 +458,11 @@ async fn bad_restore_input_is_refused_and_the_target_left_untouched() {
 
     // With --clean the data lands, schema from "migrations".
     let clean = RestoreOptions {
-        data_only: true,
-        clean: true,
+        settings: tidemark_core::restore::RestoreSettings {
+            data_only: true,
+            clean: true,
+            ..tidemark_core::restore::RestoreSettings::default()
+        },
         ..RestoreOptions::default()
     };
     restore::restore(store.clone(), &m, &target.settings(), &clean)
@@ -467,7 +473,10 @@ async fn bad_restore_input_is_refused_and_the_target_left_untouched() {
     // A subset, and an unknown table in it.
     let subset_target = cluster.create_database().await;
     let subset = RestoreOptions {
-        tables: vec!["accounts".into()],
+        settings: tidemark_core::restore::RestoreSettings {
+            tables: vec!["accounts".into()],
+            ..tidemark_core::restore::RestoreSettings::default()
+        },
         ..RestoreOptions::default()
     };
     let report = restore::restore(store.clone(), &m, &subset_target.settings(), &subset)
@@ -475,7 +484,10 @@ async fn bad_restore_input_is_refused_and_the_target_left_untouched() {
         .expect("subset");
     assert_eq!((report.tables, report.rows), (1, 1000));
     let unknown = RestoreOptions {
-        tables: vec!["accounts".into(), "nope".into()],
+        settings: tidemark_core::restore::RestoreSettings {
+            tables: vec!["accounts".into(), "nope".into()],
+            ..tidemark_core::restore::RestoreSettings::default()
+        },
         ..RestoreOptions::default()
     };
     let err = restore::restore(store.clone(), &m, &subset_target.settings(), &unknown)

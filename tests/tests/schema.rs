@@ -173,7 +173,10 @@ async fn data_only_into_a_migrated_schema_keeps_foreign_keys_and_triggers_quiet(
     let (sealed, _) = backup(&store, &db, &whole_schema_options()).await;
     let m = manifest(&store, &sealed.backup_id).await;
     let data_only = RestoreOptions {
-        data_only: true,
+        settings: tidemark_core::restore::RestoreSettings {
+            data_only: true,
+            ..tidemark_core::restore::RestoreSettings::default()
+        },
         ..RestoreOptions::default()
     };
 
@@ -197,8 +200,11 @@ async fn data_only_into_a_migrated_schema_keeps_foreign_keys_and_triggers_quiet(
     );
     // --clean empties every table at once (they reference each other) and loads again.
     let clean = RestoreOptions {
-        data_only: true,
-        clean: true,
+        settings: tidemark_core::restore::RestoreSettings {
+            data_only: true,
+            clean: true,
+            ..tidemark_core::restore::RestoreSettings::default()
+        },
         ..RestoreOptions::default()
     };
     restore::restore(store.clone(), &m, &target.settings(), &clean)
@@ -278,7 +284,10 @@ async fn a_table_subset_brings_its_own_objects_and_skips_foreign_keys_out_of_it(
         &m,
         &target.settings(),
         &RestoreOptions {
-            tables: vec!["app.members".into(), "app.\"Teams\"".into()],
+            settings: tidemark_core::restore::RestoreSettings {
+                tables: vec!["app.members".into(), "app.\"Teams\"".into()],
+                ..tidemark_core::restore::RestoreSettings::default()
+            },
             ..RestoreOptions::default()
         },
     )
@@ -729,8 +738,11 @@ async fn owners_grants_and_missing_roles_restore_when_asked() {
         &m,
         &full.settings(),
         &RestoreOptions {
-            with_privileges: true,
-            create_roles: true,
+            settings: tidemark_core::restore::RestoreSettings {
+                with_privileges: true,
+                create_roles: true,
+                ..tidemark_core::restore::RestoreSettings::default()
+            },
             ..RestoreOptions::default()
         },
     )

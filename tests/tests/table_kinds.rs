@@ -262,7 +262,10 @@ async fn every_table_kind_round_trips_full_and_incremental() {
         &manifest,
         &target.settings(),
         &RestoreOptions {
-            advance_sequences: true,
+            settings: tidemark_core::restore::RestoreSettings {
+                advance_sequences: true,
+                ..tidemark_core::restore::RestoreSettings::default()
+            },
             ..RestoreOptions::default()
         },
     )
@@ -299,8 +302,11 @@ async fn data_only_loads_every_table_it_can_and_lists_the_failed_ones() {
     let (full, _) = backup(&store, &db, &options()).await;
     let first = manifest(&store, &full.backup_id).await;
     let data_only = |exit_on_error| RestoreOptions {
-        data_only: true,
-        exit_on_error,
+        settings: tidemark_core::restore::RestoreSettings {
+            data_only: true,
+            exit_on_error,
+            ..tidemark_core::restore::RestoreSettings::default()
+        },
         ..RestoreOptions::default()
     };
 
@@ -362,7 +368,10 @@ async fn data_only_loads_every_table_it_can_and_lists_the_failed_ones() {
     assert_eq!(large_objects(&db).await, large_objects(&target).await);
     // Again with --clean: the tables are emptied and the large objects replaced.
     let clean = RestoreOptions {
-        clean: true,
+        settings: tidemark_core::restore::RestoreSettings {
+            clean: true,
+            ..data_only(false).settings
+        },
         ..data_only(false)
     };
     restore::restore(store.clone(), &manifest, &target.settings(), &clean)

@@ -62,8 +62,8 @@ pub(super) async fn restore_large_objects(
         script,
         "large objects",
         &ApplyOptions {
-            with_owners: opts.with_privileges,
-            with_privileges: opts.with_privileges,
+            with_owners: opts.settings.with_privileges,
+            with_privileges: opts.settings.with_privileges,
             ..ApplyOptions::default()
         },
         known,

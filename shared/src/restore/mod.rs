@@ -67,42 +67,68 @@ impl std::str::FromStr for BackupSelector {
     }
 }
 
+/// The restore settings a user gives, declared once: each field's flag, variable and
+/// default are here. The CLI flattens this struct into `restore`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RestoreSettings {
+    /// Only these tables (comma-separated); empty: all.
+    #[arg(long, value_delimiter = ',', value_parser = crate::config::parse_name)]
+    pub tables: Vec<String>,
+    /// Load into existing tables (schema from migrations) instead of creating them.
+    #[arg(long)]
+    pub data_only: bool,
+    /// With --data-only: empty the target tables first.
+    #[arg(long, requires = "data_only")]
+    pub clean: bool,
+    /// Tables loaded at once.
+    #[arg(long, env = "TIDEMARK_WORKERS", default_value_t = crate::config::DEFAULT_WORKERS, value_parser = crate::config::parse_workers)]
+    pub workers: usize,
+    /// Restore owners and grants too (default: like pg_restore --no-owner
+    /// --no-privileges, everything owned by the restoring role).
+    #[arg(long, conflicts_with = "data_only")]
+    pub with_privileges: bool,
+    /// First create the roles the backup names that the target lacks (from its
+    /// pg_dumpall --globals-only, without passwords).
+    #[arg(long = "roles", conflicts_with = "data_only")]
+    pub create_roles: bool,
+    /// Restore into a server of an older major version than the backup's source (refused
+    /// by default); objects the older server cannot create then fail by name.
+    #[arg(long)]
+    pub allow_older_target: bool,
+    /// Move a sequence that the source held behind its column's largest key past that
+    /// key (by default the restore keeps every sequence exactly as the source had it,
+    /// and names such a sequence in a warning).
+    #[arg(long)]
+    pub advance_sequences: bool,
+    /// Stop at the first table that fails to load. A --data-only restore otherwise loads
+    /// every other table, then lists the failed ones and exits non-zero; a whole restore
+    /// always stops at the first failure.
+    #[arg(long)]
+    pub exit_on_error: bool,
+}
+
+impl Default for RestoreSettings {
+    /// The defaults the attributes above declare.
+    fn default() -> Self {
+        crate::config::defaults()
+    }
+}
+
 /// How to restore.
 #[derive(Debug, Clone, Default)]
 pub struct RestoreOptions {
-    /// Restore only these tables (names as for `--tables`); empty: all.
-    pub tables: Vec<String>,
-    /// Load into tables that already exist (schema from migrations).
-    pub data_only: bool,
-    /// With `data_only`: empty the target tables first.
-    pub clean: bool,
-    /// Tables loaded at once.
-    pub workers: usize,
+    /// What the user chose: tables, data-only, workers, privileges, ...
+    pub settings: RestoreSettings,
     /// Live counters for a progress display.
     pub meter: Option<Arc<RestoreMeter>>,
     /// Continue a time-boxed restore (verification slices).
     pub resume: Option<ResumePoint>,
     /// Start no new table after this instant; the report says what completed.
     pub deadline: Option<Instant>,
-    /// Restore owners and grants (`ALTER ... OWNER TO`, `GRANT`), as pg_restore does
-    /// without `--no-owner --no-privileges`.
-    pub with_privileges: bool,
-    /// Create the roles the backup's globals name that the target lacks, first.
-    pub create_roles: bool,
     /// Mark the target database as completely restored (a comment on the database, in
     /// the post-data transaction), so that a verification slice that dies afterwards
     /// knows (see [`is_marked_finished`]).
     pub mark_finished: bool,
-    /// Restore into a server of an older major version than the backup's source (refused
-    /// otherwise): objects the older server cannot create then fail by name.
-    pub allow_older_target: bool,
-    /// Move a sequence that the source held behind its column's largest key past that
-    /// key (off by default: a restore equals the source, and such a sequence is only
-    /// named in a warning).
-    pub advance_sequences: bool,
-    /// With `data_only`: stop at the first table that fails (by default every other
-    /// table is loaded, then the failed ones are listed).
-    pub exit_on_error: bool,
 }
 
 const FINISHED_MARK: &str = "tidemark: restore finished";

@@ -74,7 +74,7 @@ pub(super) async fn check_target_version(
     if target_version.major() >= source.major() {
         return Ok(None);
     }
-    if !opts.allow_older_target {
+    if !opts.settings.allow_older_target {
         return Err(RestoreError::OlderTarget {
             backup: manifest.id.clone(),
             source_version: source,
@@ -105,7 +105,7 @@ pub(super) async fn preflight(
         existing_schemas = existing_empty_schemas(client, target, scripts, opts).await?;
     }
     for entry in tables {
-        if opts.data_only {
+        if opts.settings.data_only {
             check_data_only_target(client, target, entry, opts).await?;
         }
         check_chunks(store, entry).await?;
@@ -158,7 +158,7 @@ async fn check_new_tables(
 ) -> Result<(), RestoreError> {
     let relations = restored_relations(tables);
     for table in apply::created_tables(&scripts.pre) {
-        if !opts.tables.is_empty() && !relations.contains(&table) {
+        if !opts.settings.tables.is_empty() && !relations.contains(&table) {
             continue;
         }
         if exists(client, target, &table.quoted()).await? {
@@ -195,7 +195,7 @@ async fn existing_empty_schemas(
             .map_err(check(target, "checking the target"))?;
         match row {
             None => {}
-            Some(r) if r.get::<_, bool>(0) && opts.tables.is_empty() => {
+            Some(r) if r.get::<_, bool>(0) && opts.settings.tables.is_empty() => {
                 return Err(RestoreError::TargetSchemaNotEmpty(schema))
             }
             Some(_) => {
@@ -220,7 +220,7 @@ async fn check_data_only_target(
     {
         return Err(RestoreError::TargetTableMissing(entry.name.clone()));
     }
-    if opts.clean {
+    if opts.settings.clean {
         return Ok(());
     }
     let has_rows: bool = client

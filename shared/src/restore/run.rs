@@ -40,7 +40,7 @@ pub async fn restore(
     opts: &RestoreOptions,
 ) -> Result<RestoreReport, RestoreError> {
     let started = Instant::now();
-    let tables = select_tables(manifest, &opts.tables)?;
+    let tables = select_tables(manifest, &opts.settings.tables)?;
     let resume = opts.resume.clone().unwrap_or_default();
     let scripts = load_scripts(store.as_ref(), manifest, opts).await?;
     let admin = db::connect(target).await?;
@@ -66,7 +66,10 @@ pub async fn restore(
     meter.tables_total.store(tables.len(), Ordering::Relaxed);
     let mut schema = SchemaSteps::new(&admin, &known, existing_schemas, opts);
     schema.large_objects = large_objects;
-    if let Some(s) = scripts.as_ref().filter(|_| !opts.tables.is_empty()) {
+    if let Some(s) = scripts
+        .as_ref()
+        .filter(|_| !opts.settings.tables.is_empty())
+    {
         // Which pg_dump entries a restore of some tables applies.
         let relations = restored_relations(&tables);
         let plan = SubsetPlan::new(relations, sequence_owners(manifest), &[&s.pre, &s.post]);
@@ -141,7 +144,7 @@ async fn load_scripts(
     manifest: &Manifest,
     opts: &RestoreOptions,
 ) -> Result<Option<Scripts>, RestoreError> {
-    if opts.data_only {
+    if opts.settings.data_only {
         return Ok(None);
     }
     let dump = manifest
@@ -150,7 +153,7 @@ async fn load_scripts(
         .ok_or_else(|| RestoreError::NoSchemaDump {
             backup: manifest.id.clone(),
         })?;
-    let globals = match (&dump.globals, opts.create_roles) {
+    let globals = match (&dump.globals, opts.settings.create_roles) {
         (Some(g), true) => Some(schema::load_script(store, g).await?),
         (None, true) => {
             return Err(RestoreError::NoGlobals {
@@ -179,12 +182,12 @@ async fn checked_large_objects(
         .schema_dump
         .as_ref()
         .and_then(|d| d.large_objects_script.as_ref());
-    let Some(object) = object.filter(|_| opts.tables.is_empty()) else {
+    let Some(object) = object.filter(|_| opts.settings.tables.is_empty()) else {
         return Ok(None);
     };
     let script = schema::load_script(store, object).await?;
     let present = present_large_objects(admin, target, &script).await?;
-    let replace = opts.resume.is_some() || (opts.data_only && opts.clean);
+    let replace = opts.resume.is_some() || (opts.settings.data_only && opts.settings.clean);
     if let (Some(first), false) = (present.first(), replace) {
         return Err(RestoreError::TargetLargeObjectsExist {
             count: present.len(),
@@ -222,8 +225,8 @@ impl<'a> SchemaSteps<'a> {
             subset: None,
             large_objects: None,
             options: ApplyOptions {
-                with_owners: opts.with_privileges,
-                with_privileges: opts.with_privileges,
+                with_owners: opts.settings.with_privileges,
+                with_privileges: opts.settings.with_privileges,
                 finish_queries: Vec::new(),
                 finish_with: None,
             },
@@ -274,7 +277,7 @@ impl<'a> SchemaSteps<'a> {
             }
         }
         self.apply(&scripts.pre, "pre-data").await?;
-        if opts.tables.is_empty() {
+        if opts.settings.tables.is_empty() {
             let covered = restored_relations(tables);
             for table in apply::created_tables(&scripts.pre) {
                 if !covered.contains(&table) {
@@ -310,9 +313,16 @@ impl<'a> SchemaSteps<'a> {
             let moved = restore_large_objects(self.admin, target, script, known, opts).await?;
             self.warnings.extend(moved);
         }
-        set_sequences(self.admin, target, manifest, tables, opts.data_only).await?;
+        set_sequences(
+            self.admin,
+            target,
+            manifest,
+            tables,
+            opts.settings.data_only,
+        )
+        .await?;
         // Once the keys' indexes exist (post-data), or now if they already do.
-        let catch_up = sequence_catch_up(manifest, tables, opts.advance_sequences);
+        let catch_up = sequence_catch_up(manifest, tables, opts.settings.advance_sequences);
         let Some(scripts) = scripts else {
             let moved = apply::warning_queries(self.admin, &catch_up)
                 .await
@@ -383,9 +393,9 @@ async fn load_data(
     opts: &RestoreOptions,
     meter: &Arc<RestoreMeter>,
 ) -> Result<Loaded, RestoreError> {
-    if opts.data_only {
+    if opts.settings.data_only {
         let plan = data_only::plan(admin, target, tables).await?;
-        if opts.clean {
+        if opts.settings.clean {
             let names: Vec<String> = tables.iter().map(TableEntry::own_rows).collect();
             admin
                 .batch_execute(&format!("TRUNCATE {}", names.join(", ")))

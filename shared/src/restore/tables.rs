@@ -26,7 +26,9 @@ pub(super) const PROGRESS_SCHEMA: &str = "tidemark_restore_progress";
 /// slices and a slice killed anywhere resumes inside it exactly. Everything else lands
 /// whole in one transaction.
 pub(super) fn lands_by_chunk(entry: &TableEntry, opts: &RestoreOptions) -> bool {
-    opts.deadline.is_some() && !opts.data_only && (needs_merge(entry) || entry.chunks.len() > 1)
+    opts.deadline.is_some()
+        && !opts.settings.data_only
+        && (needs_merge(entry) || entry.chunks.len() > 1)
 }
 
 /// Whether the chunk progress table exists in the target.
@@ -121,7 +123,7 @@ pub(super) async fn load_tables(
     // The biggest tables first, so that the last one to finish is a small one.
     let mut jobs: Vec<usize> = pending.to_vec();
     jobs.sort_by_key(|&t| std::cmp::Reverse(tables[t].chunks.iter().map(|c| c.bytes).sum::<u64>()));
-    let worker_count = opts.workers.max(1).min(jobs.len().max(1));
+    let worker_count = opts.settings.workers.max(1).min(jobs.len().max(1));
     let queue = Arc::new(Mutex::new(VecDeque::from(jobs)));
     let work = Arc::new(Work {
         store,
@@ -346,7 +348,7 @@ pub(super) async fn load_data_only(
 ) -> Result<(Vec<TableName>, Vec<FailedTables>), RestoreError> {
     // Superuser: independent tables, in parallel. Otherwise groups in order, one by one.
     let worker_count = if plan.method == Method::TriggersDisabled {
-        opts.workers.max(1)
+        opts.settings.workers.max(1)
     } else {
         1
     };
@@ -365,7 +367,7 @@ pub(super) async fn load_data_only(
         completed: completed.clone(),
     });
     let plan = Arc::new(plan.clone());
-    let exit_on_error = opts.exit_on_error;
+    let exit_on_error = opts.settings.exit_on_error;
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..worker_count.min(plan.groups.len().max(1)) {
         let (work, queue, plan, failed) =
