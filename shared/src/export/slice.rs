@@ -7,7 +7,7 @@ use super::plan::plan_run;
 use super::seal::{dump_schemas, finalize_run};
 use super::state::{work_left, Shared, Slice, Work};
 use super::worker::worker;
-use crate::db::{Connection, DbSettings, Session};
+use crate::db::{Connection, DbSettings, Session, Snapshot};
 use crate::format::manifest::Manifest;
 use crate::format::progress::{RunProgress, SliceSnapshot};
 use crate::format::{read_doc, write_doc, PgSnapshot};
@@ -46,11 +46,7 @@ pub async fn export_slice(
     let mut connection = Connection::connect(db).await?;
     let snapshot = connection.snapshot(None).await?;
     let coordinator = snapshot.session();
-    let snapshot_id: String = coordinator
-        .query_one("SELECT pg_export_snapshot()", &[])
-        .await
-        .and_then(|row| row.try_get(0))
-        .map_err(coordinator.failed("exporting the snapshot"))?;
+    let snapshot_id = export_snapshot(&coordinator).await?;
     // A new run captures the schema: find a fit pg_dump before anything is written.
     let schema_tool = match resume {
         Some(_) => None,
@@ -126,18 +122,30 @@ pub async fn export_slice(
         Ok(slice_report(&shared, &state.doc, started))
     }
     .await;
-    // What the slice read is recorded: a COMMIT that fails (the connection went away)
-    // loses nothing, so it is logged rather than failing the slice. After a failure the
-    // snapshot is rolled back as it is dropped.
-    if result.is_ok() {
-        if let Err(e) = snapshot.commit().await {
-            tracing::warn!(run_id, error = %crate::error_chain(&e), "could not end the slice's snapshot transaction");
-        }
-    }
-    if let Err(e) = &result {
-        release_after_failure(store.as_ref(), &run_id, e).await;
+    match &result {
+        Ok(_) => end_snapshot(snapshot, &run_id).await,
+        // The snapshot rolls back as it is dropped.
+        Err(e) => release_after_failure(store.as_ref(), &run_id, e).await,
     }
     result
+}
+
+/// Exports the slice's snapshot for its workers and pg_dump to import.
+async fn export_snapshot(coordinator: &Session<'_>) -> Result<String, RunError> {
+    let id = coordinator
+        .query_one("SELECT pg_export_snapshot()", &[])
+        .await
+        .and_then(|row| row.try_get(0))
+        .map_err(coordinator.failed("exporting the snapshot"))?;
+    Ok(id)
+}
+
+/// Ends the slice's snapshot. What the slice read is recorded: a COMMIT that fails (the
+/// connection went away) loses nothing, so it is logged rather than failing the slice.
+async fn end_snapshot(snapshot: Snapshot<'_>, run_id: &str) {
+    if let Err(e) = snapshot.commit().await {
+        tracing::warn!(run_id, error = %crate::error_chain(&e), "could not end the slice's snapshot transaction");
+    }
 }
 
 fn log_start(opts: &ExportOptions, progress: &RunProgress) {
