@@ -18,10 +18,13 @@
 //! - [`format`](mod@format): every stored document as a serde type: lease, checkpoint, progress,
 //!   manifest, verification records, the prune journal, failures.
 //! - [`db`]: database settings (URL or RDS secret), TLS, connections with pinned
-//!   settings, [`db::Session`] (a connection that names its server in its errors), the
-//!   relay that gives libpq tools the same TLS, and `db::copy` — the one COPY-lines reader
-//!   and fingerprint that export and verify share.
-//! - [`aws`]: the one AWS SDK configuration every client is built from.
+//!   settings, [`db::Connection`] and its [`db::Session`] view (statements whose errors
+//!   name the server) and [`db::Snapshot`] (a repeatable-read transaction), the relay
+//!   that gives libpq tools the same TLS, and `db::copy` — the one COPY-lines reader and
+//!   fingerprint that export and verify share; [`db::transient`] classifies PostgreSQL
+//!   failures.
+//! - [`aws`]: the one AWS SDK configuration every client is built from, and
+//!   [`aws::error_kind`], the classifier of AWS answers.
 //! - [`catalog`]: which tables a backup covers, their definitions and modes.
 //! - [`schema`]: the whole schema, captured with pg_dump in the backup's snapshot
 //!   (`capture`), split into entries (`script`), applied in pg_restore's order (`apply`)
