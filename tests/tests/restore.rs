@@ -528,3 +528,67 @@ async fn verify_sweeps_stale_scratch_databases() {
         .expect("query");
     assert!(left.is_empty(), "the stale scratch database was swept");
 }
+
+/// A restore writes every table it creates with `COPY ... FREEZE` (pg_restore does not):
+/// its pages are all-frozen and all-visible at once, so the first VACUUM has nothing to
+/// rewrite. The oracle is the visibility map as PostgreSQL keeps it (pg_visibility),
+/// and the rows are still the source's, for a plain table, an inheritance parent and
+/// child, and a partitioned table (which PostgreSQL does not let COPY FREEZE).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_writes_its_new_tables_frozen() {
+    let cluster = TestCluster::from_env();
+    let db = cluster.create_database().await;
+    exec(
+        &db.settings(),
+        "CREATE TABLE plain (id int PRIMARY KEY, note text);
+         INSERT INTO plain SELECT g, md5(g::text) FROM generate_series(1, 20000) g;
+         CREATE TABLE parent (id int PRIMARY KEY, note text);
+         CREATE TABLE child (extra int) INHERITS (parent);
+         INSERT INTO parent SELECT g, 'p' || g FROM generate_series(1, 3000) g;
+         INSERT INTO child SELECT g, 'c' || g, g FROM generate_series(3001, 6000) g;
+         CREATE TABLE parts (id int, at date, PRIMARY KEY (id, at)) PARTITION BY RANGE (at);
+         CREATE TABLE parts_a PARTITION OF parts FOR VALUES FROM ('2020-01-01') TO ('2021-01-01');
+         CREATE TABLE parts_b PARTITION OF parts FOR VALUES FROM ('2021-01-01') TO ('2022-01-01');
+         INSERT INTO parts SELECT g, date '2020-01-01' + (g % 700) FROM generate_series(1, 5000) g;",
+    )
+    .await;
+    let (_dir, local) = local_store();
+    let store: Store = Arc::new(local);
+    let (sealed, _) = backup(&store, &db, &options(5000, &["public"])).await;
+    let restored = restore_fresh(&store, &cluster, &sealed.backup_id).await;
+    assert_same(
+        &db.settings(),
+        &restored.settings(),
+        &[
+            ("ONLY plain", "id"),
+            ("ONLY parent", "id"),
+            ("ONLY child", "id"),
+            ("parts", "id, at"),
+        ],
+    )
+    .await;
+    let client = tidemark_core::db::connect(&restored.settings())
+        .await
+        .expect("connect");
+    client
+        .batch_execute("CREATE EXTENSION pg_visibility")
+        .await
+        .expect("pg_visibility");
+    for table in ["plain", "parent", "child"] {
+        let row = client
+            .query_one(
+                "SELECT s.all_visible, s.all_frozen, pg_relation_size($1::text::regclass) / 8192 \
+                 FROM pg_visibility_map_summary($1::text::regclass) s",
+                &[&table],
+            )
+            .await
+            .expect("visibility map");
+        let (visible, frozen, pages): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+        assert!(pages > 0, "{table} has pages");
+        assert_eq!(
+            (visible, frozen),
+            (pages, pages),
+            "every page of {table} is all-visible and all-frozen"
+        );
+    }
+}

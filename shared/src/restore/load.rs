@@ -68,11 +68,15 @@ enum Stop {
 /// `COPY relation (columns) FROM STDIN`; with no columns (a table that has none, or only
 /// generated ones) no list at all, as pg_dump writes it: COPY then takes every column that
 /// is not generated, which is none, and each empty line is one row.
-pub(super) fn copy_from_stdin(relation: &str, columns: &[String]) -> String {
+pub(super) fn copy_from_stdin(relation: &str, columns: &[String], freeze: bool) -> String {
+    let with = if freeze { " WITH (FREEZE)" } else { "" };
     if columns.is_empty() {
-        format!("COPY {relation} FROM STDIN")
+        format!("COPY {relation} FROM STDIN{with}")
     } else {
-        format!("COPY {relation} ({}) FROM STDIN", column_list(columns))
+        format!(
+            "COPY {relation} ({}) FROM STDIN{with}",
+            column_list(columns)
+        )
     }
 }
 
@@ -213,9 +217,44 @@ pub(super) fn needs_merge(entry: &TableEntry) -> bool {
 pub(super) enum Landing {
     /// Into the table, chunk by chunk.
     Direct,
+    /// Into a table emptied in the loading transaction, chunk by chunk with `COPY ...
+    /// FREEZE`: the rows are written frozen (and, from PostgreSQL 14, all-visible), so
+    /// no later VACUUM rewrites the table. Rows of a merged chain land as in `Direct`.
+    Fresh,
     /// Into a staging table, then one `INSERT ... SELECT` (one statement, so that a
     /// non-deferrable self-referencing foreign key sees every row at once).
     Staged,
+}
+
+/// Prepares a table that this restore created for its load in the transaction `client`
+/// has open: emptied there (`TRUNCATE ONLY`, a no-op on the new empty table) so that
+/// its chunks can be copied with `FREEZE`. A partitioned table (PostgreSQL refuses
+/// `COPY FREEZE` into one), a merged `changes` chain (it lands with `INSERT`) or a
+/// table this role may not truncate lands [`Landing::Direct`] instead.
+pub(super) async fn fresh_landing(
+    client: &Client,
+    entry: &TableEntry,
+) -> Result<Landing, RestoreError> {
+    if entry.schema.is_partitioned() || needs_merge(entry) {
+        return Ok(Landing::Direct);
+    }
+    let name = entry.name.quoted();
+    let may: bool = client
+        .query_one(
+            "SELECT has_table_privilege($1::text::regclass, 'TRUNCATE')",
+            &[&name],
+        )
+        .await
+        .and_then(|row| row.try_get(0))
+        .map_err(|e| load_error(&entry.name, "checking the TRUNCATE privilege", e))?;
+    if !may {
+        return Ok(Landing::Direct);
+    }
+    client
+        .batch_execute(&format!("TRUNCATE ONLY {name}"))
+        .await
+        .map_err(|e| load_error(&entry.name, "emptying the new table", e))?;
+    Ok(Landing::Fresh)
 }
 
 /// Loads a table's chunks inside the caller's transaction; returns the rows landed.
@@ -239,12 +278,13 @@ pub(super) async fn load_into(
         }
     };
     let cols = column_list(&entry.columns);
-    let copy = |table: &str| copy_from_stdin(table, &entry.columns);
+    let copy = |table: &str| copy_from_stdin(table, &entry.columns, false);
     let merge = needs_merge(entry);
-    if !merge && landing == Landing::Direct {
+    if !merge && landing != Landing::Staged {
+        let straight = copy_from_stdin(&name, &entry.columns, landing == Landing::Fresh);
         let mut rows = 0;
         for chunk in &entry.chunks {
-            rows += copy_chunk(store, client, &entry.name, &copy(&name), chunk, meter).await?;
+            rows += copy_chunk(store, client, &entry.name, &straight, chunk, meter).await?;
         }
         return Ok(rows);
     }
@@ -255,7 +295,7 @@ pub(super) async fn load_into(
     };
     // Where merged rows go: the table, or a staging table landed in one statement.
     let into = match landing {
-        Landing::Direct => name.clone(),
+        Landing::Direct | Landing::Fresh => name.clone(),
         Landing::Staged => {
             client
                 .batch_execute(&shaped("tidemark_stage", &cols))
@@ -295,7 +335,7 @@ pub(super) async fn load_into(
         for chunk in entry.chunks.iter().rev() {
             landed += merge_chunk(store, client, entry, &into, &tables, chunk, meter).await?;
         }
-        if landing == Landing::Direct {
+        if landing != Landing::Staged {
             return Ok(landed);
         }
     } else {
@@ -395,7 +435,7 @@ pub(super) async fn merge_chunk(
         store,
         client,
         &entry.name,
-        &copy_from_stdin("tidemark_chunk", &entry.columns),
+        &copy_from_stdin("tidemark_chunk", &entry.columns, false),
         chunk,
         meter,
     )

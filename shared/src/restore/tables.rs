@@ -3,7 +3,7 @@
 
 use super::data_only::Method;
 use super::error::{FailedTables, RestoreError};
-use super::load::{load_error, load_into, needs_merge, Landing};
+use super::load::{fresh_landing, load_error, load_into, needs_merge, Landing};
 use super::{data_only, load};
 use super::{RestoreMeter, RestoreOptions};
 use crate::db::{self, DbSettings};
@@ -82,7 +82,7 @@ pub(super) async fn load_by_chunk(
             .collect(),
         None => entry.chunks.iter().map(|c| (c, false)).collect(),
     };
-    let copy = load::copy_from_stdin(&entry.name.quoted(), &entry.columns);
+    let copy = load::copy_from_stdin(&entry.name.quoted(), &entry.columns, false);
     let mut rows = 0;
     for (chunk, is_key) in steps.into_iter().filter(|(c, _)| !landed.contains(&c.key)) {
         if *worked && deadline.is_some_and(|d| Instant::now() >= d) {
@@ -188,7 +188,7 @@ impl Work {
             } else {
                 worked = true;
                 let tx = begin(&mut client, &entry.name).await?;
-                let landing = Landing::Direct;
+                let landing = fresh_landing(tx.client(), entry).await?;
                 let rows = load_into(
                     store,
                     tx.client(),
