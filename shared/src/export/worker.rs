@@ -26,9 +26,7 @@ pub(super) async fn worker(shared: Arc<Shared>, db: DbSettings) -> Result<(), Ru
         let Err(err) = in_snapshot(&shared, &mut connection, work).await else {
             continue;
         };
-        if !(connection.session().is_closed() && err.kind().is_transient())
-            || reconnects >= RECONNECTS
-        {
+        if !err.kind().is_transient() || reconnects >= RECONNECTS || alive(&connection).await {
             return Err(err);
         }
         // The connection died (backend terminated, server restarted, failover): redo
@@ -45,6 +43,15 @@ pub(super) async fn worker(shared: Arc<Shared>, db: DbSettings) -> Result<(), Ru
         check.map_err(lost)?.commit().await.map_err(lost)?;
     }
     Ok(())
+}
+
+/// Whether the connection still answers. Asked after a failure rather than read from
+/// `is_closed` alone: a terminated backend's connection is only seen closed once its
+/// task has read the end of the stream, which may not have happened yet when the
+/// statement's error arrives.
+async fn alive(connection: &Connection) -> bool {
+    let session = connection.session();
+    !session.is_closed() && session.batch_execute("").await.is_ok()
 }
 
 /// Does `work` in the slice's snapshot, imported into a transaction on `connection`.
