@@ -62,7 +62,7 @@ pub enum RestoreError {
         #[source]
         source: Box<DbError>,
     },
-    #[error("{cause}; the restore stopped with {loaded} of {tables} tables loaded and without the post-data schema (indexes, constraints, triggers): {state}")]
+    #[error("{cause}; the restore stopped with {loaded} of {tables} tables loaded and without the post-data schema (foreign keys, triggers, and the indexes of the tables not loaded): {state}")]
     Incomplete {
         cause: Box<RestoreError>,
         loaded: usize,

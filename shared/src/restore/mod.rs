@@ -11,9 +11,11 @@
 //! 3. Data: tables load in parallel. Each chunk streams from the store through a SHA-256
 //!    check and zstd into `COPY FROM STDIN` (`load`); a `changes` chain lands in one
 //!    set-based merge: the newest version of each key, only keys in the live key set.
-//! 4. Post-data: indexes, constraints, foreign keys, triggers, rules, policies, comments,
-//!    and `REFRESH MATERIALIZED VIEW` of the views that were populated, in one
-//!    transaction; then sequences are set to their recorded values.
+//!    As soon as a table is in, its loading worker builds its indexes and key
+//!    constraints (`indexes`), while the other workers go on loading.
+//! 4. Post-data: the rest of it — foreign keys, triggers, rules, policies, comments,
+//!    the indexes of partitioned tables, and `REFRESH MATERIALIZED VIEW` of the views that
+//!    were populated — in one transaction; then sequences are set to their recorded values.
 //!
 //! Like `pg_restore --no-owner --no-privileges` by default; `with_privileges` restores
 //! owners and grants, `create_roles` first creates missing roles from the backup's
@@ -21,6 +23,7 @@
 
 mod data_only;
 mod error;
+mod indexes;
 mod large_objects;
 mod load;
 mod preflight;

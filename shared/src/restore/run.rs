@@ -3,6 +3,7 @@
 use super::data_only;
 use super::error::FailedTables;
 use super::error::RestoreError;
+use super::indexes::{self, IndexBuilds};
 use super::large_objects::{present_large_objects, restore_large_objects};
 use super::preflight::{check_target_version, preflight, select_tables};
 use super::roles::create_roles;
@@ -75,6 +76,12 @@ pub async fn restore(
         let plan = SubsetPlan::new(relations, sequence_owners(manifest), &[&s.pre, &s.post]);
         schema.subset = Some(plan);
     }
+    let indexes = scripts.as_ref().map(|s| {
+        let plain = indexes::plain_tables(&tables);
+        let decide = |entry: &schema::Entry| schema.decide(entry);
+        let plan = IndexBuilds::plan(&s.post, &plain, &known, &schema.options, &decide);
+        Arc::new(plan)
+    });
     let schema_applied = match &scripts {
         Some(scripts) if !resume.schema_applied => {
             schema.pre_data(target, scripts, &tables, opts).await?;
@@ -91,6 +98,7 @@ pub async fn restore(
         &resume,
         opts,
         &meter,
+        indexes.clone(),
     )
     .await?;
     warnings.extend(data.warnings);
@@ -99,10 +107,16 @@ pub async fn restore(
     let done = loaded + failed_count == tables.len();
     if done {
         let store = store.as_ref();
+        if let Some(indexes) = &indexes {
+            schema.prebuilt = indexes::existing(&admin, indexes.indexes())
+                .await
+                .map_err(|e| DbError::query("reading the indexes built", target, e))?;
+        }
         schema
             .finish(store, target, manifest, scripts.as_ref(), &tables, opts)
             .await?;
     }
+    schema.objects += indexes.as_ref().map_or(0, |i| i.built());
     warnings.append(&mut schema.warnings);
     for warning in &warnings {
         tracing::warn!(backup_id = manifest.id, "{warning}");
@@ -206,6 +220,8 @@ struct SchemaSteps<'a> {
     subset: Option<SubsetPlan>,
     /// The large-objects script, checked against the backup's fingerprint.
     large_objects: Option<Script>,
+    /// Indexes built as their tables were loaded: left out of the post-data step.
+    prebuilt: HashSet<TableName>,
     options: ApplyOptions,
     objects: usize,
     warnings: Vec<String>,
@@ -224,6 +240,7 @@ impl<'a> SchemaSteps<'a> {
             existing_schemas,
             subset: None,
             large_objects: None,
+            prebuilt: HashSet::new(),
             options: ApplyOptions {
                 with_owners: opts.settings.with_privileges,
                 with_privileges: opts.settings.with_privileges,
@@ -237,6 +254,9 @@ impl<'a> SchemaSteps<'a> {
 
     fn decide(&self, entry: &schema::Entry) -> Decision {
         if entry.kind == "SCHEMA" && self.existing_schemas.contains(&entry.name) {
+            return Decision::Skip(String::new());
+        }
+        if indexes::index_of(entry).is_some_and(|(_, index)| self.prebuilt.contains(&index)) {
             return Decision::Skip(String::new());
         }
         match &self.subset {
@@ -382,8 +402,9 @@ struct Loaded {
     warnings: Vec<String>,
 }
 
-/// Loads the tables not loaded yet: into the fresh schema, or into the existing one
-/// (`data_only`).
+/// Loads the tables not loaded yet: into the fresh schema (building each table's
+/// `indexes` once it is in), or into the existing one (`data_only`).
+#[allow(clippy::too_many_arguments)]
 async fn load_data(
     store: Arc<dyn ReadStore>,
     admin: &Client,
@@ -392,6 +413,7 @@ async fn load_data(
     resume: &ResumePoint,
     opts: &RestoreOptions,
     meter: &Arc<RestoreMeter>,
+    indexes: Option<Arc<IndexBuilds>>,
 ) -> Result<Loaded, RestoreError> {
     if opts.settings.data_only {
         let plan = data_only::plan(admin, target, tables).await?;
@@ -415,7 +437,10 @@ async fn load_data(
         .collect();
     let by_chunk = prepare_tables(admin, target, tables, &pending, opts).await?;
     let completed = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let loaded = load_tables(store, target, tables, &pending, opts, meter, &completed).await;
+    let loaded = load_tables(
+        store, target, tables, &pending, opts, meter, &completed, indexes,
+    )
+    .await;
     let completed = completed.lock().map(|c| c.clone()).unwrap_or_default();
     if let Err(cause) = loaded {
         return Err(RestoreError::Incomplete {

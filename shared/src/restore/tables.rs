@@ -3,6 +3,7 @@
 
 use super::data_only::Method;
 use super::error::{FailedTables, RestoreError};
+use super::indexes::IndexBuilds;
 use super::load::{fresh_landing, load_error, load_into, needs_merge, Landing};
 use super::{data_only, load};
 use super::{RestoreMeter, RestoreOptions};
@@ -109,8 +110,9 @@ pub(super) async fn load_by_chunk(
 }
 
 /// Loads the `pending` tables of a schema restore, in parallel, each in one transaction
-/// (a failure rolls its table back: no table is ever left half-loaded); adds each table
-/// loaded to `completed`.
+/// (a failure rolls its table back: no table is ever left half-loaded), and builds each
+/// table's `indexes` once it is in; adds each table loaded to `completed`.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn load_tables(
     store: Arc<dyn ReadStore>,
     target: &DbSettings,
@@ -119,6 +121,7 @@ pub(super) async fn load_tables(
     opts: &RestoreOptions,
     meter: &Arc<RestoreMeter>,
     completed: &Arc<Mutex<Vec<TableName>>>,
+    indexes: Option<Arc<IndexBuilds>>,
 ) -> Result<(), RestoreError> {
     // The biggest tables first, so that the last one to finish is a small one.
     let mut jobs: Vec<usize> = pending.to_vec();
@@ -133,6 +136,7 @@ pub(super) async fn load_tables(
         deadline: opts.deadline,
         meter: meter.clone(),
         completed: completed.clone(),
+        indexes,
     });
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..worker_count {
@@ -152,6 +156,8 @@ struct Work {
     deadline: Option<Instant>,
     meter: Arc<RestoreMeter>,
     completed: Arc<Mutex<Vec<TableName>>>,
+    /// The indexes to build as soon as each table is in (a schema restore).
+    indexes: Option<Arc<IndexBuilds>>,
 }
 
 impl Work {
@@ -201,6 +207,11 @@ impl Work {
                 commit(tx, &entry.name).await?;
                 rows
             };
+            // Past the deadline, the post-data step builds them instead.
+            let in_time = self.deadline.is_none_or(|d| Instant::now() < d);
+            if let Some(indexes) = self.indexes.as_ref().filter(|_| in_time) {
+                indexes.build(&client, &entry.name).await?;
+            }
             self.landed(rows, [entry.name.clone()]);
         }
         Ok(())
@@ -365,6 +376,7 @@ pub(super) async fn load_data_only(
         deadline: None,
         meter: meter.clone(),
         completed: completed.clone(),
+        indexes: None,
     });
     let plan = Arc::new(plan.clone());
     let exit_on_error = opts.settings.exit_on_error;

@@ -113,11 +113,7 @@ pub async fn apply(
         object,
         cause,
     };
-    client
-        .batch_execute("BEGIN")
-        .await
-        .map_err(|e| fail("starting the transaction".into(), e))?;
-    let result = async {
+    in_transaction(client, section, async {
         let mut applied = Applied::default();
         for item in &script.items {
             match item {
@@ -159,21 +155,112 @@ pub async fn apply(
                 .map_err(|e| fail("finishing".into(), e))?;
         }
         Ok(applied)
-    }
-    .await;
-    match result {
-        Ok(applied) => {
+    })
+    .await
+}
+
+/// Runs `body` between `BEGIN` and `COMMIT` on `client`; on its error, rolls back.
+async fn in_transaction<T>(
+    client: &Client,
+    section: &'static str,
+    body: impl std::future::Future<Output = Result<T, ApplyError>>,
+) -> Result<T, ApplyError> {
+    let fail = |object: &str, cause| ApplyError {
+        section,
+        object: object.into(),
+        cause,
+    };
+    client
+        .batch_execute("BEGIN")
+        .await
+        .map_err(|e| fail("starting the transaction", e))?;
+    match body.await {
+        Ok(done) => {
             client
                 .batch_execute("COMMIT")
                 .await
-                .map_err(|e| fail("committing".into(), e))?;
-            Ok(applied)
+                .map_err(|e| fail("committing", e))?;
+            Ok(done)
         }
         Err(e) => {
             let _ = client.batch_execute("ROLLBACK").await;
             Err(e)
         }
     }
+}
+
+/// An entry taken out of its script to run on its own (a table's indexes, built as soon
+/// as the table is loaded), with the session settings in effect before it there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Detached {
+    /// The script's settings up to this entry that the target knows, in order.
+    pub settings: String,
+    pub entry: Entry,
+}
+
+/// The entries of `script` that `pick` takes, each with the settings before it (those the
+/// target does not know left out, as [`apply`] does).
+pub fn detach(
+    script: &Script,
+    known: &HashSet<String>,
+    pick: &mut dyn FnMut(&Entry) -> bool,
+) -> Vec<Detached> {
+    let mut settings = String::new();
+    let mut out = Vec::new();
+    for item in &script.items {
+        match item {
+            Item::Setting(statement) => {
+                if statement.setting_name().is_none_or(|n| known.contains(&n)) {
+                    settings.push_str(&statement.text);
+                    settings.push('\n');
+                }
+            }
+            Item::Entry(entry) if pick(entry) => out.push(Detached {
+                settings: settings.clone(),
+                entry: entry.clone(),
+            }),
+            Item::Entry(_) | Item::Meta(_) => {}
+        }
+    }
+    out
+}
+
+/// Runs detached entries in one transaction on `client`, each after its settings; then
+/// `RESET ALL`, so the connection goes on with its own session defaults.
+///
+/// # Errors
+/// [`ApplyError`] naming the entry; the transaction is rolled back.
+pub async fn apply_detached(
+    client: &Client,
+    entries: &[&Detached],
+    section: &'static str,
+    opts: &ApplyOptions,
+) -> Result<Applied, ApplyError> {
+    let fail = |object: String, cause: tokio_postgres::Error| ApplyError {
+        section,
+        object,
+        cause,
+    };
+    let applied = in_transaction(client, section, async {
+        let mut applied = Applied::default();
+        for detached in entries {
+            let entry = &detached.entry;
+            client
+                .batch_execute(&detached.settings)
+                .await
+                .map_err(|e| fail(format!("the settings before {}", entry.label()), e))?;
+            apply_entry(client, entry, Decision::Apply, opts, &mut applied)
+                .await
+                .map_err(|e| fail(entry.label(), e))?;
+        }
+        Ok(applied)
+    })
+    .await?;
+    client
+        .batch_execute("RESET ALL")
+        .await
+        .map_err(|e| fail("resetting the session settings".into(), e))?;
+    Ok(applied)
 }
 
 /// Runs one entry's statements as `decision` says, counting it in `applied` (or noting

@@ -191,6 +191,12 @@ fn parse_spans(
         }
         if statement.is_setting() {
             if on_setting((start, end), &statement) {
+                // pg_dump writes an entry's settings (its tablespace, its table access
+                // method) before the entry's header: a setting after an entry's
+                // statements belongs to the entries that follow, not to that one.
+                if let Some(entry) = current.take() {
+                    items.push(Item::Entry(entry));
+                }
                 items.push(Item::Setting(statement));
             }
         } else {
@@ -774,6 +780,28 @@ ALTER TABLE ONLY app.t ALTER COLUMN d SET DEFAULT E'it''s \' /* not a comment';
         assert!(!s("SET CONSTRAINTS ALL DEFERRED;").is_setting());
         assert!(s("ALTER TABLE app.\"T\" OWNER TO postgres;").is_owner_change());
         assert!(!s("ALTER TABLE app.t ALTER COLUMN owner SET DEFAULT 'to';").is_owner_change());
+    }
+
+    /// pg_dump writes an entry's tablespace before its header: the setting must run
+    /// before that entry, not before the one whose statements it follows.
+    #[test]
+    fn a_setting_between_entries_belongs_to_the_entries_after_it() {
+        let script = Script::parse(
+            "--\n-- Name: a; Type: INDEX; Schema: s; Owner: o\n--\n\nCREATE INDEX a ON s.t (x);\n\n\
+             SET default_tablespace = fast;\n\n\
+             --\n-- Name: b; Type: INDEX; Schema: s; Owner: o; Tablespace: fast\n--\n\nCREATE INDEX b ON s.t (y);\n",
+        )
+        .expect("parses");
+        let order: Vec<String> = script
+            .items
+            .iter()
+            .map(|item| match item {
+                Item::Entry(e) => e.name.clone(),
+                Item::Setting(s) => s.text.clone(),
+                Item::Meta(m) => m.clone(),
+            })
+            .collect();
+        assert_eq!(order, ["a", "SET default_tablespace = fast;", "b"]);
     }
 
     #[test]
