@@ -16,6 +16,7 @@ use async_compression::tokio::bufread::ZstdEncoder;
 use async_compression::Level;
 use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
+use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::io::StreamReader;
@@ -62,6 +63,8 @@ pub struct ChunkSink {
     buf: BytesMut,
     rows: u64,
     raw_bytes: u64,
+    /// Key-set chunks: the hash of the text written ([`ChunkRef::text_sha256`]).
+    text_sha: Option<Sha256>,
 }
 
 impl std::fmt::Debug for ChunkSink {
@@ -100,6 +103,7 @@ impl ChunkSink {
             buf: BytesMut::with_capacity(BATCH_BYTES),
             rows: 0,
             raw_bytes: 0,
+            text_sha: (kind == ChunkKind::Keys).then(Sha256::new),
         }
     }
 
@@ -120,9 +124,20 @@ impl ChunkSink {
     /// # Errors
     /// The upload's error, if it has already failed.
     pub async fn write_line(&mut self, line: &[u8]) -> Result<(), StoreError> {
-        self.buf.extend_from_slice(line);
-        self.rows += 1;
-        self.raw_bytes += line.len() as u64;
+        self.write_lines(line, 1).await
+    }
+
+    /// Appends `rows` whole COPY text lines at once.
+    ///
+    /// # Errors
+    /// The upload's error, if it has already failed.
+    pub async fn write_lines(&mut self, text: &[u8], rows: u64) -> Result<(), StoreError> {
+        self.buf.extend_from_slice(text);
+        if let Some(sha) = &mut self.text_sha {
+            sha.update(text);
+        }
+        self.rows += rows;
+        self.raw_bytes += text.len() as u64;
         if self.buf.len() >= BATCH_BYTES {
             self.send_batch().await?;
         }
@@ -186,6 +201,7 @@ impl ChunkSink {
             raw_bytes: self.raw_bytes,
             sha256: receipt.sha256,
             range,
+            text_sha256: self.text_sha.take().map(|sha| hex::encode(sha.finalize())),
         })
     }
 

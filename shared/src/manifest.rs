@@ -11,10 +11,10 @@ use crate::export::table_shape;
 use crate::format::checkpoint::{Checkpoint, TableCheckpoint};
 use crate::format::manifest::{Consistency, Manifest, RunTotals, TableEntry};
 use crate::format::progress::{ExportScope, RunProgress};
-use crate::format::FingerprintOf;
 use crate::format::{
     read_doc, write_doc, BackupKind, FormatError, PgSnapshot, TableMode, FORMAT_VERSION,
 };
+use crate::format::{ChunkRef, FingerprintOf};
 use crate::lease;
 use crate::repo::{manifest_key, progress_key, CHECKPOINT_KEY};
 use crate::run::RunError;
@@ -168,7 +168,9 @@ fn build_manifest(progress: &RunProgress) -> Manifest {
         .tables
         .iter()
         .map(|t| {
-            for c in t.chunks.iter().chain(&t.key_chunks) {
+            // A key set unchanged since the parent is the parent's chunk: not this run's.
+            let own = |c: &&ChunkRef| c.run_id == progress.run_id;
+            for c in t.chunks.iter().chain(&t.key_chunks).filter(own) {
                 totals.chunks += 1;
                 totals.bytes += c.bytes;
                 totals.raw_bytes += c.raw_bytes;
@@ -192,7 +194,7 @@ fn build_manifest(progress: &RunProgress) -> Manifest {
                 fingerprint_of,
                 chunks: t.inherited.iter().chain(&t.chunks).cloned().collect(),
                 key_chunks: t.key_chunks.clone(),
-                key_set: matches!(t.scope, ExportScope::Changed { .. }),
+                key_set: matches!(t.scope, ExportScope::Changed { .. }) && !t.keys_of_rows,
                 exported_rows: t.exported_rows,
                 new_chain: t.new_chain.clone(),
             }

@@ -586,3 +586,109 @@ async fn the_same_server_rolled_back_to_a_snapshot_starts_a_new_chain() {
     );
     restores_and_verifies(&store, &cluster, &db, &inc.backup_id).await;
 }
+
+/// Waits until every transaction that began before now has ended (other tests' runs
+/// hold the cluster's xmin back), so that the next backup's snapshot sees the rows
+/// written so far as older than itself: an incremental re-exports any row whose xmin
+/// it cannot place before its parent's snapshot, which is correct but not the point.
+async fn settle(db: &tidemark_tests::TestDatabase) {
+    let client = tidemark_core::db::connect(&db.settings())
+        .await
+        .expect("connect");
+    let xid: i64 = client
+        .query_one("SELECT txid_current()", &[])
+        .await
+        .expect("txid")
+        .get(0);
+    for _ in 0..600 {
+        let xmin: i64 = client
+            .query_one("SELECT txid_snapshot_xmin(txid_current_snapshot())", &[])
+            .await
+            .expect("xmin")
+            .get(0);
+        if xmin > xid {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("other transactions held the cluster's xmin back for 60 s");
+}
+
+/// An incremental of tables that did not change writes nothing for them: right after a
+/// full (the live keys are the chain's rows) and after an incremental that recorded a
+/// key set (the same key text is the parent's chunk, referred to again). A row deleted
+/// before such a run stays deleted in its restore, and a delete after it is seen. The
+/// oracle is the source's sorted COPY of every table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incrementals_of_unchanged_tables_write_nothing_and_keep_deletes() {
+    let cluster = TestCluster::from_env();
+    let db = cluster.create_database().await;
+    let mut setup = String::new();
+    for t in 0..30 {
+        setup.push_str(&format!(
+            "CREATE TABLE t{t} (id int PRIMARY KEY, v text);
+             INSERT INTO t{t} SELECT g, md5(g::text) FROM generate_series(1, 50) g;"
+        ));
+    }
+    exec(&db.settings(), &setup).await;
+    settle(&db).await;
+    let (_dir, local) = local_store();
+    let store: Store = Arc::new(local);
+    let o = opts();
+    let restores_to_source = |id: String| {
+        let (store, cluster, db) = (store.clone(), &cluster, &db);
+        async move {
+            let restored = restore_fresh(&store, cluster, &id).await;
+            assert_eq!(
+                all_data(&restored.settings()).await,
+                all_data(&db.settings()).await,
+                "backup {id} restores to the source"
+            );
+        }
+    };
+    backup(&store, &db, &o).await;
+
+    let (quiet, _) = backup(&store, &db, &o).await;
+    let m = manifest(&store, &quiet.backup_id).await;
+    assert_eq!(m.totals.chunks, 0, "nothing changed, nothing written");
+    assert!(
+        quiet.store_requests <= 25,
+        "a no-change incremental of 30 tables: {} store requests",
+        quiet.store_requests
+    );
+    assert!(m.tables.iter().all(|t| !t.has_key_set()));
+    restores_to_source(quiet.backup_id.clone()).await;
+
+    exec(
+        &db.settings(),
+        "DELETE FROM t1 WHERE id = 7; UPDATE t2 SET v = 'changed' WHERE id = 8;
+         DELETE FROM t4 WHERE id = 1; INSERT INTO t4 VALUES (1000, 'as many rows');",
+    )
+    .await;
+    settle(&db).await;
+    let (changed, _) = backup(&store, &db, &o).await;
+    let m = manifest(&store, &changed.backup_id).await;
+    let keys_of = |m: &Manifest, t: &str| entry(m, t).key_chunks.clone();
+    assert_eq!(keys_of(&m, "t1").len(), 1, "a delete writes the key set");
+    assert!(entry(&m, "t3").key_chunks.is_empty() && !entry(&m, "t3").has_key_set());
+    restores_to_source(changed.backup_id.clone()).await;
+
+    let (again, _) = backup(&store, &db, &o).await;
+    let next = manifest(&store, &again.backup_id).await;
+    assert_eq!(next.totals.chunks, 0, "nothing changed, nothing written");
+    assert_eq!(
+        keys_of(&next, "t1"),
+        keys_of(&m, "t1"),
+        "the parent's key set is referred to again"
+    );
+    assert_eq!(keys_of(&next, "t2"), keys_of(&m, "t2"));
+    restores_to_source(again.backup_id.clone()).await;
+    let record = verify_backup(&store, &cluster, &again.backup_id).await;
+    assert!(record.ok, "verify: {record:#?}");
+
+    exec(&db.settings(), "DELETE FROM t1 WHERE id = 9").await;
+    let (last, _) = backup(&store, &db, &o).await;
+    let m = manifest(&store, &last.backup_id).await;
+    assert_eq!(entry(&m, "t1").key_chunks[0].run_id, last.backup_id);
+    restores_to_source(last.backup_id.clone()).await;
+}

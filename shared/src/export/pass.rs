@@ -37,6 +37,7 @@ pub(super) async fn start_round(
             table.gaps = base.gaps;
             table.key_fingerprint = base.key_fingerprint;
             table.truth = base.truth;
+            table.keys_of_rows = base.keys_of_rows;
             table.gaps_to_probe.clear();
             table.gaps_probed = true;
             for lane in &mut table.lanes {
@@ -95,6 +96,7 @@ pub(super) async fn start_round(
             gaps: table.gaps.clone(),
             key_fingerprint: table.key_fingerprint,
             truth: table.truth,
+            keys_of_rows: table.keys_of_rows,
         });
         let since = (!too_long).then_some(since);
         prepare_pass(table, since, client, opts, slice).await?;
@@ -121,6 +123,10 @@ pub(super) async fn prepare_pass(
             // What changed since then, and the live key set and fingerprint of now.
             table.scope = ExportScope::Changed { since_xmin };
             table.key_chunks.clear();
+            // Changes since then are not changes since the parent: the key set is read
+            // and written whole.
+            table.parent_keys = None;
+            table.keys_of_rows = false;
             table.fingerprint = Fingerprint::default();
             table.gaps_probed = true;
         }

@@ -7,9 +7,12 @@ use crate::catalog::{self, CatalogTable};
 use crate::db::Session;
 use crate::format::checkpoint::{Checkpoint, TableCheckpoint};
 use crate::format::manifest::{Manifest, TableEntry};
-use crate::format::progress::{ExportScope, ExportSettings, Lane, RunProgress, TableProgress};
+use crate::format::progress::{
+    ExportScope, ExportSettings, Lane, ParentKeys, RunProgress, TableProgress,
+};
 use crate::format::{
-    quote_ident, read_doc, BackupKind, Fingerprint, PgSnapshot, TableMode, FORMAT_VERSION,
+    quote_ident, read_doc, BackupKind, Fingerprint, FingerprintOf, PgSnapshot, TableMode,
+    FORMAT_VERSION,
 };
 use crate::repo::CHECKPOINT_KEY;
 use crate::run::{new_run_id, RunError};
@@ -212,6 +215,17 @@ pub(super) async fn plan_table(
                     since_xmin: checkpoint.snapshot.xmin,
                 };
                 progress.inherited = entry.chunks.clone();
+                progress.parent_keys = match entry.key_chunks.as_slice() {
+                    [one] if one.text_sha256.is_some() => {
+                        Some(ParentKeys::Chunk { chunk: one.clone() })
+                    }
+                    [] if !entry.has_key_set() && entry.fingerprint_of == FingerprintOf::Rows => {
+                        Some(ParentKeys::OfRows {
+                            rows: entry.fingerprint.rows,
+                        })
+                    }
+                    _ => None,
+                };
             }
         }
         TableMode::Append => {
@@ -296,6 +310,8 @@ fn new_progress(
         key: table.key.iter().map(|(n, _)| n.clone()).collect(),
         scope: ExportScope::Whole,
         inherited: Vec::new(),
+        parent_keys: None,
+        keys_of_rows: false,
         inherited_keys: Fingerprint::default(),
         key_fingerprint: Fingerprint::default(),
         truth: None,

@@ -8,9 +8,10 @@ use super::state::{Delta, Shared};
 use crate::chunk::{copy_field, leading_fields, ChunkSink};
 use crate::db::copy::{self, CopyLines};
 use crate::db::Session;
-use crate::format::progress::{ExportScope, Lane, TableProgress};
+use crate::format::progress::{ExportScope, Lane, ParentKeys, TableProgress};
 use crate::format::{ChunkKind, Fingerprint, KeyRange};
 use crate::run::RunError;
+use crate::store::sha256_hex;
 use chrono::Utc;
 
 /// Exports the next key range of `lane` as chunk `seq`; returns what it added and the
@@ -30,13 +31,22 @@ pub(super) async fn export_range(
         upto: bound.or_else(|| lane.until.clone()),
     };
     let query = RangeQuery::new(table, &range);
+    let whole = range.after.is_none() && range.upto.is_none();
+    let keys = match &table.parent_keys {
+        Some(parent) if whole && query.changed_since.is_some() => KeySet::Held {
+            text: Vec::new(),
+            rows: 0,
+            parent: parent.clone(),
+        },
+        _ => KeySet::Unopened,
+    };
     let mut copy = RangeCopy {
         shared,
         table,
         seq,
         query: &query,
         rows: None,
-        keys: None,
+        keys,
         delta: Delta::default(),
         append_keys: Vec::new(),
         stripped: Vec::new(),
@@ -44,7 +54,11 @@ pub(super) async fn export_range(
         key_line: Vec::with_capacity(64),
     };
     if let Err(e) = copy.read(client).await {
-        for sink in [copy.rows, copy.keys].into_iter().flatten() {
+        let keys = match copy.keys {
+            KeySet::Writing(sink) => Some(sink),
+            KeySet::Unopened | KeySet::Held { .. } => None,
+        };
+        for sink in [copy.rows, keys].into_iter().flatten() {
             sink.abort().await;
         }
         return Err(e);
@@ -174,6 +188,24 @@ impl RangeQuery {
     }
 }
 
+/// Key text held in memory before it is known whether it is the parent's key set.
+const HELD_KEYS_MAX: usize = 1 << 20;
+
+/// Where a range's live key set (`changes` incremental) goes.
+enum KeySet {
+    /// Nothing read yet: a chunk is opened at the first key.
+    Unopened,
+    /// A whole table whose parent's key set is known ([`ParentKeys`]): the key text is
+    /// held (up to [`HELD_KEYS_MAX`]) and, if it is the parent's key set, not written
+    /// again — a table that did not change costs no store request.
+    Held {
+        text: Vec<u8>,
+        rows: u64,
+        parent: ParentKeys,
+    },
+    Writing(ChunkSink),
+}
+
 /// One range's COPY on its way into chunks: rows, the key set, append keys, fingerprints.
 struct RangeCopy<'a> {
     shared: &'a Shared,
@@ -181,7 +213,7 @@ struct RangeCopy<'a> {
     seq: u32,
     query: &'a RangeQuery,
     rows: Option<ChunkSink>,
-    keys: Option<ChunkSink>,
+    keys: KeySet,
     delta: Delta,
     append_keys: Vec<i64>,
     stripped: Vec<u8>,
@@ -254,9 +286,25 @@ impl RangeCopy<'_> {
         }
         if query.changed_since.is_some() {
             key_fields(full, &query.key_positions, key_line);
-            let sink =
-                keys.get_or_insert_with(|| shared.open_sink(&table.name, *seq, ChunkKind::Keys));
-            sink.write_line(key_line).await?;
+            match keys {
+                KeySet::Held { text, rows, .. } if text.len() < HELD_KEYS_MAX => {
+                    text.extend_from_slice(key_line);
+                    *rows += 1;
+                }
+                KeySet::Held { text, rows, .. } => {
+                    // Too big to hold: written as any key set is.
+                    let mut sink = shared.open_sink(&table.name, *seq, ChunkKind::Keys);
+                    sink.write_lines(text, *rows).await?;
+                    sink.write_line(key_line).await?;
+                    *keys = KeySet::Writing(sink);
+                }
+                KeySet::Unopened => {
+                    let mut sink = shared.open_sink(&table.name, *seq, ChunkKind::Keys);
+                    sink.write_line(key_line).await?;
+                    *keys = KeySet::Writing(sink);
+                }
+                KeySet::Writing(sink) => sink.write_line(key_line).await?,
+            }
         }
         Ok(())
     }
@@ -264,15 +312,42 @@ impl RangeCopy<'_> {
     /// Lands the range's chunks; returns what the range added.
     async fn finish(self, range: &KeyRange) -> Result<Delta, RunError> {
         let mut delta = self.delta;
+        let changed_rows = self.rows.is_some();
         if let Some(sink) = self.rows {
             delta
                 .chunks
                 .push(self.shared.land(sink, Some(range.clone())).await?);
         }
-        if let Some(sink) = self.keys {
-            delta
-                .key_chunks
-                .push(self.shared.land(sink, Some(range.clone())).await?);
+        match self.keys {
+            KeySet::Unopened => {}
+            KeySet::Writing(sink) => {
+                let chunk = self.shared.land(sink, Some(range.clone())).await?;
+                delta.key_chunks.push(chunk);
+            }
+            KeySet::Held {
+                rows,
+                parent: ParentKeys::OfRows { rows: before },
+                ..
+            } if rows == before && !changed_rows => {
+                tracing::debug!(table = %self.table.name, "no row changed or deleted: the live keys are the chain's");
+                delta.keys_of_rows = true;
+            }
+            KeySet::Held { text, .. } if text.is_empty() => {}
+            KeySet::Held {
+                text,
+                parent: ParentKeys::Chunk { chunk },
+                ..
+            } if chunk.text_sha256.as_deref() == Some(sha256_hex(&text).as_str()) => {
+                tracing::debug!(table = %self.table.name, chunk = chunk.key, "live key set unchanged: the parent's chunk is kept");
+                delta.key_chunks.push(chunk);
+            }
+            KeySet::Held { text, rows, .. } => {
+                let kind = ChunkKind::Keys;
+                let mut sink = self.shared.open_sink(&self.table.name, self.seq, kind);
+                sink.write_lines(&text, rows).await?;
+                let chunk = self.shared.land(sink, Some(range.clone())).await?;
+                delta.key_chunks.push(chunk);
+            }
         }
         if matches!(self.table.scope, ExportScope::Appended { .. }) {
             let mut keys = self.append_keys;

@@ -68,6 +68,8 @@ pub(super) fn work_left(tables: &[TableProgress]) -> VecDeque<Work> {
 pub(super) struct Delta {
     pub(super) chunks: Vec<ChunkRef>,
     pub(super) key_chunks: Vec<ChunkRef>,
+    /// The live key set is the parent's, the keys of the chain's rows ([`TableProgress::keys_of_rows`]).
+    pub(super) keys_of_rows: bool,
     pub(super) fingerprint: Fingerprint,
     /// `append`: the keys exported.
     pub(super) key_fingerprint: Fingerprint,
@@ -81,6 +83,7 @@ impl Delta {
         }
         table.chunks.extend(self.chunks);
         table.key_chunks.extend(self.key_chunks);
+        table.keys_of_rows |= self.keys_of_rows;
         table.fingerprint = table.fingerprint.combine(self.fingerprint);
         table.key_fingerprint = table.key_fingerprint.combine(self.key_fingerprint);
         table.gaps.extend(self.gaps);

@@ -359,6 +359,7 @@ fn chunk(rows: u64) -> ChunkRef {
         raw_bytes: 20,
         sha256: String::new(),
         range: None,
+        text_sha256: None,
     }
 }
 
@@ -373,6 +374,7 @@ fn a_delta_adds_rows_chunks_fingerprints_and_keeps_the_newest_gaps() {
     let delta = Delta {
         chunks: vec![chunk(3), chunk(4)],
         key_chunks: vec![chunk(7)],
+        keys_of_rows: false,
         fingerprint,
         key_fingerprint: Fingerprint::default(),
         gaps: vec![gap(-5, -1, at(1_000_000))],

@@ -139,6 +139,7 @@ pub(super) async fn do_work(
 pub(super) fn reset(table: &mut TableProgress, slice: u32) {
     table.chunks.clear();
     table.key_chunks.clear();
+    table.keys_of_rows = false;
     table.fingerprint = Fingerprint::default();
     table.exported_rows = 0;
     table.gaps.clear();

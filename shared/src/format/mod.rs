@@ -353,6 +353,11 @@ pub struct ChunkRef {
     pub sha256: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub range: Option<KeyRange>,
+    /// Key-set chunks: SHA-256 of the COPY text before compression, so that a later run
+    /// whose live key set is the same text refers to this chunk instead of writing it
+    /// again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text_sha256: Option<String>,
 }
 
 /// Row count and order-independent content fingerprint of a set of rows: the wrapping

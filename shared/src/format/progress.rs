@@ -81,6 +81,18 @@ pub struct ConsistencyPass {
     pub slice: u32,
 }
 
+/// The parent's live key set of a `changes` table, as an incremental compares with it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum ParentKeys {
+    /// One key-set chunk with its text hash: the same text is the same key set.
+    Chunk { chunk: ChunkRef },
+    /// No key set: the parent's live keys are the keys of the chain's rows, `rows` of
+    /// them. A table read whole with no row changed since the parent and as many rows
+    /// has exactly those keys (a row not changed since was live and the same then).
+    OfRows { rows: u64 },
+}
+
 /// A table's export state before a pass round started on it, to return to if the round
 /// does not finish (its chunks so far, key set, fingerprint, scope and gaps).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -95,6 +107,8 @@ pub struct PassBase {
     pub key_fingerprint: Fingerprint,
     #[serde(default)]
     pub truth: Option<AppendTruth>,
+    #[serde(default)]
+    pub keys_of_rows: bool,
 }
 
 /// An `append` table's recorded truth: the key fingerprint of its rows at or below the
@@ -150,6 +164,14 @@ pub struct TableProgress {
     /// Chunks of the parent chain this backup still needs, in apply order.
     #[serde(default)]
     pub inherited: Vec<ChunkRef>,
+    /// `changes` incremental: the parent's live key set, to tell that a key set read
+    /// whole is the same one and need not be written again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_keys: Option<ParentKeys>,
+    /// `changes` incremental: the live key set is the parent's, and that is the keys of
+    /// the chain's rows — the manifest records no key set, and restore filters nothing.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub keys_of_rows: bool,
     /// `append`: the source's key fingerprint at the parent's snapshot (keys up to its
     /// cursor); with the keys this run exports it must give the source's keys of now.
     #[serde(default)]

@@ -33,7 +33,10 @@ impl CountingStore {
         self.count.load(Ordering::Relaxed)
     }
 
-    fn tick(&self) {
+    /// Counts one request (logged at trace level, so an operator can see what a run
+    /// asked the store for: `RUST_LOG=tidemark_core::store=trace`).
+    fn tick(&self, op: &'static str, key: &str) {
+        tracing::trace!(op, key, "store request");
         self.count.fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -45,22 +48,22 @@ impl ReadStore for CountingStore {
     }
 
     async fn get(&self, key: &str) -> Result<ObjectStream, StoreError> {
-        self.tick();
+        self.tick("get", key);
         self.inner.get(key).await
     }
 
     async fn read(&self, key: &str) -> Result<Option<StoredObject>, StoreError> {
-        self.tick();
+        self.tick("read", key);
         self.inner.read(key).await
     }
 
     async fn head(&self, key: &str) -> Result<Option<ObjectMeta>, StoreError> {
-        self.tick();
+        self.tick("head", key);
         self.inner.head(key).await
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<ListedObject>, StoreError> {
-        self.tick();
+        self.tick("list", prefix);
         self.inner.list(prefix).await
     }
 }
@@ -73,7 +76,7 @@ impl WriteStore for CountingStore {
         body: Bytes,
         condition: WriteCondition,
     ) -> Result<PutReceipt, StoreError> {
-        self.tick();
+        self.tick("put", key);
         self.inner.put(key, body, condition).await
     }
 
@@ -82,12 +85,12 @@ impl WriteStore for CountingStore {
         key: &str,
         body: &mut (dyn AsyncRead + Send + Unpin),
     ) -> Result<PutReceipt, StoreError> {
-        self.tick();
+        self.tick("upload", key);
         self.inner.upload(key, body).await
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        self.tick();
+        self.tick("delete", key);
         self.inner.delete(key).await
     }
 
@@ -100,12 +103,12 @@ impl WriteStore for CountingStore {
     }
 
     async fn incomplete_uploads(&self, prefix: &str) -> Result<Vec<PendingUpload>, StoreError> {
-        self.tick();
+        self.tick("incomplete_uploads", prefix);
         self.inner.incomplete_uploads(prefix).await
     }
 
     async fn abort_upload(&self, upload: &PendingUpload) -> Result<(), StoreError> {
-        self.tick();
+        self.tick("abort_upload", &upload.key);
         self.inner.abort_upload(upload).await
     }
 }
