@@ -19,15 +19,14 @@ use chrono::Utc;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 
-use crate::db::copy;
+mod fingerprints;
+pub use self::fingerprints::{table_fingerprints, PART_BLOCKS};
 use crate::db::{self, DbError, DbSettings};
 use crate::error::{Classified, ErrorKind};
-use crate::format::manifest::{Manifest, TableEntry};
+use crate::format::manifest::Manifest;
 use crate::format::verification::VerifyState;
 pub use crate::format::verification::{TableVerification, Verification, VerificationSummary};
-use crate::format::{
-    quote_ident, read_doc, write_doc, Fingerprint, FingerprintOf, FormatError, FORMAT_VERSION,
-};
+use crate::format::{quote_ident, read_doc, write_doc, FormatError, FORMAT_VERSION};
 use crate::repo::{verification_key, verify_state_key};
 use crate::restore::{
     self, BackupSelector, RestoreError, RestoreMeter, RestoreOptions, ResumePoint,
@@ -257,7 +256,11 @@ pub async fn verify_slice(
         }
     }
     let outcome = match outcome {
-        Ok(()) => compare(store.as_ref(), &manifest, &scratch, &tool, &state, started).await,
+        Ok(()) => {
+            let store = store.as_ref();
+            let workers = opts.workers;
+            compare(store, &manifest, &scratch, &tool, &state, started, workers).await
+        }
         Err(e) => Err(e),
     };
     // Finished, one way or the other: always drop the scratch database.
@@ -451,8 +454,9 @@ async fn compare(
     tool: &PgDump,
     state: &VerifyState,
     started: Instant,
+    workers: usize,
 ) -> Result<Verification, VerifyError> {
-    let (tables, schema) = compare_restored(store, manifest, scratch, tool).await?;
+    let (tables, schema) = compare_restored(store, manifest, scratch, tool, workers).await?;
     Ok(Verification {
         version: FORMAT_VERSION,
         backup_id: manifest.id.clone(),
@@ -469,8 +473,9 @@ async fn compare(
 }
 
 /// Compares a restored database with a backup's recorded truth: each table's row count
-/// and content fingerprint, and the schema (dumped with the object selection the
-/// backup's own dump used). Also usable on a database restored by hand.
+/// and content fingerprint (read back over `workers` connections), and, at the same time,
+/// the schema (dumped with the object selection the backup's own dump used). Also usable
+/// on a database restored by hand.
 ///
 /// # Errors
 /// Query errors, pg_dump failures, unreadable schema objects.
@@ -479,79 +484,63 @@ pub async fn compare_restored(
     manifest: &Manifest,
     restored: &DbSettings,
     tool: &PgDump,
+    workers: usize,
 ) -> Result<(Vec<TableVerification>, SchemaCheck), VerifyError> {
-    let client = db::connect(restored).await?;
-    let mut tables = Vec::with_capacity(manifest.tables.len());
-    for entry in &manifest.tables {
-        // Of the rows, or (an `append` table between deep checks) of its keys.
-        let columns = match entry.fingerprint_of {
-            FingerprintOf::Rows => &entry.columns,
-            FingerprintOf::Keys => &entry.key,
-        };
-        let actual = table_fingerprint(&client, restored, entry, columns).await?;
-        tables.push(TableVerification {
+    let tables = &manifest.tables;
+    let fingerprints = table_fingerprints(restored, tables, workers, PART_BLOCKS);
+    let schema = compare_schema(store, manifest, restored, tool);
+    let (fingerprints, schema) = tokio::join!(fingerprints, schema);
+    let tables = manifest
+        .tables
+        .iter()
+        .zip(fingerprints?)
+        .map(|(entry, actual)| TableVerification {
             name: entry.name.clone(),
             ok: actual == entry.fingerprint,
             expected: entry.fingerprint,
             actual: Some(actual),
             of: entry.fingerprint_of,
-        });
-    }
-    let schema = match &manifest.schema_dump {
-        None => SchemaCheck {
+        })
+        .collect();
+    Ok((tables, schema?))
+}
+
+/// The restored schema against the one the backup recorded, and its large objects
+/// against their recorded count and fingerprint.
+async fn compare_schema(
+    store: &dyn ReadStore,
+    manifest: &Manifest,
+    restored: &DbSettings,
+    tool: &PgDump,
+) -> Result<SchemaCheck, VerifyError> {
+    let Some(dump) = &manifest.schema_dump else {
+        return Ok(SchemaCheck {
             ok: false,
             objects: 0,
             differences: vec!["the backup has no recorded schema to compare with".into()],
-        },
-        Some(dump) => {
-            let recorded_pre = crate::schema::load_script(store, &dump.pre_data).await?;
-            let recorded_post = crate::schema::load_script(store, &dump.post_data).await?;
-            let (pre, post) = compare::dump_sections(tool, restored, &dump.selection).await?;
-            let mut check = compare::compare(&[&recorded_pre, &recorded_post], &[&pre, &post]);
-            // Large objects: the source's count and fingerprint in the backup's snapshot.
-            let expected = dump.large_objects_fingerprint.unwrap_or_default();
-            let actual = crate::schema::capture::large_object_fingerprint(&client)
-                .await
-                .map_err(|e| {
-                    RestoreError::from(DbError::query("fingerprinting large objects", restored, e))
-                })?;
-            check.objects += expected.rows as usize;
-            if actual != expected {
-                check.ok = false;
-                check.differences.push(format!(
-                    "different: LARGE OBJECTS ({} in the backup, {} restored, or their contents or comments differ)",
-                    expected.rows, actual.rows
-                ));
-            }
-            check
-        }
+        });
     };
-    Ok((tables, schema))
-}
-
-/// Row count and fingerprint of a table, computed exactly as the export computes them.
-///
-/// # Errors
-/// Query errors, naming the table.
-pub async fn table_fingerprint(
-    client: &tokio_postgres::Client,
-    settings: &DbSettings,
-    table: &TableEntry,
-    columns: &[String],
-) -> Result<Fingerprint, RestoreError> {
-    let cols = columns
-        .iter()
-        .map(|c| quote_ident(c))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let select = format!("SELECT {cols} FROM {}", table.own_rows());
-    copy::fingerprint(client, &select).await.map_err(|e| {
-        let target = settings.to_string();
-        RestoreError::table(
-            &table.name,
-            DbError::copy("computing the fingerprint", &target, e),
-        )
-    })
+    let recorded_pre = crate::schema::load_script(store, &dump.pre_data).await?;
+    let recorded_post = crate::schema::load_script(store, &dump.post_data).await?;
+    let (pre, post) = compare::dump_sections(tool, restored, &dump.selection).await?;
+    let mut check = compare::compare(&[&recorded_pre, &recorded_post], &[&pre, &post]);
+    // Large objects: the source's count and fingerprint in the backup's snapshot.
+    let expected = dump.large_objects_fingerprint.unwrap_or_default();
+    let client = db::connect(restored).await.map_err(RestoreError::from)?;
+    let actual = crate::schema::capture::large_object_fingerprint(&client)
+        .await
+        .map_err(|e| {
+            RestoreError::from(DbError::query("fingerprinting large objects", restored, e))
+        })?;
+    check.objects += expected.rows as usize;
+    if actual != expected {
+        check.ok = false;
+        check.differences.push(format!(
+            "different: LARGE OBJECTS ({} in the backup, {} restored, or their contents or comments differ)",
+            expected.rows, actual.rows
+        ));
+    }
+    Ok(check)
 }
 
 /// The newest backup without a verification record (the newest backup if all have one).
@@ -626,6 +615,7 @@ pub async fn read_verification(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::format::Fingerprint;
 
     #[test]
     fn the_scratch_server_is_the_one_named_with_the_sources_tls_settings() {
@@ -661,7 +651,7 @@ mod tests {
                 rows: 10,
                 sum: if ok { 1 } else { 2 },
             }),
-            of: FingerprintOf::default(),
+            of: crate::format::FingerprintOf::default(),
         };
         let record = Verification {
             version: 2,

@@ -64,7 +64,7 @@ async fn every_object_kind_restores_identical_to_the_source_and_verify_checks_th
     let m = manifest(&store, &incr.backup_id).await;
     let tool = PgDump::locate(None).await.expect("pg_dump");
     let (tables, schema) =
-        verify::compare_restored(store.as_ref(), &m, &restored.settings(), &tool)
+        verify::compare_restored(store.as_ref(), &m, &restored.settings(), &tool, 2)
             .await
             .expect("compare");
     assert!(tables.iter().all(|t| t.ok));

@@ -218,7 +218,7 @@ async fn every_table_kind_round_trips_full_and_incremental() {
         .await
         .expect("pg_dump");
     let (_, schema) =
-        tidemark_core::verify::compare_restored(store.as_ref(), &m, &restored.settings(), &tool)
+        tidemark_core::verify::compare_restored(store.as_ref(), &m, &restored.settings(), &tool, 2)
             .await
             .expect("compare");
     assert!(
