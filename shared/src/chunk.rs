@@ -202,6 +202,7 @@ impl ChunkSink {
             sha256: receipt.sha256,
             range,
             text_sha256: self.text_sha.take().map(|sha| hex::encode(sha.finalize())),
+            first_read: false,
         })
     }
 

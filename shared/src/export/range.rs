@@ -314,9 +314,9 @@ impl RangeCopy<'_> {
         let mut delta = self.delta;
         let changed_rows = self.rows.is_some();
         if let Some(sink) = self.rows {
-            delta
-                .chunks
-                .push(self.shared.land(sink, Some(range.clone())).await?);
+            let mut chunk = self.shared.land(sink, Some(range.clone())).await?;
+            chunk.first_read = self.table.pass_base.is_none();
+            delta.chunks.push(chunk);
         }
         match self.keys {
             KeySet::Unopened => {}

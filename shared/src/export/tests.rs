@@ -360,6 +360,7 @@ fn chunk(rows: u64) -> ChunkRef {
         sha256: String::new(),
         range: None,
         text_sha256: None,
+        first_read: false,
     }
 }
 

@@ -358,6 +358,12 @@ pub struct ChunkRef {
     /// again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub text_sha256: Option<String>,
+    /// Rows written while the run read its table the first time (not by a consistency
+    /// pass): the first-read chunks of one run cover disjoint key ranges, so no key is in
+    /// two of them, and a restore copies them straight into the table. (`false` in
+    /// manifests written before this was recorded.)
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub first_read: bool,
 }
 
 /// Row count and order-independent content fingerprint of a set of rows: the wrapping

@@ -235,7 +235,7 @@ pub(super) async fn fresh_landing(
     client: &Client,
     entry: &TableEntry,
 ) -> Result<Landing, RestoreError> {
-    if entry.schema.is_partitioned() || needs_merge(entry) {
+    if entry.schema.is_partitioned() || (needs_merge(entry) && base_chunks(entry) == 0) {
         return Ok(Landing::Direct);
     }
     let name = entry.name.quoted();
@@ -280,6 +280,9 @@ pub(super) async fn load_into(
     let cols = column_list(&entry.columns);
     let copy = |table: &str| copy_from_stdin(table, &entry.columns, false);
     let merge = needs_merge(entry);
+    if merge && landing == Landing::Fresh {
+        return merge_onto_base(store, client, entry, meter).await;
+    }
     if !merge && landing != Landing::Staged {
         let straight = copy_from_stdin(&name, &entry.columns, landing == Landing::Fresh);
         let mut rows = 0;
@@ -354,6 +357,143 @@ pub(super) async fn load_into(
         .await
         .map_err(|e| load_error(&entry.name, "landing the rows", e))?;
     Ok(landed)
+}
+
+/// How many of a chain's first chunks copy straight into its table: the first-read
+/// chunks of the run the chain starts with, which hold each key at most once.
+pub(super) fn base_chunks(entry: &TableEntry) -> usize {
+    let Some(first) = entry.chunks.first() else {
+        return 0;
+    };
+    entry
+        .chunks
+        .iter()
+        .take_while(|c| c.first_read && c.run_id == first.run_id)
+        .count()
+}
+
+/// Lands a `changes` chain into a table created in this transaction: its base chunks
+/// ([`base_chunks`]) straight in with `COPY ... FREEZE`; the newer chunks merged newest
+/// first into a temporary table (a key's newest version, live keys only); then the base
+/// rows they supersede deleted and theirs inserted; then, with a live key set, the base
+/// rows whose key is not live deleted. A chain of small incrementals costs about what its
+/// full does, instead of every row passing through a merge. Returns the rows landed.
+async fn merge_onto_base(
+    store: &dyn ReadStore,
+    client: &Client,
+    entry: &TableEntry,
+    meter: &RestoreMeter,
+) -> Result<u64, RestoreError> {
+    let fail =
+        |what: &'static str| move |e: tokio_postgres::Error| load_error(&entry.name, what, e);
+    let name = entry.name.quoted();
+    // Deletes never reach an inheritance child's rows.
+    let own = entry.own_rows();
+    let keys = column_list(&entry.key);
+    let base = base_chunks(entry);
+    let straight = copy_from_stdin(&name, &entry.columns, true);
+    let mut rows = 0;
+    for chunk in &entry.chunks[..base] {
+        rows += copy_chunk(store, client, &entry.name, &straight, chunk, meter).await?;
+    }
+    let tables = MergeTables {
+        seen: "tidemark_seen".to_owned(),
+        live: entry.has_key_set().then(|| "tidemark_live".to_owned()),
+    };
+    let newer = &entry.chunks[base..];
+    let shaped = |table: &str| {
+        format!(
+            "CREATE TEMP TABLE {table} ON COMMIT DROP AS SELECT {keys} FROM {name} WITH NO DATA"
+        )
+    };
+    let mut setup = format!(
+        "{}; {}",
+        shaped(&tables.seen),
+        chunk_table_sql(entry, false)
+    );
+    if !newer.is_empty() {
+        setup.push_str(
+            "; CREATE TEMP TABLE tidemark_newer ON COMMIT DROP AS SELECT * FROM tidemark_chunk",
+        );
+    }
+    if let Some(live) = &tables.live {
+        setup.push_str(&format!("; {}", shaped(live)));
+    }
+    client
+        .batch_execute(&setup)
+        .await
+        .map_err(fail("creating the merge tables"))?;
+    if tables.live.is_some() {
+        for chunk in &entry.key_chunks {
+            load_key_chunk(store, client, entry, &tables, chunk, meter).await?;
+        }
+        // Built once the keys are in: cheaper than keeping it up to date while they load.
+        client
+            .batch_execute(&format!("CREATE INDEX ON tidemark_live ({keys})"))
+            .await
+            .map_err(fail("indexing the key set"))?;
+        analyse_key_set(client, entry, &tables).await?;
+    }
+    if !newer.is_empty() {
+        client
+            .batch_execute(&format!("CREATE INDEX ON {} ({keys})", tables.seen))
+            .await
+            .map_err(fail("creating the merge tables"))?;
+        let mut landed = 0;
+        for chunk in newer.iter().rev() {
+            landed += merge_chunk(
+                store,
+                client,
+                entry,
+                "tidemark_newer",
+                &tables,
+                chunk,
+                meter,
+            )
+            .await?;
+        }
+        let seen = &tables.seen;
+        client
+            .batch_execute(&format!("ANALYZE {seen}"))
+            .await
+            .map_err(fail("analysing the seen keys"))?;
+        let superseded = client
+            .execute(
+                &format!(
+                    "DELETE FROM {own} t USING (SELECT DISTINCT {keys} FROM {seen}) s WHERE {}",
+                    key_join(entry, "t", "s"),
+                ),
+                &[],
+            )
+            .await
+            .map_err(fail("removing the rows newer chunks replace"))?;
+        client
+            .execute(
+                &format!(
+                    "INSERT INTO {name}{} OVERRIDING SYSTEM VALUE SELECT {cols} FROM tidemark_newer",
+                    insert_columns(&entry.columns),
+                    cols = column_list(&entry.columns),
+                ),
+                &[],
+            )
+            .await
+            .map_err(fail("landing the newer rows"))?;
+        rows = rows.saturating_sub(superseded) + landed;
+    }
+    if let Some(live) = &tables.live {
+        let gone = client
+            .execute(
+                &format!(
+                    "DELETE FROM {own} t WHERE NOT EXISTS (SELECT 1 FROM {live} l WHERE {})",
+                    key_join(entry, "l", "t")
+                ),
+                &[],
+            )
+            .await
+            .map_err(fail("removing the rows deleted since the base"))?;
+        rows = rows.saturating_sub(gone);
+    }
+    Ok(rows)
 }
 
 /// `a.k = b.k AND ...` over the table's key columns.
