@@ -31,6 +31,9 @@ pub(super) struct IndexBuilds {
     /// Table → its entries, in script order, each with the index it creates.
     by_table: HashMap<TableName, Vec<(TableName, Detached)>>,
     options: ApplyOptions,
+    /// A resumed restore: an earlier slice may have built some indexes already. (A
+    /// restore into a target it has just checked holds none of them.)
+    resumed: bool,
     /// Entries this restore built early.
     built: AtomicUsize,
 }
@@ -43,6 +46,7 @@ impl IndexBuilds {
         plain: &HashSet<TableName>,
         known: &HashSet<String>,
         options: &ApplyOptions,
+        resumed: bool,
         decide: &dyn Fn(&Entry) -> Decision,
     ) -> Self {
         let mut found = Vec::new();
@@ -67,6 +71,7 @@ impl IndexBuilds {
                 finish_with: None,
                 ..options.clone()
             },
+            resumed,
             built: AtomicUsize::new(0),
         }
     }
@@ -81,7 +86,8 @@ impl IndexBuilds {
         self.built.load(Ordering::Relaxed)
     }
 
-    /// Builds `table`'s indexes that do not exist yet, in one transaction.
+    /// Builds `table`'s indexes (in a resumed restore, those that do not exist yet), in
+    /// one transaction.
     ///
     /// # Errors
     /// The entry the target refused, by name (nothing of the table's builds is left).
@@ -93,13 +99,17 @@ impl IndexBuilds {
         let Some(entries) = self.by_table.get(table) else {
             return Ok(());
         };
-        let present = existing(client, entries.iter().map(|(index, _)| index))
-            .await
-            .map_err(|cause| apply::ApplyError {
-                section: "post-data",
-                object: format!("checking the indexes of {table}"),
-                cause,
-            })?;
+        let present = if self.resumed {
+            existing(client, entries.iter().map(|(index, _)| index))
+                .await
+                .map_err(|cause| apply::ApplyError {
+                    section: "post-data",
+                    object: format!("checking the indexes of {table}"),
+                    cause,
+                })?
+        } else {
+            HashSet::new()
+        };
         let missing: Vec<&Detached> = entries
             .iter()
             .filter(|(index, _)| !present.contains(index))
@@ -165,6 +175,10 @@ pub(super) async fn existing<'a>(
 /// `PRIMARY KEY`, `UNIQUE` or `EXCLUDE` constraint (whose index takes the constraint's
 /// name). Foreign keys, checks and indexes on `ONLY` a partitioned table are not.
 pub(super) fn index_of(entry: &Entry) -> Option<(TableName, TableName)> {
+    // Asked of every post-data entry: only these two kinds are read further.
+    if !matches!(entry.kind.as_str(), "INDEX" | "CONSTRAINT") {
+        return None;
+    }
     let schema = entry.schema.as_deref()?;
     let statement = entry.statements.first()?;
     let tokens = statement.tokens();
@@ -294,7 +308,14 @@ ALTER TABLE app.people
                 Decision::Apply
             }
         };
-        let plan = IndexBuilds::plan(&post, &tables, &known, &ApplyOptions::default(), &skip_u);
+        let plan = IndexBuilds::plan(
+            &post,
+            &tables,
+            &known,
+            &ApplyOptions::default(),
+            false,
+            &skip_u,
+        );
         let people = &plan.by_table[&TableName::new("app", "people")];
         let names: Vec<&str> = people.iter().map(|(i, _)| i.name.as_str()).collect();
         assert_eq!(names, ["people_pkey", "people_name"]);

@@ -79,7 +79,8 @@ pub async fn restore(
     let indexes = scripts.as_ref().map(|s| {
         let plain = indexes::plain_tables(&tables);
         let decide = |entry: &schema::Entry| schema.decide(entry);
-        let plan = IndexBuilds::plan(&s.post, &plain, &known, &schema.options, &decide);
+        let resumed = opts.resume.is_some();
+        let plan = IndexBuilds::plan(&s.post, &plain, &known, &schema.options, resumed, &decide);
         Arc::new(plan)
     });
     let schema_applied = match &scripts {
@@ -256,7 +257,9 @@ impl<'a> SchemaSteps<'a> {
         if entry.kind == "SCHEMA" && self.existing_schemas.contains(&entry.name) {
             return Decision::Skip(String::new());
         }
-        if indexes::index_of(entry).is_some_and(|(_, index)| self.prebuilt.contains(&index)) {
+        if !self.prebuilt.is_empty()
+            && indexes::index_of(entry).is_some_and(|(_, index)| self.prebuilt.contains(&index))
+        {
             return Decision::Skip(String::new());
         }
         match &self.subset {
