@@ -707,12 +707,7 @@ async fn fingerprints_read_in_block_ranges_add_up_to_the_sources() {
     let (_dir, local) = local_store();
     let store: Store = Arc::new(local);
     let (sealed, _) = backup(&store, &db, &options(100_000, &["public"])).await;
-    let manifest = restore::load_manifest(
-        store.as_ref(),
-        &BackupSelector::Id(sealed.backup_id.clone()),
-    )
-    .await
-    .expect("manifest");
+    let manifest = manifest(&store, &sealed.backup_id).await;
     let restored = restore_fresh(&store, &cluster, &sealed.backup_id).await;
     let expected: Vec<_> = manifest.tables.iter().map(|t| t.fingerprint).collect();
     for part_blocks in [1, 7, 64, verify::PART_BLOCKS] {

@@ -293,13 +293,12 @@ impl RangeCopy<'_> {
                 }
                 KeySet::Held { text, rows, .. } => {
                     // Too big to hold: written as any key set is.
-                    let mut sink = shared.open_sink(&table.name, *seq, ChunkKind::Keys);
-                    sink.write_lines(text, *rows).await?;
+                    let mut sink = open_keys(shared, table, *seq, text, *rows).await?;
                     sink.write_line(key_line).await?;
                     *keys = KeySet::Writing(sink);
                 }
                 KeySet::Unopened => {
-                    let mut sink = shared.open_sink(&table.name, *seq, ChunkKind::Keys);
+                    let mut sink = open_keys(shared, table, *seq, &[], 0).await?;
                     sink.write_line(key_line).await?;
                     *keys = KeySet::Writing(sink);
                 }
@@ -342,9 +341,7 @@ impl RangeCopy<'_> {
                 delta.key_chunks.push(chunk);
             }
             KeySet::Held { text, rows, .. } => {
-                let kind = ChunkKind::Keys;
-                let mut sink = self.shared.open_sink(&self.table.name, self.seq, kind);
-                sink.write_lines(&text, rows).await?;
+                let sink = open_keys(self.shared, self.table, self.seq, &text, rows).await?;
                 let chunk = self.shared.land(sink, Some(range.clone())).await?;
                 delta.key_chunks.push(chunk);
             }
@@ -359,6 +356,21 @@ impl RangeCopy<'_> {
         }
         Ok(delta)
     }
+}
+
+/// Opens range `seq`'s key-set chunk, starting with `rows` key lines already read.
+async fn open_keys(
+    shared: &Shared,
+    table: &TableProgress,
+    seq: u32,
+    text: &[u8],
+    rows: u64,
+) -> Result<ChunkSink, RunError> {
+    let mut sink = shared.open_sink(&table.name, seq, ChunkKind::Keys);
+    if rows > 0 {
+        sink.write_lines(text, rows).await?;
+    }
+    Ok(sink)
 }
 
 /// Cuts the changed flag off a line of a `changes` read ("...\tt\n", or "t\n" alone

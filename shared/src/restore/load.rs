@@ -219,7 +219,8 @@ pub(super) enum Landing {
     Direct,
     /// Into a table emptied in the loading transaction, chunk by chunk with `COPY ...
     /// FREEZE`: the rows are written frozen (and, from PostgreSQL 14, all-visible), so
-    /// no later VACUUM rewrites the table. Rows of a merged chain land as in `Direct`.
+    /// no later VACUUM rewrites the table. A merged chain lands its base that way and
+    /// merges the rest onto it ([`merge_onto_base`]).
     Fresh,
     /// Into a staging table, then one `INSERT ... SELECT` (one statement, so that a
     /// non-deferrable self-referencing foreign key sees every row at once).
@@ -229,8 +230,9 @@ pub(super) enum Landing {
 /// Prepares a table that this restore created for its load in the transaction `client`
 /// has open: emptied there (`TRUNCATE ONLY`, a no-op on the new empty table) so that
 /// its chunks can be copied with `FREEZE`. A partitioned table (PostgreSQL refuses
-/// `COPY FREEZE` into one), a merged `changes` chain (it lands with `INSERT`) or a
-/// table this role may not truncate lands [`Landing::Direct`] instead.
+/// `COPY FREEZE` into one), a `changes` chain with no base chunks to copy straight in
+/// ([`base_chunks`]: a manifest from before they were marked) or a table this role may
+/// not truncate lands [`Landing::Direct`] instead.
 pub(super) async fn fresh_landing(
     client: &Client,
     entry: &TableEntry,
@@ -259,7 +261,8 @@ pub(super) async fn fresh_landing(
 
 /// Loads a table's chunks inside the caller's transaction; returns the rows landed.
 ///
-/// A `changes` chain is merged newest chunk first: each chunk is staged in a temporary
+/// A `changes` chain landing [`Landing::Fresh`] goes through [`merge_onto_base`].
+/// Otherwise it is merged newest chunk first: each chunk is staged in a temporary
 /// table shaped exactly like the target (so any table PostgreSQL allows, 1,600 columns
 /// included, fits), and lands only the rows whose key no newer chunk had and, when the
 /// backup has a live key set, whose key is in it (an emptied table's set is empty).
@@ -291,11 +294,7 @@ pub(super) async fn load_into(
         }
         return Ok(rows);
     }
-    let shaped = |table: &str, columns: &str| {
-        format!(
-            "CREATE TEMP TABLE {table} ON COMMIT DROP AS SELECT {columns} FROM {name} WITH NO DATA"
-        )
-    };
+    let shaped = |table: &str, columns: &str| temp_like(table, columns, &name);
     // Where merged rows go: the table, or a staging table landed in one statement.
     let into = match landing {
         Landing::Direct | Landing::Fresh => name.clone(),
@@ -401,11 +400,7 @@ async fn merge_onto_base(
         live: entry.has_key_set().then(|| "tidemark_live".to_owned()),
     };
     let newer = &entry.chunks[base..];
-    let shaped = |table: &str| {
-        format!(
-            "CREATE TEMP TABLE {table} ON COMMIT DROP AS SELECT {keys} FROM {name} WITH NO DATA"
-        )
-    };
+    let shaped = |table: &str| temp_like(table, &keys, &name);
     let mut setup = format!(
         "{}; {}",
         shaped(&tables.seen),
@@ -423,13 +418,13 @@ async fn merge_onto_base(
         .batch_execute(&setup)
         .await
         .map_err(fail("creating the merge tables"))?;
-    if tables.live.is_some() {
+    if let Some(live) = &tables.live {
         for chunk in &entry.key_chunks {
             load_key_chunk(store, client, entry, &tables, chunk, meter).await?;
         }
         // Built once the keys are in: cheaper than keeping it up to date while they load.
         client
-            .batch_execute(&format!("CREATE INDEX ON tidemark_live ({keys})"))
+            .batch_execute(&format!("CREATE INDEX ON {live} ({keys})"))
             .await
             .map_err(fail("indexing the key set"))?;
         analyse_key_set(client, entry, &tables).await?;
@@ -494,6 +489,13 @@ async fn merge_onto_base(
         rows = rows.saturating_sub(gone);
     }
     Ok(rows)
+}
+
+/// `CREATE TEMP TABLE` of `columns` of `relation`, empty, dropped at commit.
+fn temp_like(table: &str, columns: &str, relation: &str) -> String {
+    format!(
+        "CREATE TEMP TABLE {table} ON COMMIT DROP AS SELECT {columns} FROM {relation} WITH NO DATA"
+    )
 }
 
 /// `a.k = b.k AND ...` over the table's key columns.
