@@ -6,7 +6,7 @@ use super::sql::{column_list, db_err, range_condition};
 use crate::catalog::{self, CatalogTable};
 use crate::db::Session;
 use crate::format::checkpoint::{Checkpoint, TableCheckpoint};
-use crate::format::manifest::{Manifest, TableEntry};
+use crate::format::manifest::{Manifest, SchemaDump, TableEntry};
 use crate::format::progress::{
     ExportScope, ExportSettings, Lane, ParentKeys, RunProgress, TableProgress,
 };
@@ -19,13 +19,14 @@ use crate::run::{new_run_id, RunError};
 use crate::store::WriteStore;
 use chrono::Utc;
 
-/// Plans a new run inside the coordinator's snapshot: tables, scopes, marks, sequences.
+/// Plans a new run inside the coordinator's snapshot: tables, scopes, marks, sequences;
+/// with the parent backup's schema, for the capture to compare with.
 pub(super) async fn plan_run(
     client: &Session<'_>,
     store: &dyn WriteStore,
     opts: &ExportOptions,
     run_id: Option<String>,
-) -> Result<RunProgress, RunError> {
+) -> Result<(RunProgress, Option<SchemaDump>), RunError> {
     let now = Utc::now();
     let row = client
         .query_one(
@@ -74,7 +75,7 @@ pub(super) async fn plan_run(
             && parent
                 .as_ref()
                 .is_some_and(|(cp, _)| cp.runs_since_deep + 1 >= opts.settings.deep_every));
-    Ok(RunProgress {
+    let progress = RunProgress {
         deep,
         version: FORMAT_VERSION,
         run_id: run_id.clone(),
@@ -112,7 +113,8 @@ pub(super) async fn plan_run(
         slices: 1,
         store_requests: 0,
         warnings,
-    })
+    };
+    Ok((progress, parent.and_then(|(_, manifest)| manifest.schema_dump)))
 }
 
 /// The backup the checkpoint names, with its manifest; `None` (and a warning) when it has

@@ -41,6 +41,7 @@ pub(super) async fn finalize_run(
                     run_id: &shared.run_id,
                     schemas: &schemas,
                     parent: parent.as_deref(),
+                    parent_schema: None,
                 },
             )
             .await?,

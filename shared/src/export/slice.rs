@@ -8,7 +8,7 @@ use super::seal::{dump_schemas, finalize_run};
 use super::state::{work_left, Shared, Slice, Work};
 use super::worker::worker;
 use crate::db::{Connection, DbSettings, Session, Snapshot};
-use crate::format::manifest::Manifest;
+use crate::format::manifest::{Manifest, SchemaDump};
 use crate::format::progress::{RunProgress, SliceSnapshot};
 use crate::format::{read_doc, write_doc, PgSnapshot};
 use crate::lease;
@@ -53,14 +53,15 @@ pub async fn export_slice(
         None => Some(locate_pg_dump(&coordinator, opts).await?),
     };
     let resumed = resume.is_some();
-    let (mut progress, progress_etag) = match resume {
+    let (mut progress, progress_etag, parent_schema) = match resume {
         Some((mut progress, etag)) => {
             progress.slices += 1;
-            (progress, Some(etag))
+            (progress, Some(etag), None)
         }
         None => {
             let planned = plan_run(&coordinator, store.as_ref(), opts, opts.run_id.clone());
-            (planned.await?, None)
+            let (progress, parent_schema) = planned.await?;
+            (progress, None, parent_schema)
         }
     };
     // Every slice cuts chunks the way the run started, whatever this invocation was given.
@@ -85,8 +86,12 @@ pub async fn export_slice(
     }
     let result = async {
         if let Some(tool) = &schema_tool {
-            capture_schema(store.as_ref(), &coordinator, db, tool, &snapshot_id, opts, &mut progress)
-                .await?;
+            let capture = Capture {
+                tool,
+                snapshot_id: &snapshot_id,
+                parent_schema: parent_schema.as_ref(),
+            };
+            capture_schema(store.as_ref(), &coordinator, db, &capture, opts, &mut progress).await?;
         }
         record_slice_snapshot(&coordinator, &mut progress).await?;
         let base_requests = progress.store_requests;
@@ -223,24 +228,32 @@ async fn locate_pg_dump(client: &Session<'_>, opts: &ExportOptions) -> Result<Pg
     Ok(tool)
 }
 
+/// A new run's schema capture: the pg_dump found for the server, the slice's snapshot, and
+/// the parent backup's schema as the plan read it.
+struct Capture<'a> {
+    tool: &'a PgDump,
+    snapshot_id: &'a str,
+    parent_schema: Option<&'a SchemaDump>,
+}
+
 /// Captures the schema (and large objects) in the slice's snapshot into the progress.
 async fn capture_schema(
     store: &dyn WriteStore,
     client: &Session<'_>,
     db: &DbSettings,
-    tool: &PgDump,
-    snapshot_id: &str,
+    capture: &Capture<'_>,
     opts: &ExportOptions,
     progress: &mut RunProgress,
 ) -> Result<(), RunError> {
     let schemas = dump_schemas(&opts.settings.selection, progress);
     let request = CaptureRequest {
-        tool,
+        tool: capture.tool,
         settings: db,
-        snapshot_id,
+        snapshot_id: capture.snapshot_id,
         run_id: &progress.run_id,
         schemas: &schemas,
         parent: progress.parent.as_deref(),
+        parent_schema: capture.parent_schema,
     };
     let (dump, warnings) = schema::capture::capture(store, client, &request).await?;
     for warning in warnings {

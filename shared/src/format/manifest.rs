@@ -236,6 +236,11 @@ pub struct StoredObject {
     /// Bytes before compression.
     pub raw_bytes: u64,
     pub sha256: String,
+    /// Schema scripts: SHA-256 of the script's text without pg_dump's per-run `\restrict`
+    /// key. The next backup whose script has the same keeps this object instead of storing
+    /// its own copy (so the object may lie under an earlier backup's prefix).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text_sha256: Option<String>,
 }
 
 /// The moment a backup restores to.

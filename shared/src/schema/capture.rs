@@ -1,5 +1,7 @@
 //! Capturing a backup's schema at export, in the export's snapshot.
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
 use tokio_postgres::Client;
 
@@ -25,9 +27,11 @@ pub struct CaptureRequest<'a> {
     /// Schemas whose objects the backup covers (the selected tables' schemas and their
     /// partitions').
     pub schemas: &'a [String],
-    /// The parent backup of an incremental run: its large-objects script is kept when no
-    /// large object changed since.
+    /// The parent backup of an incremental run: each of its scripts is kept when this
+    /// run's says the same, and its large-objects script when no large object changed since.
     pub parent: Option<&'a str>,
+    /// The parent's schema, when the caller has its manifest at hand (otherwise it is read).
+    pub parent_schema: Option<&'a SchemaDump>,
 }
 
 /// The pg_dump switches that select what a backup's schema holds.
@@ -117,6 +121,8 @@ pub async fn capture(
     let large_objects = row.get::<_, i64>(1) as u64;
     request.tool.check_server(server_version_num)?;
     let selection = selection(client, settings, request.tool, request.schemas).await?;
+    let parent = parent_schema(store, request).await;
+    let parent = parent.as_deref();
 
     let relay = Relay::start(settings).await?;
     let (pre, post) = dump_sections(request, &relay, &selection).await?;
@@ -137,16 +143,21 @@ pub async fn capture(
         }
     };
     let objects = if large_objects > 0 {
-        Some(dump_large_objects(store, client, request, &relay).await?)
+        Some(dump_large_objects(client, request, parent, &relay).await?)
     } else {
         None
     };
     let token = uuid::Uuid::new_v4().simple().to_string();
     let key = |part: &str| crate::repo::schema_key(request.run_id, &token[..8], part);
-    let pre_data = store_script(store, &key("pre-data"), pre, true, &keep).await?;
-    let post_data = store_script(store, &key("post-data"), post, true, &keep).await?;
+    let pre_data = parent.map(|p| &p.pre_data);
+    let pre_data = store_script(store, &key("pre-data"), pre, true, &keep, pre_data).await?;
+    let post_data = parent.map(|p| &p.post_data);
+    let post_data = store_script(store, &key("post-data"), post, true, &keep, post_data).await?;
     let globals = match globals {
-        Some(text) => Some(store_script(store, &key("globals"), text, false, &keep).await?),
+        Some(text) => {
+            let kept = parent.and_then(|p| p.globals.as_ref());
+            Some(store_script(store, &key("globals"), text, false, &keep, kept).await?)
+        }
         None => None,
     };
     // The fingerprints are small copies; the script (all the large objects' contents)
@@ -156,7 +167,9 @@ pub async fn capture(
     let large_objects_script = match objects.map(|o| o.script) {
         Some(LargeObjectsScript::Unchanged(kept)) => Some(kept),
         Some(LargeObjectsScript::Dumped(text)) => {
-            Some(store_script(store, &key("large-objects"), text, true, &keep).await?)
+            let kept = parent.and_then(|p| p.large_objects_script.as_ref());
+            let key = key("large-objects");
+            Some(store_script(store, &key, text, true, &keep, kept).await?)
         }
         None => None,
     };
@@ -181,6 +194,25 @@ pub async fn capture(
         },
         warnings,
     ))
+}
+
+/// The parent backup's schema: the request's, or read from its manifest (none when that
+/// cannot be read: every script is then stored anew).
+async fn parent_schema<'a>(
+    store: &dyn WriteStore,
+    request: &CaptureRequest<'a>,
+) -> Option<Cow<'a, SchemaDump>> {
+    if let Some(dump) = request.parent_schema {
+        return Some(Cow::Borrowed(dump));
+    }
+    let id = request.parent?;
+    match crate::format::manifest::read_manifest(store, id).await {
+        Ok(manifest) => manifest.and_then(|m| m.schema_dump).map(Cow::Owned),
+        Err(e) => {
+            tracing::debug!(parent = id, error = %e, "parent manifest unreadable: storing every script");
+            None
+        }
+    }
 }
 
 /// pg_dump's pre-data and post-data sections of the selection, both at once.
@@ -240,24 +272,17 @@ enum LargeObjectsScript {
 /// backup (same oids, contents, comments, owners and grants), the parent's script is this
 /// backup's too: not dumped or stored again.
 async fn dump_large_objects(
-    store: &dyn WriteStore,
     client: &Client,
     request: &CaptureRequest<'_>,
+    parent: Option<&SchemaDump>,
     relay: &Relay,
 ) -> Result<LargeObjects, SchemaError> {
     let (fingerprint, state) = large_object_fingerprints(client)
         .await
         .map_err(|e| DbError::query("fingerprinting large objects", request.settings, e))?;
-    let unchanged = match request.parent {
-        Some(parent) => crate::format::manifest::read_manifest(store, parent)
-            .await
-            .ok()
-            .flatten()
-            .and_then(|m| m.schema_dump)
-            .filter(|d| d.large_objects_state == Some(state))
-            .and_then(|d| d.large_objects_script),
-        None => None,
-    };
+    let unchanged = parent
+        .filter(|d| d.large_objects_state == Some(state))
+        .and_then(|d| d.large_objects_script.clone());
     let script = match unchanged {
         Some(kept) => LargeObjectsScript::Unchanged(kept),
         None => {
@@ -322,13 +347,15 @@ async fn large_object_fingerprints(
 /// Checks that `text` splits (when `toc`: as a pg_dump script), leaves out the session
 /// settings `keep` refuses (those the source server does not know: a newer pg_dump's), so
 /// the script runs as stored on a server of the source's version, then compresses and
-/// stores it.
+/// stores it — unless `kept`, the parent backup's same script, says the same (apart from
+/// pg_dump's per-run `\restrict` key): then that object is this backup's too.
 async fn store_script(
     store: &dyn WriteStore,
     key: &str,
     text: Vec<u8>,
     toc: bool,
     keep: &(dyn Fn(&str) -> bool + Sync),
+    kept: Option<&StoredObject>,
 ) -> Result<StoredObject, SchemaError> {
     let script = std::str::from_utf8(&text).map_err(|_| SchemaError::Corrupt {
         key: key.to_owned(),
@@ -342,13 +369,18 @@ async fn store_script(
     if !dropped.is_empty() {
         tracing::debug!(key, settings = ?dropped, "left out settings the server does not know");
     }
-    let text = fitted.into_bytes();
     if toc && parsed.entries().any(|e| e.kind == "PREAMBLE") {
         return Err(SchemaError::Corrupt {
             key: key.to_owned(),
             detail: "pg_dump output holds statements outside any object header".into(),
         });
     }
+    let text_sha256 = parsed.digest_without_restrict_key(&fitted);
+    if let Some(kept) = kept.filter(|k| k.text_sha256.as_deref() == Some(text_sha256.as_str())) {
+        tracing::debug!(key = kept.key, "script unchanged since the parent backup: kept");
+        return Ok(kept.clone());
+    }
+    let text = fitted.into_bytes();
     let raw_bytes = text.len() as u64;
     // One shot, so zstd sizes its tables to the script rather than to the level's window.
     let compressed =
@@ -364,5 +396,6 @@ async fn store_script(
         bytes: receipt.size,
         raw_bytes,
         sha256: receipt.sha256,
+        text_sha256: Some(text_sha256),
     })
 }
