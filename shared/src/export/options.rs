@@ -78,9 +78,12 @@ pub struct ExportOptions {
     /// Who holds the lease (host:pid, Lambda request id).
     pub holder: String,
     pub lease_ttl: Duration,
-    /// Least time between two progress writes. The default, 0, records a range as it
-    /// finishes whenever writing the progress costs little next to the work it saves (see
-    /// `flush_if_due`), so a killed slice loses only the ranges it had in flight.
+    /// Least time between two progress writes. A range is recorded as it finishes once this
+    /// long has passed since the last write and writing costs little next to the work it
+    /// saves (see `flush_if_due`), so a killed slice loses only the ranges it had in flight
+    /// and at most this much finished work. The default, one second, keeps a run of many
+    /// small tables (a no-change incremental finishes hundreds in a second) from rewriting
+    /// the progress after every few of them; 0 records every range of any size.
     pub progress_interval: Duration,
     /// Live counters for a progress display.
     pub meter: Option<Arc<ExportMeter>>,
@@ -92,6 +95,9 @@ pub struct ExportOptions {
     pub pass_deadline: Option<Instant>,
 }
 
+/// [`ExportOptions::progress_interval`]'s default.
+pub const DEFAULT_PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
+
 impl Default for ExportOptions {
     fn default() -> Self {
         Self {
@@ -101,7 +107,7 @@ impl Default for ExportOptions {
             deadline: None,
             holder: lease::default_holder(),
             lease_ttl: lease::DEFAULT_TTL,
-            progress_interval: Duration::ZERO,
+            progress_interval: DEFAULT_PROGRESS_INTERVAL,
             meter: None,
             pg_dump: None,
             pass_deadline: None,
