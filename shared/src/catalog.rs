@@ -4,7 +4,9 @@
 //! are exported through their root, once), or an explicit list. Names follow `pg_dump
 //! -t`: an unquoted name is folded to lower case, a double-quoted one is taken as is.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+
+use tokio_postgres::Row;
 
 use crate::config::{parse_name, parse_table_mode};
 use crate::db::{DbError, Session};
@@ -197,17 +199,16 @@ pub async fn discover(
     if chosen.is_empty() {
         return Err(CatalogError::NothingToBackUp(schemas.join(", ")));
     }
-    let mut out = Vec::with_capacity(chosen.len());
-    for name in chosen {
-        let Some((oid, relkind)) = all.get(&name).cloned() else {
-            continue;
-        };
-        let mut table = describe(client, name, oid, &relkind).await?;
+    let picked = chosen
+        .into_iter()
+        .filter_map(|name| all.remove(&name).map(|(oid, relkind)| (name, oid, relkind)))
+        .collect();
+    let mut out = describe(client, picked).await?;
+    for table in &mut out {
         if let Some(mode) = overrides.get(&table.name) {
-            check_mode(&table, *mode)?;
+            check_mode(table, *mode)?;
             table.mode = *mode;
         }
-        out.push(table);
     }
     Ok(out)
 }
@@ -271,131 +272,163 @@ fn check_mode(table: &CatalogTable, mode: TableMode) -> Result<(), CatalogError>
     }
 }
 
-/// Reads one table's definition, key, size and identity.
+/// Reads the tables' definitions, keys, sizes and identities: one query per kind of fact
+/// for all of them, not one per table (a database of hundreds of small tables is planned
+/// in a dozen round trips).
 async fn describe(
     client: &Session<'_>,
-    name: TableName,
-    oid: u32,
-    relkind: &str,
-) -> Result<CatalogTable, CatalogError> {
-    let columns = read_columns(client, oid).await?;
-    let key = read_key(client, oid).await?;
-    let indexes = read_indexes(client, oid).await?;
-    let checks = read_constraints(client, oid, Constraints::Check).await?;
-    let foreign_keys = read_constraints(client, oid, Constraints::ForeignKey).await?;
-    let partitioned = relkind == "p";
-    let (partition_key, partitions) = if partitioned {
-        read_partitioning(client, oid).await?
-    } else {
-        (None, Vec::new())
-    };
-    let (heap_bytes, est_rows) = read_size(client, oid).await?;
-    let mode = if key.is_empty() {
-        TableMode::Snapshot
-    } else {
-        TableMode::Changes
-    };
-    let identity = read_identity(client, oid, &key).await?;
-    Ok(CatalogTable {
-        columns: columns
-            .iter()
-            .filter(|c| c.generated.is_none())
-            .map(|c| c.name.clone())
-            .collect(),
-        schema: TableSchema {
-            kind: if partitioned { "partitioned" } else { "table" }.to_owned(),
-            columns,
-            primary_key: key.iter().map(|(n, _)| n.clone()).collect(),
-            indexes,
-            checks,
-            foreign_keys,
-            partition_key,
-            partitions,
-        },
-        name,
-        oid,
-        mode,
-        key,
-        heap_bytes,
-        est_rows,
-        identity,
+    tables: Vec<(TableName, u32, String)>,
+) -> Result<Vec<CatalogTable>, CatalogError> {
+    let oids: Vec<u32> = tables.iter().map(|(_, oid, _)| *oid).collect();
+    let oids = oids.as_slice();
+    let mut columns = read_columns(client, oids).await?;
+    let mut keys = read_keys(client, oids).await?;
+    let mut indexes = read_indexes(client, oids).await?;
+    let mut checks = read_constraints(client, oids, Constraints::Check).await?;
+    let mut foreign_keys = read_constraints(client, oids, Constraints::ForeignKey).await?;
+    let mut sizes = read_sizes(client, oids).await?;
+    let mut column_identities = read_column_identities(client, oids).await?;
+    let mut partition_identities = read_partition_identities(client, oids).await?;
+    let mut out = Vec::with_capacity(tables.len());
+    for (name, oid, relkind) in tables {
+        let columns = columns.remove(&oid).unwrap_or_default();
+        let key = keys.remove(&oid).unwrap_or_default();
+        let partitioned = relkind == "p";
+        let (partition_key, partitions) = if partitioned {
+            read_partitioning(client, oid).await?
+        } else {
+            (None, Vec::new())
+        };
+        let (heap_bytes, est_rows) = sizes
+            .remove(&oid)
+            .and_then(|mut s| s.pop())
+            .unwrap_or_default();
+        let mode = if key.is_empty() {
+            TableMode::Snapshot
+        } else {
+            TableMode::Changes
+        };
+        let identity = TableIdentity {
+            oid,
+            columns: column_identities.remove(&oid).unwrap_or_default(),
+            key: key.iter().map(|(n, _)| n.clone()).collect(),
+            partitions: partition_identities.remove(&oid).unwrap_or_default(),
+        };
+        out.push(CatalogTable {
+            columns: columns
+                .iter()
+                .filter(|c| c.generated.is_none())
+                .map(|c| c.name.clone())
+                .collect(),
+            schema: TableSchema {
+                kind: if partitioned { "partitioned" } else { "table" }.to_owned(),
+                columns,
+                primary_key: key.iter().map(|(n, _)| n.clone()).collect(),
+                indexes: indexes.remove(&oid).unwrap_or_default(),
+                checks: checks.remove(&oid).unwrap_or_default(),
+                foreign_keys: foreign_keys.remove(&oid).unwrap_or_default(),
+                partition_key,
+                partitions,
+            },
+            name,
+            oid,
+            mode,
+            key,
+            heap_bytes,
+            est_rows,
+            identity,
+        });
+    }
+    Ok(out)
+}
+
+/// Runs `sql`, whose `$1` is the tables' oids and whose first column is the oid of the
+/// table a row is of, and groups what `each` makes of the rows by table, in the query's
+/// order.
+async fn per_table<T>(
+    client: &Session<'_>,
+    what: &'static str,
+    sql: &str,
+    oids: &[u32],
+    each: impl Fn(&Row) -> T,
+) -> Result<HashMap<u32, Vec<T>>, CatalogError> {
+    let rows = client.query(sql, &[&oids]).await.map_err(q(client, what))?;
+    let mut out: HashMap<u32, Vec<T>> = HashMap::new();
+    for row in &rows {
+        out.entry(row.get(0)).or_default().push(each(row));
+    }
+    Ok(out)
+}
+
+/// Each table's columns, generated ones with their expression.
+async fn read_columns(
+    client: &Session<'_>,
+    oids: &[u32],
+) -> Result<HashMap<u32, Vec<ColumnDef>>, CatalogError> {
+    let sql = "SELECT a.attrelid, a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull, \
+                      pg_get_expr(d.adbin, d.adrelid), a.attgenerated::text, a.attidentity::text \
+               FROM pg_attribute a \
+               LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum \
+               WHERE a.attrelid = ANY($1) AND a.attnum > 0 AND NOT a.attisdropped \
+               ORDER BY a.attrelid, a.attnum";
+    per_table(client, "reading columns", sql, oids, |r| {
+        let expr: Option<String> = r.get(4);
+        // 's' stored (12+), 'v' virtual (18+): neither is loaded by COPY FROM.
+        let generated = !r.get::<_, String>(5).is_empty();
+        let identity = match r.get::<_, String>(6).as_str() {
+            "a" => Some("always".to_owned()),
+            "d" => Some("by default".to_owned()),
+            _ => None,
+        };
+        ColumnDef {
+            name: r.get(1),
+            type_name: r.get(2),
+            not_null: r.get(3),
+            default: if generated { None } else { expr.clone() },
+            generated: if generated { expr } else { None },
+            identity,
+        }
     })
+    .await
 }
 
-/// The table's columns, generated ones with their expression.
-async fn read_columns(client: &Session<'_>, oid: u32) -> Result<Vec<ColumnDef>, CatalogError> {
-    Ok(client
-        .query(
-            "SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull, \
-                    pg_get_expr(d.adbin, d.adrelid), a.attgenerated::text, a.attidentity::text \
-             FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum \
-             WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
-            &[&oid],
-        )
-        .await
-        .map_err(q(client, "reading columns"))?
-        .into_iter()
-        .map(|r| {
-            let expr: Option<String> = r.get(3);
-            // 's' stored (12+), 'v' virtual (18+): neither is loaded by COPY FROM.
-            let generated = !r.get::<_, String>(4).is_empty();
-            let identity = match r.get::<_, String>(5).as_str() {
-                "a" => Some("always".to_owned()),
-                "d" => Some("by default".to_owned()),
-                _ => None,
-            };
-            ColumnDef {
-                name: r.get(0),
-                type_name: r.get(1),
-                not_null: r.get(2),
-                default: if generated { None } else { expr.clone() },
-                generated: if generated { expr } else { None },
-                identity,
-            }
-        })
-        .collect())
+/// Each table's primary key columns (the index's key columns, not its INCLUDE ones) and
+/// their types, in order.
+async fn read_keys(
+    client: &Session<'_>,
+    oids: &[u32],
+) -> Result<HashMap<u32, Vec<(String, String)>>, CatalogError> {
+    let sql = "SELECT i.indrelid, a.attname, format_type(a.atttypid, a.atttypmod) \
+               FROM pg_index i CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY k(attnum, ord) \
+               JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+               WHERE i.indrelid = ANY($1) AND i.indisprimary AND k.ord <= i.indnkeyatts \
+               ORDER BY i.indrelid, k.ord";
+    per_table(client, "reading primary keys", sql, oids, |r| {
+        (r.get(1), r.get(2))
+    })
+    .await
 }
 
-/// The primary key's key columns (not its INCLUDE columns) and their types, in order.
-async fn read_key(client: &Session<'_>, oid: u32) -> Result<Vec<(String, String)>, CatalogError> {
-    Ok(client
-        .query(
-            "SELECT a.attname, format_type(a.atttypid, a.atttypmod) \
-             FROM pg_index i CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY k(attnum, ord) \
-             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
-             WHERE i.indrelid = $1 AND i.indisprimary AND k.ord <= i.indnkeyatts ORDER BY k.ord",
-            &[&oid],
-        )
-        .await
-        .map_err(q(client, "reading the primary key"))?
-        .into_iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect())
-}
-
-/// The table's indexes, with the constraints they back.
-async fn read_indexes(client: &Session<'_>, oid: u32) -> Result<Vec<IndexDef>, CatalogError> {
-    Ok(client
-        .query(
-            "SELECT ic.relname, pg_get_indexdef(i.indexrelid), con.conname, pg_get_constraintdef(con.oid) \
-             FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid \
-             LEFT JOIN pg_constraint con ON con.conindid = i.indexrelid AND con.conrelid = i.indrelid \
-               AND con.contype IN ('p', 'u', 'x') \
-             WHERE i.indrelid = $1 ORDER BY ic.relname",
-            &[&oid],
-        )
-        .await
-        .map_err(q(client, "reading indexes"))?
-        .into_iter()
-        .map(|r| IndexDef {
-            name: r.get(0),
-            definition: r.get(1),
-            constraint: r.get::<_, Option<String>>(2).map(|name| ConstraintDef {
-                name,
-                definition: r.get::<_, Option<String>>(3).unwrap_or_default(),
-            }),
-        })
-        .collect())
+/// Each table's indexes, with the constraints they back.
+async fn read_indexes(
+    client: &Session<'_>,
+    oids: &[u32],
+) -> Result<HashMap<u32, Vec<IndexDef>>, CatalogError> {
+    let sql = "SELECT i.indrelid, ic.relname, pg_get_indexdef(i.indexrelid), con.conname, \
+                      pg_get_constraintdef(con.oid) \
+               FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid \
+               LEFT JOIN pg_constraint con ON con.conindid = i.indexrelid AND con.conrelid = i.indrelid \
+                 AND con.contype IN ('p', 'u', 'x') \
+               WHERE i.indrelid = ANY($1) ORDER BY i.indrelid, ic.relname";
+    per_table(client, "reading indexes", sql, oids, |r| IndexDef {
+        name: r.get(1),
+        definition: r.get(2),
+        constraint: r.get::<_, Option<String>>(3).map(|name| ConstraintDef {
+            name,
+            definition: r.get::<_, Option<String>>(4).unwrap_or_default(),
+        }),
+    })
+    .await
 }
 
 /// Which constraints [`read_constraints`] reads.
@@ -408,31 +441,27 @@ enum Constraints {
 
 async fn read_constraints(
     client: &Session<'_>,
-    oid: u32,
+    oids: &[u32],
     which: Constraints,
-) -> Result<Vec<ConstraintDef>, CatalogError> {
+) -> Result<HashMap<u32, Vec<ConstraintDef>>, CatalogError> {
     let (sql, what) = match which {
         Constraints::Check => (
-            "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint \
-             WHERE conrelid = $1 AND contype = 'c' ORDER BY conname",
+            "SELECT conrelid, conname, pg_get_constraintdef(oid) FROM pg_constraint \
+             WHERE conrelid = ANY($1) AND contype = 'c' ORDER BY conrelid, conname",
             "reading check constraints",
         ),
         Constraints::ForeignKey => (
-            "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint \
-             WHERE conrelid = $1 AND contype = 'f' AND conparentid = 0 ORDER BY conname",
+            "SELECT conrelid, conname, pg_get_constraintdef(oid) FROM pg_constraint \
+             WHERE conrelid = ANY($1) AND contype = 'f' AND conparentid = 0 \
+             ORDER BY conrelid, conname",
             "reading foreign keys",
         ),
     };
-    Ok(client
-        .query(sql, &[&oid])
-        .await
-        .map_err(q(client, what))?
-        .into_iter()
-        .map(|r| ConstraintDef {
-            name: r.get(0),
-            definition: r.get(1),
-        })
-        .collect())
+    per_table(client, what, sql, oids, |r| ConstraintDef {
+        name: r.get(1),
+        definition: r.get(2),
+    })
+    .await
 }
 
 /// A partitioned table's partition key and its partitions (the whole tree).
@@ -469,71 +498,67 @@ async fn read_partitioning(
     Ok((key, parts))
 }
 
-/// Heap bytes and estimated rows of the table and its partitions.
-async fn read_size(client: &Session<'_>, oid: u32) -> Result<(i64, f64), CatalogError> {
-    let size = client
-        .query_one(
-            // pg_partition_tree lists nothing for an ordinary table: count the table
-            // itself as well as any partitions.
-            "SELECT coalesce(sum(pg_relation_size(c.oid)), 0)::int8, \
-                    coalesce(sum(greatest(c.reltuples, 0)), 0)::float8 \
-             FROM pg_class c \
-             WHERE c.oid = $1 OR c.oid IN (SELECT relid FROM pg_partition_tree($1::oid::regclass))",
-            &[&oid],
-        )
-        .await
-        .map_err(q(client, "reading the table size"))?;
-    Ok((size.get(0), size.get(1)))
+/// Each table's heap bytes and estimated rows, its partitions' included.
+async fn read_sizes(
+    client: &Session<'_>,
+    oids: &[u32],
+) -> Result<HashMap<u32, Vec<(i64, f64)>>, CatalogError> {
+    // pg_partition_tree lists nothing for an ordinary table, and a partitioned table
+    // itself at level 0: the union counts each relation once.
+    let sql = "SELECT r.oid, coalesce(sum(pg_relation_size(c.oid)), 0)::int8, \
+                      coalesce(sum(greatest(c.reltuples, 0)), 0)::float8 \
+               FROM unnest($1::oid[]) r(oid) \
+               CROSS JOIN LATERAL (SELECT r.oid UNION SELECT relid FROM pg_partition_tree(r.oid::regclass)) t(relid) \
+               JOIN pg_class c ON c.oid = t.relid \
+               GROUP BY r.oid";
+    per_table(client, "reading table sizes", sql, oids, |r| {
+        (r.get(1), r.get(2))
+    })
+    .await
 }
 
-/// What tells this table apart from another of the same name.
-async fn read_identity(
+/// Each table's columns as they tell it apart from another of the same name (dropped
+/// ones included).
+async fn read_column_identities(
     client: &Session<'_>,
-    oid: u32,
-    key: &[(String, String)],
-) -> Result<TableIdentity, CatalogError> {
-    let identity = TableIdentity {
-        oid,
-        columns: client
-            .query(
-                "SELECT attnum, attname::text, \
-                        CASE WHEN attisdropped THEN '' ELSE format_type(atttypid, atttypmod) END, \
-                        attcollation, attisdropped \
-                 FROM pg_attribute WHERE attrelid = $1 AND attnum > 0 ORDER BY attnum",
-                &[&oid],
-            )
-            .await
-            .map_err(q(client, "reading column identities"))?
-            .iter()
-            .map(|r| ColumnIdentity {
-                attnum: r.get(0),
-                name: r.get(1),
-                type_name: r.get(2),
-                collation: r.get(3),
-                dropped: r.get(4),
-            })
-            .collect(),
-        key: key.iter().map(|(n, _)| n.clone()).collect(),
-        partitions: client
-            .query(
-                "SELECT c.oid, n.nspname::text, c.relname::text, \
-                        coalesce(pg_get_expr(c.relpartbound, c.oid), '') \
-                 FROM pg_partition_tree($1::oid::regclass) t \
-                 JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace \
-                 WHERE t.level > 0 ORDER BY 2, 3",
-                &[&oid],
-            )
-            .await
-            .map_err(q(client, "reading partition identities"))?
-            .iter()
-            .map(|r| PartitionIdentity {
-                oid: r.get(0),
-                name: TableName::new(r.get::<_, String>(1), r.get::<_, String>(2)),
-                bound: r.get(3),
-            })
-            .collect(),
-    };
-    Ok(identity)
+    oids: &[u32],
+) -> Result<HashMap<u32, Vec<ColumnIdentity>>, CatalogError> {
+    let sql = "SELECT attrelid, attnum, attname::text, \
+                      CASE WHEN attisdropped THEN '' ELSE format_type(atttypid, atttypmod) END, \
+                      attcollation, attisdropped \
+               FROM pg_attribute WHERE attrelid = ANY($1) AND attnum > 0 \
+               ORDER BY attrelid, attnum";
+    per_table(client, "reading column identities", sql, oids, |r| {
+        ColumnIdentity {
+            attnum: r.get(1),
+            name: r.get(2),
+            type_name: r.get(3),
+            collation: r.get(4),
+            dropped: r.get(5),
+        }
+    })
+    .await
+}
+
+/// Each partitioned table's partitions, as they tell it apart from another tree.
+async fn read_partition_identities(
+    client: &Session<'_>,
+    oids: &[u32],
+) -> Result<HashMap<u32, Vec<PartitionIdentity>>, CatalogError> {
+    let sql = "SELECT r.oid, c.oid, n.nspname::text, c.relname::text, \
+                      coalesce(pg_get_expr(c.relpartbound, c.oid), '') \
+               FROM unnest($1::oid[]) r(oid) \
+               CROSS JOIN LATERAL pg_partition_tree(r.oid::regclass) t \
+               JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace \
+               WHERE t.level > 0 ORDER BY 1, 3, 4";
+    per_table(client, "reading partition identities", sql, oids, |r| {
+        PartitionIdentity {
+            oid: r.get(1),
+            name: TableName::new(r.get::<_, String>(2), r.get::<_, String>(3)),
+            bound: r.get(4),
+        }
+    })
+    .await
 }
 
 /// Every sequence of `schemas`, with its value now (sequences are not transactional).
