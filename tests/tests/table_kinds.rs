@@ -262,8 +262,14 @@ async fn every_table_kind_round_trips_full_and_incremental() {
     };
     let full_scripts = scripts(&manifest(&store, &full.backup_id).await);
     assert!(full_scripts.0.contains(&full.backup_id), "{full_scripts:?}");
-    assert_eq!(scripts(&manifest(&store, &incr.backup_id).await), full_scripts);
-    assert_eq!(scripts(&manifest(&store, &third.backup_id).await), full_scripts);
+    assert_eq!(
+        scripts(&manifest(&store, &incr.backup_id).await),
+        full_scripts
+    );
+    assert_eq!(
+        scripts(&manifest(&store, &third.backup_id).await),
+        full_scripts
+    );
     // A new index is post-data: only that script is stored anew.
     exec(&db.settings(), "CREATE INDEX holes_v ON kinds.holes (v)").await;
     let (fourth, _) = backup(&store, &db, &opts).await;

@@ -114,7 +114,10 @@ pub(super) async fn plan_run(
         store_requests: 0,
         warnings,
     };
-    Ok((progress, parent.and_then(|(_, manifest)| manifest.schema_dump)))
+    Ok((
+        progress,
+        parent.and_then(|(_, manifest)| manifest.schema_dump),
+    ))
 }
 
 /// The backup the checkpoint names, with its manifest; `None` (and a warning) when it has

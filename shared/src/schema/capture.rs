@@ -377,7 +377,10 @@ async fn store_script(
     }
     let text_sha256 = parsed.digest_without_restrict_key(&fitted);
     if let Some(kept) = kept.filter(|k| k.text_sha256.as_deref() == Some(text_sha256.as_str())) {
-        tracing::debug!(key = kept.key, "script unchanged since the parent backup: kept");
+        tracing::debug!(
+            key = kept.key,
+            "script unchanged since the parent backup: kept"
+        );
         return Ok(kept.clone());
     }
     let text = fitted.into_bytes();

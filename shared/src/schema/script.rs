@@ -752,7 +752,10 @@ ALTER TABLE ONLY app.t ALTER COLUMN d SET DEFAULT E'it''s \' /* not a comment';
         assert_eq!(digest(SAMPLE), digest(&again));
         // Anything else that differs is a different script.
         assert_ne!(digest(SAMPLE), digest(&SAMPLE.replace("'a;b'", "'a;c'")));
-        assert_ne!(digest(SAMPLE), digest(&SAMPLE.replace("\\restrict abc123\n", "")));
+        assert_ne!(
+            digest(SAMPLE),
+            digest(&SAMPLE.replace("\\restrict abc123\n", ""))
+        );
         // A body line that looks like the meta-command is text, whatever its key.
         let body = |key: &str| {
             format!(
@@ -761,7 +764,10 @@ ALTER TABLE ONLY app.t ALTER COLUMN d SET DEFAULT E'it''s \' /* not a comment';
                  \n\\unrestrict k\n"
             )
         };
-        assert_eq!(Script::parse(&body("a")).expect("parses").entries().count(), 1);
+        assert_eq!(
+            Script::parse(&body("a")).expect("parses").entries().count(),
+            1
+        );
         assert_ne!(digest(&body("a")), digest(&body("b")));
     }
 
