@@ -26,6 +26,9 @@ use crate::format::manifest::TableEntry;
 use crate::format::{column_list, quote_ident, ChunkRef, TableMode, TableName};
 use crate::store::{ReadStore, StoreError};
 
+/// Bytes read from the store at a time.
+const READ_BYTES: usize = 1024 * 1024;
+
 /// An `AsyncRead` that hashes and counts what passes through, and remembers whether the
 /// underlying stream (the store) failed.
 struct HashingReader<R> {
@@ -137,7 +140,9 @@ pub(super) async fn copy_chunk(
         bytes: 0,
         failed: None,
     };
-    let mut decoder = ZstdDecoder::new(BufReader::new(hashing));
+    // Big reads: a local store's file reads each go through tokio's blocking pool, and
+    // 8 KiB ones (BufReader's default) made the thread handoffs cost more CPU than zstd.
+    let mut decoder = ZstdDecoder::new(BufReader::with_capacity(READ_BYTES, hashing));
     decoder.multiple_members(true);
     let what = format!("loading chunk {}", chunk.key);
     let sink = client
