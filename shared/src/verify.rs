@@ -11,6 +11,7 @@
 //! crashed verification (older than a few hours) are swept first. The result goes to
 //! `verifications/{id}.json`.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,13 +21,15 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 
 mod fingerprints;
-pub use self::fingerprints::{table_fingerprints, PART_BLOCKS};
+pub use self::fingerprints::{fingerprints_as_landed, table_fingerprints, PART_BLOCKS};
 use crate::db::{self, DbError, DbSettings};
 use crate::error::{Classified, ErrorKind};
-use crate::format::manifest::Manifest;
+use crate::format::manifest::{Manifest, TableEntry};
 use crate::format::verification::VerifyState;
 pub use crate::format::verification::{TableVerification, Verification, VerificationSummary};
-use crate::format::{quote_ident, read_doc, write_doc, FormatError, FORMAT_VERSION};
+use crate::format::{
+    quote_ident, read_doc, write_doc, Fingerprint, FormatError, TableName, FORMAT_VERSION,
+};
 use crate::repo::{verification_key, verify_state_key};
 use crate::restore::{
     self, BackupSelector, RestoreError, RestoreMeter, RestoreOptions, ResumePoint,
@@ -235,8 +238,23 @@ pub async fn verify_slice(
             .map_err(|e| DbError::query("reading the scratch database's state", server, e))?;
     }
     let mut outcome: Result<(), VerifyError> = Ok(());
+    // Tables read back while the restore goes on (each as soon as its load commits).
+    let mut read_early = HashMap::new();
     if !state.restored {
-        match restore_scratch(store.clone(), &manifest, &scratch, &mut state, opts, &meter).await {
+        let (landed, reports) = tokio::sync::mpsc::unbounded_channel();
+        let reading = fingerprints_as_landed(&scratch, &manifest.tables, reports, opts.workers);
+        let restoring = restore_scratch(
+            store.clone(),
+            &manifest,
+            &scratch,
+            &mut state,
+            opts,
+            &meter,
+            landed,
+        );
+        let (restored, read) = tokio::join!(restoring, reading);
+        read_early = read;
+        match restored {
             Ok(true) => {}
             Ok(false) => {
                 tracing::info!(
@@ -258,8 +276,11 @@ pub async fn verify_slice(
     let outcome = match outcome {
         Ok(()) => {
             let store = store.as_ref();
-            let workers = opts.workers;
-            compare(store, &manifest, &scratch, &tool, &state, started, workers).await
+            let read = Readback {
+                workers: opts.workers,
+                early: &read_early,
+            };
+            compare(store, &manifest, &scratch, &tool, &state, started, &read).await
         }
         Err(e) => Err(e),
     };
@@ -295,8 +316,8 @@ pub async fn verify_slice(
 }
 
 /// Restores the backup into the scratch database until the deadline, recording how far
-/// it got; returns whether the restore is finished. A failed restore's figures stay in
-/// `state` for the record.
+/// it got, telling `landed` each table whose rows are in; returns whether the restore is
+/// finished. A failed restore's figures stay in `state` for the record.
 async fn restore_scratch(
     store: Arc<dyn WriteStore>,
     manifest: &Manifest,
@@ -304,6 +325,7 @@ async fn restore_scratch(
     state: &mut VerifyState,
     opts: &VerifyOptions,
     meter: &Arc<RestoreMeter>,
+    landed: tokio::sync::mpsc::UnboundedSender<TableName>,
 ) -> Result<bool, VerifyError> {
     let started = Instant::now();
     let restore_opts = RestoreOptions {
@@ -315,6 +337,7 @@ async fn restore_scratch(
         deadline: opts.deadline,
         mark_finished: true,
         meter: Some(meter.clone()),
+        landed: Some(landed),
     };
     match restore::restore(store.clone(), manifest, scratch, &restore_opts).await {
         Ok(report) => {
@@ -445,6 +468,14 @@ fn failed(backup_id: &str, error: String, started: Instant) -> Verification {
     }
 }
 
+/// How the restored tables are read back: over `workers` connections, except those
+/// `early` holds (read as they landed).
+#[derive(Debug, Clone, Copy)]
+pub struct Readback<'a> {
+    pub workers: usize,
+    pub early: &'a HashMap<usize, Fingerprint>,
+}
+
 /// Compares the scratch database with the backup's recorded truth: every table's row
 /// count and fingerprint, and the schema object by object.
 async fn compare(
@@ -454,9 +485,9 @@ async fn compare(
     tool: &PgDump,
     state: &VerifyState,
     started: Instant,
-    workers: usize,
+    read: &Readback<'_>,
 ) -> Result<Verification, VerifyError> {
-    let (tables, schema) = compare_restored(store, manifest, scratch, tool, workers).await?;
+    let (tables, schema) = compare_read(store, manifest, scratch, tool, read).await?;
     Ok(Verification {
         version: FORMAT_VERSION,
         backup_id: manifest.id.clone(),
@@ -486,8 +517,39 @@ pub async fn compare_restored(
     tool: &PgDump,
     workers: usize,
 ) -> Result<(Vec<TableVerification>, SchemaCheck), VerifyError> {
+    let early = HashMap::new();
+    let read = Readback {
+        workers,
+        early: &early,
+    };
+    compare_read(store, manifest, restored, tool, &read).await
+}
+
+/// [`compare_restored`], with the tables `read.early` holds already read back.
+async fn compare_read(
+    store: &dyn ReadStore,
+    manifest: &Manifest,
+    restored: &DbSettings,
+    tool: &PgDump,
+    read: &Readback<'_>,
+) -> Result<(Vec<TableVerification>, SchemaCheck), VerifyError> {
     let tables = &manifest.tables;
-    let fingerprints = table_fingerprints(restored, tables, workers, PART_BLOCKS);
+    let missing: Vec<usize> = (0..tables.len())
+        .filter(|i| !read.early.contains_key(i))
+        .collect();
+    let rest: Vec<TableEntry> = missing.iter().map(|&i| tables[i].clone()).collect();
+    let fingerprints = async {
+        let mut all: Vec<Fingerprint> = (0..tables.len())
+            .map(|i| read.early.get(&i).copied().unwrap_or_default())
+            .collect();
+        if !rest.is_empty() {
+            let sums = table_fingerprints(restored, &rest, read.workers, PART_BLOCKS).await?;
+            for (&i, sum) in missing.iter().zip(sums) {
+                all[i] = sum;
+            }
+        }
+        Ok::<_, RestoreError>(all)
+    };
     let schema = compare_schema(store, manifest, restored, tool);
     let (fingerprints, schema) = tokio::join!(fingerprints, schema);
     let tables = manifest

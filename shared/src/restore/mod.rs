@@ -132,6 +132,12 @@ pub struct RestoreOptions {
     /// the post-data transaction), so that a verification slice that dies afterwards
     /// knows (see [`is_marked_finished`]).
     pub mark_finished: bool,
+    /// Told each table of a schema restore whose rows are final — its load committed,
+    /// before its indexes are built — as soon as they are, so verify reads it back while
+    /// the other tables load. Nothing the restore does afterwards (index and constraint
+    /// builds, the rest of post-data, sequences, large objects) changes a table's rows.
+    /// The channel closes when the restore and these options are dropped.
+    pub landed: Option<tokio::sync::mpsc::UnboundedSender<TableName>>,
 }
 
 const FINISHED_MARK: &str = "tidemark: restore finished";

@@ -137,6 +137,7 @@ pub(super) async fn load_tables(
         meter: meter.clone(),
         completed: completed.clone(),
         indexes,
+        landed: opts.landed.clone(),
     });
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..worker_count {
@@ -158,6 +159,8 @@ struct Work {
     completed: Arc<Mutex<Vec<TableName>>>,
     /// The indexes to build as soon as each table is in (a schema restore).
     indexes: Option<Arc<IndexBuilds>>,
+    /// Told each table whose load committed ([`RestoreOptions::landed`]).
+    landed: Option<tokio::sync::mpsc::UnboundedSender<TableName>>,
 }
 
 impl Work {
@@ -207,6 +210,10 @@ impl Work {
                 commit(tx, &entry.name).await?;
                 rows
             };
+            if let Some(landed) = &self.landed {
+                // A receiver that is gone only no longer wants to know.
+                let _ = landed.send(entry.name.clone());
+            }
             // Past the deadline, the post-data step builds them instead.
             let in_time = self.deadline.is_none_or(|d| Instant::now() < d);
             if let Some(indexes) = self.indexes.as_ref().filter(|_| in_time) {
@@ -377,6 +384,7 @@ pub(super) async fn load_data_only(
         meter: meter.clone(),
         completed: completed.clone(),
         indexes: None,
+        landed: None,
     });
     let plan = Arc::new(plan.clone());
     let exit_on_error = opts.settings.exit_on_error;

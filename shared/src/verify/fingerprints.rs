@@ -6,12 +6,14 @@
 //! each table whole) — and the parts of a table add up to its fingerprint. A single big
 //! table is then read back at the speed of several connections, not one.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
+
+use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::db::{self, copy, DbError, DbSettings};
 use crate::format::manifest::TableEntry;
-use crate::format::{quote_ident, Fingerprint, FingerprintOf};
+use crate::format::{quote_ident, Fingerprint, FingerprintOf, TableName};
 use crate::restore::RestoreError;
 
 /// Blocks per part of a big table (128 MiB of 8 kB pages); a table of fewer than twice
@@ -161,6 +163,44 @@ pub async fn table_fingerprints(
     .await?;
     let results = results.lock().map(|r| r.clone()).unwrap_or_default();
     Ok(results)
+}
+
+/// Reads back, while a restore goes on, each table it reports landed
+/// ([`crate::restore::RestoreOptions::landed`]; the ones reported meanwhile together) and
+/// returns their fingerprints by index in `tables`. A failure only leaves tables out (it is
+/// logged): the comparison reads whatever is missing once the restore is done.
+pub async fn fingerprints_as_landed(
+    restored: &DbSettings,
+    tables: &[TableEntry],
+    mut landed: UnboundedReceiver<TableName>,
+    workers: usize,
+) -> HashMap<usize, Fingerprint> {
+    let index: HashMap<&TableName, usize> = tables
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (&t.name, i))
+        .collect();
+    let mut read = HashMap::new();
+    while let Some(first) = landed.recv().await {
+        let mut names = vec![first];
+        while let Ok(more) = landed.try_recv() {
+            names.push(more);
+        }
+        let picked: Vec<usize> = names
+            .iter()
+            .filter_map(|name| index.get(name).copied())
+            .filter(|i| !read.contains_key(i))
+            .collect();
+        let entries: Vec<TableEntry> = picked.iter().map(|&i| tables[i].clone()).collect();
+        match table_fingerprints(restored, &entries, workers, PART_BLOCKS).await {
+            Ok(sums) => read.extend(picked.into_iter().zip(sums)),
+            Err(e) => tracing::debug!(
+                error = %crate::error_chain(&e),
+                "could not read landed tables back during the restore; the comparison reads them after it"
+            ),
+        }
+    }
+    read
 }
 
 #[cfg(test)]
