@@ -471,9 +471,9 @@ fn failed(backup_id: &str, error: String, started: Instant) -> Verification {
 /// How the restored tables are read back: over `workers` connections, except those
 /// `early` holds (read as they landed).
 #[derive(Debug, Clone, Copy)]
-pub struct Readback<'a> {
-    pub workers: usize,
-    pub early: &'a HashMap<usize, Fingerprint>,
+struct Readback<'a> {
+    workers: usize,
+    early: &'a HashMap<usize, Fingerprint>,
 }
 
 /// Compares the scratch database with the backup's recorded truth: every table's row

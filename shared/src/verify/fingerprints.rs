@@ -10,6 +10,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc::UnboundedReceiver;
+use tokio_postgres::Client;
 
 use crate::db::{self, copy, DbError, DbSettings};
 use crate::format::manifest::TableEntry;
@@ -104,71 +105,107 @@ pub async fn table_fingerprints(
     workers: usize,
     part_blocks: i64,
 ) -> Result<Vec<Fingerprint>, RestoreError> {
-    let admin = db::connect(restored).await?;
-    let version: i32 = admin
-        .query_one("SELECT current_setting('server_version_num')::int", &[])
+    Readers::connect(restored, workers)
+        .await?
+        .fingerprints(tables, part_blocks)
         .await
-        .and_then(|r| r.try_get(0))
-        .map_err(|e| DbError::query("reading the server version", restored, e))?;
-    let names: Vec<String> = tables.iter().map(|t| t.name.quoted()).collect();
-    let sizes: Vec<Option<i64>> = if version >= TID_RANGE_SCANS {
-        let rows = admin
-            .query(
-                "SELECT pg_relation_size(n::regclass) / current_setting('block_size')::int \
-                 FROM unnest($1::text[]) WITH ORDINALITY AS u(n, i) ORDER BY i",
-                &[&names],
-            )
+}
+
+/// Connections that read restored tables back — one that sizes the tables, `workers`
+/// that read their parts — kept open from one call of [`Readers::fingerprints`] to the
+/// next, so tables read back one batch at a time cost no new connections.
+struct Readers {
+    restored: DbSettings,
+    admin: Client,
+    /// Whether the server scans `ctid` ranges, so big tables can be read in parts.
+    ranges: bool,
+    readers: Vec<Arc<Client>>,
+}
+
+impl Readers {
+    async fn connect(restored: &DbSettings, workers: usize) -> Result<Self, RestoreError> {
+        let admin = db::connect(restored).await?;
+        let version: i32 = admin
+            .query_one("SELECT current_setting('server_version_num')::int", &[])
             .await
-            .map_err(|e| DbError::query("reading the restored tables' sizes", restored, e))?;
-        rows.iter()
-            .zip(tables)
-            .map(|(r, t)| (!t.schema.is_partitioned()).then(|| r.get::<_, i64>(0)))
-            .collect()
-    } else {
-        vec![None; tables.len()]
-    };
-    drop(admin);
-    let queue = Arc::new(Mutex::new(VecDeque::from(parts(&sizes, part_blocks))));
-    let results = Arc::new(Mutex::new(vec![Fingerprint::default(); tables.len()]));
-    let tables: Arc<Vec<TableEntry>> = Arc::new(tables.to_vec());
-    let mut set = tokio::task::JoinSet::new();
-    let count = queue.lock().map(|q| q.len()).unwrap_or(1);
-    for _ in 0..workers.max(1).min(count.max(1)) {
-        let (queue, results, tables) = (queue.clone(), results.clone(), tables.clone());
-        let restored = restored.clone();
-        set.spawn(async move {
-            let client = db::connect(&restored).await?;
-            loop {
-                let next = queue.lock().ok().and_then(|mut q| q.pop_front());
-                let Some(part) = next else { break };
-                let entry = &tables[part.table];
-                let select = part_select(entry, fingerprinted_columns(entry), part.blocks);
-                let sum = copy::fingerprint(&client, &select).await.map_err(|e| {
-                    let target = restored.to_string();
-                    RestoreError::table(
-                        &entry.name,
-                        DbError::copy("computing the fingerprint", &target, e),
-                    )
-                })?;
-                if let Ok(mut results) = results.lock() {
-                    results[part.table] = results[part.table].combine(sum);
-                }
-            }
-            Ok(())
-        });
+            .and_then(|r| r.try_get(0))
+            .map_err(|e| DbError::query("reading the server version", restored, e))?;
+        let connecting = (0..workers.max(1)).map(|_| db::connect(restored));
+        let readers = futures_util::future::try_join_all(connecting).await?;
+        Ok(Self {
+            restored: restored.clone(),
+            admin,
+            ranges: version >= TID_RANGE_SCANS,
+            readers: readers.into_iter().map(Arc::new).collect(),
+        })
     }
-    crate::join_workers(set, |e| RestoreError::WorkerPanicked {
-        detail: e.to_string(),
-    })
-    .await?;
-    let results = results.lock().map(|r| r.clone()).unwrap_or_default();
-    Ok(results)
+
+    /// Each of `tables`' fingerprint, big tables in parts of `part_blocks` blocks.
+    async fn fingerprints(
+        &self,
+        tables: &[TableEntry],
+        part_blocks: i64,
+    ) -> Result<Vec<Fingerprint>, RestoreError> {
+        let restored = &self.restored;
+        let names: Vec<String> = tables.iter().map(|t| t.name.quoted()).collect();
+        let sizes: Vec<Option<i64>> = if self.ranges {
+            let rows = self
+                .admin
+                .query(
+                    "SELECT pg_relation_size(n::regclass) / current_setting('block_size')::int \
+                     FROM unnest($1::text[]) WITH ORDINALITY AS u(n, i) ORDER BY i",
+                    &[&names],
+                )
+                .await
+                .map_err(|e| DbError::query("reading the restored tables' sizes", restored, e))?;
+            rows.iter()
+                .zip(tables)
+                .map(|(r, t)| (!t.schema.is_partitioned()).then(|| r.get::<_, i64>(0)))
+                .collect()
+        } else {
+            vec![None; tables.len()]
+        };
+        let queue = Arc::new(Mutex::new(VecDeque::from(parts(&sizes, part_blocks))));
+        let results = Arc::new(Mutex::new(vec![Fingerprint::default(); tables.len()]));
+        let tables: Arc<Vec<TableEntry>> = Arc::new(tables.to_vec());
+        let mut set = tokio::task::JoinSet::new();
+        let count = queue.lock().map(|q| q.len()).unwrap_or(1);
+        for client in self.readers.iter().take(count.max(1)) {
+            let (queue, results, tables) = (queue.clone(), results.clone(), tables.clone());
+            let (client, target) = (client.clone(), restored.to_string());
+            set.spawn(async move {
+                loop {
+                    let next = queue.lock().ok().and_then(|mut q| q.pop_front());
+                    let Some(part) = next else { break };
+                    let entry = &tables[part.table];
+                    let select = part_select(entry, fingerprinted_columns(entry), part.blocks);
+                    let sum = copy::fingerprint(&client, &select).await.map_err(|e| {
+                        RestoreError::table(
+                            &entry.name,
+                            DbError::copy("computing the fingerprint", &target, e),
+                        )
+                    })?;
+                    if let Ok(mut results) = results.lock() {
+                        results[part.table] = results[part.table].combine(sum);
+                    }
+                }
+                Ok(())
+            });
+        }
+        crate::join_workers(set, |e| RestoreError::WorkerPanicked {
+            detail: e.to_string(),
+        })
+        .await?;
+        let results = results.lock().map(|r| r.clone()).unwrap_or_default();
+        Ok(results)
+    }
 }
 
 /// Reads back, while a restore goes on, each table it reports landed
-/// ([`crate::restore::RestoreOptions::landed`]; the ones reported meanwhile together) and
-/// returns their fingerprints by index in `tables`. A failure only leaves tables out (it is
-/// logged): the comparison reads whatever is missing once the restore is done.
+/// ([`crate::restore::RestoreOptions::landed`]; the ones reported meanwhile together, over
+/// one set of connections) and returns their fingerprints by index in `tables`. A failure
+/// only leaves tables out (it is logged): the comparison reads whatever is missing once
+/// the restore is done.
 pub async fn fingerprints_as_landed(
     restored: &DbSettings,
     tables: &[TableEntry],
@@ -181,6 +218,7 @@ pub async fn fingerprints_as_landed(
         .map(|(i, t)| (&t.name, i))
         .collect();
     let mut read = HashMap::new();
+    let mut readers: Option<Readers> = None;
     while let Some(first) = landed.recv().await {
         let mut names = vec![first];
         while let Ok(more) = landed.try_recv() {
@@ -192,12 +230,29 @@ pub async fn fingerprints_as_landed(
             .filter(|i| !read.contains_key(i))
             .collect();
         let entries: Vec<TableEntry> = picked.iter().map(|&i| tables[i].clone()).collect();
-        match table_fingerprints(restored, &entries, workers, PART_BLOCKS).await {
-            Ok(sums) => read.extend(picked.into_iter().zip(sums)),
-            Err(e) => tracing::debug!(
+        let skipped = |e: RestoreError| {
+            tracing::debug!(
                 error = %crate::error_chain(&e),
                 "could not read landed tables back during the restore; the comparison reads them after it"
-            ),
+            );
+        };
+        if readers.is_none() {
+            match Readers::connect(restored, workers).await {
+                Ok(open) => readers = Some(open),
+                Err(e) => {
+                    skipped(e);
+                    continue;
+                }
+            }
+        }
+        let Some(open) = &readers else { continue };
+        match open.fingerprints(&entries, PART_BLOCKS).await {
+            Ok(sums) => read.extend(picked.into_iter().zip(sums)),
+            Err(e) => {
+                skipped(e);
+                // Its connections may be what failed: the next batch opens new ones.
+                readers = None;
+            }
         }
     }
     read
