@@ -342,6 +342,22 @@ pub fn parse_workers(v: &str) -> Result<usize, String> {
         .map_err(|_| format!("not a whole number: {v:?}"))
 }
 
+/// Most workers of one run (`--concurrency`).
+pub const MAX_CONCURRENCY: usize = 256;
+
+/// A number of concurrent workers, 1 to [`MAX_CONCURRENCY`] (`--concurrency 4`).
+///
+/// # Errors
+/// The value, when it is not a whole number in that range.
+pub fn parse_concurrency(v: &str) -> Result<usize, String> {
+    match v.trim().parse::<usize>() {
+        Ok(n) if (1..=MAX_CONCURRENCY).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "{v:?} is not a number of workers from 1 to {MAX_CONCURRENCY}"
+        )),
+    }
+}
+
 /// A retention count (`--keep-daily 7`).
 ///
 /// # Errors

@@ -314,6 +314,47 @@ impl Heartbeat {
         Self { run_id, lost, task }
     }
 
+    /// Keeps the lease of `run_id` renewed every `ttl / 4` for one of several processes
+    /// working on the run at once (the workers of a fanned-out export): each beat takes or
+    /// keeps the lease for the run, whoever of them wrote it last, and only another run
+    /// holding it counts as lost.
+    pub fn start_shared(
+        store: Arc<dyn WriteStore>,
+        run_id: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Self {
+        let lost = Arc::new(AtomicBool::new(false));
+        let flag = lost.clone();
+        let (run, holder) = (run_id.to_owned(), holder.to_owned());
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(ttl / 4);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                match acquire(store.as_ref(), &run, "backup", &holder, ttl).await {
+                    Ok(_) => {}
+                    Err(RunError::Locked { run_id, .. }) => {
+                        tracing::error!(
+                            run = run,
+                            by = run_id,
+                            "the lease was taken over by another run"
+                        );
+                        flag.store(true, Ordering::SeqCst);
+                        return;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "renewing the lease failed"),
+                }
+            }
+        });
+        Self {
+            run_id: run_id.to_owned(),
+            lost,
+            task,
+        }
+    }
+
     /// [`RunError::LeaseLost`] once another run took the lease over.
     ///
     /// # Errors

@@ -16,7 +16,7 @@ use crate::format::{
 };
 use crate::format::{ChunkRef, FingerprintOf};
 use crate::lease;
-use crate::repo::{manifest_key, progress_key, CHECKPOINT_KEY};
+use crate::repo::{items_prefix, manifest_key, progress_key, slices_prefix, CHECKPOINT_KEY};
 use crate::run::RunError;
 use crate::store::{CountingStore, StoreError, WriteCondition, WriteStore};
 
@@ -153,6 +153,21 @@ async fn finish_after_manifest(
             )
             .await?;
         }
+    }
+    let fanned_out = match progress {
+        Some(p) => p.fan_out,
+        None => read_doc::<RunProgress>(store, &progress_key(&manifest.id))
+            .await?
+            .is_some_and(|(p, _)| p.fan_out),
+    };
+    if fanned_out {
+        // The workers' items and slices are in the manifest now; the progress goes last,
+        // so that a seal that dies before it cleans up again when repeated.
+        let mut keys = Vec::new();
+        for prefix in [items_prefix(&manifest.id), slices_prefix(&manifest.id)] {
+            keys.extend(store.list(&prefix).await?.into_iter().map(|o| o.key));
+        }
+        store.delete_many(&keys).await?;
     }
     store.delete(&progress_key(&manifest.id)).await?;
     lease::release(store, &manifest.id).await?;

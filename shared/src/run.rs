@@ -37,6 +37,10 @@ pub enum RunError {
     SnapshotLost { detail: String },
     #[error("run {run_id} progress was changed by another writer; is a second slice of this run running?")]
     Conflict { run_id: String },
+    #[error("run {run_id}: work item {item} was taken over by another worker (this worker's claim lapsed); what this worker exported of it since its last record is left out")]
+    ItemTaken { run_id: String, item: String },
+    #[error("an export worker needs the id of a fanned-out run (run_id)")]
+    WorkerWithoutRun,
     #[error("exporting {table}: {source}")]
     Table {
         table: TableName,
@@ -66,6 +70,9 @@ impl Classified for RunError {
             RunError::Locked { .. } => ErrorKind::Locked,
             // A write of a dead slice landed late; reading the progress again resolves it.
             RunError::Conflict { .. } => ErrorKind::Conflict,
+            // Another worker has the item: nothing of this worker's is recorded twice.
+            RunError::ItemTaken { .. } => ErrorKind::Conflict,
+            RunError::WorkerWithoutRun => ErrorKind::BadInput,
             RunError::SnapshotLost { .. } => ErrorKind::Transient,
             RunError::LeaseLost { .. }
             | RunError::NoSuchRun { .. }

@@ -42,6 +42,8 @@
 //! - `sql`: SQL fragments.
 
 mod append;
+mod fanned;
+mod items;
 mod keyless;
 mod options;
 mod pass;
@@ -53,6 +55,7 @@ mod sql;
 mod state;
 mod worker;
 
+pub use fanned::{export_worker, WorkerReport};
 pub use options::{ExportMeter, ExportOptions, ExportSettings, SliceReport};
 pub(crate) use plan::table_shape;
 pub use slice::export_slice;

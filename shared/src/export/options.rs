@@ -1,7 +1,7 @@
 //! How a slice runs ([`ExportOptions`]) and what it reports ([`SliceReport`], [`ExportMeter`]).
 
 use crate::catalog::TableSelection;
-use crate::config::{parse_seconds, parse_size, parse_workers, DEFAULT_WORKERS};
+use crate::config::{parse_concurrency, parse_seconds, parse_size, parse_workers, DEFAULT_WORKERS};
 use crate::format::BackupKind;
 use crate::lease;
 use serde::Serialize;
@@ -52,6 +52,12 @@ pub struct ExportSettings {
     /// point in time.
     #[arg(long = "pass-rounds", env = "TIDEMARK_PASS_ROUNDS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub max_pass_rounds: u32,
+    /// Workers that export at once, each in its own invocation (a Step Functions Map) or,
+    /// from the CLI, its own slice with its own connections: above 1 the run's ranges are
+    /// work items in the store that the workers claim, and a consistency pass brings
+    /// their snapshots to one.
+    #[arg(long, env = "TIDEMARK_CONCURRENCY", default_value_t = 1, value_parser = parse_concurrency)]
+    pub concurrency: usize,
     /// zstd level (1 fastest .. 19 smallest); 1 keeps pace with COPY on small machines.
     #[arg(long, env = "TIDEMARK_ZSTD_LEVEL", default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..=19))]
     pub zstd_level: i32,
@@ -93,6 +99,9 @@ pub struct ExportOptions {
     /// `deadline` up to this instant (the invocation's hard limit, less what finishing the
     /// slice needs); `None`: no limit.
     pub pass_deadline: Option<Instant>,
+    /// A worker of a fanned-out run: its slot among the `concurrency` workers (where in
+    /// the run's items it starts claiming).
+    pub worker_slot: usize,
 }
 
 /// [`ExportOptions::progress_interval`]'s default.
@@ -111,6 +120,7 @@ impl Default for ExportOptions {
             meter: None,
             pg_dump: None,
             pass_deadline: None,
+            worker_slot: 0,
         }
     }
 }
@@ -149,4 +159,7 @@ pub struct SliceReport {
     pub raw_bytes: u64,
     pub store_requests: u64,
     pub seconds: f64,
+    /// The run's ranges are left to its workers: run them (`export_worker`), then the
+    /// next slice.
+    pub fan_out: bool,
 }

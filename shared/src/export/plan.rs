@@ -110,6 +110,7 @@ pub(super) async fn plan_run(
         pass: None,
         consistent_in_slice: None,
         inconsistent: None,
+        fan_out: false,
         slices: 1,
         store_requests: 0,
         warnings,
@@ -336,6 +337,7 @@ fn new_progress(
         pass_base: None,
         est_rows: table.est_rows,
         identity: Some(table.identity.clone()),
+        item_generation: 0,
         new_chain,
         schema: table.schema.clone(),
     }

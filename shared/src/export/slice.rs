@@ -1,6 +1,7 @@
 //! One slice of a run: which run it continues, its one snapshot, the lease, and the loop of
 //! work steps until the deadline or the seal.
 
+use super::items::{fold_items, is_item};
 use super::options::{ExportOptions, SliceReport};
 use super::pass::start_round;
 use super::plan::plan_run;
@@ -55,6 +56,10 @@ pub async fn export_slice(
     let resumed = resume.is_some();
     let (mut progress, progress_etag, parent_schema) = match resume {
         Some((mut progress, etag)) => {
+            if progress.fan_out {
+                // What the run's workers finished, and the slices they read in.
+                fold_items(store.as_ref(), &mut progress).await?;
+            }
             progress.slices += 1;
             (progress, Some(etag), None)
         }
@@ -104,7 +109,7 @@ pub async fn export_slice(
         log_start(opts, &progress);
         let slice = Slice {
             snapshot_id: snapshot_id.clone(),
-            lease: held,
+            heartbeat: lease::Heartbeat::start(store.clone(), held, opts.lease_ttl),
             base_requests,
             etag,
         };
@@ -112,7 +117,9 @@ pub async fn export_slice(
         shared.show_tables(&shared.state.lock().await.doc);
 
         let outcome = work_loop(&shared, &coordinator, db, opts).await;
-        if let Err(e) = outcome {
+        let fan_out = match outcome {
+            Ok(fan_out) => fan_out,
+            Err(e) => {
             // Keep what finished: the next slice resumes from it.
             if !matches!(e, RunError::LeaseLost { .. } | RunError::Conflict { .. }) {
                 let mut state = shared.state.lock().await;
@@ -121,10 +128,13 @@ pub async fn export_slice(
                 }
             }
             return Err(e);
-        }
+            }
+        };
         let mut state = shared.state.lock().await;
         shared.flush(&mut state).await?;
-        Ok(slice_report(&shared, &state.doc, started))
+        let mut report = slice_report(&shared, &state.doc, started);
+        report.fan_out = fan_out;
+        Ok(report)
     }
     .await;
     match &result {
@@ -266,20 +276,41 @@ async fn capture_schema(
 }
 
 /// All in this slice's one snapshot: the ranges left, then, once every table is exported,
-/// consistency-pass rounds that bring every table to this snapshot.
+/// consistency-pass rounds that bring every table to this snapshot. In a fanned-out run
+/// (`concurrency` above 1) the ranges are left to workers: returns true when they are
+/// to run next.
 async fn work_loop(
     shared: &Arc<Shared>,
     coordinator: &Session<'_>,
     db: &DbSettings,
     opts: &ExportOptions,
-) -> Result<(), RunError> {
+) -> Result<bool, RunError> {
     let slice = shared.slice;
     loop {
         let step = {
             let mut state = shared.state.lock().await;
             let past_deadline = shared.past_soft_deadline();
-            let step = next_step(&mut state.doc, coordinator, opts, slice, past_deadline).await?;
+            let mut step =
+                next_step(&mut state.doc, coordinator, opts, slice, past_deadline).await?;
             let in_round = state.doc.pass.as_ref().is_some_and(|p| p.slice == slice);
+            if let Step::Work(queue) = &mut step {
+                let fanned = state.doc.fan_out || opts.settings.concurrency > 1;
+                if fanned && state.doc.pass.is_none() && queue.iter().any(is_item) {
+                    // The export's ranges go to the workers; this slice only finishes tables.
+                    queue.retain(|w| !is_item(w));
+                    if queue.is_empty() {
+                        step = Step::FanOut;
+                    }
+                    if !state.doc.fan_out {
+                        state.doc.fan_out = true;
+                        tracing::info!(
+                            run_id = shared.run_id,
+                            concurrency = opts.settings.concurrency,
+                            "the export is fanned out over workers"
+                        );
+                    }
+                }
+            }
             shared.in_round.store(in_round, Ordering::Relaxed);
             if let Step::Work(queue) = &step {
                 if let Ok(mut q) = shared.queue.lock() {
@@ -293,14 +324,16 @@ async fn work_loop(
             step
         };
         match step {
-            Step::Stop => return Ok(()),
+            Step::Stop => return Ok(false),
+            Step::FanOut => return Ok(true),
             Step::Finalize => {
-                return finalize_run(shared, coordinator, db, opts, &shared.snapshot_id).await;
+                finalize_run(shared, coordinator, db, opts, &shared.snapshot_id).await?;
+                return Ok(false);
             }
             Step::Work(_) => {
                 run_workers(shared, db, opts.settings.workers).await?;
                 if shared.past_deadline() {
-                    return Ok(());
+                    return Ok(false);
                 }
             }
         }
@@ -331,6 +364,7 @@ fn slice_report(shared: &Shared, doc: &RunProgress, started: Instant) -> SliceRe
         raw_bytes: shared.slice_raw.load(Ordering::Relaxed),
         store_requests: shared.counting.count(),
         seconds: started.elapsed().as_secs_f64(),
+        fan_out: false,
     };
     tracing::info!(
         run_id = report.run_id,
@@ -396,6 +430,18 @@ pub(super) async fn record_slice_snapshot(
     client: &Session<'_>,
     progress: &mut RunProgress,
 ) -> Result<(), RunError> {
+    let slice = progress.slices;
+    let taken = read_slice_snapshot(client, slice).await?;
+    progress.slice_snapshots.retain(|s| s.slice != slice);
+    progress.slice_snapshots.push(taken);
+    Ok(())
+}
+
+/// The snapshot `client` reads in (and the WAL position), as slice `slice`'s.
+pub(super) async fn read_slice_snapshot(
+    client: &Session<'_>,
+    slice: u32,
+) -> Result<SliceSnapshot, RunError> {
     let row = client
         .query_one(
             "SELECT pg_current_snapshot()::text, \
@@ -409,15 +455,12 @@ pub(super) async fn record_slice_snapshot(
     let snapshot: PgSnapshot = text
         .parse()
         .map_err(|reason| client.unexpected("reading the slice's snapshot", &text, reason))?;
-    let slice = progress.slices;
-    progress.slice_snapshots.retain(|s| s.slice != slice);
-    progress.slice_snapshots.push(SliceSnapshot {
+    Ok(SliceSnapshot {
         slice,
         snapshot,
         lsn: row.get(1),
         taken_at: Utc::now(),
-    });
-    Ok(())
+    })
 }
 
 /// Runs `count` workers over the shared queue until it is empty or the deadline passes.
@@ -448,6 +491,8 @@ pub(super) enum Step {
     Finalize,
     /// Nothing more in this slice (done, or the next slice starts the next round).
     Stop,
+    /// The export's ranges are left: workers of a fanned-out run claim them.
+    FanOut,
 }
 
 /// Decides the slice's next step, starting a consistency-pass round when every table's
@@ -512,6 +557,7 @@ pub(super) fn sealed_report(manifest: &Manifest, started: Instant, requests: u64
         raw_bytes: 0,
         store_requests: requests,
         seconds: started.elapsed().as_secs_f64(),
+        fan_out: false,
     }
 }
 

@@ -1,10 +1,12 @@
 //! What a slice's workers share: the progress document, the queue of work, the flush policy.
 
 use super::append::MAX_GAPS;
+use super::items::Claims;
 use super::options::{ExportMeter, ExportOptions};
 use super::slice::write_progress;
 use crate::chunk::ChunkSink;
 use crate::format::checkpoint::GapRange;
+use crate::format::item::ItemPart;
 use crate::format::progress::{Lane, RunProgress, TableProgress};
 use crate::format::{ChunkKind, ChunkRef, Fingerprint, KeyRange, TableName};
 use crate::lease;
@@ -64,7 +66,7 @@ pub(super) fn work_left(tables: &[TableProgress]) -> VecDeque<Work> {
 }
 
 /// What one piece of work adds to a table.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub(super) struct Delta {
     pub(super) chunks: Vec<ChunkRef>,
     pub(super) key_chunks: Vec<ChunkRef>,
@@ -99,7 +101,8 @@ impl Delta {
 pub(super) struct Slice {
     /// The snapshot the slice's workers import.
     pub(super) snapshot_id: String,
-    pub(super) lease: lease::HeldLease,
+    /// Keeps the run's lease while the slice works.
+    pub(super) heartbeat: lease::Heartbeat,
     /// Store requests of the run before this slice.
     pub(super) base_requests: u64,
     /// The ETag of the progress document the slice wrote first.
@@ -127,6 +130,12 @@ pub(super) struct Shared {
     pub(super) snapshot_id: String,
     pub(super) slice: u32,
     pub(super) run_id: String,
+    /// A worker of a fanned-out run: the items it holds and may claim. Its work is
+    /// recorded in them, never in the progress document.
+    pub(super) claims: Option<Claims>,
+    /// A slice of a fanned-out run: a table started again gets new work items for the
+    /// workers instead of being exported by the slice.
+    pub(super) fan_out: bool,
 }
 
 impl Shared {
@@ -141,7 +150,7 @@ impl Shared {
         progress: RunProgress,
     ) -> Self {
         Self {
-            heartbeat: lease::Heartbeat::start(store.clone(), slice.lease, opts.lease_ttl),
+            heartbeat: slice.heartbeat,
             store,
             counting,
             base_requests: slice.base_requests,
@@ -157,6 +166,8 @@ impl Shared {
             snapshot_id: slice.snapshot_id,
             slice: progress.slices,
             run_id: progress.run_id.clone(),
+            claims: None,
+            fan_out: progress.fan_out,
             state: Mutex::new(ProgressState {
                 doc: progress,
                 etag: slice.etag,
@@ -190,8 +201,15 @@ impl Shared {
             && self.opts.deadline.is_some_and(|d| Instant::now() >= d)
     }
 
-    pub(super) fn next_work(&self) -> Option<Work> {
-        self.queue.lock().ok()?.pop_front()
+    /// The next piece of work: from the slice's queue, else (a worker of a fanned-out
+    /// run) an item claimed in the store.
+    pub(super) async fn next_work(&self) -> Result<Option<Work>, RunError> {
+        let queued = self.queue.lock().ok().and_then(|mut q| q.pop_front());
+        match (queued, &self.claims) {
+            (Some(work), _) => Ok(Some(work)),
+            (None, Some(claims)) => claims.claim(self).await,
+            (None, None) => Ok(None),
+        }
     }
 
     /// Puts `work` back at the head of the queue (to redo it).
@@ -273,6 +291,16 @@ impl Shared {
         probed: bool,
     ) -> Result<bool, RunError> {
         self.recorded.store(true, Ordering::Relaxed);
+        if let Some(claims) = &self.claims {
+            let (id, lane_state, finished) = match &lane {
+                Some((l, state)) => ((t, ItemPart::Lane { lane: *l }), Some(state), state.done),
+                None if probed => ((t, ItemPart::Probe), None, true),
+                None => ((t, ItemPart::Whole), None, false),
+            };
+            claims
+                .record(self, id, &delta, lane_state, finished)
+                .await?;
+        }
         let mut state = self.state.lock().await;
         let table = &mut state.doc.tables[t];
         delta.apply(table);
@@ -283,19 +311,33 @@ impl Shared {
             table.gaps_probed = true;
             table.gaps_to_probe.clear();
         }
-        let complete = !table.done && table.gaps_probed && table.lanes.iter().all(|l| l.done);
+        // A worker of a fanned-out run leaves finishing the table to the run's slice.
+        let complete = self.claims.is_none()
+            && !table.done
+            && table.gaps_probed
+            && table.lanes.iter().all(|l| l.done);
         self.flush_if_due(&mut state).await?;
         Ok(complete)
     }
 
     /// Replaces table `t` wholesale (a restart) and records it.
     pub(super) async fn replace(&self, t: usize, table: TableProgress) -> Result<(), RunError> {
+        if let Some(claims) = &self.claims {
+            claims.restart((t, ItemPart::Whole)).await;
+        }
         let mut state = self.state.lock().await;
         state.doc.tables[t] = table;
         self.flush(&mut state).await
     }
 
     pub(super) async fn mark_done(&self, t: usize) -> Result<(), RunError> {
+        if let Some(claims) = &self.claims {
+            // A worker finishes only keyless tables: their one item is done.
+            let none = Delta::default();
+            claims
+                .record(self, (t, ItemPart::Whole), &none, None, true)
+                .await?;
+        }
         let mut state = self.state.lock().await;
         let in_round = state
             .doc
@@ -335,6 +377,14 @@ impl Shared {
 
     pub(super) async fn flush(&self, state: &mut ProgressState) -> Result<(), RunError> {
         self.heartbeat.check()?;
+        if let Some(claims) = &self.claims {
+            // A worker's record is its items.
+            let started = Instant::now();
+            claims.flush(self, false).await?;
+            state.last_write = Instant::now();
+            state.write_cost = started.elapsed();
+            return Ok(());
+        }
         let started = Instant::now();
         state.doc.store_requests = self.base_requests + self.counting.count() + 1;
         state.etag = write_progress(

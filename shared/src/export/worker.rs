@@ -20,7 +20,7 @@ pub(super) async fn worker(shared: Arc<Shared>, db: DbSettings) -> Result<(), Ru
     let mut connection = Connection::connect(&db).await?;
     let mut reconnects = 0;
     while !shared.past_deadline() {
-        let Some(work) = shared.next_work() else {
+        let Some(work) = shared.next_work().await? else {
             break;
         };
         let Err(err) = in_snapshot(&shared, &mut connection, work).await else {
@@ -158,7 +158,12 @@ pub(super) async fn finalize(
     let table = shared.begin(t).await;
     if let ExportScope::Appended { upto, .. } = table.scope {
         match check_append(shared, client, &table, upto).await? {
-            AppendCheck::ExportWhole(whole) => {
+            AppendCheck::ExportWhole(mut whole) => {
+                if shared.fan_out {
+                    // New items, which the next workers export.
+                    whole.item_generation += 1;
+                    return shared.replace(t, *whole).await;
+                }
                 shared.replace(t, *whole).await?;
                 shared.push_work(Work::Lane(t, 0));
                 return Ok(());

@@ -6,6 +6,7 @@
 //! | the lease                     | [`lease::Lease`]                   |
 //! | the checkpoint                | [`checkpoint::Checkpoint`]         |
 //! | a run in flight               | [`progress::RunProgress`]          |
+//! | a fanned-out run's work item  | [`item::WorkItem`]                 |
 //! | a sealed backup               | [`manifest::Manifest`]             |
 //! | a verification, one in flight | [`verification::Verification`], [`verification::VerifyState`] |
 //! | a prune in flight             | [`journal::PruneJournal`]          |
@@ -19,6 +20,7 @@
 
 pub mod checkpoint;
 pub mod failure;
+pub mod item;
 pub mod journal;
 pub mod lease;
 pub mod manifest;

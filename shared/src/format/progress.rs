@@ -53,6 +53,10 @@ pub struct RunProgress {
     /// `append` tables are fingerprinted whole in this run (a deep check).
     #[serde(default)]
     pub deep: bool,
+    /// The export is fanned out: workers of other invocations claim its ranges as work
+    /// items in the store (`--concurrency` above 1), and the slices fold them in.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fan_out: bool,
     /// Slices run so far (the first is 1).
     pub slices: u32,
     /// Store requests made by all slices so far.
@@ -223,9 +227,17 @@ pub struct TableProgress {
     /// The table's identity when planned (for the checkpoint, and the pass's catalog check).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<TableIdentity>,
+    /// The generation of the table's work items in a fanned-out run: raised when the
+    /// table is started again, so that items of its earlier export are not folded in.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub item_generation: u32,
     /// Why this table starts a new chain in an incremental run (exported whole).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub new_chain: Option<String>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl TableProgress {

@@ -12,6 +12,8 @@
 //! | `runs/{run_id}/progress.json`                    | a backup run in flight                |
 //! | `runs/verify-{backup_id}/state.json`             | a sliced verification in flight       |
 //! | `runs/prune/journal.json`                        | a prune in flight                     |
+//! | `runs/{run_id}/items/{schema.table}/{gen}.{part}.json` | a work item of a fanned-out run  |
+//! | `runs/{run_id}/slices/{slice}.json`              | the snapshot a worker read in         |
 //! | `chunks/{run_id}/{schema.table}/{seq}-{slice}.copy.zst` | rows (`.keys.copy.zst`: key set) |
 //! | `chunks/{run_id}/schema/{token}.{part}.sql.zst`  | pg_dump's scripts of a run            |
 //!
@@ -21,6 +23,7 @@ pub mod backups;
 
 use std::fmt;
 
+use crate::format::item::ItemPart;
 use crate::format::{ChunkKind, TableName};
 
 pub const LOCK_KEY: &str = "lock";
@@ -78,6 +81,40 @@ pub fn chunk_key(run_id: &str, table: &TableName, seq: u32, slice: u32, kind: Ch
         chunk_prefix(run_id),
         table.key_segment()
     )
+}
+
+/// Where the work items of a run whose export is fanned out over workers live.
+pub fn items_prefix(run_id: &str) -> String {
+    format!("{RUNS}{run_id}/items/")
+}
+
+/// One work item of a fanned-out run: `runs/{run}/items/{schema.table}/{generation}.{part}.json`.
+pub fn item_key(run_id: &str, table: &TableName, generation: u32, part: ItemPart) -> String {
+    format!(
+        "{}{}/{generation:03}.{}.json",
+        items_prefix(run_id),
+        table.key_segment(),
+        part.segment()
+    )
+}
+
+/// Where the workers of a fanned-out run record the snapshot each read in.
+pub fn slices_prefix(run_id: &str) -> String {
+    format!("{RUNS}{run_id}/slices/")
+}
+
+/// A worker's slice: `runs/{run}/slices/{slice}.json`, created if absent, so that each
+/// worker's slice number (in its chunk names) is its own.
+pub fn slice_key(run_id: &str, slice: u32) -> String {
+    format!("{}{slice:06}.json", slices_prefix(run_id))
+}
+
+/// The slice number of a key [`slice_key`] made.
+pub fn slice_of_key(run_id: &str, key: &str) -> Option<u32> {
+    key.strip_prefix(&slices_prefix(run_id))?
+        .strip_suffix(".json")?
+        .parse()
+        .ok()
 }
 
 /// Object key of one of pg_dump's scripts of a run (`part`: `pre-data`, `post-data`,
