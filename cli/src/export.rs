@@ -19,6 +19,10 @@ pub struct ExportArgs {
     /// Stop starting new work after this many seconds (a Lambda slice's budget).
     #[arg(long, value_name = "SECONDS")]
     max_seconds: Option<u64>,
+    /// Run one worker of a fanned-out run (what one iteration of the state machine's Map
+    /// does) in this slot, instead of a slice; needs --run.
+    #[arg(long, value_name = "SLOT", requires = "run_id")]
+    worker: Option<usize>,
     #[command(flatten)]
     settings: export::ExportSettings,
 }
@@ -32,6 +36,18 @@ pub async fn export(global: &GlobalArgs, args: &ExportArgs) -> Result<(), String
     opts.deadline = args
         .max_seconds
         .map(|s| Instant::now() + Duration::from_secs(s));
+    if let Some(slot) = args.worker {
+        opts.worker_slot = slot;
+        let report = export::export_worker(store.clone(), &db, &opts)
+            .await
+            .map_err(|e| error_chain(&e))?;
+        // The run keeps the lease for its next slice.
+        tidemark_core::lease::detach(store.as_ref(), &report.run_id)
+            .await
+            .map_err(|e| error_chain(&e))?;
+        println!("{}", json(&report)?);
+        return Ok(());
+    }
     let report = export::export_slice(store.clone(), &db, &opts)
         .await
         .map_err(|e| error_chain(&e))?;

@@ -18,6 +18,10 @@ const README: &str = include_str!("../../README.md");
 const NOT_A_FUNCTION_SETTING: &[(&str, &str)] = &[
     ("TIDEMARK_JSON", "the functions always return JSON"),
     (
+        "TIDEMARK_SLICE_SECONDS",
+        "a Lambda invocation is bounded by its own timeout (and TIDEMARK_SLICE_MARGIN_SECS)",
+    ),
+    (
         "RUST_LOG",
         "a log filter: the CLI and the functions start logging with the same telemetry::init, which reads it",
     ),
@@ -97,6 +101,8 @@ fn samples(var: &str) -> (&'static str, Option<&'static str>) {
         "TIDEMARK_CHUNK_ROWS" => ("5000", Some("many")),
         "TIDEMARK_CHUNK_BYTES" => ("1MiB", Some("12 parsecs")),
         "TIDEMARK_WORKERS" => ("7", Some("lots")),
+        "TIDEMARK_CONCURRENCY" => ("4", Some("many")),
+        "TIDEMARK_SLICE_SECONDS" => ("60", Some("soon")),
         "TIDEMARK_ZSTD_LEVEL" => ("5", Some("max")),
         "TIDEMARK_PASS_ROUNDS" => ("9", Some("nine")),
         "TIDEMARK_GAP_TTL_SECS" => ("2", Some("2s")),

@@ -732,7 +732,9 @@ pub mod fixtures {
     use std::time::Duration;
 
     use tidemark_core::error::Classified;
-    use tidemark_core::export::{export_slice, ExportOptions, SliceReport};
+    use tidemark_core::export::{
+        export_slice, export_worker, ExportOptions, SliceReport, WorkerReport,
+    };
     use tidemark_core::format::manifest::Manifest;
     use tidemark_core::format::read_doc;
     use tidemark_core::manifest::{seal_run, SealReport};
@@ -1043,9 +1045,13 @@ REFRESH MATERIALIZED VIEW app.mood_counts;
             };
             opts.run_id = Some(report.run_id.clone());
             let done = report.done;
+            let fan_out = report.fan_out;
             slices.push(report);
             if done {
                 break;
+            }
+            if fan_out {
+                run_workers(store, settings, &opts).await;
             }
         }
         let run_id = opts.run_id.clone().expect("a run");
@@ -1053,6 +1059,32 @@ REFRESH MATERIALIZED VIEW app.mood_counts;
             .await
             .expect("seal");
         (sealed, slices)
+    }
+
+    /// The `concurrency` workers of a fanned-out run at once, as the state machine's Map
+    /// runs them; returns their reports.
+    pub async fn run_workers(
+        store: &Store,
+        settings: &tidemark_core::db::DbSettings,
+        opts: &ExportOptions,
+    ) -> Vec<WorkerReport> {
+        let mut workers = tokio::task::JoinSet::new();
+        for slot in 0..opts.settings.concurrency.max(1) {
+            let mut worker = opts.clone();
+            worker.worker_slot = slot;
+            let (store, settings) = (store.clone(), settings.clone());
+            workers.spawn(async move { export_worker(store, &settings, &worker).await });
+        }
+        let mut reports = Vec::new();
+        while let Some(joined) = workers.join_next().await {
+            match joined.expect("worker task") {
+                Ok(report) => reports.push(report),
+                // Like the Map's retry of a failed iteration: the next workers go on.
+                Err(e) if e.is_retryable() => eprintln!("worker failed: {e}"),
+                Err(e) => panic!("export worker: {e}"),
+            }
+        }
+        reports
     }
 
     pub async fn manifest(store: &Store, id: &str) -> Manifest {
