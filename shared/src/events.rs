@@ -103,6 +103,14 @@ pub struct ExportEvent {
     /// step can release a run whose first slice failed before reporting its id.
     #[serde(default)]
     pub execution: Option<String>,
+    /// Workers of the run at once (the state machine's `concurrency`, else the
+    /// function's `TIDEMARK_CONCURRENCY`): above 1 a slice fans the run's export out.
+    #[serde(default)]
+    pub concurrency: Option<usize>,
+    /// Run one worker of the fanned-out run `run_id` in this slot (one iteration of the
+    /// state machine's Map) instead of a slice.
+    #[serde(default)]
+    pub worker: Option<usize>,
 }
 
 /// What the manifest function is asked to seal, or the failed run it is asked to record.
@@ -265,6 +273,15 @@ pub fn prune_event(event: Value) -> Result<PruneEvent, EventError> {
 pub fn export_event(event: Value) -> Result<ExportEvent, EventError> {
     let parsed: ExportEvent = parse(event)?;
     check_id("run_id", parsed.run_id.as_deref())?;
+    if let Some(n) = parsed.concurrency {
+        crate::config::parse_concurrency(&n.to_string())
+            .map_err(|e| EventError(format!("concurrency: {e}")))?;
+    }
+    if parsed.worker.is_some() && parsed.run_id.is_none() {
+        return Err(EventError(
+            "worker: a worker needs the run_id of a fanned-out run".into(),
+        ));
+    }
     Ok(parsed)
 }
 
@@ -294,7 +311,7 @@ mod tests {
             Some(ExportEvent {
                 run_id: None,
                 mode: Some(RunMode::Incremental),
-                execution: None,
+                ..ExportEvent::default()
             })
         );
         assert_eq!(
@@ -302,9 +319,30 @@ mod tests {
             Some(ExportEvent {
                 run_id: Some("r1".into()),
                 mode: Some(RunMode::Full),
-                execution: None,
+                ..ExportEvent::default()
             })
         );
+        assert_eq!(
+            export_event(json!({"run_id": "r1", "worker": 2, "concurrency": 4})).ok(),
+            Some(ExportEvent {
+                run_id: Some("r1".into()),
+                worker: Some(2),
+                concurrency: Some(4),
+                ..ExportEvent::default()
+            })
+        );
+        for bad in [
+            json!({"concurrency": 0}),
+            json!({"concurrency": 1000}),
+            json!({"worker": 0}),
+        ] {
+            let err = export_event(bad.clone()).expect_err("refused");
+            assert!(
+                err.0.contains("concurrency") || err.0.contains("run_id"),
+                "{bad}: {}",
+                err.0
+            );
+        }
         let scheduled = json!({
             "version": "0", "id": "x", "detail-type": "Scheduled Event", "source": "aws.events",
             "account": "1", "time": "2026-11-22T00:00:00Z", "region": "eu-west-1",

@@ -1,9 +1,11 @@
 //! The export function: one time-boxed slice of a backup run.
 //!
-//! Input: `{"run_id"?, "mode"?: "full" | "incremental", "execution"?}` (what the state
-//! machine passes), `{}`, or a Scheduled Event.
-//! Output: the slice report, `{"run_id", "done", ...counts}`; Step Functions loops while
-//! `done` is false.
+//! Input: `{"run_id"?, "mode"?: "full" | "incremental", "execution"?, "concurrency"?}`
+//! (what the state machine passes), `{}`, or a Scheduled Event; with `"worker": SLOT`
+//! (and the run id) one worker of a fanned-out run instead of a slice.
+//! Output: the slice report, `{"run_id", "done", "fan_out", ...counts}`; Step Functions
+//! loops while `done` is false and runs the workers when `fan_out` is true. A worker
+//! returns its own small report.
 
 use std::sync::Arc;
 
@@ -58,6 +60,19 @@ pub async fn handle(event: LambdaEvent<Value>, deps: &Deps) -> Result<Value, Fun
         Some(execution) => format!("{execution} {}", tidemark_lambda::holder(&event.context)),
         None => tidemark_lambda::holder(&event.context),
     };
+    if let Some(n) = request.concurrency {
+        options.settings.concurrency = n;
+    }
+    if let Some(slot) = request.worker {
+        // One iteration of the Map: claims the run's work items until its deadline.
+        options.worker_slot = slot;
+        let report = export::export_worker(deps.store.clone(), &deps.db, &options).await?;
+        tidemark_lambda::metrics()
+            .with(metrics::ROWS_EXPORTED, Unit::Count, report.rows as f64)
+            .with(metrics::BYTES_EXPORTED, Unit::Bytes, report.bytes as f64)
+            .emit();
+        return serde_json::to_value(report).map_err(|e| FunctionError::fatal(e.to_string()));
+    }
     let report = export::export_slice(deps.store.clone(), &deps.db, &options).await?;
     if !report.sealed {
         tidemark_lambda::metrics()

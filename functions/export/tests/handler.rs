@@ -401,3 +401,55 @@ async fn a_locked_run_does_not_overwrite_the_failure_that_locked_it() {
         ("Tidemark.Fatal", "the real cause")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slice_fans_the_run_out_and_worker_events_export_it() {
+    let cluster = TestCluster::from_env();
+    let db = cluster.create_database().await;
+    let mut deps = deps(&db).await;
+    deps.options.settings.chunk_rows = 100;
+    let (_, mut step) = sample_events("export.step-functions").remove(0);
+    step["run_id"] = Value::Null;
+    step["mode"] = json!("full");
+    step["concurrency"] = json!(2);
+    let first = handle(LambdaEvent::new(step.clone(), lambda_context(900)), &deps)
+        .await
+        .expect("slice");
+    assert_eq!(
+        (first["fan_out"].as_bool(), first["done"].as_bool()),
+        (Some(true), Some(false)),
+        "{first}"
+    );
+    let run_id = first["run_id"].clone();
+    let mut rows = 0;
+    for slot in 0..2 {
+        let (_, mut worker) = sample_events("export.worker").remove(0);
+        worker["run_id"] = run_id.clone();
+        worker["worker"] = json!(slot);
+        let report = handle(LambdaEvent::new(worker, lambda_context(900)), &deps)
+            .await
+            .expect("worker");
+        assert_eq!(report["worker"], slot, "{report}");
+        rows += report["rows"].as_u64().expect("rows");
+    }
+    // Two lanes' worth of work, each exported by exactly one of the workers.
+    assert_eq!(rows, 500);
+    step["run_id"] = run_id.clone();
+    let last = handle(LambdaEvent::new(step, lambda_context(900)), &deps)
+        .await
+        .expect("slice");
+    assert_eq!(last["done"], true, "{last}");
+    let sealed = seal(&deps.store, run_id.as_str().expect("id")).await;
+    assert_eq!(
+        (sealed["rows"].as_u64(), sealed["kind"].as_str()),
+        (Some(500), Some("full"))
+    );
+    // A worker without a run is refused by name.
+    let err = handle(
+        LambdaEvent::new(json!({"worker": 1}), lambda_context(900)),
+        &deps,
+    )
+    .await
+    .expect_err("refused");
+    assert!(format!("{err:?}").contains("run_id"), "{err:?}");
+}
