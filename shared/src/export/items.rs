@@ -96,6 +96,8 @@ struct Book {
     done: u64,
     released: u64,
     taken_over: u64,
+    /// Items this worker claimed.
+    claimed: u64,
 }
 
 /// What one worker holds and may still claim.
@@ -157,9 +159,9 @@ impl Claims {
         }
     }
 
-    /// Claims the next item this worker can have; waits for items other workers hold
-    /// until their claims lapse or they finish, as long as the deadline allows. `None`
-    /// when no item is left for it.
+    /// Claims the next item this worker can have. A worker that has had none yet waits
+    /// for items other workers hold until their claims lapse or they finish, as long as
+    /// its deadline allows. `None` when no item is left for it.
     pub(super) async fn claim(&self, shared: &Shared) -> Result<Option<Work>, RunError> {
         loop {
             if shared.past_deadline() {
@@ -171,6 +173,9 @@ impl Claims {
                 let mut book = self.book.lock().await;
                 match book.candidates.pop_front() {
                     Some(id) => Ok(id),
+                    // A worker that got work leaves what others hold to them (or, if one
+                    // died, to the next workers); only one that got none waits for it.
+                    None if book.claimed > 0 => Err(None),
                     None => Err(book.busy.iter().map(|(_, until)| *until).min()),
                 }
             };
@@ -191,7 +196,7 @@ impl Claims {
             let wait = (until - Utc::now())
                 .to_std()
                 .unwrap_or_default()
-                .clamp(Duration::from_millis(200), Duration::from_secs(5));
+                .clamp(Duration::from_millis(200), Duration::from_secs(1));
             if shared
                 .opts
                 .deadline
@@ -282,6 +287,7 @@ impl Claims {
         }
         let mut book = self.book.lock().await;
         book.taken_over += u64::from(lapsed);
+        book.claimed += 1;
         book.held.insert(
             id,
             Held {
