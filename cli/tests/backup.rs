@@ -756,3 +756,111 @@ async fn a_backup_killed_with_sigkill_is_resumed_at_once_by_the_next() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_fanned_out_backup_from_the_cli_and_its_workers_by_hand() {
+    let cluster = TestCluster::from_env();
+    let db = cluster.create_database().await;
+    exec(&db.settings(), FIXTURE).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = db.url(SslMode::Require);
+    let store_of = |name: &str| dir.path().join(name).to_str().expect("utf8").to_owned();
+
+    // --concurrency 4 and a slice bound, from flags and from the environment alike.
+    let one = store_of("one");
+    let env = [
+        ("DATABASE_URL", url.as_str()),
+        ("TIDEMARK_STORE", one.as_str()),
+    ];
+    let whole = tidemark(
+        &[
+            "--json",
+            "backup",
+            "--concurrency",
+            "4",
+            "--slice-seconds",
+            "30",
+            "--chunk-rows",
+            "400",
+        ],
+        &env,
+    );
+    assert!(whole.status.success(), "{}", stderr(&whole));
+    let report: serde_json::Value = serde_json::from_str(&stdout(&whole)).expect("JSON");
+    assert_eq!(
+        (report["rows"].as_u64(), report["consistent"].as_bool()),
+        (Some(3020), Some(true)),
+        "{report}"
+    );
+    let two = store_of("two");
+    let env2 = [
+        ("DATABASE_URL", url.as_str()),
+        ("TIDEMARK_STORE", two.as_str()),
+        ("TIDEMARK_CONCURRENCY", "2"),
+        ("TIDEMARK_SLICE_SECONDS", "30"),
+    ];
+    let sealed = tidemark(&["--json", "backup", "--chunk-rows", "400"], &env2);
+    assert!(sealed.status.success(), "{}", stderr(&sealed));
+
+    // The same run by hand, as the state machine drives the functions: a slice fans out,
+    // workers export, the next slice finishes, the manifest seals.
+    let three = store_of("three");
+    let env3 = [
+        ("DATABASE_URL", url.as_str()),
+        ("TIDEMARK_STORE", three.as_str()),
+    ];
+    let first = tidemark(
+        &[
+            "export",
+            "--full",
+            "--concurrency",
+            "2",
+            "--chunk-rows",
+            "400",
+        ],
+        &env3,
+    );
+    assert!(first.status.success(), "{}", stderr(&first));
+    let slice: serde_json::Value = serde_json::from_str(&stdout(&first)).expect("JSON");
+    assert_eq!(
+        (slice["fan_out"].as_bool(), slice["done"].as_bool()),
+        (Some(true), Some(false)),
+        "{slice}"
+    );
+    let run_id = slice["run_id"].as_str().expect("run_id").to_owned();
+    let mut rows = 0;
+    for slot in ["0", "1"] {
+        let worker = tidemark(
+            &[
+                "export",
+                "--run",
+                &run_id,
+                "--worker",
+                slot,
+                "--concurrency",
+                "2",
+            ],
+            &env3,
+        );
+        assert!(worker.status.success(), "{}", stderr(&worker));
+        let report: serde_json::Value = serde_json::from_str(&stdout(&worker)).expect("JSON");
+        rows += report["rows"].as_u64().expect("rows");
+    }
+    assert_eq!(rows, 3020);
+    let last = tidemark(&["export", "--run", &run_id, "--concurrency", "2"], &env3);
+    let slice: serde_json::Value = serde_json::from_str(&stdout(&last)).expect("JSON");
+    assert_eq!(slice["done"], true, "{slice}");
+    let sealed = tidemark(&["manifest", "--run", &run_id], &env3);
+    assert!(sealed.status.success(), "{}", stderr(&sealed));
+
+    // Bad values are refused by name.
+    for (args, named) in [
+        (vec!["backup", "--concurrency", "0"], "--concurrency"),
+        (vec!["backup", "--slice-seconds", "0"], "--slice-seconds"),
+        (vec!["export", "--worker", "0"], "--run"),
+    ] {
+        let out = tidemark(&args, &env3);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(stderr(&out).contains(named), "{args:?}: {}", stderr(&out));
+    }
+}
