@@ -99,6 +99,23 @@ testenv_ensure_pg_dump_layer() {
   export TIDEMARK_TEST_PG_DUMP_18="$dir/$PGDUMP_LAYER_BIN/pg_dump"
 }
 
+# aws-local-stepfunctions, an independent implementation of the Amazon States Language
+# (npm), that the end-to-end tests run statemachine/backup.asl.json on; under .tools/.
+ASL_ENGINE_SPEC='aws-local-stepfunctions@3.0.0'
+testenv_ensure_asl_engine() {
+  local dir="$TOOLS_DIR/asl-engine"
+  local entry="$dir/node_modules/aws-local-stepfunctions/build/main.node.esm.js"
+  command -v node >/dev/null || _apt_install nodejs npm
+  if [ ! -f "$entry" ] || [ ! -f "$dir/.complete" ]; then
+    _log "installing $ASL_ENGINE_SPEC into $dir"
+    rm -rf "$dir"
+    mkdir -p "$dir"
+    (cd "$dir" && npm install --no-audit --no-fund --loglevel=error "$ASL_ENGINE_SPEC" >/dev/null)
+    touch "$dir/.complete"
+  fi
+  export TIDEMARK_TEST_ASL_ENGINE="$entry"
+}
+
 # Real application schemas for the fidelity tests, from their Debian packages and PyPI:
 # Zabbix server (schema, images and its initial data), the Icinga 2 IDO, PowerDNS, and
 # Matrix Synapse. Each lands in .tools/app-schemas/<app>/ as SQL files to run in name order.

@@ -1,20 +1,18 @@
-//! A walker for the part of the Amazon States Language that `statemachine/backup.asl.json`
-//! uses, so tests can run the real definition against the real function binaries: Pass
-//! (`Result`, `Parameters`, `ResultPath`), Task (`arn:aws:states:::lambda:invoke` with
-//! `Parameters`, `ResultSelector`, `ResultPath`, `TimeoutSeconds`, `Retry`, `Catch`),
-//! Choice (`StringEquals`, `BooleanEquals`, `IsPresent`, `And`, `Or`, `Not`), Succeed and
-//! Fail, with reference paths `$`, `$.a.b` and `$$.Execution.Id`.
-//!
-//! It follows the language's rules where the definition relies on them (a Lambda error's
-//! name is its `errorType` and its cause the error JSON; `Retry` before `Catch`;
-//! `States.ALL`; a missing path is `States.Runtime`), and refuses any field it does not
-//! implement, so the definition cannot grow a construct these tests silently ignore.
+//! Runs `statemachine/backup.asl.json` on **aws-local-stepfunctions** (npm), an independent
+//! TypeScript implementation of the Amazon States Language (Pass, Task, Choice, Map,
+//! Parallel, Retry, Catch, timeouts), so tests exercise the real definition on an engine
+//! this project did not write. `tests/asl/driver.mjs` runs it under Node; every Task state
+//! is overridden to call back here, where the [`Invoker`] (the runtime API emulator that
+//! runs the function binaries) is invoked as the `lambda:invoke` integration would: with the
+//! state's `FunctionName` and `Payload`, a Lambda error's `errorType` as the error name and
+//! its error document as the cause. `scripts/test` installs the engine
+//! (`TIDEMARK_TEST_ASL_ENGINE`).
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;
 
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 /// The only Task resource the definition uses.
 pub const LAMBDA_INVOKE: &str = "arn:aws:states:::lambda:invoke";
@@ -32,10 +30,6 @@ impl StateError {
             error: error.into(),
             cause: cause.into(),
         }
-    }
-
-    fn runtime(cause: impl Into<String>) -> Self {
-        Self::new("States.Runtime", cause)
     }
 }
 
@@ -80,10 +74,14 @@ pub fn substitute(definition: &str, values: &[(&str, &str)]) -> String {
     })
 }
 
-/// Runs `definition` on `input` until it succeeds, fails, or takes `max_transitions`.
+/// Retry waits in tests: every retrier's interval is this (the definition's are seconds).
+const RETRY_MS: u64 = 50;
+
+/// Runs `definition` on `input` until it succeeds, fails, or enters more than
+/// `max_transitions` states.
 ///
 /// # Panics
-/// On a definition this walker does not understand (a test failure, by design).
+/// When the engine is not installed or its driver fails (a test failure, by design).
 pub async fn run(
     definition: &Value,
     input: Value,
@@ -91,364 +89,99 @@ pub async fn run(
     invoker: &impl Invoker,
     max_transitions: usize,
 ) -> Walk {
-    let states = definition["States"].as_object().expect("States");
-    let mut name = definition["StartAt"].as_str().expect("StartAt").to_owned();
-    let mut data = input.clone();
-    let mut walk = Walk {
-        visited: Vec::new(),
-        outcome: Outcome::Failed(StateError::new("Walker.TooManyTransitions", "")),
-        invocations: BTreeMap::new(),
-    };
-    for _ in 0..max_transitions {
-        walk.visited.push(name.clone());
-        let state = states
-            .get(&name)
-            .unwrap_or_else(|| panic!("no state {name}"))
-            .as_object()
-            .expect("state object");
-        let context = json!({
+    use futures_util::stream::{FuturesUnordered, StreamExt};
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+    let engine = std::env::var("TIDEMARK_TEST_ASL_ENGINE")
+        .expect("TIDEMARK_TEST_ASL_ENGINE: the States Language engine (scripts/test installs it)");
+    let driver = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("asl/driver.mjs");
+    let mut child = tokio::process::Command::new("node")
+        .arg(&driver)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("node runs the engine's driver");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let request = json!({
+        "engine": engine,
+        "definition": definition,
+        "input": input,
+        "context": {
             "Execution": {"Id": execution_id, "Input": input, "Name": execution_id.rsplit(':').next()},
-            "State": {"Name": name},
-        });
-        let step = match state["Type"].as_str().expect("Type") {
-            "Pass" => pass(state, data.clone(), &context).map(|d| (next(state), d)),
-            "Choice" => choose(state, &data).map(|n| (n, data.clone())),
-            "Task" => task(state, data.clone(), &context, invoker, &mut walk, &name).await,
-            "Succeed" => {
-                allow(state, &["Type", "Comment"]);
-                walk.outcome = Outcome::Succeeded(data);
-                return walk;
+        },
+        "max_transitions": max_transitions,
+        "retry_ms": RETRY_MS,
+    });
+    let send = |message: Value| format!("{message}\n").into_bytes();
+    stdin
+        .write_all(&send(request))
+        .await
+        .expect("the driver reads its request");
+    let mut pending = FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            line = lines.next_line() => {
+                let line = line.expect("the driver's output").unwrap_or_else(|| {
+                    panic!("the engine's driver ended without a result")
+                });
+                let Some(message) = line.strip_prefix("@@asl ") else {
+                    continue;
+                };
+                let message: Value = serde_json::from_str(message).expect("a driver message");
+                if let Some(end) = message.get("end") {
+                    return walk_of(end, &message);
+                }
+                let id = message["invoke"].clone();
+                let function = message["function"].as_str().expect("FunctionName").to_owned();
+                let timeout = Duration::from_secs(message["timeout"].as_u64().unwrap_or(60));
+                let payload = message["payload"].clone();
+                pending.push(async move {
+                    (id, invoker.invoke(&function, payload, timeout).await)
+                });
             }
-            "Fail" => {
-                allow(state, &["Type", "Comment", "Error", "Cause"]);
-                let text = |k: &str| state.get(k).and_then(Value::as_str).unwrap_or("");
-                walk.outcome = Outcome::Failed(StateError::new(text("Error"), text("Cause")));
-                return walk;
-            }
-            other => panic!("state type {other} is not supported by the walker"),
-        };
-        match step {
-            Ok((n, d)) => {
-                name = n;
-                data = d;
-            }
-            Err(e) => {
-                walk.outcome = Outcome::Failed(e);
-                return walk;
+            Some((id, result)) = pending.next(), if !pending.is_empty() => {
+                let reply = match result {
+                    Ok(value) => json!({"id": id, "ok": value}),
+                    Err(e) => json!({"id": id, "error": e.error, "cause": e.cause}),
+                };
+                // An execution that ended (a timeout) no longer listens.
+                let _ = stdin.write_all(&send(reply)).await;
             }
         }
     }
-    walk
 }
 
-/// Fails the test if `state` has a field outside `known`.
-fn allow(state: &Map<String, Value>, known: &[&str]) {
-    for key in state.keys() {
-        assert!(
-            known.contains(&key.as_str()),
-            "field {key} is not supported by the walker"
-        );
-    }
-}
-
-fn next(state: &Map<String, Value>) -> String {
-    state["Next"].as_str().expect("Next").to_owned()
-}
-
-fn pass(state: &Map<String, Value>, data: Value, context: &Value) -> Result<Value, StateError> {
-    allow(
-        state,
-        &[
-            "Type",
-            "Comment",
-            "Result",
-            "Parameters",
-            "ResultPath",
-            "Next",
-        ],
-    );
-    let result = match (state.get("Result"), state.get("Parameters")) {
-        (Some(result), _) => result.clone(),
-        (None, Some(template)) => apply_template(template, &data, context)?,
-        (None, None) => data.clone(),
-    };
-    set_result(data, state.get("ResultPath"), result)
-}
-
-fn choose(state: &Map<String, Value>, data: &Value) -> Result<String, StateError> {
-    allow(state, &["Type", "Comment", "Choices", "Default"]);
-    for rule in state["Choices"].as_array().expect("Choices") {
-        if matches(rule, data)? {
-            return Ok(rule["Next"].as_str().expect("Next").to_owned());
-        }
-    }
-    state
-        .get("Default")
-        .and_then(Value::as_str)
-        .map(str::to_owned)
-        .ok_or_else(|| StateError::new("States.NoChoiceMatched", ""))
-}
-
-fn matches(rule: &Value, data: &Value) -> Result<bool, StateError> {
-    let rule = rule.as_object().expect("choice rule");
-    if let Some(all) = rule.get("And") {
-        for r in all.as_array().expect("And") {
-            if !matches(r, data)? {
-                return Ok(false);
-            }
-        }
-        return Ok(true);
-    }
-    if let Some(any) = rule.get("Or") {
-        for r in any.as_array().expect("Or") {
-            if matches(r, data)? {
-                return Ok(true);
-            }
-        }
-        return Ok(false);
-    }
-    if let Some(not) = rule.get("Not") {
-        return Ok(!matches(not, data)?);
-    }
-    let path = rule["Variable"].as_str().expect("Variable");
-    let value = get_path(data, &Value::Null, path);
-    for (op, expected) in rule {
-        match op.as_str() {
-            "Variable" | "Next" => {}
-            "IsPresent" => return Ok(value.is_ok() == expected.as_bool().expect("bool")),
-            "StringEquals" => return Ok(value?.as_str() == expected.as_str()),
-            "BooleanEquals" => return Ok(value?.as_bool() == expected.as_bool()),
-            other => panic!("choice operator {other} is not supported by the walker"),
-        }
-    }
-    panic!("choice rule without an operator");
-}
-
-async fn task(
-    state: &Map<String, Value>,
-    data: Value,
-    context: &Value,
-    invoker: &impl Invoker,
-    walk: &mut Walk,
-    name: &str,
-) -> Result<(String, Value), StateError> {
-    allow(
-        state,
-        &[
-            "Type",
-            "Comment",
-            "Resource",
-            "Parameters",
-            "ResultSelector",
-            "ResultPath",
-            "TimeoutSeconds",
-            "Retry",
-            "Catch",
-            "Next",
-        ],
-    );
-    assert_eq!(
-        state["Resource"].as_str(),
-        Some(LAMBDA_INVOKE),
-        "only {LAMBDA_INVOKE} tasks are supported"
-    );
-    let timeout = Duration::from_secs(
-        state
-            .get("TimeoutSeconds")
-            .and_then(Value::as_u64)
-            .unwrap_or(60),
-    );
-    let retriers = state
-        .get("Retry")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
-    let mut attempts = vec![0_u64; retriers.len()];
-    let outcome = loop {
-        let attempt = async {
-            let params = apply_template(&state["Parameters"], &data, context)?;
-            let function = params["FunctionName"]
-                .as_str()
-                .ok_or_else(|| StateError::runtime("FunctionName is not a string"))?
-                .to_owned();
-            let payload = params.get("Payload").cloned().unwrap_or(json!({}));
-            *walk.invocations.entry(name.to_owned()).or_default() += 1;
-            let response = invoker.invoke(&function, payload, timeout).await?;
-            let result =
-                json!({"Payload": response, "StatusCode": 200, "ExecutedVersion": "$LATEST"});
-            match state.get("ResultSelector") {
-                Some(selector) => apply_template(selector, &result, context),
-                None => Ok(result),
-            }
-        }
-        .await;
-        let error = match attempt {
-            Ok(result) => break Ok(result),
-            Err(e) => e,
-        };
-        let retrier = retriers
-            .iter()
-            .position(|r| error_matches(&r["ErrorEquals"], &error.error));
-        match retrier {
-            Some(i) if attempts[i] < retriers[i]["MaxAttempts"].as_u64().unwrap_or(3) => {
-                attempts[i] += 1;
-                // The real interval grows by BackoffRate; a short pause keeps tests fast.
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            _ => break Err(error),
-        }
-    };
-    match outcome {
-        Ok(result) => Ok((
-            next(state),
-            set_result(data, state.get("ResultPath"), result)?,
+/// The walk the driver's last message describes.
+fn walk_of(end: &Value, message: &Value) -> Walk {
+    let outcome = match (end.get("succeeded"), end.get("failed")) {
+        (Some(output), _) => Outcome::Succeeded(output.clone()),
+        (None, Some(failed)) => Outcome::Failed(StateError::new(
+            failed["error"].as_str().unwrap_or_default(),
+            failed["cause"].as_str().unwrap_or_default(),
         )),
-        Err(error) => {
-            let catcher = state.get("Catch").and_then(Value::as_array).and_then(|cs| {
-                cs.iter()
-                    .find(|c| error_matches(&c["ErrorEquals"], &error.error))
-            });
-            match catcher {
-                Some(c) => {
-                    let output = json!({"Error": error.error, "Cause": error.cause});
-                    let data = set_result(data, c.get("ResultPath"), output)?;
-                    Ok((c["Next"].as_str().expect("Next").to_owned(), data))
-                }
-                None => Err(error),
-            }
-        }
-    }
-}
-
-fn error_matches(names: &Value, error: &str) -> bool {
-    names
+        _ => panic!("the driver's end is neither success nor failure: {end}"),
+    };
+    let visited = message["visited"]
         .as_array()
-        .expect("ErrorEquals")
-        .iter()
-        .any(|n| n == "States.ALL" && error != "States.Runtime" || n == error)
-}
-
-/// Evaluates a reference path: `$`, `$.a.b` on `data`, `$$.a.b` on `context`.
-pub fn get_path(data: &Value, context: &Value, path: &str) -> Result<Value, StateError> {
-    let (root, rest) = if let Some(rest) = path.strip_prefix("$$") {
-        (context, rest)
-    } else if let Some(rest) = path.strip_prefix('$') {
-        (data, rest)
-    } else {
-        panic!("{path} is not a reference path");
-    };
-    let mut value = root;
-    for field in rest.split('.').filter(|f| !f.is_empty()) {
-        assert!(
-            !field.contains('[') && !field.contains('*'),
-            "path {path}: only plain field paths are supported by the walker"
-        );
-        value = value
-            .get(field)
-            .ok_or_else(|| StateError::runtime(format!("the path {path} does not exist")))?;
-    }
-    Ok(value.clone())
-}
-
-/// Builds a payload from a template: fields named `x.$` take the value of their path.
-pub fn apply_template(
-    template: &Value,
-    data: &Value,
-    context: &Value,
-) -> Result<Value, StateError> {
-    match template {
-        Value::Object(fields) => {
-            let mut out = Map::new();
-            for (key, value) in fields {
-                match key.strip_suffix(".$") {
-                    Some(name) => {
-                        let path = value.as_str().expect("a path");
-                        assert!(
-                            !path.starts_with("States."),
-                            "intrinsic functions are not supported by the walker"
-                        );
-                        out.insert(name.to_owned(), get_path(data, context, path)?);
-                    }
-                    None => {
-                        out.insert(key.clone(), apply_template(value, data, context)?);
-                    }
-                }
-            }
-            Ok(Value::Object(out))
-        }
-        other => Ok(other.clone()),
-    }
-}
-
-/// Places `result` in `data` at `ResultPath` (absent: replaces it; null: discards it).
-fn set_result(data: Value, path: Option<&Value>, result: Value) -> Result<Value, StateError> {
-    let path = match path {
-        None => return Ok(result),
-        Some(Value::Null) => return Ok(data),
-        Some(p) => p.as_str().expect("ResultPath"),
-    };
-    let fields: Vec<&str> = path
-        .strip_prefix('$')
-        .expect("ResultPath starts with $")
-        .split('.')
-        .filter(|f| !f.is_empty())
-        .collect();
-    if fields.is_empty() {
-        return Ok(result);
-    }
-    let mut data = data;
-    let mut slot = &mut data;
-    for field in &fields {
-        if !slot.is_object() {
-            return Err(StateError::runtime(format!(
-                "ResultPath {path} does not fit the state's input"
-            )));
-        }
-        slot = slot
-            .as_object_mut()
-            .expect("object")
-            .entry((*field).to_owned())
-            .or_insert(Value::Object(Map::new()));
-    }
-    *slot = result;
-    Ok(data)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn paths_and_templates() {
-        let data = json!({"export": {"run_id": null, "done": true}, "mode": "full"});
-        let ctx = json!({"Execution": {"Id": "arn:x"}});
-        assert_eq!(
-            get_path(&data, &ctx, "$.export.done").ok(),
-            Some(json!(true))
-        );
-        assert_eq!(
-            get_path(&data, &ctx, "$$.Execution.Id").ok(),
-            Some(json!("arn:x"))
-        );
-        assert_eq!(
-            get_path(&data, &ctx, "$.nope").map_err(|e| e.error),
-            Err("States.Runtime".to_owned())
-        );
-        let t = json!({"a.$": "$.mode", "b": {"c.$": "$.export.run_id"}, "d": 1});
-        assert_eq!(
-            apply_template(&t, &data, &ctx).ok(),
-            Some(json!({"a": "full", "b": {"c": null}, "d": 1}))
-        );
-        assert_eq!(
-            set_result(json!({"a": 1}), Some(&json!("$.b.c")), json!(2)).ok(),
-            Some(json!({"a": 1, "b": {"c": 2}}))
-        );
-        assert_eq!(
-            substitute(
-                "{\"F\": \"${ExportFunctionArn}\"}",
-                &[("ExportFunctionArn", "fn")]
-            ),
-            "{\"F\": \"fn\"}"
-        );
+        .map(|v| {
+            v.iter()
+                .filter_map(|s| s.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    let invocations = message["invocations"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0) as usize))
+                .collect()
+        })
+        .unwrap_or_default();
+    Walk {
+        visited,
+        outcome,
+        invocations,
     }
 }

@@ -1,4 +1,5 @@
-//! End to end: `statemachine/backup.asl.json` walked state by state, each Task invoking
+//! End to end: `statemachine/backup.asl.json` run on an independent States Language
+//! engine (aws-local-stepfunctions, see `tidemark_tests::asl`), each Task invoking
 //! the real function binary through the test harness's Lambda runtime API emulator (real
 //! deadlines from each function's timeout, a kill when one passes), against the test
 //! PostgreSQL and the test S3 server. The definition, the payloads between the steps and
@@ -369,36 +370,90 @@ async fn the_state_machine_backs_up_verifies_and_prunes_through_the_function_bin
     assert!(failures_logged > 0, "the failed invocations were logged");
 }
 
-/// The `*.step-functions.json` samples are exactly what the definition's `Parameters`
-/// pass each function (same fields), and each function's parser takes what it is passed.
-#[test]
-fn the_step_functions_samples_are_what_the_definition_passes() {
+/// A stand-in for the functions that records what the engine passes each and answers as
+/// the function would (fields the definition's `ResultSelector`s read); the export fails
+/// when `fail_export` is set.
+struct Recorder {
+    calls: std::sync::Mutex<Vec<(String, Value)>>,
+    fail_export: bool,
+}
+
+impl asl::Invoker for Recorder {
+    async fn invoke(
+        &self,
+        function: &str,
+        payload: Value,
+        _timeout: std::time::Duration,
+    ) -> Result<Value, asl::StateError> {
+        let id = "20261122T060000Z-3f9a1c";
+        let is_failure = payload.get("failure").is_some();
+        self.calls
+            .lock()
+            .expect("calls")
+            .push((function.to_owned(), payload));
+        match function {
+            "tidemark-export" if self.fail_export => Err(asl::StateError::new(
+                "Tidemark.Fatal",
+                r#"{"errorType":"Tidemark.Fatal","errorMessage":"x"}"#,
+            )),
+            "tidemark-export" => Ok(json!({"run_id": id, "done": true, "kind": "incremental",
+                "slice": 1, "tables_done": 1, "tables": 1})),
+            "tidemark-manifest" if is_failure => Ok(json!({"lease_released": true})),
+            "tidemark-manifest" => Ok(json!({"backup_id": id, "kind": "incremental",
+                "created": true, "rows": 1, "bytes": 1})),
+            "tidemark-verify" => Ok(json!({"backup_id": id, "ok": true, "done": true})),
+            _ => Ok(json!({"deleted": 0, "dry_run": false})),
+        }
+    }
+}
+
+/// The `*.step-functions.json` samples are exactly what the definition passes each
+/// function on the engine (same fields), and each function's parser takes what it is
+/// passed; every Task is the `lambda:invoke` integration the engine's override stands for.
+#[tokio::test]
+async fn the_step_functions_samples_are_what_the_definition_passes() {
     let definition = definition();
-    let data = json!({
-        "mode": "incremental",
-        "export": {"run_id": "20261122T060000Z-3f9a1c", "done": true},
-        "manifest": {"backup_id": "20261122T060000Z-3f9a1c"},
-        "verify": {"backup_id": "20261122T060000Z-3f9a1c", "ok": true, "done": true},
-    });
-    let context = json!({"Execution": {"Id": EXECUTION}});
-    for (state, function) in [
-        ("Export", "export"),
-        ("Manifest", "manifest"),
-        ("Verify", "verify"),
-        ("Prune", "prune"),
-    ] {
-        let template = &definition["States"][state]["Parameters"]["Payload"];
-        let payload = asl::apply_template(template, &data, &context).expect("payload");
+    for (name, state) in definition["States"].as_object().expect("States") {
+        if state["Type"] == "Task" {
+            assert_eq!(state["Resource"], asl::LAMBDA_INVOKE, "{name}");
+        }
+    }
+    let recorder = Recorder {
+        calls: Default::default(),
+        fail_export: false,
+    };
+    let walk = asl::run(
+        &definition,
+        json!({"mode": "incremental"}),
+        EXECUTION,
+        &recorder,
+        50,
+    )
+    .await;
+    assert!(matches!(walk.outcome, Outcome::Succeeded(_)), "{walk:?}");
+    let calls = recorder.calls.lock().expect("calls").clone();
+    let functions: Vec<&str> = calls.iter().map(|(f, _)| f.as_str()).collect();
+    assert_eq!(
+        functions,
+        [
+            "tidemark-export",
+            "tidemark-manifest",
+            "tidemark-verify",
+            "tidemark-prune"
+        ]
+    );
+    let keys = |v: &Value| -> Vec<String> {
+        v.as_object()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default()
+    };
+    for (function, payload) in &calls {
+        let function = function.trim_start_matches("tidemark-");
         let sample = sample(&format!("{function}.step-functions"));
-        let keys = |v: &Value| -> Vec<String> {
-            v.as_object()
-                .map(|m| m.keys().cloned().collect())
-                .unwrap_or_default()
-        };
         assert_eq!(
-            keys(&payload),
+            keys(payload),
             keys(&sample),
-            "{state}: {payload} vs {sample}"
+            "{function}: {payload} vs {sample}"
         );
         let parsed = match function {
             "export" => tidemark_core::events::export_event(payload.clone()).map(|_| ()),
@@ -406,15 +461,21 @@ fn the_step_functions_samples_are_what_the_definition_passes() {
             "verify" => tidemark_core::events::verify_event(payload.clone()).map(|_| ()),
             _ => tidemark_core::events::prune_event(payload.clone()).map(|_| ()),
         };
-        parsed.unwrap_or_else(|e| panic!("{state} payload {payload}: {e}"));
+        parsed.unwrap_or_else(|e| panic!("{function} payload {payload}: {e}"));
     }
     // The failure step's payload, with the run id unknown (a first slice that failed).
-    let failure = asl::apply_template(
-        &definition["States"]["RecordFailure"]["Parameters"]["Payload"],
-        &json!({"export": {"run_id": null}, "error": {"Error": "Tidemark.Fatal", "Cause": "x"}}),
-        &context,
-    )
-    .expect("failure payload");
+    let recorder = Recorder {
+        calls: Default::default(),
+        fail_export: true,
+    };
+    let walk = asl::run(&definition, json!({}), EXECUTION, &recorder, 50).await;
+    match &walk.outcome {
+        Outcome::Failed(e) => assert_eq!(e.error, "Tidemark.BackupFailed", "{walk:?}"),
+        Outcome::Succeeded(out) => panic!("a failed export fails the execution: {out}"),
+    }
+    let calls = recorder.calls.lock().expect("calls").clone();
+    let (function, failure) = calls.last().expect("the failure step ran").clone();
+    assert_eq!(function, "tidemark-manifest");
     let sample = sample("manifest.failure");
     assert_eq!(
         failure["failure"]
@@ -424,6 +485,8 @@ fn the_step_functions_samples_are_what_the_definition_passes() {
             .as_object()
             .map(|m| m.keys().collect::<Vec<_>>())
     );
+    assert_eq!(failure["failure"]["run_id"], Value::Null);
+    assert_eq!(failure["failure"]["error"]["Error"], "Tidemark.Fatal");
     tidemark_core::events::manifest_event(failure).expect("the failure payload parses");
 }
 
