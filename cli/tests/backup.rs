@@ -802,13 +802,14 @@ async fn a_fanned_out_backup_from_the_cli_and_its_workers_by_hand() {
     let sealed = tidemark(&["--json", "backup", "--chunk-rows", "400"], &env2);
     assert!(sealed.status.success(), "{}", stderr(&sealed));
 
-    // The same run by hand, as the state machine drives the functions: a slice fans out,
-    // workers export, the next slice finishes, the manifest seals.
+    // The same run by hand, as the state machine drives the functions: slices until one
+    // fans out, workers export, the next slice finishes, the manifest seals.
     let three = store_of("three");
     let env3 = [
         ("DATABASE_URL", url.as_str()),
         ("TIDEMARK_STORE", three.as_str()),
     ];
+    // A first slice that cannot finish: the run needs a second slice, which fans out.
     let first = tidemark(
         &[
             "export",
@@ -817,6 +818,8 @@ async fn a_fanned_out_backup_from_the_cli_and_its_workers_by_hand() {
             "2",
             "--chunk-rows",
             "400",
+            "--max-seconds",
+            "0",
         ],
         &env3,
     );
@@ -824,11 +827,19 @@ async fn a_fanned_out_backup_from_the_cli_and_its_workers_by_hand() {
     let slice: serde_json::Value = serde_json::from_str(&stdout(&first)).expect("JSON");
     assert_eq!(
         (slice["fan_out"].as_bool(), slice["done"].as_bool()),
-        (Some(true), Some(false)),
+        (Some(false), Some(false)),
         "{slice}"
     );
+    let first_rows = slice["rows"].as_u64().expect("rows");
     let run_id = slice["run_id"].as_str().expect("run_id").to_owned();
-    let mut rows = 0;
+    let second = tidemark(&["export", "--run", &run_id, "--concurrency", "2"], &env3);
+    let slice: serde_json::Value = serde_json::from_str(&stdout(&second)).expect("JSON");
+    assert_eq!(
+        (slice["fan_out"].as_bool(), slice["rows"].as_u64()),
+        (Some(true), Some(0)),
+        "{slice}"
+    );
+    let mut rows = first_rows;
     for slot in ["0", "1"] {
         let worker = tidemark(
             &[

@@ -31,6 +31,11 @@
 //! the fingerprint of the whole table), or the keys past an `append` cursor (and earlier
 //! gaps, probed again for late commits until a TTL).
 //!
+//! **Fan-out** (`concurrency` above 1): a run that needs more than one slice leaves its
+//! remaining ranges to workers of other invocations, which claim them as work items in
+//! the store, each in a snapshot of its own (`items`, `fanned`); the slices fold finished
+//! items in and run the consistency pass.
+//!
 //! # Layout
 //! - `options`: how a slice runs and what it reports;
 //! - `slice`: one slice, start to end (`export_slice`);

@@ -294,7 +294,10 @@ async fn work_loop(
                 next_step(&mut state.doc, coordinator, opts, slice, past_deadline).await?;
             let in_round = state.doc.pass.as_ref().is_some_and(|p| p.slice == slice);
             if let Step::Work(queue) = &mut step {
-                let fanned = state.doc.fan_out || opts.settings.concurrency > 1;
+                // A run fans out once it needs a second slice: one that fits a slice stays
+                // one snapshot with no consistency pass, whatever the concurrency.
+                let fanned =
+                    state.doc.fan_out || (opts.settings.concurrency > 1 && state.doc.slices > 1);
                 if fanned && state.doc.pass.is_none() && queue.iter().any(is_item) {
                     // The export's ranges go to the workers; this slice only finishes tables.
                     queue.retain(|w| !is_item(w));
