@@ -55,6 +55,7 @@ pub async fn handle(event: LambdaEvent<Value>, deps: &Deps) -> Result<Value, Fun
     options.deadline = Some(tidemark_lambda::work_deadline(&event.context, deps.margin));
     // A consistency round may use the margin too, all but what returning needs.
     options.pass_deadline = tidemark_lambda::pass_deadline(&event.context, deps.margin);
+    options.invocation_end = tidemark_lambda::invocation_end(&event.context);
     // The execution first: the failure step finds the run by it.
     options.holder = match &request.execution {
         Some(execution) => format!("{execution} {}", tidemark_lambda::holder(&event.context)),

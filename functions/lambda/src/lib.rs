@@ -229,6 +229,13 @@ pub fn pass_deadline(context: &Context, margin: Duration) -> Option<Instant> {
     Some(Instant::now() + remaining.saturating_sub(margin.min(PASS_SAFETY)))
 }
 
+/// The instant Lambda ends the invocation (its deadline); `None` when that is already
+/// past as it starts (an emulator's fixed deadline, see [`pass_deadline`]).
+pub fn invocation_end(context: &Context) -> Option<Instant> {
+    let remaining = context.deadline().duration_since(SystemTime::now()).ok()?;
+    Some(Instant::now() + remaining)
+}
+
 /// The instant by which new work must stop: the invocation deadline less `margin`.
 pub fn work_deadline(context: &Context, margin: Duration) -> Instant {
     let remaining = context

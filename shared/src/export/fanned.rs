@@ -138,7 +138,8 @@ pub async fn export_worker(
         items,
         opts.worker_slot,
         opts.settings.concurrency.max(1),
-    );
+    )
+    .ending_at(opts.invocation_end);
     let mut shared = Shared::new(
         store.clone(),
         counting.clone(),

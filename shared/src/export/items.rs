@@ -104,6 +104,8 @@ struct Book {
 pub(super) struct Claims {
     worker: String,
     ttl: Duration,
+    /// Claims lapse by then at the latest (the invocation's end).
+    ends: Option<DateTime<Utc>>,
     book: Mutex<Book>,
 }
 
@@ -135,6 +137,7 @@ impl Claims {
         Self {
             worker,
             ttl,
+            ends: None,
             book: Mutex::new(Book {
                 candidates,
                 ..Book::default()
@@ -151,11 +154,21 @@ impl Claims {
         }
     }
 
+    /// Claims lapse no later than `end` (when this process is certainly gone).
+    pub(super) fn ending_at(mut self, end: Option<std::time::Instant>) -> Self {
+        self.ends = end.map(|end| {
+            let left = end.saturating_duration_since(std::time::Instant::now());
+            Utc::now() + chrono::TimeDelta::from_std(left).unwrap_or_default()
+        });
+        self
+    }
+
     fn holder(&self, slice: u32) -> ItemHolder {
+        let by_ttl = Utc::now() + chrono::TimeDelta::from_std(self.ttl).unwrap_or_default();
         ItemHolder {
             worker: self.worker.clone(),
             slice,
-            expires_at: Utc::now() + chrono::TimeDelta::from_std(self.ttl).unwrap_or_default(),
+            expires_at: self.ends.map_or(by_ttl, |end| end.min(by_ttl)),
         }
     }
 

@@ -102,6 +102,11 @@ pub struct ExportOptions {
     /// A worker of a fanned-out run: its slot among the `concurrency` workers (where in
     /// the run's items it starts claiming).
     pub worker_slot: usize,
+    /// When this process is certainly gone (a Lambda invocation's deadline, at which
+    /// Lambda ends the sandbox): a worker's claims lapse then at the latest, so that a
+    /// killed worker's items are taken over as soon as it is known dead, not a lease TTL
+    /// later. `None`: the lease TTL alone.
+    pub invocation_end: Option<Instant>,
 }
 
 /// [`ExportOptions::progress_interval`]'s default.
@@ -121,6 +126,7 @@ impl Default for ExportOptions {
             pg_dump: None,
             pass_deadline: None,
             worker_slot: 0,
+            invocation_end: None,
         }
     }
 }
