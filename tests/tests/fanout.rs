@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use tidemark_core::catalog::TableSelection;
 use tidemark_core::export::{export_slice, export_worker, ExportOptions, WorkerReport};
+use tidemark_core::format::item::WorkItem;
 use tidemark_core::format::manifest::Manifest;
 use tidemark_core::manifest::{seal_run, SealReport};
 use tidemark_tests::fixtures::*;
@@ -39,7 +40,8 @@ struct Fanned {
     workers: Vec<WorkerReport>,
 }
 
-/// Slices (unbounded) and, whenever one fans the run out, its workers at once, each
+/// A first slice with no time to spare (a run fans out once it needs a second slice),
+/// then slices (unbounded) and, whenever one fans the run out, its workers at once, each
 /// bounded to `worker_budget` as a short Lambda timeout would; then the seal.
 async fn fanned_backup(
     store: &Store,
@@ -50,7 +52,7 @@ async fn fanned_backup(
     let mut opts = opts.clone();
     let mut workers = Vec::new();
     for _ in 0..500 {
-        opts.deadline = None;
+        opts.deadline = opts.run_id.is_none().then(Instant::now);
         let report = export_slice(store.clone(), &db.settings(), &opts)
             .await
             .unwrap_or_else(|e| panic!("slice: {e}"));
@@ -61,10 +63,13 @@ async fn fanned_backup(
                 .expect("seal");
             return Fanned { sealed, workers };
         }
-        assert!(
-            report.fan_out,
-            "a fanned-out run's slice either ends it or fans out"
-        );
+        if !report.fan_out {
+            assert_eq!(
+                report.slice, 1,
+                "a later slice either ends the run or fans out"
+            );
+            continue;
+        }
         opts.deadline = Some(Instant::now() + worker_budget);
         workers.extend(run_workers(store, &db.settings(), &opts).await);
     }
@@ -194,6 +199,26 @@ async fn fanned_out_backups_under_pgbench_load_restore_to_one_moment() {
     }
 }
 
+/// Returns once some work item of `run_id` is held and not done (by the only worker
+/// running).
+async fn until_claimed(store: &Store, run_id: &str) {
+    loop {
+        let listed = store
+            .list(&tidemark_core::repo::items_prefix(run_id))
+            .await
+            .expect("list the items");
+        for object in listed {
+            let item = tidemark_core::format::read_doc::<WorkItem>(store.as_ref(), &object.key)
+                .await
+                .expect("read an item");
+            if item.is_some_and(|(item, _)| item.holder.is_some() && !item.done) {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_mid_item_is_taken_over_and_nothing_is_lost_or_listed_twice() {
     let cluster = TestCluster::from_env();
@@ -211,24 +236,36 @@ async fn a_worker_killed_mid_item_is_taken_over_and_nothing_is_lost_or_listed_tw
     // Claims lapse quickly, so that the killed worker's items are taken over soon.
     opts.lease_ttl = Duration::from_secs(2);
     let mut taken_over = 0;
-    for kill_ms in [40u64, 150, 400] {
+    for kill_ms in [0u64, 50, 200] {
         let (_dir, local) = local_store();
         let store: Store = Arc::new(local);
         for round in 0..2 {
             let mut run = opts.clone();
+            run.deadline = Some(Instant::now());
             let first = export_slice(store.clone(), &db.settings(), &run)
                 .await
                 .expect("slice");
-            assert!(first.fan_out, "{first:?}");
+            assert!(!first.fan_out && !first.done, "{first:?}");
             run.run_id = Some(first.run_id.clone());
-            // One worker killed part way: its future is dropped, as a process dies.
-            let killed = tokio::time::timeout(
-                Duration::from_millis(kill_ms),
-                export_worker(store.clone(), &db.settings(), &run),
-            )
-            .await;
-            if let Ok(result) = killed {
-                result.expect("an unkilled worker succeeds");
+            run.deadline = None;
+            let second = export_slice(store.clone(), &db.settings(), &run)
+                .await
+                .expect("slice");
+            assert!(
+                second.fan_out,
+                "a run that needs a second slice fans out: {second:?}"
+            );
+            // One worker killed part way, `kill_ms` after it claimed its first item: its
+            // future is dropped, as a process dies.
+            let settings = db.settings();
+            tokio::select! {
+                result = export_worker(store.clone(), &settings, &run) => {
+                    result.expect("an unkilled worker succeeds");
+                }
+                () = async {
+                    until_claimed(&store, &first.run_id).await;
+                    tokio::time::sleep(Duration::from_millis(kill_ms)).await;
+                } => {}
             }
             if round == 1 {
                 exec(&db.settings(), "UPDATE accounts SET balance = balance + 1 WHERE id % 7 = 0; DELETE FROM settings WHERE k LIKE 'bulk1%';").await;
@@ -267,7 +304,13 @@ async fn concurrency_changes_how_a_backup_is_taken_not_what_it_holds() {
         let mut opts = fanned(concurrency, 3_000);
         opts.settings.selection.modes =
             vec![("events".into(), tidemark_core::format::TableMode::Append)];
-        let (full, _) = backup(&store, &db, &opts).await;
+        let full = if concurrency == 1 {
+            backup(&store, &db, &opts).await.0
+        } else {
+            fanned_backup(&store, &db, &opts, Duration::from_secs(30))
+                .await
+                .sealed
+        };
         let m = manifest(&store, &full.backup_id).await;
         assert!(m.is_consistent());
         assert_chunks_once(&store, &m).await;

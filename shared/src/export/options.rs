@@ -70,6 +70,15 @@ impl Default for ExportSettings {
     }
 }
 
+impl ExportSettings {
+    /// Most key ranges (lanes) one big table is split into: one per connection of every
+    /// worker that may export at once, so that a run fanned out over `concurrency` workers
+    /// keeps them all busy even when one table holds most of the data.
+    pub fn lanes(&self) -> usize {
+        self.workers.max(1) * self.concurrency.max(1)
+    }
+}
+
 /// How a slice runs.
 #[derive(Debug, Clone)]
 pub struct ExportOptions {

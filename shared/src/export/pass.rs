@@ -154,7 +154,7 @@ pub(super) async fn prepare_pass(
             table.started_in_slice = slice;
         }
     }
-    table.lanes = plan_lanes(client, table, table.est_rows, opts.settings.workers).await?;
+    table.lanes = plan_lanes(client, table, table.est_rows, opts.settings.lanes()).await?;
     Ok(())
 }
 

@@ -258,7 +258,7 @@ pub(super) async fn plan_table(
             }
         }
     }
-    progress.lanes = plan_lanes(client, &progress, table.est_rows, opts.settings.workers).await?;
+    progress.lanes = plan_lanes(client, &progress, table.est_rows, opts.settings.lanes()).await?;
     Ok(progress)
 }
 
@@ -367,13 +367,14 @@ pub(super) fn scope_lane(table: &TableProgress) -> Option<Lane> {
     })
 }
 
-/// Splits a keyed table into up to `workers` lanes of about equal row counts (bounds from
-/// an index-only scan), so that several connections export one big table at once.
+/// Splits a keyed table into up to `most` lanes of about equal row counts (bounds from
+/// an index-only scan), so that several connections, of one slice or of many workers,
+/// export one big table at once ([`super::ExportSettings::lanes`]).
 pub(super) async fn plan_lanes(
     client: &Session<'_>,
     table: &TableProgress,
     est_rows: f64,
-    workers: usize,
+    most: usize,
 ) -> Result<Vec<Lane>, RunError> {
     let Some(whole) = scope_lane(table) else {
         return Ok(Vec::new());
@@ -382,7 +383,7 @@ pub(super) async fn plan_lanes(
     let wanted = if table.key.is_empty() {
         1
     } else {
-        ((est_rows / table.rows_per_chunk.max(1) as f64).ceil() as usize).clamp(1, workers.max(1))
+        ((est_rows / table.rows_per_chunk.max(1) as f64).ceil() as usize).clamp(1, most.max(1))
     };
     if wanted == 1 {
         return Ok(vec![whole]);
