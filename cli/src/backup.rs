@@ -18,6 +18,10 @@ pub struct BackupArgs {
     /// Start a new chain (export every table whole).
     #[arg(long)]
     full: bool,
+    /// Continue this run (one a killed `tidemark backup` or `tidemark export` slices left
+    /// in flight) instead of starting one; its kind is the run's own.
+    #[arg(long, value_name = "ID", conflicts_with = "full")]
+    run: Option<String>,
     /// Bound each slice (and each worker) as a Lambda timeout would: it starts no new
     /// range after this many seconds, and a consistency-pass round must finish within
     /// them to count. Without it a slice runs until the run is exported.
@@ -67,6 +71,7 @@ pub async fn backup(global: &GlobalArgs, args: &BackupArgs) -> Result<(), String
         )
     });
     let result = async {
+        opts.run_id = args.run.clone();
         let run_id = export_run(store.clone(), &db, &mut opts, args.slice_seconds).await?;
         manifest::seal_run(store.clone(), &run_id, &opts.holder)
             .await
@@ -83,7 +88,8 @@ pub async fn backup(global: &GlobalArgs, args: &BackupArgs) -> Result<(), String
     Ok(())
 }
 
-/// Export slices, one after another, until the run is done; returns its id. A slice
+/// Export slices, one after another, until the run is done (`opts.run_id`: continuing
+/// that run); returns its id. A slice
 /// that fans the run out is followed by `concurrency` workers at once, each with its own
 /// connections, snapshot and deadline, sharing the run only through the store as the
 /// state machine's Map iterations do.
@@ -93,7 +99,7 @@ async fn export_run(
     opts: &mut ExportOptions,
     slice_seconds: Option<Duration>,
 ) -> Result<String, String> {
-    let mut run_id = None;
+    let mut run_id = opts.run_id.clone();
     let mut failures = 0u32;
     loop {
         opts.run_id = run_id.clone();

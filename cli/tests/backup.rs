@@ -869,9 +869,18 @@ async fn a_fanned_out_backup_from_the_cli_and_its_workers_by_hand() {
         (vec!["backup", "--concurrency", "0"], "--concurrency"),
         (vec!["backup", "--slice-seconds", "0"], "--slice-seconds"),
         (vec!["export", "--worker", "0"], "--run"),
+        (vec!["backup", "--run", &run_id, "--full"], "--full"),
     ] {
         let out = tidemark(&args, &env3);
         assert_eq!(out.status.code(), Some(2), "{args:?}");
         assert!(stderr(&out).contains(named), "{args:?}: {}", stderr(&out));
     }
+    // `backup --run` continues only a run the store holds.
+    let unknown = tidemark(&["backup", "--run", "20260101T000000Z-abcdef"], &env3);
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(
+        stderr(&unknown).contains("no run 20260101T000000Z-abcdef"),
+        "{}",
+        stderr(&unknown)
+    );
 }
