@@ -83,6 +83,7 @@ resource "aws_sfn_state_machine" "backup" {
     ManifestFunctionArn = aws_lambda_function.function["manifest"].arn
     VerifyFunctionArn   = aws_lambda_function.function["verify"].arn
     PruneFunctionArn    = aws_lambda_function.function["prune"].arn
+    ExportConcurrency   = var.export_concurrency
   })
 
   logging_configuration {

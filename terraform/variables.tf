@@ -112,6 +112,17 @@ variable "function_memory" {
   }
 }
 
+variable "export_concurrency" {
+  description = "Export workers that run one backup at once (the state machine's Map; each its own invocation, connections and snapshot); an execution's input \"concurrency\" overrides it. 1 exports in one invocation at a time."
+  type        = number
+  default     = 4
+
+  validation {
+    condition     = var.export_concurrency >= 1 && var.export_concurrency <= 256 && floor(var.export_concurrency) == var.export_concurrency
+    error_message = "export_concurrency must be a whole number from 1 to 256."
+  }
+}
+
 variable "lambda_package_dir" {
   description = "Folder holding <binary>/bootstrap.zip as `cargo lambda build --release --arm64 --output-format zip` writes them; null uses the repository's target/lambda."
   type        = string
