@@ -159,7 +159,14 @@ async fn store_errors_and_resets_are_ridden_out_by_backup_and_restore() {
         .iter()
         .filter(|(k, _, f)| *k == Kind::GetObject && *f == Fault::ResetMidBody)
         .count();
-    assert!(injected.len() >= 10, "faults injected: {injected:?}");
+    // Three chunk reads reset, and one request in ten of ~80 failing at random (seeded,
+    // but which request draws which number depends on the order concurrent requests reach
+    // the proxy; about 8 expected, fewer than 2 about once in 500 runs).
+    let requests = proxy.requests();
+    assert!(
+        requests >= 60 && injected.len() >= 3 + 2,
+        "{requests} requests, faults injected: {injected:?}"
+    );
     assert!(resets >= 3, "chunk reads reset mid-body: {injected:?}");
 }
 
