@@ -225,24 +225,26 @@ pub const PASS_SAFETY: Duration = Duration::from_secs(15);
 /// watch` sends a fixed 600000 ms since the epoch), and an unbounded round is then the
 /// only one that can finish.
 pub fn pass_deadline(context: &Context, margin: Duration) -> Option<Instant> {
-    let remaining = context.deadline().duration_since(SystemTime::now()).ok()?;
-    Some(Instant::now() + remaining.saturating_sub(margin.min(PASS_SAFETY)))
+    Some(Instant::now() + remaining(context)?.saturating_sub(margin.min(PASS_SAFETY)))
 }
 
 /// The instant Lambda ends the invocation (its deadline); `None` when that is already
 /// past as it starts (an emulator's fixed deadline, see [`pass_deadline`]).
 pub fn invocation_end(context: &Context) -> Option<Instant> {
-    let remaining = context.deadline().duration_since(SystemTime::now()).ok()?;
-    Some(Instant::now() + remaining)
+    Some(Instant::now() + remaining(context)?)
 }
 
 /// The instant by which new work must stop: the invocation deadline less `margin`.
 pub fn work_deadline(context: &Context, margin: Duration) -> Instant {
-    let remaining = context
-        .deadline()
-        .duration_since(SystemTime::now())
-        .unwrap_or_default();
-    Instant::now() + remaining.saturating_sub(margin)
+    Instant::now()
+        + remaining(context)
+            .unwrap_or_default()
+            .saturating_sub(margin)
+}
+
+/// The time left to the invocation's deadline; `None` when it is already past.
+fn remaining(context: &Context) -> Option<Duration> {
+    context.deadline().duration_since(SystemTime::now()).ok()
 }
 
 /// Who holds the lease: the function name and request id.
