@@ -114,6 +114,44 @@ fn each_function(timeout: std::time::Duration) -> Vec<(&'static str, std::time::
         .collect()
 }
 
+/// The functions' environment for a walk in short slices: `db` over verify-full TLS,
+/// chunks of `chunk_rows`, and `margin_secs` of each invocation left unused by new work.
+fn sliced_env(
+    cluster: &TestCluster,
+    bucket: &str,
+    db: &tidemark_tests::TestDatabase,
+    chunk_rows: u64,
+    margin_secs: u64,
+) -> Vec<(String, String)> {
+    function_env(
+        cluster,
+        bucket,
+        &[
+            (
+                "DATABASE_URL",
+                db.url(tidemark_core::db::SslMode::VerifyFull),
+            ),
+            ("TIDEMARK_CHUNK_ROWS", chunk_rows.to_string()),
+            ("TIDEMARK_SLICE_MARGIN_SECS", margin_secs.to_string()),
+            ("RUST_LOG", "info".to_owned()),
+        ],
+    )
+}
+
+/// The emulator's function timeouts: export's, verify's, and manifest's and prune's.
+fn timeouts(
+    export: std::time::Duration,
+    verify: std::time::Duration,
+    rest: std::time::Duration,
+) -> Vec<(&'static str, std::time::Duration)> {
+    vec![
+        ("tidemark-export", export),
+        ("tidemark-manifest", rest),
+        ("tidemark-verify", verify),
+        ("tidemark-prune", rest),
+    ]
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_state_machine_backs_up_verifies_and_prunes_through_the_function_binaries() {
     let cluster = TestCluster::from_env();
@@ -515,30 +553,10 @@ async fn slices_under_real_deadlines_with_one_killed_in_each_loop_still_verify()
         .await;
     }
     let bucket = create_bucket().await;
-    let env = function_env(
-        &cluster,
-        &bucket,
-        &[
-            (
-                "DATABASE_URL",
-                db.url(tidemark_core::db::SslMode::VerifyFull),
-            ),
-            ("TIDEMARK_CHUNK_ROWS", "50000".to_owned()),
-            ("TIDEMARK_SLICE_MARGIN_SECS", "2".to_owned()),
-            ("RUST_LOG", "info".to_owned()),
-        ],
-    );
+    let env = sliced_env(&cluster, &bucket, &db, 50_000, 2);
     let timeout = Duration::from_secs(10);
-    let emulator = Emulator::start(
-        &[
-            ("tidemark-export", timeout),
-            ("tidemark-manifest", Duration::from_secs(60)),
-            ("tidemark-verify", timeout),
-            ("tidemark-prune", Duration::from_secs(60)),
-        ],
-        &env,
-    )
-    .await;
+    let emulator =
+        Emulator::start(&timeouts(timeout, timeout, Duration::from_secs(60)), &env).await;
     emulator.kill_after("tidemark-export", 1, Duration::from_secs(3));
     emulator.kill_after("tidemark-verify", 1, Duration::from_secs(3));
     let walk = asl::run(
@@ -687,36 +705,14 @@ async fn a_fanned_out_run_through_the_map_survives_a_killed_worker() {
     )
     .await;
     let bucket = create_bucket().await;
-    let env = function_env(
-        &cluster,
-        &bucket,
-        &[
-            (
-                "DATABASE_URL",
-                db.url(tidemark_core::db::SslMode::VerifyFull),
-            ),
-            ("TIDEMARK_CHUNK_ROWS", "2000".to_owned()),
-            // 1 s of work per export slice and worker; a pass round may take 15 s
-            // (the pass stops 15 s before the invocation's end), a few times what it
-            // needs on a loaded machine.
-            ("TIDEMARK_SLICE_MARGIN_SECS", "29".to_owned()),
-            ("RUST_LOG", "info".to_owned()),
-        ],
-    );
+    // 1 s of work per export slice and worker (30 s less a 29 s margin); a pass round may
+    // take 15 s (the pass stops 15 s before the invocation's end), a few times what it
+    // needs on a loaded machine.
+    let env = sliced_env(&cluster, &bucket, &db, 2_000, 29);
     // Only the export is cut short: verify with the same 1 s slices would take hundreds
     // of invocations and is not what this test is about.
-    let export = Duration::from_secs(30);
     let rest = Duration::from_secs(120);
-    let emulator = Emulator::start(
-        &[
-            ("tidemark-export", export),
-            ("tidemark-manifest", rest),
-            ("tidemark-verify", rest),
-            ("tidemark-prune", rest),
-        ],
-        &env,
-    )
-    .await;
+    let emulator = Emulator::start(&timeouts(Duration::from_secs(30), rest, rest), &env).await;
     let definition = definition();
     for bad in [
         json!({"mode": "full", "concurrency": 0}),
